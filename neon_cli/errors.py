@@ -1,0 +1,40 @@
+"""Typed errors raised by the library; the CLI turns them into one line on stderr.
+
+Exit codes (documented in README, relied on by scripts):
+
+* 0  success
+* 1  a regression threshold was exceeded (``neon eval --max-fid``) -- :class:`ThresholdExceeded`
+* 2  bad input: a flag, file, key, shape or dtype the command cannot use -- every other
+     :class:`NeonError`
+* 130 interrupted (Ctrl-C); outputs are never left half-written
+"""
+
+from __future__ import annotations
+
+
+class NeonError(Exception):
+    """Base class. ``str(err)`` is a complete one-line message naming the file, key or flag."""
+
+    exit_code = 2
+
+
+class UsageError(NeonError):
+    """A flag value or combination of flags that cannot work (names the flag)."""
+
+
+class FamilyError(NeonError):
+    """Unknown family, a plugin that fails to load, or a setting the family does not know."""
+
+
+class CheckpointError(NeonError):
+    """A checkpoint that cannot be read, is truncated, or does not match the other input."""
+
+
+class DataError(NeonError):
+    """A synthetic-set directory or manifest that is missing, incomplete or inconsistent."""
+
+
+class ThresholdExceeded(NeonError):
+    """A metric crossed a regression threshold (``neon eval --max-fid``). Exit code 1."""
+
+    exit_code = 1
