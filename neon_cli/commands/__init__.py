@@ -1,0 +1,57 @@
+"""The ``neon`` command-line app (typer). Importing it does not import torch.
+
+Each subcommand lives in its own module with a ``register(app)`` function; the module only parses
+flags and calls one library function through :func:`neon_cli.commands._common.run`.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from neon_cli import __version__
+
+app = typer.Typer(
+    name="neon",
+    help=(
+        "Neon: improve a trained generator with its own samples. "
+        "synth -> finetune -> tune-w -> merge (theta_Neon = theta_r - w (theta_s - theta_r)).\n\n"
+        "Exit codes: 0 ok, 1 regression threshold exceeded, 2 bad input, 130 interrupted."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Registration order is the order in --help.
+_COMMAND_MODULES = ["synth", "finetune", "merge", "tune", "eval", "demo", "refstats", "plugins"]
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"neon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Neon for generative-model checkpoints."""
+
+
+for _name in _COMMAND_MODULES:
+    try:
+        _mod = importlib.import_module(f"neon_cli.commands.{_name}")
+    except ModuleNotFoundError as _exc:  # a command still being written must not break the others
+        if _exc.name != f"neon_cli.commands.{_name}":
+            raise
+        continue
+    _mod.register(app)
+
+
+def main() -> None:
+    """Console-script entry point (``neon``)."""
+    app(prog_name="neon")

@@ -1,0 +1,68 @@
+"""``neon eval``: metrics of one checkpoint, with regression thresholds for CI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, complete_family, run
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_(
+        family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint to score (default: the family's embedded one)."),
+        set_: Optional[List[str]] = SetOpt,
+        num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images sampled and scored."),
+        seed: int = typer.Option(0, "--seed", help="First seed of the evaluation seed plan."),
+        batch: int = typer.Option(1000, "--batch", help="Sampling batch size."),
+        max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid exceeds this."),
+        max_metric: Optional[List[str]] = typer.Option(None, "--max", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable)."),
+        report: Optional[Path] = ReportOpt,
+        json_out: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Score a checkpoint with its family's metrics (FID, precision/recall k=5, ...).
+
+        Exits 1 when a threshold is exceeded, so CI can gate on it.
+
+        Example:
+
+        \b
+            neon eval digits --model neon.safetensors --num-samples 5000 --max-fid 2.0 --json
+        """
+        from neon_cli.commands._common import die
+
+        thresholds = {}
+        if max_fid is not None:
+            thresholds["fid"] = max_fid
+        for item in max_metric or []:
+            name, sep, value = item.partition("=")
+            try:
+                thresholds[name.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                die(f"neon eval: error: --max {item!r}: expected METRIC=NUMBER")
+        from neon_cli.evaluate import evaluate
+
+        run(
+            "eval",
+            lambda report, progress: evaluate(family, model, set_pairs=set_ or [], num_samples=num_samples, seed=seed,
+                                              batch=batch, thresholds=thresholds, report=report, progress=progress),
+            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, thresholds=thresholds),
+            report=report, json_out=json_out, quiet=quiet,
+            show=_show,
+        )
+
+
+def _show(metrics, console) -> None:
+    from rich.table import Table
+
+    t = Table("metric", "value")
+    for k, v in metrics.items():
+        t.add_row(k, f"{v:.5g}")
+    console.print(t)

@@ -1,0 +1,47 @@
+"""``neon synth``: sample the synthetic set S."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, complete_family, run
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("synth")
+    def synth(
+        family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
+        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base checkpoint theta_r (default: the family's embedded one)."),
+        num: int = typer.Option(..., "--num", "-n", help="Number of synthetic images |S|."),
+        out: Path = typer.Option(..., "--out", "-o", help="Output directory (shards + manifest.json).", file_okay=False),
+        seed: int = typer.Option(0, "--seed", help="First seed; image i uses seed+i."),
+        set_: Optional[List[str]] = SetOpt,
+        shard_size: int = typer.Option(1000, "--shard-size", help="Images per shard (the unit of resume)."),
+        batch: int = typer.Option(500, "--batch", help="Sampling batch size."),
+        report: Optional[Path] = ReportOpt,
+        json_out: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Sample the synthetic set S from theta_r with its inference settings (paper Alg. 1, step 1).
+
+        Image i depends only on its seed (seed+i) and label ((seed+i) % classes). Rerunning the
+        same command after an interruption makes only the missing shards.
+
+        Example:
+
+        \b
+            neon synth digits --num 4000 --set guidance=2 -o runs/S --report synth.json
+        """
+        from neon_cli.synth import synthesize
+
+        run(
+            "synth",
+            lambda report, progress: synthesize(family, model, num=num, out_dir=out, seed=seed, set_pairs=set_ or [],
+                                                shard_size=shard_size, batch=batch, report=report, progress=progress),
+            settings=dict(family=family, model=model, num=num, out=out, seed=seed, set=set_ or [], shard_size=shard_size, batch=batch),
+            report=report, json_out=json_out, quiet=quiet,
+            show=lambda r, c: c.print(f"synthetic set: {r['num']} images in {len(r['shards'])} shards -> {out}/manifest.json"),
+        )
