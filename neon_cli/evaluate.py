@@ -1,0 +1,120 @@
+"""Scoring a family's models on a fixed seed plan (common random numbers) and ``neon eval``.
+
+Every candidate model scored by one :class:`Evaluator` sees the same seeds and the same class
+labels, so differences between candidates (w, gamma, snapshots) are not sampling noise.
+
+Seed plan: image i of an evaluation uses seed ``seed + i`` and, for a class-conditional family,
+label ``(seed + i) % num_classes`` (balanced classes, determined by the seed alone).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from neon_cli.errors import ThresholdExceeded, UsageError
+from neon_cli.progress import ProgressFn, null_progress
+
+
+def seed_plan(family: Any, seed: int, num: int):
+    """Seeds (int64 [num]: seed, seed+1, ...) and labels (int64 [num] or None) of a plan."""
+    import torch
+
+    seeds = torch.arange(seed, seed + num, dtype=torch.int64)
+    labels = seeds % family.num_classes if family.num_classes else None
+    return seeds, labels
+
+
+def sample_batched(family: Any, model: Any, seeds, labels, settings: Mapping[str, Any], batch: int,
+                   progress: ProgressFn = null_progress, task: str = "sample"):
+    """``family.sample`` over ``seeds`` in batches of ``batch``; uint8 [N, C, H, W]."""
+    import torch
+
+    out = []
+    n = len(seeds)
+    with torch.inference_mode():
+        for i in range(0, n, batch):
+            lab = labels[i:i + batch] if labels is not None else None
+            out.append(family.sample(model, seeds[i:i + batch], lab, settings))
+            progress(task, min(i + batch, n), n, unit="img")
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
+
+
+class Evaluator:
+    """Samples ``num_samples`` images per candidate on a fixed seed plan and scores them.
+
+    Args:
+        family: a loaded family plugin object.
+        settings: the resolved inference settings kappa (see :func:`neon_cli.family.resolve_settings`).
+        num_samples: images per evaluation.
+        seed: first seed of the plan.
+        batch: sampling batch size (does not change the images: image i depends only on its seed).
+        progress: progress callback.
+    """
+
+    def __init__(self, family: Any, settings: Mapping[str, Any], num_samples: int, seed: int = 0,
+                 batch: int = 1000, progress: ProgressFn = null_progress):
+        if num_samples < 2:
+            raise UsageError(f"--num-samples: need at least 2 samples for a Fréchet distance, got {num_samples}")
+        self.family = family
+        self.settings = dict(settings)
+        self.num_samples = num_samples
+        self.seed = seed
+        self.batch = batch
+        self.progress = progress
+        self.seeds, self.labels = seed_plan(family, seed, num_samples)
+
+    def score_model(self, model: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Metrics of ``model`` (``family.score``) plus ``seconds``; ``overrides`` updates settings (e.g. gamma)."""
+        t0 = time.perf_counter()
+        settings = {**self.settings, **(overrides or {})}
+        images = sample_batched(self.family, model, self.seeds, self.labels, settings, self.batch, self.progress, "sample")
+        metrics = {k: float(v) for k, v in self.family.score(images, self.labels).items()}
+        metrics["seconds"] = round(time.perf_counter() - t0, 3)
+        return metrics
+
+    def score_merge(self, model: Any, base_sd: Mapping[str, Any], selftrained_sd: Mapping[str, Any], w: float,
+                    overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
+        """Score theta_r - w (theta_s - theta_r) merged in memory into a copy of ``model``'s structure."""
+        from neon_cli.merge import merge_state_dicts
+
+        merged = merge_state_dicts(base_sd, selftrained_sd, w)
+        candidate = copy.deepcopy(model)
+        candidate.load_state_dict(merged)
+        candidate.eval()
+        return self.score_model(candidate, overrides)
+
+
+def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str], num_samples: int, seed: int,
+             batch: int, thresholds: Mapping[str, float] | None, report: Any, progress: ProgressFn = null_progress) -> dict[str, float]:
+    """``neon eval``: metrics of one checkpoint on the seed plan; raises ThresholdExceeded past a threshold.
+
+    ``thresholds`` maps a metric name to its maximum (e.g. ``{"fid": 2.0}``); a metric above it
+    raises :class:`ThresholdExceeded` (exit 1) after the results are recorded in ``report``.
+    ``model_path`` None means the family's embedded default checkpoint.
+    """
+    from neon_cli.family import get_family, plugin_version, resolve_settings
+
+    family = get_family(family_name)
+    report.family = plugin_version(family_name)
+    path = Path(model_path or family.default_model or "")
+    if not model_path and not family.default_model:
+        raise UsageError(f"--model: family {family_name!r} has no embedded default; give a checkpoint")
+    if not path.exists():
+        raise UsageError(f"--model: {path} does not exist")
+    settings = resolve_settings(family, set_pairs)
+    report.settings.update(resolved_settings=settings)
+    report.add_input("model", path)
+    model = family.load(str(path))
+    ev = Evaluator(family, settings, num_samples, seed, batch, progress)
+    metrics = ev.score_model(model)
+    report.results.update(metrics=metrics, num_samples=num_samples, seed=seed)
+    for name, limit in (thresholds or {}).items():
+        if name not in metrics:
+            raise UsageError(f"--max-{name}: family {family_name!r} reports no metric {name!r}")
+        if metrics[name] > limit:
+            report.results["exceeded"] = {name: {"value": metrics[name], "max": limit}}
+            raise ThresholdExceeded(f"{name} = {metrics[name]:.4g} exceeds --max-{name} {limit:g}")
+    return metrics

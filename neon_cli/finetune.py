@@ -1,0 +1,123 @@
+"""``neon finetune``: theta_s = theta_r briefly fine-tuned on the synthetic set S with the family's
+own recipe (paper Algorithm 1, step 2), snapshots named by images seen.
+
+Output directory::
+
+    theta_s-000131072.safetensors   snapshot after 131,072 images seen (the family's native format;
+    ...                             the suffix is the family's ``checkpoint_suffix``, default .safetensors)
+    train_state.pt                  model, optimizer, EMA, images seen: a rerun of the same command resumes here
+    finetune.json                   written last: the snapshots, their sha256 and the run's settings
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from neon_cli.errors import UsageError
+from neon_cli.fsutil import atomic_path, sha256_file, write_json
+from neon_cli.progress import ProgressFn, null_progress
+
+
+def snapshot_name(images_seen: int, suffix: str = ".safetensors") -> str:
+    """File name of the snapshot after ``images_seen`` images: ``theta_s-000131072.safetensors``."""
+    return f"theta_s-{images_seen:09d}{suffix}"
+
+
+def finetune(
+    family_name: str,
+    model_path: Path | None,
+    data_dir: Path,
+    *,
+    budget: int,
+    lr: float | None,
+    out_dir: Path,
+    batch: int | None = None,
+    warmup: int | None = None,
+    save_every: int | None = None,
+    ema_halflife: int | None = None,
+    seed: int = 0,
+    report: Any,
+    progress: ProgressFn = null_progress,
+) -> dict[str, Any]:
+    """Fine-tune ``model_path`` on the synthetic set in ``data_dir`` for ``budget`` images seen.
+
+    ``lr``/``batch``/``warmup``/``ema_halflife`` default to the family's ``train_defaults``.
+    Returns ``{"snapshots": [{"path", "images_seen", "sha256"}], ...}`` (also in ``finetune.json``
+    and ``report.results``). Raises UsageError for bad numbers/paths, DataError for an incomplete
+    synthetic set, CheckpointError for an unreadable model.
+    """
+    import torch
+
+    from neon_cli.family import get_family, plugin_version
+    from neon_cli.synth import _model_path, load_synthetic
+    from neon_cli.train import TrainConfig, train_loop
+
+    family = get_family(family_name)
+    report.family = plugin_version(family_name)
+    path = _model_path(family, model_path)
+    defaults = dict(getattr(family, "train_defaults", {}) or {})
+    cfg = TrainConfig(
+        budget=budget,
+        lr=lr if lr is not None else float(defaults.get("lr", 1e-4)),
+        batch=batch or int(defaults.get("batch", 64)),
+        warmup=warmup if warmup is not None else int(defaults.get("warmup_images", 0)),
+        ema_halflife=ema_halflife if ema_halflife is not None else defaults.get("ema_halflife_images"),
+        save_every=save_every,
+        seed=seed,
+    )
+    cfg.check()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o: {out_dir} exists and is not a directory")
+    base_sha = report.add_input("base", path)
+    images, labels, manifest = load_synthetic(data_dir)
+    data_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
+    report.settings.update(train_config=cfg.__dict__)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
+    base_images = int(base_meta.get("train_images", 0) or 0)
+    suffix = getattr(family, "checkpoint_suffix", ".safetensors")
+    model = family.load(str(path))
+    torch.manual_seed(seed)
+    snapshots: list[dict[str, Any]] = []
+
+    def on_snapshot(seen: int, weights: Any) -> None:
+        f = out_dir / snapshot_name(seen, suffix)
+        meta = {
+            "neon_role": "selftrained",
+            "finetune_images": str(seen),
+            "train_images": str(base_images + seen),
+            "base_sha256": base_sha,
+            "synthetic_set_sha256": data_sha,
+            "lr": repr(cfg.lr),
+            "batch": str(cfg.batch),
+        }
+        with atomic_path(f) as tmp:
+            family.save(weights, str(tmp), meta)
+        snapshots.append({"path": str(f), "images_seen": seen})
+        progress("finetune", seen, cfg.budget, message=f"snapshot {f.name}")
+
+    train_loop(family, model, images, labels, cfg, state_path=out_dir / "train_state.pt",
+               on_snapshot=on_snapshot, progress=progress)
+    # every snapshot on disk (a resumed run only made the later ones in this process)
+    all_snaps = []
+    for f in sorted(out_dir.glob(f"theta_s-*{suffix}")):
+        seen = int(f.name[len("theta_s-"):-len(suffix)])
+        if seen <= cfg.budget:
+            all_snaps.append({"path": str(f), "images_seen": seen, "sha256": sha256_file(f)})
+    results = {
+        "snapshots": all_snaps,
+        "final": all_snaps[-1]["path"] if all_snaps else None,
+        "num_synthetic": int(images.shape[0]),
+        "budget_images": cfg.budget,
+        "base_train_images": base_images or None,
+        "budget_fraction": (cfg.budget / base_images) if base_images else None,
+    }
+    write_json(out_dir / "finetune.json", {"schema": "neon.finetune/1", "config": cfg.__dict__,
+                                           "base": {"path": str(path), "sha256": base_sha},
+                                           "synthetic_set": {"path": str(data_dir), "sha256": data_sha}, **results})
+    for s in all_snaps:
+        report.add_output("selftrained", s["path"], s["sha256"])
+    report.results.update(results)
+    return results

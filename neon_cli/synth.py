@@ -1,0 +1,213 @@
+"""``neon synth``: the synthetic set S sampled from theta_r with its inference settings kappa
+(paper Algorithm 1, step 1), as resumable tensor shards plus a manifest.
+
+Layout of the output directory::
+
+    plan.json                 what is being made (family, model sha256, settings, seeds, shard size)
+    shard-00000.safetensors   images uint8 [n, C, H, W], labels int64 [n], seeds int64 [n]
+    ...
+    manifest.json             written last: plan + every shard's sha256 (schema neon.synth/1)
+
+Image i (0-based) uses seed ``seed + i`` and, for class-conditional families, label
+``(seed + i) % num_classes``. Shard k holds images ``k*shard_size .. (k+1)*shard_size - 1`` and is
+sampled in batches aligned to its start, so the batch composition, and therefore every image bit,
+does not depend on which process or how many ranks made it. Each shard is written under a
+temporary name and renamed when complete, so after an interruption a rerun of the same command
+makes only the missing shards. Under torchrun, shard k is made by rank ``k % world_size`` and rank 0
+writes the manifest after a barrier.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from neon_cli.errors import DataError, UsageError
+from neon_cli.fsutil import atomic_path, sha256_file, write_json
+from neon_cli.progress import ProgressFn, null_progress
+
+SCHEMA = "neon.synth/1"
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.safetensors"
+
+
+def _dist() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:  # pragma: no cover
+        pass
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def synthesize(
+    family_name: str,
+    model_path: Path | None,
+    *,
+    num: int,
+    out_dir: Path,
+    seed: int = 0,
+    set_pairs: list[str] | tuple[str, ...] = (),
+    shard_size: int = 1000,
+    batch: int = 500,
+    report: Any,
+    progress: ProgressFn = null_progress,
+) -> dict[str, Any]:
+    """Sample ``num`` images from ``model_path`` into ``out_dir`` (see the module docstring).
+
+    Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
+    ``out_dir`` holds shards of a different plan (another model, settings or seeds).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from neon_cli.evaluate import seed_plan
+    from neon_cli.family import get_family, plugin_version, resolve_settings
+
+    if num <= 0:
+        raise UsageError(f"--num: must be positive, got {num}")
+    if shard_size <= 0 or batch <= 0:
+        raise UsageError("--shard-size and --batch must be positive")
+    family = get_family(family_name)
+    report.family = plugin_version(family_name)
+    path = _model_path(family, model_path)
+    settings = resolve_settings(family, set_pairs)
+    model_sha = report.add_input("model", path)
+    plan = {
+        "schema": SCHEMA,
+        "family": family.name,
+        "model": {"path": str(path), "sha256": model_sha},
+        "settings": settings,
+        "seed": seed,
+        "num": num,
+        "shard_size": shard_size,
+        "labels": "(seed + i) % num_classes" if family.num_classes else None,
+        "num_classes": family.num_classes,
+    }
+    report.settings.update(resolved_settings=settings)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o: {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = _dist()
+    _check_plan(out_dir, plan, write=rank == 0)
+
+    shards = [(k, k * shard_size, min(shard_size, num - k * shard_size)) for k in range((num + shard_size - 1) // shard_size)]
+    todo = [s for s in shards if not (out_dir / shard_name(s[0])).exists()]
+    mine = [s for s in todo if s[0] % world == rank]
+    report.results.update(shards_total=len(shards), shards_present=len(shards) - len(todo))
+    model = family.load(str(path)) if mine else None
+    meta = {"family": family.name, "settings": json.dumps(settings, sort_keys=True), "model_sha256": model_sha}
+    done_imgs = sum(c for k, _, c in shards) - sum(c for _, _, c in mine)
+    total_imgs = num
+    progress("synth", done_imgs, total_imgs, unit="img")
+    for k, start, count in mine:
+        seeds, labels = seed_plan(family, seed + start, count)
+        chunks = []
+        with torch.inference_mode():
+            for i in range(0, count, batch):
+                lab = labels[i:i + batch] if labels is not None else None
+                chunks.append(family.sample(model, seeds[i:i + batch], lab, settings))
+                done_imgs += min(batch, count - i)
+                progress("synth", done_imgs, total_imgs, unit="img")
+        images = torch.cat(chunks).contiguous()
+        tensors = {"images": images, "seeds": seeds.contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels.contiguous()
+        with atomic_path(out_dir / shard_name(k)) as tmp:
+            save_file(tensors, str(tmp), metadata={**meta, "start": str(start), "count": str(count)})
+    _barrier()
+    manifest = dict(plan)
+    if rank == 0:
+        manifest["shards"] = []
+        for k, start, count in shards:
+            f = out_dir / shard_name(k)
+            manifest["shards"].append({"file": f.name, "start": start, "count": count, "sha256": sha256_file(f)})
+        first = _read_shard(out_dir / shard_name(0))
+        manifest["image_shape"] = list(first["images"].shape[1:])
+        manifest["image_dtype"] = "uint8"
+        write_json(out_dir / "manifest.json", manifest)
+        report.add_output("synthetic_set", out_dir / "manifest.json")
+    _barrier()
+    report.results.update(num_images=num, shards_made=len(mine), out_dir=str(out_dir))
+    return manifest
+
+
+def _model_path(family: Any, model_path: Path | None) -> Path:
+    if model_path is None:
+        if not getattr(family, "default_model", None):
+            raise UsageError(f"--model: family {family.name!r} has no embedded default; give a checkpoint")
+        return Path(family.default_model)
+    path = Path(model_path)
+    if not path.exists():
+        raise UsageError(f"--model: {path} does not exist")
+    return path
+
+
+def _check_plan(out_dir: Path, plan: dict[str, Any], write: bool) -> None:
+    """Refuse to mix shards of two different plans in one directory; write plan.json on first use."""
+    f = out_dir / "plan.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        for key in ("family", "settings", "seed", "shard_size", "num"):
+            if old.get(key) != plan.get(key):
+                raise DataError(f"{out_dir}: holds a synthetic set made with another {key} "
+                                f"({old.get(key)!r} != {plan.get(key)!r}); use a new -o directory")
+        if old["model"]["sha256"] != plan["model"]["sha256"]:
+            raise DataError(f"{out_dir}: holds a synthetic set made from another model (sha256 differs); use a new -o directory")
+    elif write:
+        write_json(f, plan)
+
+
+def _read_shard(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable shard ({exc})") from None
+
+
+def load_synthetic(data_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
+    """(images uint8 [N, C, H, W], labels int64 [N] or None, manifest) of a complete synthetic set.
+
+    Raises DataError naming the directory if the manifest is missing (an unfinished synth run:
+    rerun ``neon synth`` to complete it), a listed shard is missing or unreadable, or its image count
+    differs from the manifest (shards are not re-hashed here: that would read S twice).
+    """
+    import torch
+
+    data_dir = Path(data_dir)
+    mf = data_dir / "manifest.json"
+    if not mf.exists():
+        hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""
+        raise DataError(f"--data: {data_dir} has no manifest.json{hint}")
+    manifest = json.loads(mf.read_text())
+    if manifest.get("schema") != SCHEMA:
+        raise DataError(f"--data: {mf} is not a neon synthetic-set manifest (schema {manifest.get('schema')!r})")
+    imgs, labs = [], []
+    for sh in manifest["shards"]:
+        f = data_dir / sh["file"]
+        if not f.exists():
+            raise DataError(f"--data: {f} listed in the manifest is missing")
+        t = _read_shard(f)
+        if t["images"].shape[0] != sh["count"]:
+            raise DataError(f"--data: {f} holds {t['images'].shape[0]} images, manifest says {sh['count']}")
+        imgs.append(t["images"])
+        if "labels" in t:
+            labs.append(t["labels"])
+    images = torch.cat(imgs)
+    labels = torch.cat(labs) if labs else None
+    return images, labels, manifest

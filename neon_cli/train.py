@@ -1,0 +1,160 @@
+"""The generic training loop behind ``neon finetune`` (and the digits base-training script).
+
+The family supplies its recipe (``loss``, ``make_optimizer``, ``train_defaults``); the core owns
+the loop so that budgets, data order, warm-up, EMA, snapshots and resume behave the same for every
+family (paper Algorithm 1, step 2: "briefly fine-tune on S with the original recipe").
+
+Units: every budget is in **images seen** (one image drawn into a batch counts once).
+
+Determinism and resume: the data order is a fixed function of (seed, images seen): epoch e visits
+the set in the permutation drawn from ``torch.Generator().manual_seed(seed + e)``; the training
+noise of step t comes from a generator seeded with ``seed * 1_000_003 + t``. A training state
+(model, EMA, optimizer, images seen) saved every ``save_every`` images therefore lets a rerun
+continue exactly where the last state left off.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from neon_cli.errors import UsageError
+from neon_cli.fsutil import atomic_path
+from neon_cli.progress import ProgressFn, null_progress
+
+
+@dataclass
+class TrainConfig:
+    """What determines a training run (all budgets in images seen).
+
+    budget: images seen in this run (B); lr: peak learning rate; batch: images per optimiser step;
+    warmup: images over which the learning rate ramps linearly from 0 to lr (EDM's lr ramp-up);
+    ema_halflife: EMA half-life in images (None: no EMA; snapshots then hold the raw weights);
+    save_every: images between snapshots / training states (None: only at the end); seed: data
+    order and training noise.
+    """
+
+    budget: int
+    lr: float
+    batch: int
+    warmup: int = 0
+    ema_halflife: int | None = None
+    save_every: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.budget <= 0:
+            raise UsageError(f"--budget: must be a positive number of images, got {self.budget}")
+        if self.batch <= 0:
+            raise UsageError(f"--batch: must be positive, got {self.batch}")
+        if not self.lr > 0:
+            raise UsageError(f"--lr: must be positive, got {self.lr}")
+        if self.warmup < 0:
+            raise UsageError(f"--warmup: must be >= 0 images, got {self.warmup}")
+        if self.save_every is not None and self.save_every <= 0:
+            raise UsageError(f"--save-every: must be a positive number of images, got {self.save_every}")
+
+
+def batch_indices(n: int, seed: int, start: int, size: int) -> torch.Tensor:
+    """Indices int64 [size] of the images seen at positions start .. start+size-1 of the data order."""
+    out = []
+    pos = start
+    while len(out) < size:
+        epoch, off = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        take = perm[off: off + size - len(out)]
+        out.extend(take.tolist())
+        pos += len(take)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def train_loop(
+    family: Any,
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    cfg: TrainConfig,
+    *,
+    state_path: Path | None = None,
+    on_snapshot: Callable[[int, torch.nn.Module], None] | None = None,
+    progress: ProgressFn = null_progress,
+    task: str = "finetune",
+) -> torch.nn.Module:
+    """Train ``model`` in place on (images uint8 [N, ...], labels int64 [N] or None) for cfg.budget images.
+
+    Calls ``on_snapshot(images_seen, weights)`` every ``cfg.save_every`` images and at the end,
+    where ``weights`` is the EMA model if ``cfg.ema_halflife`` is set, else ``model``. With
+    ``state_path``, a training state is saved atomically at each snapshot and, if present and made
+    with the same config, loaded at the start (resume). Returns the final weights (EMA or raw).
+    """
+    cfg.check()
+    n = images.shape[0]
+    if n == 0:
+        raise UsageError("--data: the synthetic set is empty")
+    opt = family.make_optimizer(model.parameters(), cfg.lr)
+    ema = copy.deepcopy(model).eval() if cfg.ema_halflife else None
+    seen = 0
+    if state_path is not None and state_path.exists():
+        state = torch.load(state_path, weights_only=True)
+        if state.get("config") == asdict(cfg):
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.load_state_dict(state["ema"])
+            seen = int(state["images_seen"])
+            progress(task, seen, cfg.budget, message=f"resuming from {state_path.name} at {seen} images")
+        else:
+            raise UsageError(f"{state_path}: training state from a run with other settings; use another -o or delete it")
+    model.train()
+    step = seen // cfg.batch
+    next_save = _next_mark(seen, cfg.save_every, cfg.budget)
+    while seen < cfg.budget:
+        size = min(cfg.batch, cfg.budget - seen)
+        idx = batch_indices(n, cfg.seed, seen, size)
+        lr = cfg.lr * min(1.0, (seen + size) / cfg.warmup) if cfg.warmup else cfg.lr
+        for g in opt.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        loss = family.loss(model, images[idx], labels[idx] if labels is not None else None, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seen += size
+        step += 1
+        if ema is not None:
+            beta = 0.5 ** (size / cfg.ema_halflife)
+            with torch.no_grad():
+                for pe, pm in zip(ema.parameters(), model.parameters()):
+                    pe.lerp_(pm.detach(), 1 - beta)
+                for be, bm in zip(ema.buffers(), model.buffers()):
+                    be.copy_(bm)
+        progress(task, seen, cfg.budget, unit="img", loss=float(loss.detach()))
+        if seen >= next_save:
+            weights = (ema if ema is not None else model)
+            if on_snapshot is not None:
+                model.eval()
+                on_snapshot(seen, weights)
+                model.train()
+            if state_path is not None:
+                _save_state(state_path, model, opt, ema, seen, cfg)
+            next_save = _next_mark(seen, cfg.save_every, cfg.budget)
+    model.eval()
+    return ema if ema is not None else model
+
+
+def _next_mark(seen: int, every: int | None, budget: int) -> int:
+    if not every:
+        return budget
+    return min(budget, (seen // every + 1) * every)
+
+
+def _save_state(path: Path, model: torch.nn.Module, opt: Any, ema: Any, seen: int, cfg: TrainConfig) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "images_seen": seen, "config": asdict(cfg)}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
