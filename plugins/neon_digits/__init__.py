@@ -1,0 +1,96 @@
+"""The built-in ``digits`` family: an EDM-preconditioned, class-conditional denoiser on
+scikit-learn's 1,797 real 8x8 handwritten digits, sampled with EDM's deterministic Heun sampler
+and classifier-free guidance gamma. Neon's embedded default: runs on a CPU in seconds.
+
+Registered through the entry-point group ``neon.families`` (see pyproject.toml) like any
+third-party family. This module does not import torch; the methods import it when called.
+
+Checkpoint format: a flat ``.safetensors`` state dict of :class:`neon_digits.model.Denoiser`
+with metadata ``family=digits``, ``width``, ``depth``, ``train_images`` (training budget of the
+weights in images seen, cumulative) and free-form provenance. ``neon merge`` works on it directly.
+
+Metrics (``score``), all against all 1,797 real digits, on the shipped classifier's 64-d features:
+``fid`` (Fréchet distance of the features), ``pixel_fid`` (Fréchet distance of the 64 pixel
+values in [0, 1]), ``precision``/``recall``/``density``/``coverage`` (k = 5), and
+``class_accuracy`` (share of samples the classifier assigns to the label they were drawn for).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from neon_cli.family import Setting
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+class DigitsFamily:
+    name = "digits"
+    description = "EDM denoiser + Heun sampler with CFG on scikit-learn's 8x8 digits (embedded default, CPU)"
+    settings = (
+        Setting("guidance", 2.0, float, "classifier-free guidance scale gamma (1 = none, 0 = unconditional)", low=0.0, high=20.0),
+        Setting("steps", 12, int, "Heun steps N (NFE = 2N - 1, doubled with guidance)", low=1, high=1000),
+        Setting("rho", 7.0, float, "EDM time-step exponent rho (Eq. 5)", low=1.0, high=100.0),
+        Setting("sigma_min", 0.002, float, "smallest noise level", low=1e-5, high=1.0),
+        Setting("sigma_max", 80.0, float, "largest noise level", low=1.0, high=1000.0),
+    )
+    guidance = "guidance"
+    num_classes = 10
+    metrics = ("fid", "pixel_fid", "precision", "recall", "density", "coverage", "class_accuracy")
+    train_defaults = {"batch": 256, "lr": 2e-4, "ema_halflife_images": None, "warmup_images": 0}
+
+    def __init__(self) -> None:
+        self._scorer = None
+
+    @property
+    def default_model(self) -> str:
+        return str(WEIGHTS / "base.safetensors")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def load(self, path: str):
+        """Denoiser in eval mode from a digits ``.safetensors`` file; CheckpointError if unreadable."""
+        from neon_digits.io import load_denoiser
+
+        return load_denoiser(path)
+
+    def save(self, model: Any, path: str, metadata: Mapping[str, str]) -> None:
+        """Write ``model`` as a flat safetensors state dict with ``metadata`` (str -> str)."""
+        from neon_digits.io import save_denoiser
+
+        save_denoiser(model, path, metadata)
+
+    def read_metadata(self, path: str) -> dict[str, str]:
+        from neon_digits.io import read_metadata
+
+        return read_metadata(path)
+
+    # -- sampling and training -----------------------------------------------------------------
+    def sample(self, model: Any, seeds: Any, labels: Any, settings: Mapping[str, Any]):
+        """uint8 [N, 1, 8, 8]; EDM Heun sampler with CFG (see neon_digits.model.heun_sample)."""
+        from neon_digits.model import heun_sample
+
+        return heun_sample(model, seeds, labels, settings)
+
+    def loss(self, model: Any, images: Any, labels: Any, generator: Any):
+        from neon_digits.model import edm_loss
+
+        return edm_loss(model, images, labels, generator)
+
+    def make_optimizer(self, params: Any, lr: float):
+        """Adam (betas 0.9, 0.999, eps 1e-8), as EDM's recipe."""
+        import torch
+
+        return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+    # -- metrics -------------------------------------------------------------------------------
+    def score(self, images: Any, labels: Any) -> dict[str, float]:
+        """Metrics of uint8 samples [N, 1, 8, 8] (with their int64 labels [N]) against the real digits."""
+        if self._scorer is None:
+            from neon_digits.io import DigitsScorer
+
+            self._scorer = DigitsScorer(WEIGHTS / "classifier.safetensors")
+        return self._scorer(images, labels)
+
+
+family = DigitsFamily()
