@@ -99,12 +99,10 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    path = Path(model_path or family.default_model or "")
-    if not model_path and not family.default_model:
-        raise UsageError(f"--model: family {family_name!r} has no embedded default; give a checkpoint")
-    if not path.exists():
-        raise UsageError(f"--model: {path} does not exist")
     settings = resolve_settings(family, set_pairs)
+    from neon_cli.synth import _model_path
+
+    path = _model_path(family, model_path)
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     model = family.load(str(path))

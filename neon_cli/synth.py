@@ -82,8 +82,8 @@ def synthesize(
         raise UsageError("--shard-size and --batch must be positive")
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    path = _model_path(family, model_path)
     settings = resolve_settings(family, set_pairs)
+    path = _model_path(family, model_path)
     model_sha = report.add_input("model", path)
     plan = {
         "schema": SCHEMA,
@@ -146,6 +146,7 @@ def synthesize(
 
 
 def _model_path(family: Any, model_path: Path | None) -> Path:
+    """``model_path``, or the family's embedded default if None; UsageError naming --model if absent."""
     if model_path is None:
         if not getattr(family, "default_model", None):
             raise UsageError(f"--model: family {family.name!r} has no embedded default; give a checkpoint")

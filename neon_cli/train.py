@@ -100,7 +100,7 @@ def train_loop(
     seen = 0
     if state_path is not None and state_path.exists():
         state = torch.load(state_path, weights_only=True)
-        if state.get("config") == asdict(cfg):
+        if _resumable(state.get("config", {}), asdict(cfg)) and int(state["images_seen"]) <= cfg.budget:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             if ema is not None:
@@ -108,7 +108,8 @@ def train_loop(
             seen = int(state["images_seen"])
             progress(task, seen, cfg.budget, message=f"resuming from {state_path.name} at {seen} images")
         else:
-            raise UsageError(f"{state_path}: training state from a run with other settings; use another -o or delete it")
+            raise UsageError(f"{state_path}: training state from a run with other settings (lr, batch, warm-up, EMA, seed) "
+                             "or a larger budget; use another -o or delete it")
     model.train()
     step = seen // cfg.batch
     next_save = _next_mark(seen, cfg.save_every, cfg.budget)
@@ -144,6 +145,12 @@ def train_loop(
             next_save = _next_mark(seen, cfg.save_every, cfg.budget)
     model.eval()
     return ema if ema is not None else model
+
+
+def _resumable(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """A state can be continued by a run that differs at most in its budget and snapshot interval."""
+    ignore = {"budget", "save_every"}
+    return {k: v for k, v in old.items() if k not in ignore} == {k: v for k, v in new.items() if k not in ignore}
 
 
 def _next_mark(seen: int, every: int | None, budget: int) -> int:

@@ -66,5 +66,7 @@ def _show(r, console) -> None:
         + (f" = {100 * frac:.2f}% of the base's {r['base_train_images']}" if frac else "")
     )
     if r.get("improvement") is not None:
-        console.print(f"FID {r['base_fid']:.4g} -> {r['neon_fid']:.4g}: {100 * r['improvement']:+.1f}% lower with Neon")
+        imp = r["improvement"]
+        word = "lower" if imp >= 0 else "HIGHER"
+        console.print(f"FID {r['base_fid']:.4g} -> {r['neon_fid']:.4g}: {100 * abs(imp):.1f}% {word} with Neon")
     console.print(f"Neon model: {r['paths']['neon']}")

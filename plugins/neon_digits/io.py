@@ -38,7 +38,7 @@ def load_denoiser(path: str | Path) -> Denoiser:
     state, meta = load_state(path)
     if meta.get("family", "digits") != "digits":
         raise CheckpointError(f"{path}: a {meta.get('family')!r} checkpoint, not a digits one")
-    model = Denoiser(width=int(meta.get("width", 384)), depth=int(meta.get("depth", 3)))
+    model = Denoiser(width=int(meta.get("width", 256)), depth=int(meta.get("depth", 3)))
     try:
         model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as exc:

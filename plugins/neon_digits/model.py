@@ -66,7 +66,7 @@ class Denoiser(nn.Module):
     -> float32 [N, 64], the denoised estimate.
     """
 
-    def __init__(self, width: int = 384, depth: int = 3):
+    def __init__(self, width: int = 256, depth: int = 3):
         super().__init__()
         self.width, self.depth = width, depth
         self.inp = nn.Linear(PIXELS, width)

@@ -1,6 +1,6 @@
 """Rebuild the digits family's shipped weights: the feature classifier and the base model theta_r.
 
-    python -m neon_digits.train --out plugins/neon_digits/weights [--budget 4194304] [--seed 0]
+    python -m neon_digits.train --out plugins/neon_digits/weights [--budget 1048576] [--seed 0]
 
 The base model is trained on the 1,797 real digits with the family's own recipe through the same
 loop ``neon finetune`` uses (neon_cli.train.train_loop): EDM loss, Adam, batch 256, EMA. Its
@@ -22,10 +22,10 @@ from neon_cli.fsutil import atomic_path
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "weights")
-    ap.add_argument("--budget", type=int, default=4 * 2**20, help="base training budget in images seen (default 4 Mi)")
+    ap.add_argument("--budget", type=int, default=2**20, help="base training budget in images seen (default 1 Mi = 1,048,576)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=256)
-    ap.add_argument("--width", type=int, default=384)
+    ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--ema-halflife", type=int, default=50_000, help="EMA half-life in images")
     ap.add_argument("--seed", type=int, default=0)
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(args.out / "classifier.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"train_accuracy": f"{acc:.4f}"})
 
+    torch.manual_seed(args.seed)  # the denoiser's init does not depend on whether the classifier was trained
     model = Denoiser(width=args.width, depth=args.depth)
     cfg = TrainConfig(budget=args.budget, lr=args.lr, batch=args.batch, warmup=args.budget // 20,
                       ema_halflife=args.ema_halflife, seed=args.seed)
