@@ -1,0 +1,61 @@
+"""``neon ref-stats``: Inception reference statistics (mu, sigma) of a set of images, EDM-style .npz."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("ref-stats")
+    def ref_stats_(
+        images: Path = typer.Option(
+            ..., "--images", "-i",
+            help="Images: a folder of image files (PNG/JPEG, read with Pillow, which must be installed), "
+                 "a 'neon synth' directory, or a .npy/.npz uint8 array [N,H,W,C], [N,C,H,W] or [N,H,W] "
+                 "(.npz member arr_0 as in ADM batches).",
+        ),
+        out: Path = typer.Option(..., "--out", "-o", help="Statistics file to write (.npz with mu, sigma).", dir_okay=False),
+        detector: Optional[str] = typer.Option(
+            None, "--detector", envvar="NEON_INCEPTION", show_envvar=True,
+            help="TorchScript inception-2015-12-05.pt (the EDM/StyleGAN/clean-fid detector); never downloaded.",
+        ),
+        batch: int = typer.Option(64, "--batch", help="Images per detector call."),
+        device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
+        keep_features: bool = typer.Option(False, "--keep-features", help="Also store the features [N, 2048] (float32) for precision/recall."),
+        report: Optional[Path] = ReportOpt,
+        json_out: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Compute FID reference statistics (mu, sigma of 2048-d Inception pool features) of a set of images.
+
+        The .npz has the keys of EDM's fid.py ref (mu, sigma), also read by pytorch-fid, clean-fid and the torch-fidelity fork. Features are extracted in batches, split across ranks under torchrun. The report records the sha256 of the detector and of the statistics: FIDs are comparable only with the same detector and reference.
+
+        Example:
+
+        \b
+            export NEON_INCEPTION=~/models/inception-2015-12-05.pt
+            neon ref-stats --images cifar10.npz -o cifar10-32x32.npz
+            neon ref-stats --images synth/ -o s.npz --keep-features
+        """
+        from neon_cli.inception import ref_stats
+
+        run(
+            "ref-stats",
+            lambda report, progress: ref_stats(images, out, detector=detector, batch=batch, device=device,
+                                               keep_features=keep_features, report=report, progress=progress),
+            settings=dict(images=images, out=out, detector=detector, batch=batch, device=device, keep_features=keep_features),
+            report=report, json_out=json_out, quiet=quiet,
+            show=_show,
+        )
+
+
+def _show(results, console) -> None:
+    console.print(
+        f"wrote {results['stats']}: {results['num_images']} images, {results['feature_dim']}-d features "
+        f"(detector sha256 {results['detector_sha256'][:12]}...)"
+    )
