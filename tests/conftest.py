@@ -1,0 +1,48 @@
+"""Shared fixtures. The third-party test family under tests/fixtures/toyfam is put on sys.path
+(and PYTHONPATH for subprocesses) so that it is discovered through its own dist-info entry point,
+exactly like an installed plugin distribution."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+TOYFAM = Path(__file__).resolve().parent / "fixtures" / "toyfam"
+
+
+@pytest.fixture(autouse=True)
+def _isolate_env(monkeypatch):
+    monkeypatch.delenv("NEON_FAMILIES", raising=False)
+    monkeypatch.delenv("NEON_DEBUG", raising=False)
+    monkeypatch.delenv("NEON_INCEPTION", raising=False)
+
+
+@pytest.fixture
+def toyfam(monkeypatch):
+    """The toy third-party family made discoverable; yields the family object."""
+    monkeypatch.syspath_prepend(str(TOYFAM))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TOYFAM), os.environ.get("PYTHONPATH", "")]))
+    importlib.invalidate_caches()
+    import neon_toyfam
+
+    yield neon_toyfam.family
+    sys.modules.pop("neon_toyfam", None)
+
+
+@pytest.fixture
+def toy_base(toyfam, tmp_path):
+    """A toy theta_r checkpoint: mu = 0.5, sigma = exp(-1.5) (its samples are too narrow at temperature 0.8)."""
+    path = tmp_path / "toy-base.safetensors"
+    toyfam.save(toyfam.new(), str(path), {"train_images": "1000"})
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from neon_cli.family import get_family
+
+    return get_family("digits")
