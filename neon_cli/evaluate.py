@@ -29,17 +29,36 @@ def seed_plan(family: Any, seed: int, num: int):
 
 def sample_batched(family: Any, model: Any, seeds, labels, settings: Mapping[str, Any], batch: int,
                    progress: ProgressFn = null_progress, task: str = "sample"):
-    """``family.sample`` over ``seeds`` in batches of ``batch``; uint8 [N, C, H, W]."""
+    """``family.sample`` over ``seeds`` in batches of ``batch``; uint8 [N, C, H, W] (or the family's sample tensor).
+
+    The batches are fixed by (N, batch) alone. Under torchrun, rank r samples a contiguous run of
+    batches (ceil split, so rank 0 always has one) and the images are all-gathered in order: every
+    rank returns the same tensor, identical to a single process's.
+    """
     import torch
 
-    out = []
+    from neon_cli.dist import broadcast_object, gather_cat, rank_world
+
     n = len(seeds)
+    chunks = [(i, min(i + batch, n)) for i in range(0, n, batch)]
+    rank, world = rank_world()
+    k = len(chunks)
+    bounds = [-(-k * r // world) for r in range(world + 1)]  # ceil(k r / world)
+    mine = chunks[bounds[rank]:bounds[rank + 1]]
+    out = []
+    done = 0
     with torch.inference_mode():
-        for i in range(0, n, batch):
-            lab = labels[i:i + batch] if labels is not None else None
-            out.append(family.sample(model, seeds[i:i + batch], lab, settings))
-            progress(task, min(i + batch, n), n, unit="img")
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
+        for a, b in mine:
+            lab = labels[a:b] if labels is not None else None
+            out.append(family.sample(model, seeds[a:b], lab, settings).cpu())
+            done += b - a
+            progress(task, done * world if world > 1 else done, n, unit="img")
+    if world == 1:
+        return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8)
+    shape, dtype = broadcast_object((tuple(out[0].shape[1:]), out[0].dtype) if rank == 0 else None)
+    local = torch.cat(out) if out else torch.empty((0,) + shape, dtype=dtype)
+    sizes = [sum(b - a for a, b in chunks[bounds[r]:bounds[r + 1]]) for r in range(world)]
+    return gather_cat(local, sizes)
 
 
 class Evaluator:
@@ -71,7 +90,11 @@ class Evaluator:
         t0 = time.perf_counter()
         settings = {**self.settings, **(overrides or {})}
         images = sample_batched(self.family, model, self.seeds, self.labels, settings, self.batch, self.progress, "sample")
-        metrics = {k: float(v) for k, v in self.family.score(images, self.labels).items()}
+        from neon_cli.dist import broadcast_object, is_main
+
+        # the metric is computed once, on rank 0, and every rank takes the same decisions from it
+        metrics = {k: float(v) for k, v in self.family.score(images, self.labels).items()} if is_main() else None
+        metrics = broadcast_object(metrics)
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         return metrics
 

@@ -34,24 +34,6 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
-def _dist() -> tuple[int, int]:
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:  # pragma: no cover
-        pass
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def synthesize(
     family_name: str,
     model_path: Path | None,
@@ -101,7 +83,9 @@ def synthesize(
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o: {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rank, world = _dist()
+    from neon_cli.dist import barrier, rank_world
+
+    rank, world = rank_world()
     _check_plan(out_dir, plan, write=rank == 0)
 
     shards = [(k, k * shard_size, min(shard_size, num - k * shard_size)) for k in range((num + shard_size - 1) // shard_size)]
@@ -128,7 +112,7 @@ def synthesize(
             tensors["labels"] = labels.contiguous()
         with atomic_path(out_dir / shard_name(k)) as tmp:
             save_file(tensors, str(tmp), metadata={**meta, "start": str(start), "count": str(count)})
-    _barrier()
+    barrier()
     manifest = dict(plan)
     if rank == 0:
         manifest["shards"] = []
@@ -140,7 +124,7 @@ def synthesize(
         manifest["image_dtype"] = "uint8"
         write_json(out_dir / "manifest.json", manifest)
         report.add_output("synthetic_set", out_dir / "manifest.json")
-    _barrier()
+    barrier()
     report.results.update(num_images=num, shards_made=len(mine), out_dir=str(out_dir))
     return manifest
 

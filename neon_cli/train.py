@@ -8,7 +8,17 @@ Units: every budget is in **images seen** (one image drawn into a batch counts o
 
 Determinism and resume: the data order is a fixed function of (seed, images seen): epoch e visits
 the set in the permutation drawn from ``torch.Generator().manual_seed(seed + e)``; the training
-noise of step t comes from a generator seeded with ``seed * 1_000_003 + t``. A training state
+noise of step t comes from a generator seeded with ``seed * 1_000_003 + t`` (+ rank * 2**40 on
+other ranks).
+
+Under torchrun (several ranks) the model is wrapped in DistributedDataParallel: ``batch`` is the
+**global** batch (images per optimiser step over all ranks), each rank takes its contiguous share
+of the same global index list, and DDP averages the gradients, so the update equals a single
+process's with the same global batch up to floating-point order (exactly so for a family whose
+loss draws no noise; a stochastic loss draws different, equally distributed noise per rank). The
+learning rate is therefore not rescaled with the number of ranks. Only rank 0 writes snapshots and
+training states. A family's ``loss`` must compute through ``model(...)`` (its forward) for DDP to
+synchronise gradients. A training state
 (model, EMA, optimizer, images seen) saved every ``save_every`` images therefore lets a rerun
 continue exactly where the last state left off.
 """
@@ -110,6 +120,16 @@ def train_loop(
         else:
             raise UsageError(f"{state_path}: training state from a run with other settings (lr, batch, warm-up, EMA, seed) "
                              "or a larger budget; use another -o or delete it")
+    from neon_cli.dist import barrier, is_main, rank_world
+
+    rank, world = rank_world()
+    if world > 1 and cfg.batch % world:
+        raise UsageError(f"--batch: the global batch {cfg.batch} must be divisible by the {world} ranks")
+    loss_model: Any = model
+    if world > 1:  # DistributedDataParallel: per-rank share of the global batch, gradients averaged
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_model = DistributedDataParallel(model)
     model.train()
     step = seen // cfg.batch
     next_save = _next_mark(seen, cfg.save_every, cfg.budget)
@@ -119,8 +139,18 @@ def train_loop(
         lr = cfg.lr * min(1.0, (seen + size) / cfg.warmup) if cfg.warmup else cfg.lr
         for g in opt.param_groups:
             g["lr"] = lr
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        loss = family.loss(model, images[idx], labels[idx] if labels is not None else None, gen)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + rank * 2**40)
+        weight = 1.0
+        if world > 1:
+            part = torch.tensor_split(idx, world)[rank]
+            # DDP averages gradients over ranks; weighting each rank's mean loss by its share of the
+            # batch makes that average the gradient of the global batch mean, even for a last,
+            # uneven batch (a rank with no rows runs one row at weight 0 so every rank steps).
+            weight = len(part) * world / size
+            if len(part) == 0:
+                part = idx[:1]
+            idx = part
+        loss = family.loss(loss_model, images[idx], labels[idx] if labels is not None else None, gen) * weight
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -136,12 +166,14 @@ def train_loop(
         progress(task, seen, cfg.budget, unit="img", loss=float(loss.detach()))
         if seen >= next_save:
             weights = (ema if ema is not None else model)
-            if on_snapshot is not None:
-                model.eval()
-                on_snapshot(seen, weights)
-                model.train()
-            if state_path is not None:
-                _save_state(state_path, model, opt, ema, seen, cfg)
+            if is_main():  # only rank 0 writes; the weights are identical on every rank
+                if on_snapshot is not None:
+                    model.eval()
+                    on_snapshot(seen, weights)
+                    model.train()
+                if state_path is not None:
+                    _save_state(state_path, model, opt, ema, seen, cfg)
+            barrier()
             next_save = _next_mark(seen, cfg.save_every, cfg.budget)
     model.eval()
     return ema if ema is not None else model

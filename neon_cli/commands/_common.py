@@ -106,14 +106,21 @@ def run(
     report is written (if asked), results printed as JSON (``--json``) or by ``show(result,
     console)``. A :class:`NeonError` prints ``neon COMMAND: error: MESSAGE`` on stderr, writes the
     report with ``status: error`` and exits with the error's code (2 for bad input, 1 for a
-    threshold exceeded). ``NEON_DEBUG=1`` re-raises instead, for a traceback.
+    threshold exceeded). ``NEON_DEBUG=1`` re-raises instead, for a traceback. Under torchrun the
+    process group is initialised here (:mod:`neon_cli.dist`) and only rank 0 prints or writes.
     """
+    from neon_cli.dist import env_world, init_from_env, shutdown
     from neon_cli.report import Report
 
     rep = Report(command, settings=_jsonable(settings))
     console = _stderr_console()
+    # under torchrun/srun every rank runs this; only rank 0 draws progress, prints and writes the report
+    main = env_world()[0] == 0
+    if not main:
+        report, json_out, show = None, False, None
     try:
-        with RichProgress(enabled=not quiet and not json_out) as progress:
+        init_from_env()
+        with RichProgress(enabled=main and not quiet and not json_out) as progress:
             result = fn(report=rep, progress=progress)
     except NeonError as exc:
         if os.environ.get("NEON_DEBUG"):
@@ -129,6 +136,8 @@ def run(
     except KeyboardInterrupt:
         console.print(f"neon {command}: interrupted; outputs written so far are complete, rerun to resume")
         raise typer.Exit(130)
+    finally:
+        shutdown()
     if report:
         rep.write(report)
     if json_out:
