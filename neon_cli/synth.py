@@ -111,7 +111,9 @@ def synthesize(
         if labels is not None:
             tensors["labels"] = labels.contiguous()
         with atomic_path(out_dir / shard_name(k)) as tmp:
-            save_file(tensors, str(tmp), metadata={**meta, "start": str(start), "count": str(count)})
+            # one metadata key: safetensors stores __metadata__ from a hash map, so several keys would
+            # come out in a random order and identical shards would not be identical files
+            save_file(tensors, str(tmp), metadata={"neon": json.dumps({**meta, "start": start, "count": count}, sort_keys=True)})
     barrier()
     manifest = dict(plan)
     if rank == 0:

@@ -1,0 +1,101 @@
+"""torchrun with 2 CPU ranks (gloo): world-size invariance, DDP = single process, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+
+
+def _neon(*args: str) -> list[str]:
+    exe = Path(sys.executable).with_name("neon")
+    return [str(exe) if exe.exists() else "neon", *args]
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    # '--' ends torchrun's own options: without it torchrun takes '--num' for its '--numa-binding'
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neon_cli", "--", *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _shards(d: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {f.name: load_file(str(f)) for f in sorted(d.glob("shard-*.safetensors"))}
+
+
+def test_synth_is_identical_with_one_and_two_ranks(tmp_path):
+    args = ["synth", "digits", "--num", "500", "--shard-size", "100", "--batch", "50", "--set", "steps=6", "-q"]
+    subprocess.run(_neon(*args, "-o", str(tmp_path / "one")), check=True, capture_output=True)
+    _torchrun(*args, "-o", str(tmp_path / "two"), "--report", str(tmp_path / "two.json"))
+    one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) == 5
+    for name in one:
+        for k in ("images", "labels", "seeds"):
+            assert torch.equal(one[name][k], two[name][k]), (name, k)
+    m1 = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert [s["sha256"] for s in m1["shards"]] == [s["sha256"] for s in m2["shards"]]
+    assert json.loads((tmp_path / "two.json").read_text())["status"] == "ok"  # rank 0 wrote the report
+
+
+def test_ddp_finetune_matches_single_process(toyfam, toy_base, tmp_path):
+    S = tmp_path / "S"
+    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num", "96", "--shard-size", "32", "-o", str(S), "-q"), check=True)
+    common = ["finetune", "toy", "--model", str(toy_base), "--data", str(S), "--budget", "200", "--batch", "16", "--lr", "0.05", "-q"]
+    subprocess.run(_neon(*common, "-o", str(tmp_path / "one")), check=True, capture_output=True)
+    _torchrun(*common, "-o", str(tmp_path / "two"))
+    a = load_file(str(tmp_path / "one" / "theta_s-000000200.safetensors"))
+    b = load_file(str(tmp_path / "two" / "theta_s-000000200.safetensors"))
+    assert not torch.equal(a["mu"], toyfam.load(str(toy_base)).mu.detach())  # it trained
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def _kill_when(cmd: list[str], path: Path, timeout: float = 120.0) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not path.exists():
+        assert proc.poll() is None, "finished before it could be killed"
+        assert time.time() - t0 < timeout
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_synth_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    args = ["synth", "digits", "--num", "3000", "--shard-size", "150", "--batch", "150", "-q"]
+    _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "shard-00002.safetensors")
+    assert not (tmp_path / "k" / "manifest.json").exists()
+    made_before = len(list((tmp_path / "k").glob("shard-*.safetensors")))
+    assert 3 <= made_before < 20
+    subprocess.run(_neon(*args, "-o", str(tmp_path / "k"), "--report", str(tmp_path / "r.json")), check=True)
+    assert json.loads((tmp_path / "r.json").read_text())["results"]["shards_made"] == 20 - made_before
+    subprocess.run(_neon(*args, "-o", str(tmp_path / "u")), check=True)
+    k, u = _shards(tmp_path / "k"), _shards(tmp_path / "u")
+    assert all(torch.equal(k[n]["images"], u[n]["images"]) for n in u)
+    assert not list((tmp_path / "k").glob(".*tmp*"))  # no temporary file mistaken for, or left beside, a shard
+
+
+def test_finetune_sigkill_then_rerun_equals_uninterrupted(tmp_path):
+    S = tmp_path / "S"
+    subprocess.run(_neon("synth", "digits", "--num", "600", "-o", str(S), "-q"), check=True)
+    args = ["finetune", "digits", "--data", str(S), "--budget", "15360", "--save-every", "2560", "-q"]
+    _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "train_state.pt")
+    assert not (tmp_path / "k" / "theta_s-000015360.safetensors").exists()
+    subprocess.run(_neon(*args, "-o", str(tmp_path / "k")), check=True)
+    subprocess.run(_neon(*args, "-o", str(tmp_path / "u")), check=True)
+    a = load_file(str(tmp_path / "k" / "theta_s-000015360.safetensors"))
+    b = load_file(str(tmp_path / "u" / "theta_s-000015360.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
