@@ -92,7 +92,9 @@ def synthesize(
     todo = [s for s in shards if not (out_dir / shard_name(s[0])).exists()]
     mine = [s for s in todo if s[0] % world == rank]
     report.results.update(shards_total=len(shards), shards_present=len(shards) - len(todo))
-    model = family.load(str(path)) if mine else None
+    from neon_cli.dist import device
+
+    model = family.load(str(path)).to(device()) if mine else None
     meta = {"family": family.name, "settings": json.dumps(settings, sort_keys=True), "model_sha256": model_sha}
     done_imgs = sum(c for k, _, c in shards) - sum(c for _, _, c in mine)
     total_imgs = num

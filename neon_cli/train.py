@@ -105,11 +105,15 @@ def train_loop(
     n = images.shape[0]
     if n == 0:
         raise UsageError("--data: the synthetic set is empty")
+    from neon_cli.dist import device
+
+    dev = device()
+    model.to(dev)
     opt = family.make_optimizer(model.parameters(), cfg.lr)
     ema = copy.deepcopy(model).eval() if cfg.ema_halflife else None
     seen = 0
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=True)
+        state = torch.load(state_path, weights_only=True, map_location=dev)
         if _resumable(state.get("config", {}), asdict(cfg)) and int(state["images_seen"]) <= cfg.budget:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
@@ -150,7 +154,8 @@ def train_loop(
             if len(part) == 0:
                 part = idx[:1]
             idx = part
-        loss = family.loss(loss_model, images[idx], labels[idx] if labels is not None else None, gen) * weight
+        batch_labels = labels[idx].to(dev) if labels is not None else None
+        loss = family.loss(loss_model, images[idx].to(dev), batch_labels, gen) * weight
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -74,7 +74,7 @@ def _kill_when(cmd: list[str], path: Path, timeout: float = 120.0) -> None:
 
 
 def test_synth_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    args = ["synth", "digits", "--num", "3000", "--shard-size", "150", "--batch", "150", "-q"]
+    args = ["synth", "digits", "--num", "2000", "--shard-size", "100", "--batch", "100", "--set", "steps=4", "-q"]
     _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "shard-00002.safetensors")
     assert not (tmp_path / "k" / "manifest.json").exists()
     made_before = len(list((tmp_path / "k").glob("shard-*.safetensors")))
@@ -89,13 +89,13 @@ def test_synth_sigkill_then_rerun_equals_uninterrupted(tmp_path):
 
 def test_finetune_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     S = tmp_path / "S"
-    subprocess.run(_neon("synth", "digits", "--num", "600", "-o", str(S), "-q"), check=True)
-    args = ["finetune", "digits", "--data", str(S), "--budget", "15360", "--save-every", "2560", "-q"]
+    subprocess.run(_neon("synth", "digits", "--num", "600", "--set", "steps=4", "-o", str(S), "-q"), check=True)
+    args = ["finetune", "digits", "--data", str(S), "--budget", "7680", "--save-every", "1280", "-q"]
     _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "train_state.pt")
-    assert not (tmp_path / "k" / "theta_s-000015360.safetensors").exists()
+    assert not (tmp_path / "k" / "theta_s-000007680.safetensors").exists()
     subprocess.run(_neon(*args, "-o", str(tmp_path / "k")), check=True)
     subprocess.run(_neon(*args, "-o", str(tmp_path / "u")), check=True)
-    a = load_file(str(tmp_path / "k" / "theta_s-000015360.safetensors"))
-    b = load_file(str(tmp_path / "u" / "theta_s-000015360.safetensors"))
+    a = load_file(str(tmp_path / "k" / "theta_s-000007680.safetensors"))
+    b = load_file(str(tmp_path / "u" / "theta_s-000007680.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)

@@ -100,12 +100,14 @@ def edm_loss(model: Denoiser, images: torch.Tensor, labels: torch.Tensor, genera
     with probability LABEL_DROPOUT. ``images``: uint8 [N, 1, 8, 8]; returns a float32 scalar.
     """
     y = to_float(images)
-    n = y.shape[0]
-    rnd = torch.randn(n, generator=generator)
+    n, dev = y.shape[0], y.device
+    # noise is drawn on the CPU generator and moved, so the draws do not depend on the device
+    rnd = torch.randn(n, generator=generator).to(dev)
     sigma = (rnd * P_STD + P_MEAN).exp()
     weight = (sigma**2 + SIGMA_DATA**2) / (sigma * SIGMA_DATA) ** 2
-    noise = torch.randn(y.shape, generator=generator) * sigma[:, None]
-    drop = torch.rand(n, generator=generator) < LABEL_DROPOUT
+    noise = torch.randn(y.shape, generator=generator).to(dev) * sigma[:, None]
+    drop = (torch.rand(n, generator=generator) < LABEL_DROPOUT).to(dev)
+    labels = labels.to(dev)
     lab = torch.where(drop, torch.full_like(labels, NUM_CLASSES), labels)
     d = model(y + noise, sigma, lab)
     return (weight[:, None] * (d - y) ** 2).sum(dim=1).mean() / PIXELS
@@ -137,11 +139,13 @@ def heun_sample(model: Denoiser, seeds: torch.Tensor, labels: torch.Tensor, sett
     """
     gamma = float(settings["guidance"])
     t_steps = edm_time_steps(int(settings["steps"]), float(settings["sigma_min"]), float(settings["sigma_max"]), float(settings["rho"]))
-    x = initial_noise(seeds).to(torch.float64) * t_steps[0]
+    dev = next(model.parameters()).device
+    x = initial_noise(seeds).to(dev, torch.float64) * t_steps[0]
+    labels = labels.to(dev)
     null = torch.full_like(labels, NUM_CLASSES)
 
     def denoise(x_: torch.Tensor, t: float) -> torch.Tensor:
-        sig = torch.full((x_.shape[0],), t, dtype=torch.float32)
+        sig = torch.full((x_.shape[0],), t, dtype=torch.float32, device=dev)
         xf = x_.to(torch.float32)
         if gamma == 1.0:
             return model(xf, sig, labels).to(torch.float64)
@@ -159,4 +163,4 @@ def heun_sample(model: Denoiser, seeds: torch.Tensor, labels: torch.Tensor, sett
             d_prime = (x_next - denoise(x_next, t_next)) / t_next
             x_next = x + (t_next - t_cur) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
-    return to_uint8(x)
+    return to_uint8(x).cpu()
