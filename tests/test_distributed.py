@@ -99,3 +99,14 @@ def test_finetune_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     b = load_file(str(tmp_path / "u" / "theta_s-000007680.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=1e-7)
+
+
+def test_eval_metrics_equal_with_one_and_two_ranks(tmp_path):
+    args = ["eval", "digits", "--num-samples", "300", "--batch", "100", "--set", "steps=4"]
+    one = subprocess.run(_neon(*args, "--report", str(tmp_path / "one.json"), "-q"), check=True, capture_output=True)
+    _torchrun(*args, "--report", str(tmp_path / "two.json"), "-q")
+    m1 = json.loads((tmp_path / "one.json").read_text())["results"]["metrics"]
+    m2 = json.loads((tmp_path / "two.json").read_text())["results"]["metrics"]
+    for k in m1:
+        if k != "seconds":
+            assert m1[k] == m2[k], k
