@@ -20,7 +20,7 @@ isolating a broken plugin.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -251,11 +251,3 @@ def resolve_settings(family: Any, pairs: Sequence[str] = (), overrides: Mapping[
         specs[key].check(value)
         out[key] = value
     return out
-
-
-@dataclass
-class FamilyRef:
-    """A family resolved for a command, with its plugin provenance for reports."""
-
-    family: Any
-    provenance: dict[str, Any] = field(default_factory=dict)
