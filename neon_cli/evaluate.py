@@ -18,12 +18,26 @@ from neon_cli.errors import ThresholdExceeded, UsageError
 from neon_cli.progress import ProgressFn, null_progress
 
 
-def seed_plan(family: Any, seed: int, num: int):
-    """Seeds (int64 [num]: seed, seed+1, ...) and labels (int64 [num] or None) of a plan."""
+def classes_of(family: Any, path: Any = None) -> int:
+    """Number of classes of the model at ``path``: the family's optional ``model_num_classes(path)``
+    (families whose models differ, e.g. diffusers UNets with or without class embeddings), else
+    ``family.num_classes``."""
+    fn = getattr(family, "model_num_classes", None)
+    if fn is not None and path is not None:
+        return int(fn(str(path)))
+    return int(family.num_classes or 0)
+
+
+def seed_plan(family: Any, seed: int, num: int, num_classes: int | None = None):
+    """Seeds (int64 [num]: seed, seed+1, ...) and labels (int64 [num] or None) of a plan.
+
+    ``num_classes`` defaults to ``family.num_classes``; labels are ``seed % num_classes``.
+    """
     import torch
 
+    nc = family.num_classes if num_classes is None else num_classes
     seeds = torch.arange(seed, seed + num, dtype=torch.int64)
-    labels = seeds % family.num_classes if family.num_classes else None
+    labels = seeds % nc if nc else None
     return seeds, labels
 
 
@@ -71,10 +85,11 @@ class Evaluator:
         seed: first seed of the plan.
         batch: sampling batch size (does not change the images: image i depends only on its seed).
         progress: progress callback.
+        num_classes: classes of the models scored (default ``family.num_classes``; see :func:`classes_of`).
     """
 
     def __init__(self, family: Any, settings: Mapping[str, Any], num_samples: int, seed: int = 0,
-                 batch: int = 1000, progress: ProgressFn = null_progress):
+                 batch: int = 1000, progress: ProgressFn = null_progress, num_classes: int | None = None):
         if num_samples < 2:
             raise UsageError(f"--num-samples: need at least 2 samples for a Fréchet distance, got {num_samples}")
         self.family = family
@@ -83,7 +98,7 @@ class Evaluator:
         self.seed = seed
         self.batch = batch
         self.progress = progress
-        self.seeds, self.labels = seed_plan(family, seed, num_samples)
+        self.seeds, self.labels = seed_plan(family, seed, num_samples, num_classes)
 
     def score_model(self, model: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Metrics of ``model`` (``family.score``) plus ``seconds``; ``overrides`` updates settings (e.g. gamma).
@@ -143,7 +158,7 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     model = family.load(str(path))
-    ev = Evaluator(family, settings, num_samples, seed, batch, progress)
+    ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
     metrics = ev.score_model(model)
     report.results.update(metrics=metrics, num_samples=num_samples, seed=seed)
     for name, limit in (thresholds or {}).items():

@@ -110,6 +110,12 @@ class Family(Protocol):
         make_optimizer(params, lr) -> torch.optim.Optimizer (the family's recipe, e.g. Adam).
         score(images, labels) -> dict[str, float]: the family's metrics (lower is better for
             distances; see ``metrics``) of uint8 samples against its reference data.
+
+    Optional:
+        checkpoint_suffix: suffix of the snapshots ``neon finetune`` writes (default
+            ``".safetensors"``; ``""`` for families whose checkpoints are folders).
+        model_num_classes(path) -> int: classes of the model at ``path`` when they vary between
+            models of the family (default: ``num_classes``).
     """
 
     name: str

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from neon_cli.errors import UsageError
-from neon_cli.fsutil import atomic_path, sha256_file, write_json
+from neon_cli.fsutil import atomic_path, sha256_path, write_json
 from neon_cli.progress import ProgressFn, null_progress
 
 
@@ -103,9 +103,12 @@ def finetune(
     # every snapshot on disk (a resumed run only made the later ones in this process)
     all_snaps = []
     for f in sorted(out_dir.glob(f"theta_s-*{suffix}")):
-        seen = int(f.name[len("theta_s-"):-len(suffix)])
+        digits = f.name[len("theta_s-"):len(f.name) - len(suffix)]
+        if not digits.isdigit():
+            continue
+        seen = int(digits)
         if seen <= cfg.budget:
-            all_snaps.append({"path": str(f), "images_seen": seen, "sha256": sha256_file(f)})
+            all_snaps.append({"path": str(f), "images_seen": seen, "sha256": sha256_path(f)})
     results = {
         "snapshots": all_snaps,
         "final": all_snaps[-1]["path"] if all_snaps else None,

@@ -55,7 +55,7 @@ def synthesize(
     import torch
     from safetensors.torch import save_file
 
-    from neon_cli.evaluate import seed_plan
+    from neon_cli.evaluate import classes_of, seed_plan
     from neon_cli.family import get_family, plugin_version, resolve_settings
 
     if num <= 0:
@@ -67,6 +67,7 @@ def synthesize(
     settings = resolve_settings(family, set_pairs)
     path = _model_path(family, model_path)
     model_sha = report.add_input("model", path)
+    num_classes = classes_of(family, path)
     plan = {
         "schema": SCHEMA,
         "family": family.name,
@@ -75,8 +76,8 @@ def synthesize(
         "seed": seed,
         "num": num,
         "shard_size": shard_size,
-        "labels": "(seed + i) % num_classes" if family.num_classes else None,
-        "num_classes": family.num_classes,
+        "labels": "(seed + i) % num_classes" if num_classes else None,
+        "num_classes": num_classes,
     }
     report.settings.update(resolved_settings=settings)
     out_dir = Path(out_dir)
@@ -100,7 +101,7 @@ def synthesize(
     total_imgs = num
     progress("synth", done_imgs, total_imgs, unit="img")
     for k, start, count in mine:
-        seeds, labels = seed_plan(family, seed + start, count)
+        seeds, labels = seed_plan(family, seed + start, count, num_classes)
         chunks = []
         with torch.inference_mode():
             for i in range(0, count, batch):

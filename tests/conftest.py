@@ -19,6 +19,7 @@ def _isolate_env(monkeypatch):
     monkeypatch.delenv("NEON_FAMILIES", raising=False)
     monkeypatch.delenv("NEON_DEBUG", raising=False)
     monkeypatch.delenv("NEON_INCEPTION", raising=False)
+    monkeypatch.delenv("NEON_REF_STATS", raising=False)
 
 
 @pytest.fixture
