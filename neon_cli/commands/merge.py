@@ -1,0 +1,165 @@
+"""``neon merge``: θ_Neon = θ_r − w (θ_s − θ_r) between two checkpoint files (family-agnostic)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """``"0.5,1.0,1.6"`` -> [("0.5", 0.5), ("1.0", 1.0), ("1.6", 1.6)]; UsageError naming ``--w``."""
+    import math
+
+    from neon_cli.errors import UsageError
+
+    out = []
+    for tok in (t.strip() for t in str(text).split(",")):
+        if not tok:
+            raise UsageError(f"--w {text}: empty weight in the list")
+        try:
+            value = float(tok)
+        except ValueError:
+            raise UsageError(f"--w {text}: {tok!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"--w {text}: {tok!r} is not finite")
+        out.append((tok, value))
+    if len({v for _, v in out}) != len(out):
+        raise UsageError(f"--w {text}: a weight is repeated")
+    return out
+
+
+def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
+    """Replace ``{w}`` in ``-o`` by each weight as typed; UsageError if several weights lack it."""
+    from neon_cli.errors import UsageError
+
+    if "{w}" not in pattern:
+        if len(tokens) > 1:
+            raise UsageError(f"-o {pattern}: several weights need '{{w}}' in the output name, e.g. -o 'out-w{{w}}.safetensors'")
+        return [Path(pattern)]
+    return [Path(pattern.replace("{w}", tok)) for tok in tokens]
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("merge")
+    def merge_cmd(
+        base: Path = typer.Argument(..., help="theta_r, the base checkpoint: .safetensors, sharded folder, .pt/.pth/.bin/.ckpt.", show_default=False),
+        selftrained: Path = typer.Argument(..., help="theta_s, the self-trained checkpoint (same keys, shapes, dtypes).", show_default=False),
+        w: str = typer.Option(..., "--w", help="Neon weight w; a comma list (0.5,1.0,1.6) writes one output per w in one pass."),
+        output: str = typer.Option(..., "-o", "--output", help="Output: name.safetensors, name.pt (container of theta_r), or a folder (sharded); '{w}' is replaced by each weight."),
+        key: Optional[str] = typer.Option(None, "--key", metavar="PATH", help="Where the state dict is in a container, dotted (ema, model_ema, trainer.var_wo_ddp). Default: found automatically."),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16, float64. Default: theta_r's."),
+        exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="REGEX", help="Copy keys matching REGEX from theta_r instead of merging (repeatable)."),
+        allow_missing: bool = typer.Option(False, "--allow-missing", help="Copy keys only theta_r has; ignore keys only theta_s has (default: error naming the key)."),
+        shard_size: Optional[str] = typer.Option(None, "--shard-size", metavar="SIZE", help="Write a sharded safetensors folder with shards of at most SIZE (2GB, 500MB, 1.5GiB)."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Validate inputs, keys, shapes, dtypes and outputs from headers; write only the report."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Load full pickles (EDM .pkl, checkpoints holding Python objects). Runs code from the file: only for files you trust."),
+        report: Optional[Path] = ReportOpt,
+        json_out: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Merge theta_Neon = theta_r - w (theta_s - theta_r) into a new checkpoint (any family).
+
+        Float32 arithmetic (float64 for float64), cast back to theta_r's dtype or --dtype. Copied from theta_r bit for bit: non-float tensors, tensors equal in both inputs, non-finite entries, BatchNorm running statistics and --exclude matches (paper App. C).
+
+        Streams block by block (memory: a few blocks, not the checkpoint); several --w are written in one read of the inputs; each output is written under a temporary name and renamed when complete. The report lists what was copied and why, |theta_s - theta_r|, and the precision lost to rounding.
+
+        Example:
+
+        \b
+          neon merge base.safetensors ft.safetensors --w 1.6 -o neon.safetensors
+          neon merge base.pt ft.pt --w 0.5,1.0,1.6 -o 'neon-w{w}.pt' --report r.json
+          neon merge ckpt/ ckpt-ft/ --w 1.6 -o neon/ --shard-size 2GB --dtype float32
+          neon merge edm.pkl edm-ft.pkl --w 1 -o neon.pkl --key ema --trust-pickle
+          neon merge var.pth ft.pth --w 1.6 -o n.pth --key trainer.var_wo_ddp
+        """
+        settings: dict[str, Any] = {
+            "base": base,
+            "selftrained": selftrained,
+            "w": w,
+            "output": output,
+            "key": key,
+            "dtype": dtype,
+            "exclude": list(exclude or []),
+            "allow_missing": allow_missing,
+            "shard_size": shard_size,
+            "dry_run": dry_run,
+            "trust_pickle": trust_pickle,
+        }
+
+        def fn(report: Any, progress: Any) -> dict[str, Any]:
+            from neon_cli.checkpoint import parse_size
+            from neon_cli.merge import merge_checkpoints
+
+            weights = parse_weights(w)
+            outs = output_paths(output, [t for t, _ in weights])
+            return merge_checkpoints(
+                base,
+                selftrained,
+                [v for _, v in weights],
+                outs,
+                key=key,
+                dtype=dtype,
+                exclude=list(exclude or []),
+                allow_missing=allow_missing,
+                shard_size=parse_size(shard_size) if shard_size else None,
+                dry_run=dry_run,
+                trust_pickle=trust_pickle,
+                report=report,
+                progress=progress,
+            )
+
+        run("merge", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show)
+
+
+def _show(res: dict[str, Any], console: Any) -> None:
+    """Human summary on stdout (rich)."""
+    from rich.table import Table
+
+    for msg in res.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+    if res.get("dry_run"):
+        planned = res.get("planned", {})
+        parts = ", ".join(f"{k} {v}" for k, v in sorted(planned.items()))
+        console.print(f"dry run: {res['tensors_total']} tensors ({parts}); would write {len(res['outputs'])} output(s) of "
+                      f"{res['output_bytes_each'] / 1e6:.1f} MB; nothing written", highlight=False)
+        for o in res["outputs"]:
+            console.print(f"  w={o['w']:g} -> {o['path']}", highlight=False)
+        return
+    prec = res.get("precision", {})
+    table = Table(title=f"neon merge ({res.get('seconds', 0):.2f} s)", title_justify="left")
+    table.add_column("w", justify="right")
+    table.add_column("effective w", justify="right")
+    table.add_column("non-finite results", justify="right")
+    table.add_column("output")
+    for k, o in enumerate(res["outputs"]):
+        eff = (prec.get("effective_w") or [None] * (k + 1))[k]
+        nf = sum((res.get("nonfinite_results") or [{}])[k].get("tensors", {}).values())
+        table.add_row(f"{o['w']:g}", "-" if eff is None else f"{eff:.4g}", str(nf), o["path"])
+    console.print(table)
+    copied = res.get("copied") or {}
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(copied.items()))
+    console.print(f"merged {res['merged']} tensors; copied from theta_r {sum(copied.values())}" + (f" ({parts})" if parts else ""), highlight=False)
+    if res.get("relative_delta") is not None:
+        eq = prec.get("equal_fraction")
+        console.print(
+            f"|theta_s - theta_r| / |theta_r| = {res['relative_delta']:.3g}"
+            + (f"; {100 * eq:.1f}% of elements identical in both inputs" if eq is not None else "")
+            + f" (output {', '.join(prec.get('output_dtypes') or [])})",
+            highlight=False,
+        )
+    if res.get("nonfinite_kept"):
+        console.print(f"non-finite entries kept from theta_r in {len(res['nonfinite_kept'])} tensor(s)", highlight=False)
+    if any(r.get("tensors") for r in res.get("nonfinite_results") or []):
+        console.print("[red]some merged values are not finite in the output dtype (see the report's nonfinite_results); "
+                      "try --dtype float32[/red]", highlight=False)
+    if prec.get("suggest_dtype"):
+        console.print(
+            f"[yellow]hint:[/yellow] half precision loses much of the update ({100 * (prec.get('equal_fraction') or 0):.0f}% of "
+            f"elements equal in both inputs, realised w off by up to {100 * prec.get('max_relative_w_error', 0):.1f}%): "
+            f"write the output with --dtype {prec['suggest_dtype']}",
+            highlight=False,
+        )
