@@ -968,3 +968,51 @@ class RawTensorFile:
     def abort(self) -> None:
         if not self._fh.closed:
             self._fh.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-file helpers for families' own checkpoints (small state dicts held in memory).
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str],
+                     metadata: Mapping[str, str] | None = None) -> str:
+    """Write ``tensors`` to a ``.safetensors`` file at ``path`` and return its sha256.
+
+    Unlike ``safetensors.torch.save_file`` (which emits ``__metadata__`` in hash-map order), the
+    header is built by :func:`safetensors_header` with metadata keys sorted, so equal tensors and
+    metadata always give byte-identical files (and equal sha256 in reports and tune-w caches).
+    The caller handles atomicity (e.g. :func:`neon_cli.fsutil.atomic_path`). Raises
+    CheckpointError for non-str metadata or a dtype safetensors cannot store.
+    """
+    meta = {str(k): str(v) for k, v in sorted((metadata or {}).items())}
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = SafetensorsWriter(path, specs, meta)
+    try:
+        for spec in writer.order:
+            writer.write(spec.name, tensors[spec.name].detach().cpu().contiguous())
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def read_safetensors_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``__metadata__`` of a ``.safetensors`` file; CheckpointError naming the file if unreadable."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return dict(fh.metadata() or {})
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_one_line(exc)})") from None
+
+
+def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a whole ``.safetensors`` file; CheckpointError naming the file if unreadable."""
+    from safetensors.torch import load_file
+
+    meta = read_safetensors_metadata(path)
+    try:
+        return load_file(str(path)), meta
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read tensors ({_one_line(exc)})") from None

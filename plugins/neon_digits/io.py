@@ -7,6 +7,7 @@ from typing import Any, Mapping
 
 import torch
 
+from neon_cli.checkpoint import read_safetensors, read_safetensors_metadata, save_safetensors
 from neon_cli.errors import CheckpointError
 from neon_digits.classifier import DigitClassifier
 from neon_digits.model import Denoiser, real_digits
@@ -14,28 +15,12 @@ from neon_digits.model import Denoiser, real_digits
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """safetensors header metadata of ``path``; CheckpointError naming the file if unreadable."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def load_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors.torch import load_file
-
-    meta = read_metadata(path)
-    try:
-        return load_file(str(path)), meta
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from None
+    return read_safetensors_metadata(path)
 
 
 def load_denoiser(path: str | Path) -> Denoiser:
     """Denoiser (eval mode, CPU, float32) from a digits checkpoint; CheckpointError on mismatch."""
-    state, meta = load_state(path)
+    state, meta = read_safetensors(path)
     if meta.get("family", "digits") != "digits":
         raise CheckpointError(f"{path}: a {meta.get('family')!r} checkpoint, not a digits one")
     model = Denoiser(width=int(meta.get("width", 256)), depth=int(meta.get("depth", 3)))
@@ -48,16 +33,14 @@ def load_denoiser(path: str | Path) -> Denoiser:
 
 
 def save_denoiser(model: Denoiser, path: str | Path, metadata: Mapping[str, str]) -> None:
-    """Flat safetensors state dict with family/width/depth metadata added to ``metadata``."""
-    from safetensors.torch import save_file
-
+    """Flat safetensors state dict with family/width/depth metadata added to ``metadata`` (byte-deterministic)."""
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta.update(family="digits", width=str(model.width), depth=str(model.depth))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    save_safetensors(model.state_dict(), path, meta)
 
 
 def load_classifier(path: str | Path) -> DigitClassifier:
-    state, _ = load_state(path)
+    state, _ = read_safetensors(path)
     net = DigitClassifier()
     net.load_state_dict(state)
     return net.eval()

@@ -32,8 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-classifier", action="store_true")
     args = ap.parse_args(argv)
 
-    from safetensors.torch import save_file
-
+    from neon_cli.checkpoint import save_safetensors
     from neon_cli.train import TrainConfig, train_loop
     from neon_digits import family
     from neon_digits.classifier import train_classifier
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
             acc = (net(images)[1].argmax(1) == labels).double().mean().item()
         print(f"classifier train accuracy {acc:.4f}")
         with atomic_path(args.out / "classifier.safetensors") as tmp:
-            save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(tmp), metadata={"train_accuracy": f"{acc:.4f}"})
+            save_safetensors(net.state_dict(), tmp, {"train_accuracy": f"{acc:.4f}"})
 
     torch.manual_seed(args.seed)  # the denoiser's init does not depend on whether the classifier was trained
     model = Denoiser(width=args.width, depth=args.depth)
