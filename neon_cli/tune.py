@@ -758,7 +758,9 @@ class EvalCache:
         rec = {"key": dict(key), "metrics": {k: float(v) for k, v in metrics.items()}, "seconds": float(seconds),
                "at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
         self._records[_canon(rec["key"])] = rec
-        if self.path is not None:
+        from neon_cli.dist import is_main
+
+        if self.path is not None and is_main():  # under torchrun only rank 0 appends; all ranks hold the record
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as fh:
                 if not self._checked_tail:
@@ -832,7 +834,7 @@ def run_tune_w(
     rounds: int = 1,
     metric: str | None = None,
     num_samples: int = 2000,
-    seed: int = 0,
+    seed: int = 10_000_000,
     confirm_samples: int = 0,
     set_pairs: Sequence[str] = (),
     batch: int = 1000,
@@ -953,7 +955,10 @@ def run_tune_w(
     snap_shas = [report.add_input("selftrained", s) for s in snaps]
     model = family.load(str(base))
     base_sd = model.state_dict()
-    evaluator = Evaluator(family, settings, num_samples, seed, batch, progress)
+    from neon_cli.evaluate import classes_of
+
+    num_classes = classes_of(family, base)
+    evaluator = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=num_classes)
     store = EvalCache(cache)
     fam_version = report.family.get("version") if isinstance(report.family, dict) else None
 
@@ -1072,7 +1077,7 @@ def run_tune_w(
     # ---- confirmation on a larger, disjoint seed range ----
     if confirm_samples:
         cseed = seed + num_samples
-        cev = Evaluator(family, settings, confirm_samples, cseed, batch, progress)
+        cev = Evaluator(family, settings, confirm_samples, cseed, batch, progress, num_classes=num_classes)
         neon_m = evaluate(search.best, win.w, win_gamma, cev, "confirm")
         base_m = evaluate(None, 0.0, win_gamma, cev, "confirm-base")
         b, n_ = base_m[metric], neon_m[metric]
@@ -1089,6 +1094,8 @@ def run_tune_w(
     progress("tune-w", len(log), len(log))
 
     # ---- outputs ----
+    from neon_cli.dist import barrier, is_main
+
     if output is not None:
         from neon_cli.merge import merge_state_dicts
 
@@ -1109,10 +1116,12 @@ def run_tune_w(
         })
         if guidance and win_gamma is not None:
             md[f"neon.{guidance}"] = repr(float(win_gamma))
-        with atomic_path(output) as tmp:
-            family.save(best_model, str(tmp), md)
-        report.add_output("merged", output)
-    if plot is not None:
+        if is_main():  # every rank chose the same point (metrics are broadcast from rank 0); one writes
+            with atomic_path(output) as tmp:
+                family.save(best_model, str(tmp), md)
+            report.add_output("merged", output)
+        barrier()
+    if plot is not None and is_main():
         plot_search(plot, results)
         report.add_output("plot", plot)
     return results

@@ -110,3 +110,21 @@ def test_eval_metrics_equal_with_one_and_two_ranks(tmp_path):
     for k in m1:
         if k != "seconds":
             assert m1[k] == m2[k], k
+
+
+def test_tune_w_two_ranks_take_the_same_decisions_as_one(toyfam, toy_base, tmp_path):
+    S, ft = tmp_path / "S", tmp_path / "ft"
+    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num", "64", "-o", str(S), "-q"), check=True)
+    subprocess.run(_neon("finetune", "toy", "--model", str(toy_base), "--data", str(S), "--budget", "160", "-o", str(ft), "-q"), check=True)
+    snap = str(ft / "theta_s-000000160.safetensors")
+    args = ["tune-w", "toy", "--base", str(toy_base), "--selftrained", snap, "--num-samples", "300", "--batch", "100",
+            "--max-evals", "6", "-q"]
+    subprocess.run(_neon(*args, "--report", str(tmp_path / "one.json"), "--cache", str(tmp_path / "one.jsonl")), check=True)
+    _torchrun(*args, "--report", str(tmp_path / "two.json"), "--cache", str(tmp_path / "two.jsonl"), "-o", str(tmp_path / "best.safetensors"))
+    one = json.loads((tmp_path / "one.json").read_text())["results"]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    assert [e["w"] for e in one["evaluations"]] == [e["w"] for e in two["evaluations"]]
+    assert [e["value"] for e in one["evaluations"]] == [e["value"] for e in two["evaluations"]]
+    # rank 0 alone wrote the cache: one line per evaluation, not two
+    assert len((tmp_path / "two.jsonl").read_text().splitlines()) == len(two["evaluations"])
+    assert (tmp_path / "best.safetensors").exists()

@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint to score (default: the family's embedded one)."),
         set_: Optional[List[str]] = SetOpt,
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images sampled and scored."),
-        seed: int = typer.Option(0, "--seed", help="First seed of the evaluation seed plan."),
+        seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size."),
         max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid exceeds this."),
         max_metric: Optional[List[str]] = typer.Option(None, "--max", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable)."),

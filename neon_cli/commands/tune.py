@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         rounds: int = typer.Option(1, "--rounds", help="Rounds of the (w, gamma) fit; each next round on a box half as large."),
         metric: Optional[str] = typer.Option(None, "--metric", help="Metric to optimise (default: the family's first, e.g. fid)."),
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images per evaluation (the same seeds for every candidate)."),
-        seed: int = typer.Option(0, "--seed", help="First seed of the evaluation seed plan."),
+        seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
         confirm_samples: int = typer.Option(
             0, "--confirm-samples", help="Re-score the winner and the base (w = 0) on this many new, disjoint seeds."),
         set_: Optional[List[str]] = SetOpt,
