@@ -116,6 +116,12 @@ class Family(Protocol):
             ``".safetensors"``; ``""`` for families whose checkpoints are folders).
         model_num_classes(path) -> int: classes of the model at ``path`` when they vary between
             models of the family (default: ``num_classes``).
+        score_model(model, settings) -> dict[str, float]: exact metrics computed from the model
+            itself (e.g. the Gaussian toys' closed forms); the Evaluator prefers it to sampling.
+        real_samples(model, n, seed) -> (samples, labels): real data for ``neon align``.
+
+    ``sample`` may return non-image tensors (the Gaussian families return float32 [N, D]); the
+    core stores and trains on whatever the family samples.
     """
 
     name: str

@@ -4,7 +4,9 @@
 Layout of the output directory::
 
     plan.json                 what is being made (family, model sha256, settings, seeds, shard size)
-    shard-00000.safetensors   images uint8 [n, C, H, W], labels int64 [n], seeds int64 [n]
+    shard-00000.safetensors   images [n, ...] as the family samples them (uint8 [n, C, H, W] for
+                              image families, float32 [n, D] for the Gaussian toys), labels int64 [n],
+                              seeds int64 [n]
     ...
     manifest.json             written last: plan + every shard's sha256 (schema neon.synth/1)
 
@@ -126,7 +128,7 @@ def synthesize(
             manifest["shards"].append({"file": f.name, "start": start, "count": count, "sha256": sha256_file(f)})
         first = _read_shard(out_dir / shard_name(0))
         manifest["image_shape"] = list(first["images"].shape[1:])
-        manifest["image_dtype"] = "uint8"
+        manifest["image_dtype"] = str(first["images"].dtype).replace("torch.", "")
         write_json(out_dir / "manifest.json", manifest)
         report.add_output("synthetic_set", out_dir / "manifest.json")
     barrier()

@@ -16,7 +16,7 @@ from neon_cli.commands import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["synth", "finetune", "merge", "tune-w", "eval", "demo", "ref-stats", "plugins"]
+COMMANDS = ["synth", "finetune", "merge", "tune-w", "eval", "demo", "align", "ref-stats", "plugins"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)

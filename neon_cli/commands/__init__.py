@@ -6,8 +6,6 @@ flags and calls one library function through :func:`neon_cli.commands._common.ru
 
 from __future__ import annotations
 
-import importlib
-
 import typer
 
 from neon_cli import __version__
@@ -25,30 +23,20 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-# Registration order is the order in --help.
-_COMMAND_MODULES = ["synth", "finetune", "merge", "tune", "eval", "demo", "refstats", "plugins"]
+# Registration order is the order in --help. Each module imports only typer at module level.
+from neon_cli.commands import (  # noqa: E402
+    align,
+    demo,
+    eval as eval_cmd,
+    finetune,
+    merge,
+    plugins,
+    refstats,
+    synth,
+    tune,
+)
 
-
-def _version_callback(value: bool) -> None:
-    if value:
-        print(f"neon {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
-) -> None:
-    """Neon for generative-model checkpoints."""
-
-
-for _name in _COMMAND_MODULES:
-    try:
-        _mod = importlib.import_module(f"neon_cli.commands.{_name}")
-    except ModuleNotFoundError as _exc:  # a command still being written must not break the others
-        if _exc.name != f"neon_cli.commands.{_name}":
-            raise
-        continue
+for _mod in (synth, finetune, merge, tune, eval_cmd, demo, align, refstats, plugins):
     _mod.register(app)
 
 
