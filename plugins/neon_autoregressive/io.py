@@ -8,6 +8,7 @@ from typing import Mapping
 import torch
 
 from neon_autoregressive.model import PixelTransformer
+from neon_cli.checkpoint import read_safetensors, read_safetensors_metadata, save_safetensors
 from neon_cli.errors import CheckpointError
 
 FAMILY = "autoregressive"
@@ -15,13 +16,7 @@ FAMILY = "autoregressive"
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """safetensors header metadata of ``path``; CheckpointError naming the file if unreadable."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return read_safetensors_metadata(path)
 
 
 def load_model(path: str | Path) -> PixelTransformer:
@@ -31,13 +26,11 @@ def load_model(path: str | Path) -> PixelTransformer:
     Raises CheckpointError naming the file for an unreadable file, another family's checkpoint or
     a state dict that does not fit.
     """
-    from safetensors.torch import load_file
-
     meta = read_metadata(path)
     if meta.get("family", FAMILY) != FAMILY:
         raise CheckpointError(f"{path}: a {meta.get('family')!r} checkpoint, not an autoregressive one")
+    state, _ = read_safetensors(path)
     try:
-        state = load_file(str(path))
         model = PixelTransformer(int(meta.get("levels", 6)), int(meta.get("width", 64)), int(meta.get("depth", 3)),
                                  int(meta.get("heads", 4)))
         model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
@@ -49,9 +42,7 @@ def load_model(path: str | Path) -> PixelTransformer:
 
 def save_model(model: PixelTransformer, path: str | Path, metadata: Mapping[str, str]) -> None:
     """Flat safetensors state dict with family/levels/width/depth/heads added to ``metadata``."""
-    from safetensors.torch import save_file
-
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta.update(family=FAMILY, levels=str(model.levels), width=str(model.width), depth=str(model.depth),
                 heads=str(model.heads))
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    save_safetensors(model.state_dict(), path, meta)

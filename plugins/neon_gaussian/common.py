@@ -112,32 +112,25 @@ def seeded_normals(seeds: Any, count: int, dtype: Any = None):
 
 def read_metadata(path: str | Path) -> dict[str, str]:
     """safetensors header metadata of ``path``; CheckpointError naming the file if unreadable."""
-    from safetensors import safe_open
+    from neon_cli.checkpoint import read_safetensors_metadata
 
-    try:
-        with safe_open(str(path), framework="pt") as fh:
-            return dict(fh.metadata() or {})
-    except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    return read_safetensors_metadata(path)
 
 
 def load_tensors(path: str | Path, family: str) -> tuple[dict[str, Any], dict[str, str]]:
     """(state dict, metadata) of a safetensors checkpoint written by ``family``; CheckpointError otherwise."""
-    from safetensors.torch import load_file
+    from neon_cli.checkpoint import read_safetensors
 
     meta = read_metadata(path)
     if meta.get("family", family) != family:
         raise CheckpointError(f"{path}: a {meta.get('family')!r} checkpoint, not a {family} one")
-    try:
-        return load_file(str(path)), meta
-    except Exception as exc:
-        raise CheckpointError(f"{path}: cannot read tensors ({exc})") from None
+    return read_safetensors(path)
 
 
 def save_tensors(model: Any, path: str | Path, metadata: Mapping[str, str], extra: Mapping[str, str]) -> None:
     """Flat safetensors state dict of ``model`` with ``metadata`` plus the family's ``extra`` keys."""
-    from safetensors.torch import save_file
+    from neon_cli.checkpoint import save_safetensors
 
     meta = {str(k): str(v) for k, v in metadata.items()}
     meta.update({str(k): str(v) for k, v in extra.items()})
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(path), metadata=meta)
+    save_safetensors(model.state_dict(), path, meta)
