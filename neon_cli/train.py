@@ -202,3 +202,25 @@ def _save_state(path: Path, model: torch.nn.Module, opt: Any, ema: Any, seen: in
         state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+class _GradClipMixin:
+    """Clips the global gradient norm of the optimiser's parameters before each step (the
+    ``clip_grad_norm_(params, max_norm); optimizer.step()`` of most training scripts), so the
+    clipping travels with the optimiser a family hands to the core loop."""
+
+    def __init__(self, params: Any, max_grad_norm: float = 1.0, **kwargs: Any):
+        super().__init__(params, **kwargs)  # type: ignore[call-arg]
+        self.max_grad_norm = float(max_grad_norm)
+
+    def step(self, closure: Any = None) -> Any:
+        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]  # type: ignore[attr-defined]
+        if grads:
+            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        return super().step(closure)  # type: ignore[misc]
+
+
+def grad_clipped(base: type) -> type:
+    """``base`` (a torch.optim.Optimizer class) whose ``step`` first clips the gradient norm to
+    ``max_grad_norm`` (constructor keyword, default 1.0); state dicts are ``base``'s."""
+    return type(f"GradClipped{base.__name__}", (_GradClipMixin, base), {})

@@ -29,6 +29,8 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import torch
+
+from neon_cli.train import grad_clipped
 import torch.nn.functional as F
 
 from neon_cli.errors import FamilyError
@@ -173,22 +175,8 @@ def loss(model: Any, images: torch.Tensor, labels: torch.Tensor | None, generato
     raise FamilyError(f"{info.source}: scheduler prediction_type {kind!r} is not supported (epsilon, v_prediction, sample)")
 
 
-class ClippedAdamW(torch.optim.AdamW):
-    """AdamW that clips the global gradient norm of its parameters to ``max_grad_norm`` before each step.
-
-    Equivalent to ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm); optimizer.step()`` as
-    train_unconditional.py does; the state dict is AdamW's.
-    """
-
-    def __init__(self, params: Any, max_grad_norm: float = MAX_GRAD_NORM, **kwargs: Any):
-        super().__init__(params, **kwargs)
-        self.max_grad_norm = float(max_grad_norm)
-
-    def step(self, closure: Any = None) -> Any:
-        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        return super().step(closure)
+#: AdamW that clips the global gradient norm of its parameters to ``max_grad_norm`` before each step.
+ClippedAdamW = grad_clipped(torch.optim.AdamW)
 
 
 def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:

@@ -36,6 +36,8 @@ from typing import Any, Mapping
 
 import torch
 
+from neon_cli.train import grad_clipped
+
 from neon_cli.errors import FamilyError
 
 MAX_GRAD_NORM = 1.0
@@ -182,19 +184,8 @@ def loss(model: Any, images: torch.Tensor, labels: torch.Tensor | None, generato
     return torch.mean((vt - ut) ** 2)
 
 
-class ClippedAdam(torch.optim.Adam):
-    """Adam that clips the global gradient norm to ``max_grad_norm`` before each step (train_cifar10.py's
-    ``clip_grad_norm_(net_model.parameters(), FLAGS.grad_clip)`` with grad_clip 1.0); Adam's state dict."""
-
-    def __init__(self, params: Any, max_grad_norm: float = MAX_GRAD_NORM, **kwargs: Any):
-        super().__init__(params, **kwargs)
-        self.max_grad_norm = float(max_grad_norm)
-
-    def step(self, closure: Any = None) -> Any:
-        grads = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if grads:
-            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        return super().step(closure)
+#: Adam that clips the global gradient norm to ``max_grad_norm`` before each step (train_cifar10.py's
+ClippedAdam = grad_clipped(torch.optim.Adam)
 
 
 def make_optimizer(params: Any, lr: float) -> torch.optim.Optimizer:
