@@ -882,7 +882,8 @@ def run_tune_w(
             ``snapshots`` (per snapshot: path, sha256, n_evals, stopped, best; Brent message or
             the fit rounds with coefficients a..h, Hessian definiteness, fitted optimum,
             predicted vs measured), ``chosen`` (snapshot, path, w, gamma, value, metrics),
-            ``n_evals``, ``n_cached``, ``eval_seconds``, ``confirmation``.
+            ``n_evals``, ``n_cached``, ``eval_seconds``, ``confirmation``, ``base`` (theta_r itself,
+            w = 0, on the search seeds at the chosen gamma) and ``beats_base``.
         progress: called as ``progress("tune-w", done, total, row={...})`` after each evaluation.
 
     Returns:
@@ -1073,6 +1074,11 @@ def run_tune_w(
         chosen={"snapshot": search.best, "path": str(win_path), "sha256": snap_shas[search.best], "w": win.w,
                 "gamma": win_gamma, "value": sign * win.value, "metrics": win_metrics},
     )
+    # Brent and the fit never ask for w = 0 itself: score the base on the same seeds so a search
+    # whose best point is worse than not merging at all says so (beats_base false).
+    base_metrics = evaluate(None, 0.0, win_gamma, evaluator, "base")
+    results["base"] = {"w": 0.0, "gamma": win_gamma, "value": float(base_metrics[metric]), "metrics": base_metrics}
+    results["beats_base"] = bool(sign * results["chosen"]["value"] < sign * float(base_metrics[metric]))
 
     # ---- confirmation on a larger, disjoint seed range ----
     if confirm_samples:

@@ -487,15 +487,19 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     assert res["mode"] == "brent" and res["metric"] == "dist" and res["direction"] == "min"
     ev = res["evaluations"]
     n_search = res["snapshots"][0]["n_evals"]
-    assert n_search <= 12 and len(ev) == n_search + 2 and res["n_evals"] == len(ev)
+    assert n_search <= 12 and len(ev) == n_search + 3 and res["n_evals"] == len(ev)
+    # theta_r itself (w = 0) is scored on the search seeds, and the chosen w beats it
+    assert res["base"]["w"] == 0.0 and res["base"]["value"] == ev[n_search]["value"]
+    assert res["beats_base"] is True and res["chosen"]["value"] < res["base"]["value"]
     for e in ev:
         assert {"w", "gamma", "snapshot", "metrics", "seconds", "cached", "phase", "value", "seed", "num_samples"} <= set(e)
         assert e["cached"] is False and e["value"] == e["metrics"]["dist"]
         assert e["gamma"] == 1.8  # the family's default guidance, held fixed
-    assert [e["phase"] for e in ev] == ["brent"] * n_search + ["confirm", "confirm-base"]
+    assert [e["phase"] for e in ev] == ["brent"] * n_search + ["base", "confirm", "confirm-base"]
     # every search evaluation used the same seeds (common random numbers)
     search_calls = fam.seen[:n_search]
-    assert all(torch.equal(s[0], torch.arange(0, 64)) for s in search_calls)
+    assert all(torch.equal(s[0], torch.arange(0, 64)) for s in fam.seen[:n_search + 1])  # search and base: same seeds
+    assert torch.equal(fam.seen[n_search][1], torch.tensor(THETA_R, dtype=torch.float64))  # the base is theta_r
     # each measured value is the formula at the merged theta
     for e, (seeds, th, g) in zip(ev, search_calls):
         th_expect = torch.tensor(THETA_R) - torch.tensor(e["w"], dtype=torch.float32) * (torch.tensor(THETA_S) - torch.tensor(THETA_R))
@@ -503,7 +507,7 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     # confirmation: disjoint, larger seed range; the base is scored at w = 0
     conf = res["confirmation"]
     assert conf["seeds"] == [64, 64 + 128 - 1]
-    for seeds, th, g in fam.seen[n_search:]:
+    for seeds, th, g in fam.seen[n_search + 1:]:
         assert torch.equal(seeds, torch.arange(64, 192))
     assert torch.equal(fam.seen[-1][1], torch.tensor(THETA_R, dtype=torch.float64))
     assert conf["neon"]["dist"] < conf["base"]["dist"]
@@ -533,7 +537,7 @@ def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     ch = res["chosen"]
     # the metric is exactly quadratic in (w, gamma): the fitted optimum is the optimum
     assert ch["w"] == pytest.approx(w_star, abs=1e-4) and ch["gamma"] == pytest.approx(g_star, abs=1e-4)
-    assert res["mode"] == "quadratic" and res["n_evals"] == 7
+    assert res["mode"] == "quadratic" and res["n_evals"] == 7 + 1  # 6 design points, the fitted optimum, the base
     rnd = res["snapshots"][0]["rounds"][0]
     assert set(rnd["coefficients"]) == {"a", "b", "c", "d", "e", "h"}
     # analytic coefficients of dist(w, g): d = |jw|^2, e = 1, h = 2 jw . jg = 2 * (-(0.5 + 0.5)/2) = -1
@@ -542,7 +546,7 @@ def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     assert rnd["coefficients"]["h"] == pytest.approx(-1.0, abs=1e-5)
     assert rnd["hessian_positive_definite"] is True and rnd["optimum"]["kind"] == "stationary"
     assert rnd["measured"] == pytest.approx(rnd["predicted"], abs=1e-6)
-    assert [e["phase"] for e in res["evaluations"]] == ["design"] * 6 + ["fit-optimum"]
+    assert [e["phase"] for e in res["evaluations"]] == ["design"] * 6 + ["fit-optimum", "base"]
     assert sorted({e["gamma"] for e in res["evaluations"][:6]}) != [1.8]  # gamma really varied
     assert {round(s[2], 9) for s in fam.seen} == {round(e["gamma"], 9) for e in res["evaluations"]}
 

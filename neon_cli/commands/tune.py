@@ -103,6 +103,9 @@ def _show(results, console) -> None:
     console.print(t)
     g = f", gamma = {chosen['gamma']:.4g}" if chosen.get("gamma") is not None else ""
     console.print(f"chosen: {Path(chosen['path']).name}, w = {chosen['w']:.4g}{g}: {metric} = {chosen['value']:.5g}")
+    if "base" in results:
+        console.print(f"base (w = 0) on the same seeds: {metric} = {results['base']['value']:.5g}"
+                      + ("" if results.get("beats_base") else "  [bold red]-- the search found no w that beats the base model"))
     win = next(s for s in results["snapshots"] if s["index"] == chosen["snapshot"])
     for r in win.get("rounds", []):
         if r.get("predicted") is not None:
