@@ -83,6 +83,18 @@ class DigitsFamily:
 
         return torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999), eps=1e-8)
 
+    def real_samples(self, model: Any, n: int, seed: int):
+        """Up to n real digits (uint8 [n, 1, 8, 8], int64 labels [n]) in an order drawn from ``seed``,
+        for ``neon align``. The shipped base was trained on all 1,797 digits, so these are its
+        training data, not held-out data: the alignment then uses the training-loss gradient."""
+        import torch
+
+        from neon_digits.model import real_digits
+
+        images, labels = real_digits()
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+        return images[order], labels[order]
+
     # -- metrics -------------------------------------------------------------------------------
     def score(self, images: Any, labels: Any) -> dict[str, float]:
         """Metrics of uint8 samples [N, 1, 8, 8] (with their int64 labels [N]) against the real digits."""
