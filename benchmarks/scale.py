@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--shard-size", type=int, default=1000)
     ap.add_argument("--set", dest="pairs", action="append", default=[])
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved repetitions of bare and library runs (median)")
     args = ap.parse_args()
 
     import torch
@@ -45,25 +46,35 @@ def main() -> None:
     model = fam.load(fam.default_model)
     seeds, labels = seed_plan(fam, 0, args.num)
 
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for s in range(0, args.num, args.shard_size):
-            for i in range(s, min(s + args.shard_size, args.num), args.batch):
-                j = min(i + args.batch, s + args.shard_size, args.num)
-                fam.sample(model, seeds[i:j], labels[i:j] if labels is not None else None, settings)
-    bare = time.perf_counter() - t0
+    def bare_loop() -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, args.num, args.shard_size):
+                for i in range(s, min(s + args.shard_size, args.num), args.batch):
+                    j = min(i + args.batch, s + args.shard_size, args.num)
+                    fam.sample(model, seeds[i:j], labels[i:j] if labels is not None else None, settings)
+        return time.perf_counter() - t0
+
+    def library(tmp: Path, k: int) -> float:
+        t0 = time.perf_counter()
+        synthesize(args.family, None, num=args.num, out_dir=tmp / f"lib{k}", shard_size=args.shard_size,
+                   batch=args.batch, set_pairs=args.pairs, report=Report("synth"))
+        return time.perf_counter() - t0
 
     with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        synthesize(args.family, None, num=args.num, out_dir=Path(tmp) / "lib", shard_size=args.shard_size,
-                   batch=args.batch, set_pairs=args.pairs, report=Report("synth"))
-        lib = time.perf_counter() - t0
+        fam.sample(model, seeds[:args.batch], labels[:args.batch] if labels is not None else None, settings)  # warm-up
+        bares, libs = [], []
+        for k in range(args.repeat):  # interleaved, so drift in machine load hits both alike
+            bares.append(bare_loop())
+            libs.append(library(Path(tmp), k))
+        bare, lib = sorted(bares)[len(bares) // 2], sorted(libs)[len(libs) // 2]
+        spread = (min(bares), max(bares), min(libs), max(libs))
 
         base_cmd = ["synth", args.family, "--num", str(args.num), "--shard-size", str(args.shard_size),
                     "--batch", str(args.batch), "-q", *sum((["--set", p] for p in args.pairs), [])]
         neon = str(Path(sys.executable).with_name("neon"))
         t0 = time.perf_counter()
-        subprocess.run([neon, "plugins", "--json"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-c", "import torch, neon_cli.synth, neon_digits.model"], check=True)
         startup = time.perf_counter() - t0
         t0 = time.perf_counter()
         subprocess.run([neon, *base_cmd, "-o", str(Path(tmp) / "one")], check=True, capture_output=True)
@@ -76,6 +87,7 @@ def main() -> None:
 
     n = args.num
     print(f"images: {n}, family {args.family}, settings {settings}")
+    print(f"(medians of {args.repeat} interleaved runs; bare {spread[0]:.2f}-{spread[1]:.2f} s, synthesize {spread[2]:.2f}-{spread[3]:.2f} s)")
     print(f"bare sampler loop      {bare:8.2f} s  {n / bare:9.1f} img/s")
     print(f"synthesize (library)   {lib:8.2f} s  {n / lib:9.1f} img/s   overhead vs bare: {100 * (lib / bare - 1):+.1f}%")
     print(f"neon synth, 1 rank     {one:8.2f} s  {n / one:9.1f} img/s   (process start-up ~{startup:.1f} s)")
