@@ -26,6 +26,13 @@ def test_help_shows_an_example(cmd):
     assert "Example" in res.stdout and f"neon {cmd}" in res.stdout
 
 
+def test_version():
+    from neon_cli import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.stdout.strip() == f"neon {__version__}"
+
+
 def test_importing_the_cli_does_not_import_torch():
     code = "import sys, neon_cli.commands, neon_cli.family; print(sorted(m for m in ('torch','scipy','numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()

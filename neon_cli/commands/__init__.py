@@ -23,6 +23,20 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"neon {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Neon for generative-model checkpoints."""
+
+
 # Registration order is the order in --help. Each module imports only typer at module level.
 from neon_cli.commands import (  # noqa: E402
     align,
