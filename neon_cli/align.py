@@ -264,13 +264,14 @@ def run_align(
         family; CheckpointError / DataError: unreadable inputs.
     """
     from neon_cli.family import get_family, plugin_version
-    from neon_cli.synth import _model_path, load_synthetic
+    from neon_cli.family import model_path as resolve_model
+    from neon_cli.synth import load_synthetic
 
     if num_real < 1:
         raise UsageError(f"--num-real: must be positive, got {num_real}")
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    path = _model_path(family, base)
+    path = resolve_model(family, base, "--base")
     report.add_input("base", path)
     model = family.load(str(path))
     theta_s = None

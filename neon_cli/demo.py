@@ -40,7 +40,7 @@ def demo(
     ``budget_images``, ``base_train_images``, ``budget_fraction``, ``base``/``neon`` (all metrics),
     ``search`` (every tune-w evaluation), ``paths``. Raises UsageError on bad numbers.
     """
-    from neon_cli.family import get_family, plugin_version
+    from neon_cli.family import get_family, model_path, plugin_version
     from neon_cli.finetune import finetune
     from neon_cli.report import Report
     from neon_cli.synth import synthesize
@@ -48,9 +48,7 @@ def demo(
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    if not getattr(family, "default_model", None):
-        raise UsageError(f"family {family_name!r} has no embedded default model to demo")
-    base = Path(family.default_model)
+    base = model_path(family, None, "--family")
     base_images = int(family.read_metadata(str(base)).get("train_images", 0) or 0)
     if budget is None:
         if not base_images:

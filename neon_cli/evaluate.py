@@ -147,14 +147,12 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     raises :class:`ThresholdExceeded` (exit 1) after the results are recorded in ``report``.
     ``model_path`` None means the family's embedded default checkpoint.
     """
-    from neon_cli.family import get_family, plugin_version, resolve_settings
+    from neon_cli.family import get_family, model_path as resolve_model, plugin_version, resolve_settings
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     settings = resolve_settings(family, set_pairs)
-    from neon_cli.synth import _model_path
-
-    path = _model_path(family, model_path)
+    path = resolve_model(family, model_path)
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     model = family.load(str(path))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Mapping, Protocol, Sequence, runtime_checkable
 
 from neon_cli.errors import FamilyError
@@ -239,6 +240,24 @@ def plugin_version(name: str) -> dict[str, Any]:
             dist = getattr(ep, "dist", None)
             return {"name": name, "distribution": getattr(dist, "name", None), "version": getattr(dist, "version", None)}
     return {"name": name, "distribution": None, "version": None}
+
+
+def model_path(family: Any, path: Any = None, flag: str = "--model") -> Path:
+    """``path`` as a Path, or the family's embedded default when None.
+
+    Raises :class:`~neon_cli.errors.UsageError` naming ``flag`` when ``path`` is None and the
+    family has no default, or when the file or folder does not exist.
+    """
+    from neon_cli.errors import UsageError
+
+    if path is None:
+        if not getattr(family, "default_model", None):
+            raise UsageError(f"{flag}: family {family.name!r} has no embedded default; give a checkpoint")
+        return Path(family.default_model)
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{flag}: {path} does not exist")
+    return path
 
 
 def resolve_settings(family: Any, pairs: Sequence[str] = (), overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

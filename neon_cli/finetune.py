@@ -49,13 +49,13 @@ def finetune(
     """
     import torch
 
-    from neon_cli.family import get_family, plugin_version
-    from neon_cli.synth import _model_path, load_synthetic
+    from neon_cli.family import get_family, model_path as resolve_model, plugin_version
+    from neon_cli.synth import load_synthetic
     from neon_cli.train import TrainConfig, train_loop
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    path = _model_path(family, model_path)
+    path = resolve_model(family, model_path)
     defaults = dict(getattr(family, "train_defaults", {}) or {})
     cfg = TrainConfig(
         budget=budget,

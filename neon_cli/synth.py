@@ -58,7 +58,7 @@ def synthesize(
     from safetensors.torch import save_file
 
     from neon_cli.evaluate import classes_of, seed_plan
-    from neon_cli.family import get_family, plugin_version, resolve_settings
+    from neon_cli.family import get_family, model_path as resolve_model, plugin_version, resolve_settings
 
     if num <= 0:
         raise UsageError(f"--num: must be positive, got {num}")
@@ -67,7 +67,7 @@ def synthesize(
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     settings = resolve_settings(family, set_pairs)
-    path = _model_path(family, model_path)
+    path = resolve_model(family, model_path)
     model_sha = report.add_input("model", path)
     num_classes = classes_of(family, path)
     plan = {
@@ -134,18 +134,6 @@ def synthesize(
     barrier()
     report.results.update(num_images=num, shards_made=len(mine), out_dir=str(out_dir))
     return manifest
-
-
-def _model_path(family: Any, model_path: Path | None) -> Path:
-    """``model_path``, or the family's embedded default if None; UsageError naming --model if absent."""
-    if model_path is None:
-        if not getattr(family, "default_model", None):
-            raise UsageError(f"--model: family {family.name!r} has no embedded default; give a checkpoint")
-        return Path(family.default_model)
-    path = Path(model_path)
-    if not path.exists():
-        raise UsageError(f"--model: {path} does not exist")
-    return path
 
 
 def _check_plan(out_dir: Path, plan: dict[str, Any], write: bool) -> None:

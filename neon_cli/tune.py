@@ -894,7 +894,7 @@ def run_tune_w(
         CheckpointError: unreadable checkpoints (from the family).
     """
     from neon_cli.evaluate import Evaluator
-    from neon_cli.family import get_family, plugin_version, resolve_settings
+    from neon_cli.family import get_family, model_path, plugin_version, resolve_settings
     from neon_cli.fsutil import atomic_path
 
     # ---- validate flags (before any expensive work) ----
@@ -923,13 +923,7 @@ def run_tune_w(
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    if base is None:
-        if not getattr(family, "default_model", None):
-            raise UsageError(f"--base: family {family_name!r} has no embedded default; give a checkpoint")
-        base = Path(family.default_model)
-    base = Path(base)
-    if not base.exists():
-        raise UsageError(f"--base {base}: no such file or directory")
+    base = model_path(family, base, "--base")
     if output is not None:
         out_res = Path(output).resolve()
         if out_res in {base.resolve(), *(s.resolve() for s in snaps)}:
