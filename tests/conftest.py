@@ -22,6 +22,18 @@ def _isolate_env(monkeypatch):
     monkeypatch.delenv("NEON_REF_STATS", raising=False)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: they run fastest single-threaded and do not
+    fight other jobs for the 2 cores."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture
 def toyfam(monkeypatch):
     """The toy third-party family made discoverable; yields the family object."""

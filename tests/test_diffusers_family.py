@@ -32,24 +32,10 @@ from neon_diffusers import io as DIO  # noqa: E402
 from neon_diffusers import sampling as DS  # noqa: E402
 from neon_diffusers import scoring as SC  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 SETTINGS = {"scheduler": "ddpm", "steps": 6, "eta": 0.0, "guidance": 1.0}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest single-threaded (and do not fight other jobs for the 2 cores)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _no_metric_env(monkeypatch):
-    monkeypatch.delenv("NEON_REF_STATS", raising=False)
-    monkeypatch.delenv("NEON_INCEPTION", raising=False)
 
 
 def tiny_unet(num_class_embeds: int | None = None, seed: int = 0) -> UNet2DModel:

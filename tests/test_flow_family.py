@@ -35,19 +35,7 @@ ARGS = {"dim": [3, 8, 8], "num_channels": 32, "num_res_blocks": 1, "channel_mult
 EULER = {"solver": "euler", "steps": 5, "atol": 1e-5, "rtol": 1e-5, "batch_solve": False}
 DOPRI = {"solver": "dopri5", "steps": 100, "atol": 1e-4, "rtol": 1e-4, "batch_solve": False}
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(autouse=True)
-def _no_metric_env(monkeypatch):
-    monkeypatch.delenv("NEON_REF_STATS", raising=False)
-    monkeypatch.delenv("NEON_INCEPTION", raising=False)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_net(seed: int = 0, **extra) -> UNetModelWrapper:
