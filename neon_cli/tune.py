@@ -8,7 +8,10 @@ quadratic, so
 * over w alone, Brent's method (Brent 1973; ``scipy.optimize.minimize_scalar(method="bounded")``)
   reaches the optimum in about 6-10 evaluations instead of a 0.25-step grid and a refinement;
 * over (w, gamma) jointly, a quadratic surface fitted to six well-distributed points locates a
-  near-optimal configuration; one more evaluation measures it.
+  near-optimal configuration; one more evaluation measures it. Here the surface is fitted in
+  (w, ln gamma) by default, and two trust-region refinement steps (one evaluation each) follow:
+  9 evaluations reach within 2 % of a dense grid's best on the digits family
+  (``benchmarks/tune.py``), where the one-shot fit over the whole box missed by 32 %.
 
 Every candidate is scored on the same seeds and labels (common random numbers, see
 :class:`neon_cli.evaluate.Evaluator`), so differences between candidates are not sampling noise.
@@ -49,6 +52,21 @@ HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "cla
 #: Evaluations per round of the (w, gamma) fit: 6 design points + 1 at the fitted optimum.
 EVALS_PER_ROUND = 7
 
+#: Default number of trust-region refinement steps after the last round of the (w, gamma) fit
+#: (one evaluation each): 7 + 2 = 9 evaluations by default (issue 4's budget).
+REFINE_DEFAULT = 2
+
+#: A refinement step whose fitted optimum lies within this fraction of the box half-widths (on
+#: each axis) of an evaluated point ends the (w, gamma) search as "converged", unevaluated.
+CONVERGED_TOL = 1e-3
+
+#: Radius of the design pentagon, as a fraction of the box's half-widths (see :func:`design_points`).
+DESIGN_RADIUS = 0.5
+
+#: Coordinates the (w, gamma) fit works in: ``"log"`` fits the quadratic in (w, ln gamma),
+#: ``"linear"`` in (w, gamma); ``"auto"`` is ``"log"`` when the gamma box is positive.
+GAMMA_SCALES = ("auto", "log", "linear")
+
 #: Default evaluation budget of Brent's method per snapshot.
 BRENT_DEFAULT_EVALS = 12
 
@@ -68,8 +86,10 @@ class Evaluation:
         w: merge weight (dimensionless).
         gamma: guidance scale, or None when the search is over w only.
         value: the objective (minimised); ``inf`` for a non-finite metric (diverged model).
-        phase: ``"brent"``, ``"design"`` (a 6-point design point) or ``"fit-optimum"``.
-        round: round of the (w, gamma) fit (1-based); 0 for Brent.
+        phase: ``"brent"``, ``"design"`` (a 6-point design point), ``"fit-optimum"`` or
+            ``"refine"`` (a trust-region refinement step of the (w, gamma) fit).
+        round: round of the (w, gamma) fit (1-based; refinement step k after R rounds: R + k);
+            0 for Brent.
     """
 
     w: float
@@ -269,36 +289,44 @@ def _check_box(w_bounds: tuple[float, float], g_bounds: tuple[float, float]) -> 
             raise ValueError(f"{name} bounds must be finite with lo < hi, got ({lo}, {hi})")
 
 
-def design_points(w_bounds: tuple[float, float], g_bounds: tuple[float, float]) -> np.ndarray:
+def design_points(w_bounds: tuple[float, float], g_bounds: tuple[float, float],
+                  radius: float = DESIGN_RADIUS) -> np.ndarray:
     """The six (w, gamma) points of the quadratic design in the box ``w_bounds x g_bounds``.
 
-    Design: the box centre and the five vertices of a regular pentagon inscribed in the box
-    (radius = half the box width on each axis, one vertex at the centre w and the top gamma), i.e.
-    :data:`UNIT_DESIGN` mapped from [-1, 1]^2 to the box. Returns float64 [6, 2] (columns w, gamma).
+    Design: the box centre and the five vertices of a regular pentagon centred on it, of radius
+    ``radius`` times the box's half-width on each axis, one vertex straight above the centre (at
+    the centre w), i.e. ``radius *`` :data:`UNIT_DESIGN` mapped from [-1, 1]^2 to the box. The box
+    is in the coordinates the fit works in (for ``gamma_scale="log"`` the gamma axis is ln gamma,
+    see :func:`quadratic_search`). Returns float64 [6, 2] (columns w, gamma-coordinate).
 
     Why this design:
 
     * *well-posed*: the 6 x 6 matrix of rows [1, w, g, w^2, g^2, w g] is nonsingular exactly when
       no conic passes through all six points; the pentagon fixes one conic (its circumscribed
-      ellipse) and the centre is not on it. Its condition number in normalised coordinates is
-      5.2 (centre + 4 axis points + 1 corner: 8.1). Layouts that look natural are singular: a
-      3 x 2 grid has only two gamma values, so g^2 is a combination of 1 and g (rank 5), and a
-      regular hexagon lies on one ellipse (rank 5);
+      ellipse) and the centre is not on it. Its condition number, in coordinates where the
+      pentagon has radius 1, is 5.2 (centre + 4 axis points + 1 corner: 8.1). Layouts that
+      look natural are singular: a 3 x 2 grid has only two gamma values, so g^2 is a combination
+      of 1 and g (rank 5), and a regular hexagon lies on one ellipse (rank 5);
     * *rotatable*: a regular n-gon (n >= 5) plus the centre is a rotatable second-order design
-      (Box & Hunter 1957), so the fit's prediction variance depends only on the (normalised)
-      distance from the centre: at most 1.6 sigma^2 inside the inscribed ellipse and 4.2 sigma^2
-      at the box corners (the D-optimal Box-Draper design reaches 1.9 but puts three of its six
-      evaluations on box corners, the extreme (w, gamma) pairs least likely to be locally
-      quadratic);
-    * *local*: all points lie inside the ellipse inscribed in the box, away from its extremes,
-      matching the paper's "locally quadratic" observation (App. C).
+      (Box & Hunter 1957): the fit's prediction variance depends only on the distance from the
+      centre;
+    * *local* (``radius`` 0.5, the default): the paper observes the metric is *locally*
+      quadratic (App. C); over a whole box such as [0, 3] x [1, 4] it is not (FID grows faster
+      than quadratically away from the optimum and the (w, gamma) valley is curved), so points
+      at the box's edges bend the fit away from the optimum. On the digits family's measured
+      (w, gamma) surfaces (fid, pixel_fid, coverage; 13 boxes; ``benchmarks/tune.py``) radius
+      0.5 put the fitted optimum closer to the best than radius 1 (the inscribed ellipse);
+      the refinement steps of :func:`quadratic_search` then correct the extrapolation when the
+      optimum lies outside the pentagon.
 
     Raises:
-        ValueError: bounds not finite or lo >= hi.
+        ValueError: bounds not finite or lo >= hi, or radius not in (0, 1].
     """
     _check_box(w_bounds, g_bounds)
+    if not 0 < radius <= 1:
+        raise ValueError(f"radius must be in (0, 1], got {radius}")
     cw, sw, cg, sg = _centre_scale(w_bounds, g_bounds)
-    return np.stack([cw + sw * UNIT_DESIGN[:, 0], cg + sg * UNIT_DESIGN[:, 1]], 1)
+    return np.stack([cw + radius * sw * UNIT_DESIGN[:, 0], cg + radius * sg * UNIT_DESIGN[:, 1]], 1)
 
 
 def quadratic_features(w: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -444,14 +472,18 @@ def minimize_quadratic(fit: QuadraticFit, w_bounds: tuple[float, float], g_bound
 
 @dataclass
 class FitRound:
-    """One round of the (w, gamma) fit, as reported.
+    """One round (or one refinement step) of the (w, gamma) fit, as reported.
 
     Attributes:
-        round: 1-based.
-        box: ((w_lo, w_hi), (g_lo, g_hi)) of this round.
-        points: the six design points [[w, g], ...]; values: the objective there.
-        fit: the fitted quadratic (None if a design value was non-finite).
-        optimum: the fitted box minimum (None without a fit).
+        round: 1-based; refinement step k after R rounds is round R + k.
+        box: ((w_lo, w_hi), (g_lo, g_hi)) of this round, gamma in its own units.
+        points: the fitted points [[w, gamma], ...] (a round: its six design points; a refinement
+            step: the evaluated points nearest the best so far); values: the objective there.
+        kind: ``"design"`` (a round) or ``"refine"`` (a trust-region refinement step).
+        gamma_scale: ``"log"`` (the fit's second variable is ln gamma) or ``"linear"`` (gamma).
+        fit: the fitted quadratic in (w, ln gamma) or (w, gamma) (None if a design value was
+            non-finite).
+        optimum: the fitted box minimum, gamma in its own units (None without a fit).
         measured: the objective measured at ``optimum`` (None when not evaluated).
     """
 
@@ -459,6 +491,8 @@ class FitRound:
     box: tuple[tuple[float, float], tuple[float, float]]
     points: list[list[float]]
     values: list[float]
+    kind: str = "design"
+    gamma_scale: str = "linear"
     fit: QuadraticFit | None = None
     optimum: QuadraticMinimum | None = None
     measured: float | None = None
@@ -466,9 +500,12 @@ class FitRound:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "round": self.round,
+            "kind": self.kind,
             "box": {"w": list(self.box[0]), "gamma": list(self.box[1])},
             "points": self.points,
             "values": self.values,
+            "gamma_scale": self.gamma_scale,
+            "fit_variables": ["w", "ln_gamma" if self.gamma_scale == "log" else "gamma"],
             "coefficients": self.fit.to_json() if self.fit else None,
             "hessian_positive_definite": self.fit.positive_definite if self.fit else None,
         }
@@ -482,8 +519,11 @@ class FitRound:
 class QuadraticResult:
     """Outcome of :func:`quadratic_search`: the best evaluated point, every evaluation, each round.
 
-    ``stopped``: ``"done"``, ``"budget"`` (a requested round did not fit in ``max_evals``),
-    ``"abandoned"`` or ``"non-finite"`` (a design value was not finite; no fit).
+    ``rounds`` holds the design rounds followed by the refinement steps (``kind`` tells them
+    apart). ``stopped``: ``"done"``, ``"converged"`` (a refinement step's fitted optimum was at an
+    already evaluated point; that step has ``measured`` None), ``"budget"`` (a requested round or step did not fit in
+    ``max_evals``), ``"abandoned"``, ``"non-finite"`` (a design value was not finite; no fit) or
+    ``"singular"`` (no well-posed set of evaluated points to refine with).
     """
 
     w: float
@@ -492,6 +532,7 @@ class QuadraticResult:
     evaluations: list[Evaluation]
     rounds: list[FitRound]
     stopped: str
+    gamma_scale: str = "linear"
 
     @property
     def n_evals(self) -> int:
@@ -513,87 +554,185 @@ def _shrunken_box(centre: tuple[float, float], box: tuple[tuple[float, float], t
     return tuple(out)
 
 
+def resolve_gamma_scale(gamma_scale: str, g_bounds: tuple[float, float]) -> str:
+    """``"auto"`` -> ``"log"`` when the gamma box is positive (lo > 0), else ``"linear"``.
+
+    Raises:
+        ValueError: unknown name, or ``"log"`` with lo <= 0.
+    """
+    if gamma_scale not in GAMMA_SCALES:
+        raise ValueError(f"gamma_scale must be one of {', '.join(GAMMA_SCALES)}, got {gamma_scale!r}")
+    if gamma_scale == "auto":
+        return "log" if g_bounds[0] > 0 else "linear"
+    if gamma_scale == "log" and not g_bounds[0] > 0:
+        raise ValueError(f"gamma_scale 'log' needs gamma > 0, got the box ({g_bounds[0]:g}, {g_bounds[1]:g})")
+    return gamma_scale
+
+
+def _nearest_fit(pts: np.ndarray, vals: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> tuple[QuadraticFit, list[int]] | None:
+    """The quadratic through the 6 finite points nearest ``centre`` (distance in units of ``scale``);
+    if those lie on one conic, least squares on the 7, 8, ... nearest. None if no subset is
+    well-posed."""
+    finite = np.flatnonzero(np.isfinite(vals))
+    order = finite[np.argsort(np.linalg.norm((pts[finite] - centre) / scale, axis=1), kind="stable")]
+    for n in range(6, len(order) + 1):
+        sel = order[:n]
+        try:
+            return fit_quadratic(pts[sel], vals[sel]), [int(i) for i in sel]
+        except ValueError:
+            continue
+    return None
+
+
 def quadratic_search(
     f: Callable[[float, float], float],
     w_bounds: tuple[float, float],
     g_bounds: tuple[float, float],
     *,
     rounds: int = 1,
+    refine: int = REFINE_DEFAULT,
     shrink: float = 0.5,
+    radius: float = DESIGN_RADIUS,
+    gamma_scale: str = "auto",
     max_evals: int | None = None,
     should_stop: StopFn | None = None,
 ) -> QuadraticResult:
     """Minimise ``f(w, gamma)`` with the 6-point quadratic surface fit (paper App. C).
 
+    The fit works in coordinates (w, s) with s = ln gamma (``gamma_scale="log"``, the default for
+    a positive gamma box) or s = gamma (``"linear"``): f = a + b w + c s + d w^2 + e s^2 + h w s.
+    Guidance acts multiplicatively (CFG sharpens p(x | c) roughly like a power gamma), and on
+    the digits family's measured surfaces the (w, gamma) valley is close to straight in ln gamma
+    while strongly curved in gamma (``benchmarks/tune.py``; see ``docs/theory.md``).
+
     Round r: evaluate ``f`` at the :func:`design_points` of the current box, fit the exact
-    quadratic (:func:`fit_quadratic`), take its box minimum (:func:`minimize_quadratic`) and
-    evaluate ``f`` there. Round r + 1 uses a box ``shrink`` times as large, centred at the best
-    point measured so far (shifted to stay inside the original box); its centre is then an
-    already evaluated point, answered from memory. The result is the best *measured* point.
+    quadratic (:func:`fit_quadratic`), take its box minimum (:func:`minimize_quadratic`: the
+    stationary point when the Hessian is positive definite and inside the box, else the
+    box-constrained minimum) and evaluate ``f`` there. Round r + 1 uses a box ``shrink`` times as
+    large, centred at the best point measured so far (shifted to stay inside the original box);
+    its centre is an already evaluated point, answered from memory.
+
+    Then ``refine`` trust-region steps, one evaluation each (a model-based step in the manner of
+    Powell's UOBYQA, which also interpolates a full quadratic through (n + 1)(n + 2) / 2 = 6
+    points in two dimensions): the box shrinks by ``shrink`` around the best point measured so
+    far; the quadratic through the 6 evaluated points nearest it (distance in units of the outer
+    box; least squares on 7, 8, ... if those 6 lie on one conic) is minimised over that box and
+    evaluated there. A step whose optimum lies within :data:`CONVERGED_TOL` of the box
+    half-widths of an evaluated point ends the search unevaluated (``"converged"``). The result
+    is the best *measured* point.
 
     Budget: distinct evaluations; a round starts only if its new design points plus one fit
-    optimum fit in what is left of ``max_evals`` (default: 7 per round), otherwise the search
-    stops with ``stopped="budget"``. ``should_stop(evaluations, predicted)`` is asked once, after
-    the design of round 1, with the fitted box minimum; True skips the rest ("abandoned").
+    optimum fit in what is left of ``max_evals`` (default: 7 per round + ``refine``), a
+    refinement step only if one evaluation is left; otherwise the search stops with
+    ``stopped="budget"``. ``should_stop(evaluations, predicted)`` is asked once, after the design
+    of round 1, with the fitted box minimum; True skips the rest ("abandoned").
 
     Args:
         f: objective of (w, gamma); minimised; a non-finite value counts as +inf.
-        w_bounds, g_bounds: the box (finite, lo < hi each).
-        rounds: number of rounds (>= 1).
-        shrink: box scale between rounds, in (0, 1).
-        max_evals: the most distinct evaluations (default ``7 * rounds``).
+        w_bounds, g_bounds: the box (finite, lo < hi each), gamma in its own units.
+        rounds: number of design rounds (>= 1).
+        refine: trust-region refinement steps after the last round (>= 0).
+        shrink: box scale between rounds and between refinement steps, in (0, 1).
+        radius: design pentagon radius, fraction of the box half-widths (:func:`design_points`).
+        gamma_scale: ``"auto"``, ``"log"`` or ``"linear"`` (:func:`resolve_gamma_scale`).
+        max_evals: the most distinct evaluations (default ``7 * rounds + refine``).
         should_stop: optional early-abandonment rule.
 
     Raises:
-        ValueError: bad bounds, ``rounds < 1``, shrink outside (0, 1), or ``max_evals < 7``.
+        ValueError: bad bounds, ``rounds < 1``, ``refine < 0``, shrink outside (0, 1), radius
+            outside (0, 1], ``max_evals < 7``, or a bad ``gamma_scale``.
     """
     _check_box(w_bounds, g_bounds)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0, got {refine}")
     if not 0 < shrink < 1:
         raise ValueError(f"shrink must be in (0, 1), got {shrink}")
-    budget = EVALS_PER_ROUND * rounds if max_evals is None else int(max_evals)
+    if not 0 < radius <= 1:
+        raise ValueError(f"radius must be in (0, 1], got {radius}")
+    scale = resolve_gamma_scale(gamma_scale, (float(g_bounds[0]), float(g_bounds[1])))
+    budget = EVALS_PER_ROUND * rounds + refine if max_evals is None else int(max_evals)
     if budget < EVALS_PER_ROUND:
         raise ValueError(f"max_evals must be >= {EVALS_PER_ROUND} for the (w, gamma) fit, got {budget}")
+    to_s: Callable[[float], float] = math.log if scale == "log" else float
+    to_g: Callable[[float], float] = math.exp if scale == "log" else float
+
     evals: list[Evaluation] = []
     memo: dict[tuple[float | None, float | None], float] = {}
+    coords: list[tuple[float, float]] = []  # (w, s) of each evaluation, in order
 
-    def ask(w: float, g: float, phase: str, rnd: int) -> float:
-        k = (_rkey(w), _rkey(g))
+    def key(w: float, s: float) -> tuple[float | None, float | None]:
+        return (_rkey(w), _rkey(to_g(s)))
+
+    def ask(w: float, s: float, phase: str, rnd: int) -> float:
+        k = key(w, s)
         if k not in memo:
-            v = _finite(f(float(w), float(g)))
+            g = to_g(float(s))
+            v = _finite(f(float(w), g))
             memo[k] = v
-            evals.append(Evaluation(w=float(w), gamma=float(g), value=v, phase=phase, round=rnd))
+            evals.append(Evaluation(w=float(w), gamma=g, value=v, phase=phase, round=rnd))
+            coords.append((float(w), float(s)))
         return memo[k]
 
-    outer = (tuple(map(float, w_bounds)), tuple(map(float, g_bounds)))
+    def to_gamma_box(box):
+        return (box[0], (to_g(box[1][0]), to_g(box[1][1])))
+
+    def to_gamma_min(m: QuadraticMinimum) -> QuadraticMinimum:
+        return QuadraticMinimum(m.w, to_g(m.gamma), m.predicted, m.kind)
+
+    outer = ((float(w_bounds[0]), float(w_bounds[1])), (to_s(float(g_bounds[0])), to_s(float(g_bounds[1]))))
     box = outer
     done: list[FitRound] = []
     stopped = "done"
     for rnd in range(1, rounds + 1):
-        P = design_points(*box)
-        new = sum((_rkey(w), _rkey(g)) not in memo for w, g in P)
+        P = design_points(*box, radius=radius)
+        new = sum(key(w, s) not in memo for w, s in P)
         if len(evals) + new + 1 > budget:
             stopped = "budget"
             break
-        vals = [ask(w, g, "design", rnd) for w, g in P]
-        fr = FitRound(rnd, box, P.tolist(), vals)
+        vals = [ask(w, s, "design", rnd) for w, s in P]
+        fr = FitRound(rnd, to_gamma_box(box), [[float(w), to_g(s)] for w, s in P], vals, "design", scale)
         done.append(fr)
         if not all(math.isfinite(v) for v in vals):
             stopped = "non-finite"
             break
         fr.fit = fit_quadratic(P, vals)
-        fr.optimum = minimize_quadratic(fr.fit, *box)
-        if rnd == 1 and should_stop is not None and should_stop(evals, fr.optimum.predicted):
+        opt = minimize_quadratic(fr.fit, *box)
+        fr.optimum = to_gamma_min(opt)
+        if rnd == 1 and should_stop is not None and should_stop(evals, opt.predicted):
             stopped = "abandoned"
             break
-        fr.measured = ask(fr.optimum.w, fr.optimum.gamma, "fit-optimum", rnd)
+        fr.measured = ask(opt.w, opt.gamma, "fit-optimum", rnd)
         if rnd < rounds:
-            best = min(evals, key=lambda e: e.value)
-            box = _shrunken_box((best.w, best.gamma), box, outer, shrink)
+            b = int(np.argmin([e.value for e in evals]))
+            box = _shrunken_box(coords[b], box, outer, shrink)
+    if stopped == "done":
+        unit = np.array([outer[0][1] - outer[0][0], outer[1][1] - outer[1][0]]) / 2
+        for step in range(1, refine + 1):
+            if len(evals) + 1 > budget:
+                stopped = "budget"
+                break
+            vals_arr = np.array([e.value for e in evals])
+            b = int(np.argmin(vals_arr))
+            box = _shrunken_box(coords[b], box, outer, shrink)
+            got = _nearest_fit(np.array(coords), vals_arr, np.array(coords[b]), unit)
+            if got is None:
+                stopped = "singular"
+                break
+            fit, sel = got
+            opt = minimize_quadratic(fit, *box)
+            fr = FitRound(rounds + step, to_gamma_box(box), [[evals[i].w, float(evals[i].gamma)] for i in sel],
+                          [evals[i].value for i in sel], "refine", scale, fit, to_gamma_min(opt))
+            done.append(fr)
+            near = np.abs((np.array(coords) - np.array([opt.w, opt.gamma])) / unit).max(1).min()
+            if near <= CONVERGED_TOL:  # nothing new to learn there: the model agrees with what was measured
+                stopped = "converged"
+                break
+            fr.measured = ask(opt.w, opt.gamma, "refine", rounds + step)
     best = min(evals, key=lambda e: e.value)
     return QuadraticResult(w=best.w, gamma=float(best.gamma), value=best.value, evaluations=evals,
-                           rounds=done, stopped=stopped)
+                           rounds=done, stopped=stopped, gamma_scale=scale)
 
 
 # --------------------------------------------------------------------------------------------
@@ -659,6 +798,8 @@ def search_snapshots(
     xtol: float = 0.05,
     max_evals: int | None = None,
     rounds: int = 1,
+    refine: int = REFINE_DEFAULT,
+    gamma_scale: str = "auto",
     abandon_margin: float | None = 0.02,
     abandon_after: int = 3,
 ) -> SnapshotSearch:
@@ -666,8 +807,9 @@ def search_snapshots(
 
     Snapshot i is searched with :func:`brent_search` over ``bounds`` (objective
     ``objective(i, w, None)``) or, with ``gamma_bounds``, with :func:`quadratic_search`
-    (``objective(i, w, gamma)``). ``max_evals`` is the budget *per snapshot* (default: 12 for
-    Brent, 7 per round for the fit). From the second snapshot on, :func:`abandonment_rule` with
+    (``objective(i, w, gamma)``; ``rounds``, ``refine`` and ``gamma_scale`` are passed on).
+    ``max_evals`` is the budget *per snapshot* (default: 12 for Brent, 7 per round + ``refine``
+    for the fit). From the second snapshot on, :func:`abandonment_rule` with
     ``abandon_margin`` against the best value of the snapshots already searched ends hopeless
     searches early; ``abandon_margin=None`` disables abandonment. Ties keep the earlier snapshot.
 
@@ -688,7 +830,7 @@ def search_snapshots(
                                max_evals=BRENT_DEFAULT_EVALS if max_evals is None else max_evals, should_stop=rule)
         else:
             res = quadratic_search(lambda w, g, i=i: objective(i, w, g), bounds, gamma_bounds, rounds=rounds,
-                                   max_evals=max_evals, should_stop=rule)
+                                   refine=refine, gamma_scale=gamma_scale, max_evals=max_evals, should_stop=rule)
         outcomes.append(SnapshotOutcome(i, res))
         if best_i is None or res.value < outcomes[best_i].result.value:
             best_i = i
@@ -832,6 +974,8 @@ def run_tune_w(
     xtol: float = 0.05,
     max_evals: int | None = None,
     rounds: int = 1,
+    refine: int = REFINE_DEFAULT,
+    gamma_scale: str = "auto",
     metric: str | None = None,
     num_samples: int = 2000,
     seed: int = 10_000_000,
@@ -864,8 +1008,12 @@ def run_tune_w(
         bounds: (lo, hi) of w; negative values allowed.
         gamma: (lo, hi) of the guidance scale; None searches w only at the settings' gamma.
         xtol: Brent's absolute tolerance on w.
-        max_evals: evaluation budget per snapshot (default 12 for Brent, 7 x rounds for the fit).
+        max_evals: evaluation budget per snapshot (default 12 for Brent, 7 x rounds + refine for
+            the fit).
         rounds: rounds of the (w, gamma) fit (each on a box half as large).
+        refine: trust-region refinement steps after the last round (:func:`quadratic_search`).
+        gamma_scale: ``"auto"`` (``"log"`` for a positive gamma box), ``"log"`` (fit in
+            (w, ln gamma)) or ``"linear"`` (fit in (w, gamma)).
         metric: the objective, one of ``family.metrics`` (default the first, e.g. ``fid``);
             :data:`HIGHER_IS_BETTER` names are maximised.
         num_samples: images per search evaluation; seed: first seed of the plan.
@@ -881,7 +1029,7 @@ def run_tune_w(
             w, gamma, phase, round, value, metrics, seconds, cached, seed, num_samples),
             ``snapshots`` (per snapshot: path, sha256, n_evals, stopped, best; Brent message or
             the fit rounds with coefficients a..h, Hessian definiteness, fitted optimum,
-            predicted vs measured), ``chosen`` (snapshot, path, w, gamma, value, metrics),
+            predicted vs measured, the refinement steps with ``kind`` "refine"), ``chosen`` (snapshot, path, w, gamma, value, metrics),
             ``n_evals``, ``n_cached``, ``eval_seconds``, ``confirmation``, ``base`` (theta_r itself,
             w = 0, on the search seeds at the chosen gamma) and ``beats_base``.
         progress: called as ``progress("tune-w", done, total, row={...})`` after each evaluation.
@@ -905,6 +1053,10 @@ def run_tune_w(
         raise UsageError(f"--xtol {xtol}: must be > 0")
     if rounds < 1:
         raise UsageError(f"--rounds {rounds}: must be >= 1")
+    if refine < 0:
+        raise UsageError(f"--refine {refine}: must be >= 0")
+    if gamma_scale not in GAMMA_SCALES:
+        raise UsageError(f"--gamma-scale {gamma_scale}: must be one of {', '.join(GAMMA_SCALES)}")
     if confirm_samples < 0:
         raise UsageError(f"--confirm-samples {confirm_samples}: must be >= 0")
     if max_evals is not None:
@@ -918,6 +1070,11 @@ def run_tune_w(
         if not (math.isfinite(g_lo) and math.isfinite(g_hi) and g_lo < g_hi):
             raise UsageError(f"--gamma {g_lo:g} {g_hi:g}: need finite LO < HI")
         gamma = (g_lo, g_hi)
+        try:
+            gamma_scale = resolve_gamma_scale(gamma_scale, gamma)
+        except ValueError:
+            raise UsageError(f"--gamma-scale log: needs a positive --gamma box, got {g_lo:g} {g_hi:g} "
+                             "(use --gamma-scale linear)") from None
     snaps = expand_checkpoints(selftrained)
     _check_plot_available(plot)
 
@@ -960,7 +1117,7 @@ def run_tune_w(
     if gamma is None:
         per_snap = BRENT_DEFAULT_EVALS if max_evals is None else max_evals
     else:
-        per_snap = EVALS_PER_ROUND * rounds if max_evals is None else max_evals
+        per_snap = EVALS_PER_ROUND * rounds + refine if max_evals is None else max_evals
     total = per_snap * len(snaps) + (2 if confirm_samples else 0)
     log: list[dict[str, Any]] = []
     loaded: dict[str, Any] = {"index": None, "sd": None}
@@ -1015,7 +1172,8 @@ def run_tune_w(
         return sign * float(evaluate(i, w, g, evaluator, "search")[metric])
 
     search = search_snapshots(objective, len(snaps), bounds=(lo, hi), gamma_bounds=gamma, xtol=xtol,
-                              max_evals=max_evals, rounds=rounds, abandon_margin=abandon_margin)
+                              max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale,
+                              abandon_margin=abandon_margin)
 
     # ---- phases from the pure searches back onto the log ----
     phases: dict[tuple[int, float | None, float | None], Evaluation] = {}
@@ -1063,7 +1221,8 @@ def run_tune_w(
     results.update(
         metric=metric, direction="max" if sign < 0 else "min", mode="brent" if gamma is None else "quadratic",
         bounds=[lo, hi], gamma_bounds=list(gamma) if gamma else None, xtol=xtol, max_evals_per_snapshot=per_snap,
-        rounds=rounds if gamma else None, num_samples=num_samples, seed=seed, abandon_margin=abandon_margin,
+        rounds=rounds if gamma else None, refine=refine if gamma else None,
+        gamma_scale=gamma_scale if gamma else None, num_samples=num_samples, seed=seed, abandon_margin=abandon_margin,
         evaluations=log, snapshots=snapshots_out,
         chosen={"snapshot": search.best, "path": str(win_path), "sha256": snap_shas[search.best], "w": win.w,
                 "gamma": win_gamma, "value": sign * win.value, "metrics": win_metrics},
@@ -1166,18 +1325,19 @@ def plot_search(path: str | os.PathLike[str], results: Mapping[str, Any]) -> Pat
     if quad:
         ax2 = axes[0][1]
         snap = next(s for s in results["snapshots"] if s["index"] == ch["snapshot"])
-        fitted = [r for r in snap.get("rounds", []) if r.get("coefficients")]
-        if fitted:  # the last fit, drawn over the box it was fitted in (it says nothing outside)
+        fitted = [r for r in snap.get("rounds", []) if r.get("coefficients") and r.get("kind", "design") == "design"]
+        if fitted:  # the last design round's fit, drawn over its box (it says nothing outside)
             last = fitted[-1]
             c = last["coefficients"]
             (w0, w1), (g0, g1) = last["box"]["w"], last["box"]["gamma"]
             W, G = np.meshgrid(np.linspace(w0, w1, 120), np.linspace(g0, g1, 120))
-            Z = c["a"] + c["b"] * W + c["c"] * G + c["d"] * W**2 + c["e"] * G**2 + c["h"] * W * G
+            S = np.log(G) if last.get("gamma_scale") == "log" else G  # the fit's second variable
+            Z = c["a"] + c["b"] * W + c["c"] * S + c["d"] * W**2 + c["e"] * S**2 + c["h"] * W * S
             cs = ax2.contourf(W, G, Z, levels=20, cmap="viridis")
             fig.colorbar(cs, ax=ax2, label=f"fitted {metric} (round {last['round']})")
-        for r in snap.get("rounds", []):
+        for r in snap.get("rounds", []):  # design boxes dashed, refinement trust regions dotted
             (w0, w1), (g0, g1) = r["box"]["w"], r["box"]["gamma"]
-            ax2.plot([w0, w1, w1, w0, w0], [g0, g0, g1, g1, g0], "k--", lw=0.8)
+            ax2.plot([w0, w1, w1, w0, w0], [g0, g0, g1, g1, g0], "k--" if r.get("kind", "design") == "design" else "k:", lw=0.8)
         ax2.set_xlim(*results["bounds"])
         ax2.set_ylim(*results["gamma_bounds"])
         own = [e for e in evals if e["snapshot"] == ch["path"]]
@@ -1185,6 +1345,12 @@ def plot_search(path: str | os.PathLike[str], results: Mapping[str, Any]) -> Pat
         ax2.plot([ch["w"]], [ch["gamma"]], "r*", ms=14, label="chosen")
         ax2.set_xlabel("w")
         ax2.set_ylabel("gamma")
+        if results.get("gamma_scale") == "log":  # the fit's coordinates; plain tick labels, not 2x10^0
+            from matplotlib.ticker import ScalarFormatter
+
+            ax2.set_yscale("log")
+            ax2.yaxis.set_major_formatter(ScalarFormatter())
+            ax2.yaxis.set_minor_formatter(ScalarFormatter())
         ax2.set_title("quadratic surface fit")
         ax2.legend(fontsize=7)
     fig.tight_layout()

@@ -131,12 +131,18 @@ def quad(coef):
 
 
 def test_design_is_nonsingular_and_other_layouts_are_singular():
-    P = design_points((0.0, 3.0), (1.0, 5.0))
-    assert P.shape == (6, 2)
-    assert np.all((P[:, 0] >= 0) & (P[:, 0] <= 3) & (P[:, 1] >= 1) & (P[:, 1] <= 5))
-    X = quadratic_features((P[:, 0] - 1.5) / 1.5, (P[:, 1] - 3) / 2)
-    assert np.linalg.matrix_rank(X) == 6
-    assert np.linalg.cond(X) < 6  # documented: 5.2
+    for radius in (tune.DESIGN_RADIUS, 1.0):
+        P = design_points((0.0, 3.0), (1.0, 5.0), radius=radius)
+        assert P.shape == (6, 2)
+        assert np.all((P[:, 0] >= 0) & (P[:, 0] <= 3) & (P[:, 1] >= 1) & (P[:, 1] <= 5))
+        u, v = (P[:, 0] - 1.5) / (1.5 * radius), (P[:, 1] - 3) / (2 * radius)  # pentagon of radius 1
+        np.testing.assert_allclose(np.hypot(u[1:], v[1:]), 1.0)
+        assert (u[0], v[0]) == (0.0, 0.0) and (u[1], v[1]) == pytest.approx((0.0, 1.0))  # centre, top vertex
+        X = quadratic_features(u, v)
+        assert np.linalg.matrix_rank(X) == 6
+        assert np.linalg.cond(X) < 6  # documented: 5.2
+    with pytest.raises(ValueError, match="radius"):
+        design_points((0.0, 3.0), (1.0, 5.0), radius=0.0)
     grid32 = np.array([[w, g] for w in (0.0, 1.5, 3.0) for g in (1.0, 5.0)])
     hexagon = np.c_[1.5 + np.cos(np.arange(6) * np.pi / 3), 3 + np.sin(np.arange(6) * np.pi / 3)]
     for bad in (grid32, hexagon):
@@ -211,21 +217,82 @@ def test_quadratic_search_exact_on_a_quadratic_in_seven_evaluations():
     coef = np.array([3.0, -2.4, -2.0, 1.0, 0.5, -0.2])  # stationary point inside [0,3]x[1,4]
     x_star = np.linalg.solve([[2 * coef[3], coef[5]], [coef[5], 2 * coef[4]]], -coef[1:3])
     f = counted(quad(coef))
-    r = quadratic_search(f, (0.0, 3.0), (1.0, 4.0))
-    assert len(f.calls) == 7 and r.n_evals == 7 and r.stopped == "done"
+    r = quadratic_search(f, (0.0, 3.0), (1.0, 4.0), gamma_scale="linear")
+    # the refinement step refits an exact quadratic, lands on the same point and stops: no 8th evaluation
+    assert len(f.calls) == 7 and r.n_evals == 7 and r.stopped == "converged"
     np.testing.assert_allclose([r.w, r.gamma], x_star, atol=1e-9)
     fr = r.rounds[0]
-    assert fr.optimum.kind == "stationary"
+    assert fr.kind == "design" and fr.optimum.kind == "stationary"
     assert fr.measured == pytest.approx(fr.optimum.predicted, abs=1e-12)
+    np.testing.assert_allclose(fr.fit.coef, coef, atol=1e-9)
     assert [e.phase for e in r.evaluations] == ["design"] * 6 + ["fit-optimum"]
+    assert [x.kind for x in r.rounds] == ["design", "refine"] and r.rounds[1].round == 2
+    np.testing.assert_allclose([r.rounds[1].optimum.w, r.rounds[1].optimum.gamma], x_star, atol=1e-9)
+
+
+def test_quadratic_search_log_gamma_is_exact_on_a_quadratic_in_ln_gamma():
+    # f = a + b w + c s + d w^2 + e s^2 + h w s with s = ln gamma: the default (log) scale fits it exactly
+    coef = np.array([2.0, -1.6, -1.0, 1.0, 2.0, -0.8])
+    w_star, s_star = np.linalg.solve([[2 * coef[3], coef[5]], [coef[5], 2 * coef[4]]], -coef[1:3])
+    f = counted(lambda w, g: quad(coef)(w, math.log(g)))
+    r = quadratic_search(f, (0.0, 3.0), (1.0, 4.0))
+    assert r.gamma_scale == "log" and r.n_evals == 7 and r.stopped == "converged"
+    assert r.w == pytest.approx(w_star, abs=1e-9) and r.gamma == pytest.approx(math.exp(s_star), abs=1e-9)
+    fr = r.rounds[0]
+    np.testing.assert_allclose(fr.fit.coef, coef, atol=1e-9)
+    # the design is the pentagon in (w, ln gamma): the centre is the geometric mean of the gamma bounds
+    assert fr.points[0] == pytest.approx([1.5, 2.0])
+    assert fr.to_json()["fit_variables"] == ["w", "ln_gamma"] and fr.box == ((0.0, 3.0), (1.0, 4.0))
+    # the same function in linear gamma is not a quadratic: that fit misses in 7 evaluations
+    lin = quadratic_search(f, (0.0, 3.0), (1.0, 4.0), gamma_scale="linear", refine=0)
+    assert lin.value > r.value + 1e-3
+
+
+def test_quadratic_search_refinement_steps():
+    # a curved valley (w* = 0.25 gamma^2 at each gamma) with a quartic wall: not quadratic in
+    # (w, gamma) nor in (w, ln gamma)
+    def g_fn(w, g):
+        return (w - 0.25 * g * g) ** 2 + 0.5 * (w - 0.25 * g * g) ** 4 + 0.3 * (g - 2.2) ** 2
+
+    ref = minimize(lambda x: g_fn(*x), [1.0, 2.0], method="L-BFGS-B", bounds=[(0, 3), (1, 4)]).fun
+    f0, f2 = counted(g_fn), counted(g_fn)
+    r0 = quadratic_search(f0, (0.0, 3.0), (1.0, 4.0), refine=0)
+    r2 = quadratic_search(f2, (0.0, 3.0), (1.0, 4.0))
+    assert r0.n_evals == 7 and r2.n_evals == len(f2.calls) == 9 and r2.stopped == "done"
+    assert [e.phase for e in r2.evaluations][-2:] == ["refine", "refine"]
+    assert r2.value < r0.value and r2.value - ref < 0.2 * (r0.value - ref)
+    steps = [x for x in r2.rounds if x.kind == "refine"]
+    assert [x.round for x in steps] == [2, 3]
+    for k, st in enumerate(steps):
+        (w0, w1), (g0, g1) = st.box
+        assert w1 - w0 == pytest.approx(3.0 * 0.5 ** (k + 1))                # halved each step ...
+        assert math.log(g1 / g0) == pytest.approx(math.log(4.0) * 0.5 ** (k + 1))  # ... in ln gamma too
+        assert 0.0 <= w0 and w1 <= 3.0 and 1.0 <= g0 and g1 <= 4.0
+        assert len(st.points) == 6 and st.measured is not None
+        assert w0 - 1e-12 <= st.optimum.w <= w1 + 1e-12 and g0 - 1e-12 <= st.optimum.gamma <= g1 + 1e-12
+    # a budget of 8 leaves one step
+    r1 = quadratic_search(counted(g_fn), (0.0, 3.0), (1.0, 4.0), max_evals=8)
+    assert r1.n_evals == 8 and r1.stopped == "budget" and [x.kind for x in r1.rounds] == ["design", "refine"]
+
+
+def test_gamma_scale_resolution():
+    assert tune.resolve_gamma_scale("auto", (1.0, 4.0)) == "log"
+    assert tune.resolve_gamma_scale("auto", (0.0, 4.0)) == "linear"  # e.g. VAR's g, where 0 is no guidance
+    assert tune.resolve_gamma_scale("linear", (1.0, 4.0)) == "linear"
+    with pytest.raises(ValueError, match="log"):
+        tune.resolve_gamma_scale("log", (0.0, 4.0))
+    with pytest.raises(ValueError, match="gamma_scale"):
+        tune.resolve_gamma_scale("sqrt", (1.0, 4.0))
+    r = quadratic_search(lambda w, g: (w - 1) ** 2 + (g - 1) ** 2, (0.0, 3.0), (0.0, 4.0))
+    assert r.gamma_scale == "linear" and r.w == pytest.approx(1.0) and r.gamma == pytest.approx(1.0)
 
 
 def test_quadratic_search_second_round_on_shrunken_box():
     # not quadratic: quartic in w, so round 2 on a smaller box improves on round 1
     f = counted(lambda w, g: (w - 1.2) ** 2 + 0.6 * (w - 1.2) ** 4 + (g - 2.0 - 0.3 * w) ** 2)
-    r1 = quadratic_search(f, (0.0, 3.0), (1.0, 4.0), rounds=1)
+    r1 = quadratic_search(f, (0.0, 3.0), (1.0, 4.0), rounds=1, refine=0, gamma_scale="linear")
     f.calls.clear()
-    r2 = quadratic_search(f, (0.0, 3.0), (1.0, 4.0), rounds=2)
+    r2 = quadratic_search(f, (0.0, 3.0), (1.0, 4.0), rounds=2, refine=0, gamma_scale="linear")
     assert len(r2.rounds) == 2
     (w0, w1), (g0, g1) = r2.rounds[1].box
     assert w1 - w0 == pytest.approx(1.5) and g1 - g0 == pytest.approx(1.5)
@@ -242,7 +309,7 @@ def test_quadratic_search_budget_and_non_finite():
     assert r.stopped == "budget" and len(r.rounds) == 1 and len(f.calls) == 7
     with pytest.raises(ValueError):
         quadratic_search(f, (0.0, 3.0), (1.0, 4.0), max_evals=6)
-    r = quadratic_search(lambda w, g: float("nan") if w > 2.5 else w + g, (0.0, 3.0), (1.0, 4.0))
+    r = quadratic_search(lambda w, g: float("nan") if w > 2.0 else w + g, (0.0, 3.0), (1.0, 4.0))
     assert r.stopped == "non-finite" and r.rounds[0].fit is None and r.n_evals == 6
     assert r.value == min(e.value for e in r.evaluations)
 
@@ -301,7 +368,7 @@ def test_snapshot_search_over_w_and_gamma():
         w0, g0, m = opt[i]
         return (w - w0) ** 2 + 0.5 * (g - g0) ** 2 + 0.2 * (w - w0) * (g - g0) + m
 
-    s = search_snapshots(objective, 2, bounds=(0.0, 3.0), gamma_bounds=(1.0, 4.0))
+    s = search_snapshots(objective, 2, bounds=(0.0, 3.0), gamma_bounds=(1.0, 4.0), gamma_scale="linear")
     assert s.best == 1
     assert s.winner.w == pytest.approx(1.4, abs=1e-9) and s.winner.gamma == pytest.approx(2.5, abs=1e-9)
 
@@ -532,12 +599,15 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
 def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     rep = Report("tune-w", argv=[])
     res = run_tune_w("fake-tune", fam.paths["base"], [str(fam.paths["good"])], bounds=(0.0, 3.0), gamma=(1.0, 4.0),
-                     num_samples=64, seed=5, report=rep)
+                     gamma_scale="linear", num_samples=64, seed=5, report=rep)
     w_star, g_star = closed_form(THETA_S, 5, 64, gamma=True)
     ch = res["chosen"]
     # the metric is exactly quadratic in (w, gamma): the fitted optimum is the optimum
     assert ch["w"] == pytest.approx(w_star, abs=1e-4) and ch["gamma"] == pytest.approx(g_star, abs=1e-4)
-    assert res["mode"] == "quadratic" and res["n_evals"] == 7 + 1  # 6 design points, the fitted optimum, the base
+    # 6 design points, the fitted optimum, the base; the refinement step lands on the optimum again (no evaluation)
+    assert res["mode"] == "quadratic" and res["n_evals"] == 7 + 1
+    assert res["gamma_scale"] == "linear" and res["refine"] == 2 and res["snapshots"][0]["stopped"] == "converged"
+    assert [r["kind"] for r in res["snapshots"][0]["rounds"]] == ["design", "refine"]
     rnd = res["snapshots"][0]["rounds"][0]
     assert set(rnd["coefficients"]) == {"a", "b", "c", "d", "e", "h"}
     # analytic coefficients of dist(w, g): d = |jw|^2, e = 1, h = 2 jw . jg = 2 * (-(0.5 + 0.5)/2) = -1
@@ -610,6 +680,9 @@ def test_run_tune_w_bad_input(fam, tmp_path):
         (dict(gamma=(-1.0, 3.0)), "--gamma"),
         (dict(gamma=(1.0, 3.0), max_evals=6), "--max-evals"),
         (dict(gamma=(1.0, 3.0), rounds=2, max_evals=10), "--max-evals"),
+        (dict(gamma=(0.0, 3.0), gamma_scale="log"), "--gamma-scale log: needs a positive --gamma box"),
+        (dict(gamma=(1.0, 3.0), gamma_scale="cubic"), "--gamma-scale cubic"),
+        (dict(gamma=(1.0, 3.0), refine=-1), "--refine"),
         (dict(metric="fid"), "--metric"),
         (dict(output=base), "-o"),
     ]
@@ -666,7 +739,8 @@ def test_cli_tune_w_json_report_and_glob(fam, cli, tmp_path):
     rep = tmp_path / "r.json"
     r = runner.invoke(app, ["tune-w", "fake-tune", "--base", str(fam.paths["base"]), "--selftrained",
                             str(tmp_path / "ft" / "*.safetensors"), "--gamma", "1", "4", "--num-samples", "32",
-                            "--bounds", "-0.5", "3", "-o", str(tmp_path / "best.safetensors"), "--report", str(rep), "--json"])
+                            "--gamma-scale", "linear", "--bounds", "-0.5", "3", "-o", str(tmp_path / "best.safetensors"),
+                            "--report", str(rep), "--json"])
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     w_star, g_star = closed_form(THETA_S, 10_000_000, 32, gamma=True)  # the CLI default seed

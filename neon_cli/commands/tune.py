@@ -26,8 +26,14 @@ def register(app: typer.Typer) -> None:
             None, "--gamma", metavar="LO HI", help="Also search the guidance scale gamma in [LO, HI] (6-point quadratic fit)."),
         xtol: float = typer.Option(0.05, "--xtol", help="Brent's absolute tolerance on w."),
         max_evals: Optional[int] = typer.Option(
-            None, "--max-evals", help="Evaluation budget per snapshot (default: 12 for w; 7 per round for (w, gamma))."),
+            None, "--max-evals", help="Evaluation budget per snapshot (default: 12 for w; 7 per round + --refine for (w, gamma))."),
         rounds: int = typer.Option(1, "--rounds", help="Rounds of the (w, gamma) fit; each next round on a box half as large."),
+        refine: int = typer.Option(
+            2, "--refine", help="Trust-region steps after the last (w, gamma) round, 1 evaluation each: refit the 6 points "
+                                "nearest the best, evaluate its minimum in a box half as large."),
+        gamma_scale: str = typer.Option(
+            "auto", "--gamma-scale", help="Fit in (w, ln gamma) ('log') or (w, gamma) ('linear'); 'auto': log when gamma > 0.",
+            autocompletion=lambda: ["auto", "log", "linear"]),
         metric: Optional[str] = typer.Option(None, "--metric", help="Metric to optimise (default: the family's first, e.g. fid)."),
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images per evaluation (the same seeds for every candidate)."),
         seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
@@ -51,7 +57,7 @@ def register(app: typer.Typer) -> None:
 
         Over w: Brent's method (scipy, bounded), about 6-10 evaluations.
 
-        With --gamma: a quadratic surface fitted to 6 design points in the (w, gamma) box, then one evaluation at its minimum (paper App. C).
+        With --gamma: a quadratic surface fitted to 6 design points in the (w, ln gamma) box, one evaluation at its minimum (paper App. C), then --refine trust-region steps: 9 evaluations by default.
 
         Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search.
 
@@ -71,11 +77,13 @@ def register(app: typer.Typer) -> None:
             "tune-w",
             lambda report, progress: run_tune_w(
                 family, base, items, bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, xtol=xtol,
-                max_evals=max_evals, rounds=rounds, metric=metric, num_samples=num_samples, seed=seed,
+                max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale, metric=metric,
+                num_samples=num_samples, seed=seed,
                 confirm_samples=confirm_samples, set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot,
                 abandon_margin=margin, report=report, progress=progress),
             settings=dict(family=family, base=base, selftrained=items, bounds=list(bounds), gamma=list(gamma) if gamma else None,
-                          xtol=xtol, max_evals=max_evals, rounds=rounds, metric=metric, num_samples=num_samples, seed=seed,
+                          xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale,
+                          metric=metric, num_samples=num_samples, seed=seed,
                           confirm_samples=confirm_samples, set=set_ or [], batch=batch, abandon_margin=abandon_margin,
                           cache=cache, out=out, plot=plot),
             report=report, json_out=json_out, quiet=quiet,
@@ -109,7 +117,8 @@ def _show(results, console) -> None:
     win = next(s for s in results["snapshots"] if s["index"] == chosen["snapshot"])
     for r in win.get("rounds", []):
         if r.get("predicted") is not None:
-            console.print(f"round {r['round']} fit: optimum ({r['optimum']['kind']}) w = {r['optimum']['w']:.4g}, "
+            what = "refinement step" if r.get("kind") == "refine" else "round"
+            console.print(f"{what} {r['round']} fit: optimum ({r['optimum']['kind']}) w = {r['optimum']['w']:.4g}, "
                           f"gamma = {r['optimum']['gamma']:.4g}; predicted {metric} {r['predicted']:.5g}, "
                           f"measured {_f(r['measured'], 5)}")
     conf = results.get("confirmation")
