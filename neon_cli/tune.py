@@ -73,6 +73,11 @@ BRENT_DEFAULT_EVALS = 12
 _KEY_DIGITS = 12  # w and gamma are rounded to 12 decimals in memo and cache keys
 
 
+def default_fit_budget(rounds: int, refine: int) -> int:
+    """Default evaluation budget of the (w, gamma) fit: 7 per round + one per refinement step."""
+    return EVALS_PER_ROUND * rounds + refine
+
+
 # --------------------------------------------------------------------------------------------
 # Records shared by the searches
 # --------------------------------------------------------------------------------------------
@@ -649,10 +654,8 @@ def quadratic_search(
         raise ValueError(f"refine must be >= 0, got {refine}")
     if not 0 < shrink < 1:
         raise ValueError(f"shrink must be in (0, 1), got {shrink}")
-    if not 0 < radius <= 1:
-        raise ValueError(f"radius must be in (0, 1], got {radius}")
     scale = resolve_gamma_scale(gamma_scale, (float(g_bounds[0]), float(g_bounds[1])))
-    budget = EVALS_PER_ROUND * rounds + refine if max_evals is None else int(max_evals)
+    budget = default_fit_budget(rounds, refine) if max_evals is None else int(max_evals)
     if budget < EVALS_PER_ROUND:
         raise ValueError(f"max_evals must be >= {EVALS_PER_ROUND} for the (w, gamma) fit, got {budget}")
     to_s: Callable[[float], float] = math.log if scale == "log" else float
@@ -713,10 +716,10 @@ def quadratic_search(
             if len(evals) + 1 > budget:
                 stopped = "budget"
                 break
-            vals_arr = np.array([e.value for e in evals])
+            pts, vals_arr = np.array(coords), np.array([e.value for e in evals])
             b = int(np.argmin(vals_arr))
             box = _shrunken_box(coords[b], box, outer, shrink)
-            got = _nearest_fit(np.array(coords), vals_arr, np.array(coords[b]), unit)
+            got = _nearest_fit(pts, vals_arr, pts[b], unit)
             if got is None:
                 stopped = "singular"
                 break
@@ -725,7 +728,7 @@ def quadratic_search(
             fr = FitRound(rounds + step, to_gamma_box(box), [[evals[i].w, float(evals[i].gamma)] for i in sel],
                           [evals[i].value for i in sel], "refine", scale, fit, to_gamma_min(opt))
             done.append(fr)
-            near = np.abs((np.array(coords) - np.array([opt.w, opt.gamma])) / unit).max(1).min()
+            near = np.abs((pts - np.array([opt.w, opt.gamma])) / unit).max(1).min()
             if near <= CONVERGED_TOL:  # nothing new to learn there: the model agrees with what was measured
                 stopped = "converged"
                 break
@@ -1117,7 +1120,7 @@ def run_tune_w(
     if gamma is None:
         per_snap = BRENT_DEFAULT_EVALS if max_evals is None else max_evals
     else:
-        per_snap = EVALS_PER_ROUND * rounds + refine if max_evals is None else max_evals
+        per_snap = default_fit_budget(rounds, refine) if max_evals is None else max_evals
     total = per_snap * len(snaps) + (2 if confirm_samples else 0)
     log: list[dict[str, Any]] = []
     loaded: dict[str, Any] = {"index": None, "sd": None}
