@@ -250,6 +250,8 @@ def run_align(
     batch: int | None = None,
     seed: int = 0,
     curvature_step: float | None = 0.1,
+    set_pairs: list[str] | tuple[str, ...] = (),
+    trust_pickle: bool = False,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
@@ -263,7 +265,7 @@ def run_align(
         UsageError: missing paths, no source of real data, bad numbers; FamilyError: unknown
         family; CheckpointError / DataError: unreadable inputs.
     """
-    from neon_cli.family import get_family, plugin_version
+    from neon_cli.family import get_family, load_model, plugin_version, resolve_settings
     from neon_cli.family import model_path as resolve_model
     from neon_cli.synth import load_synthetic
 
@@ -273,13 +275,14 @@ def run_align(
     report.family = plugin_version(family_name)
     path = resolve_model(family, base, "--base")
     report.add_input("base", path)
-    model = family.load(str(path))
+    settings = resolve_settings(family, set_pairs, train=True)
+    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
     theta_s = None
     if selftrained is not None:
         if not Path(selftrained).exists():
             raise UsageError(f"--selftrained: {selftrained} does not exist")
         report.add_input("selftrained", selftrained)
-        theta_s = family.load(str(selftrained))
+        theta_s = load_model(family, selftrained, settings=settings, trust_pickle=trust_pickle, purpose="train")
     syn_images = syn_labels = None
     if synthetic is not None:
         syn_images, syn_labels, _ = load_synthetic(Path(synthetic))

@@ -140,14 +140,19 @@ class Evaluator:
 
 
 def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str], num_samples: int, seed: int,
-             batch: int, thresholds: Mapping[str, float] | None, report: Any, progress: ProgressFn = null_progress) -> dict[str, float]:
+             batch: int, thresholds: Mapping[str, float] | None, report: Any, progress: ProgressFn = null_progress,
+             trust_pickle: bool = False, detector: Path | None = None, ref_stats: Path | None = None) -> dict[str, float]:
     """``neon eval``: metrics of one checkpoint on the seed plan; raises ThresholdExceeded past a threshold.
 
     ``thresholds`` maps a metric name to its maximum (e.g. ``{"fid": 2.0}``); a metric above it
     raises :class:`ThresholdExceeded` (exit 1) after the results are recorded in ``report``.
-    ``model_path`` None means the family's embedded default checkpoint.
+    ``model_path`` None means the family's embedded default checkpoint. ``detector`` /
+    ``ref_stats`` (``--detector`` / ``--ref-stats``) override ``$NEON_INCEPTION`` /
+    ``$NEON_REF_STATS`` for families scored with Inception FID (:mod:`neon_cli.scoring`); their
+    sha256 go to ``report.results["scoring"]``.
     """
-    from neon_cli.family import get_family, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.scoring import scoring_files
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
@@ -155,10 +160,11 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     path = resolve_model(family, model_path)
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
-    model = family.load(str(path))
+    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
     ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
-    metrics = ev.score_model(model)
-    report.results.update(metrics=metrics, num_samples=num_samples, seed=seed)
+    with scoring_files(detector, ref_stats) as scoring:
+        metrics = ev.score_model(model)
+    report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, scoring=scoring)
     for name, limit in (thresholds or {}).items():
         if name not in metrics:
             raise UsageError(f"--max-{name}: family {family_name!r} reports no metric {name!r}")

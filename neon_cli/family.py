@@ -61,7 +61,10 @@ class Setting:
         return value
 
     def check(self, value: Any) -> None:
-        """Raise :class:`FamilyError` if ``value`` is outside the documented range or choices."""
+        """Raise :class:`FamilyError` if ``value`` is NaN/inf (numbers), outside the documented
+        range or not one of the choices."""
+        if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+            raise FamilyError(f"--set {self.name}: must be a finite number, got {value}")
         if self.choices is not None and value not in self.choices:
             raise FamilyError(f"--set {self.name}: {value!r} is not one of {list(self.choices)}")
         if self.low is not None and value < self.low:
@@ -113,6 +116,17 @@ class Family(Protocol):
             distances; see ``metrics``) of uint8 samples against its reference data.
 
     Optional:
+        train_settings: more :class:`Setting` objects that only ``neon finetune --set`` accepts
+            (the recipe's knobs: augmentation probability, dropout, ...).
+        load(path, *, settings=None, trust_pickle=False, purpose="sample"): ``load`` may accept
+            any of these keywords; :func:`load_model` passes those it declares. ``settings``: the
+            resolved settings of the command (``--set``, for finetune including
+            ``train_settings``); ``trust_pickle``: the user gave ``--trust-pickle`` (a family whose
+            loading runs code from the file must refuse without it, naming the flag);
+            ``purpose``: ``"sample"`` (synth, eval, tune-w) or ``"train"`` (finetune, align).
+        snapshot_name(images_seen) -> str: file name of the fine-tuning snapshot after
+            ``images_seen`` images, in the family's own convention (default
+            ``theta_s-%09d`` + ``checkpoint_suffix``).
         checkpoint_suffix: suffix of the snapshots ``neon finetune`` writes (default
             ``".safetensors"``; ``""`` for families whose checkpoints are folders).
         model_num_classes(path) -> int: classes of the model at ``path`` when they vary between
@@ -219,12 +233,74 @@ def check_family(obj: Any, name: str) -> None:
         raise FamilyError(f"family {name!r}: plugin object lacks {', '.join(missing)}")
 
 
+def is_family_spec(name: str) -> bool:
+    """True when ``name`` names a family by file or module (``./fam.py:family``, ``pkg.mod:obj``,
+    ``fam.py``) rather than by entry-point name."""
+    return ":" in name or name.endswith(".py")
+
+
+def _load_spec(spec: str) -> Any:
+    """The object named by ``FILE.py[:ATTR]`` or ``MODULE:ATTR`` (ATTR defaults to ``family``).
+
+    A file is imported as a module of its own (its folder is put on ``sys.path`` first, so it can
+    import its siblings); this runs the file's code, as ``python FILE`` would: it is the user's
+    own family. Raises :class:`FamilyError` naming the spec.
+    """
+    import importlib
+    import importlib.util
+    import sys
+
+    target, _, attr = spec.rpartition(":") if ":" in spec else (spec, "", "family")
+    attr = attr or "family"
+    if target.endswith(".py") or "/" in target or os.sep in target:
+        file = Path(target).expanduser()
+        if not file.is_file():
+            raise FamilyError(f"family {spec!r}: {file} does not exist")
+        import hashlib
+
+        modname = "neon_family_" + hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:12]
+        module = sys.modules.get(modname)
+        if module is None:
+            folder = str(file.resolve().parent)
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            loader_spec = importlib.util.spec_from_file_location(modname, file)
+            if loader_spec is None or loader_spec.loader is None:
+                raise FamilyError(f"family {spec!r}: {file} is not an importable Python file")
+            module = importlib.util.module_from_spec(loader_spec)
+            sys.modules[modname] = module
+            try:
+                loader_spec.loader.exec_module(module)
+            except Exception as exc:
+                sys.modules.pop(modname, None)
+                raise FamilyError(f"family {spec!r}: importing {file} failed: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except Exception as exc:
+            raise FamilyError(f"family {spec!r}: cannot import module {target!r}: {type(exc).__name__}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise FamilyError(f"family {spec!r}: {target} has no attribute {attr!r}") from None
+
+
 def get_family(name: str) -> Any:
-    """The loaded family ``name``; raises :class:`FamilyError` listing the installed ones."""
+    """The loaded family ``name``; raises :class:`FamilyError` listing the installed ones.
+
+    ``name`` is an entry-point name of the group ``neon.families`` or, for a family that is not
+    packaged, ``path/to/family.py[:ATTR]`` or ``package.module:ATTR`` (ATTR defaults to
+    ``family``), e.g. ``neon synth ./my_family.py:family ...``.
+    """
+    if is_family_spec(name):
+        obj = _load_spec(name)
+        check_family(obj, name)
+        return obj
     eps = {ep.name: ep for ep in entry_points()}
     if name not in eps:
         known = ", ".join(eps) or "none"
-        raise FamilyError(f"unknown family {name!r} (installed: {known}; see 'neon plugins')")
+        raise FamilyError(f"unknown family {name!r} (installed: {known}; see 'neon plugins', "
+                          "or name a family by file: ./my_family.py:family)")
     try:
         obj = eps[name].load()
     except Exception as exc:
@@ -233,8 +309,44 @@ def get_family(name: str) -> Any:
     return obj
 
 
+def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[str, Any] | None = None,
+               trust_pickle: bool = False, purpose: str = "sample") -> Any:
+    """``family.load(path, ...)``, passing the keywords ``settings``, ``trust_pickle`` and
+    ``purpose`` that the family's ``load`` declares (see :class:`Family`); older families take
+    the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU)."""
+    import inspect
+
+    fn = family.load
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins / C extensions
+        params = {}
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    offered = {"settings": dict(settings or {}), "trust_pickle": bool(trust_pickle), "purpose": purpose}
+    kwargs = {k: v for k, v in offered.items() if accepts_any or k in params}
+    return fn(str(path), **kwargs)
+
+
+def snapshot_name(family: Any, images_seen: int) -> str:
+    """File name of the fine-tuning snapshot after ``images_seen`` images: the family's own
+    ``snapshot_name`` if it has one, else ``theta_s-%09d`` + ``checkpoint_suffix``."""
+    fn = getattr(family, "snapshot_name", None)
+    if callable(fn):
+        return str(fn(int(images_seen)))
+    return f"theta_s-{int(images_seen):09d}{getattr(family, 'checkpoint_suffix', '.safetensors')}"
+
+
 def plugin_version(name: str) -> dict[str, Any]:
-    """``{"name", "distribution", "version"}`` of family ``name`` for reports."""
+    """``{"name", "distribution", "version"}`` of family ``name`` for reports (for a family named
+    by file: also ``"source"`` and its ``"sha256"``)."""
+    if is_family_spec(name):
+        target = name.rpartition(":")[0] if ":" in name else name
+        out: dict[str, Any] = {"name": name, "distribution": None, "version": None, "source": target}
+        if Path(target).is_file():
+            from neon_cli.fsutil import sha256_file
+
+            out["sha256"] = sha256_file(target)
+        return out
     for ep in entry_points():
         if ep.name == name:
             dist = getattr(ep, "dist", None)
@@ -260,14 +372,17 @@ def model_path(family: Any, path: Any = None, flag: str = "--model") -> Path:
     return path
 
 
-def resolve_settings(family: Any, pairs: Sequence[str] = (), overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def resolve_settings(family: Any, pairs: Sequence[str] = (), overrides: Mapping[str, Any] | None = None,
+                     *, train: bool = False) -> dict[str, Any]:
     """Family defaults updated by ``--set KEY=VALUE`` strings and then by ``overrides``.
 
+    ``train=True`` (``neon finetune``) also accepts the family's optional ``train_settings``.
     Raises :class:`FamilyError` naming the key for an unknown key, a malformed pair, or a value
     outside the setting's range.
     """
-    specs = {s.name: s for s in family.settings}
-    out = {s.name: s.default for s in family.settings}
+    all_specs = list(family.settings) + (list(getattr(family, "train_settings", ()) or ()) if train else [])
+    specs = {s.name: s for s in all_specs}
+    out = {s.name: s.default for s in all_specs}
     for pair in pairs:
         if "=" not in pair:
             raise FamilyError(f"--set {pair!r}: expected KEY=VALUE")

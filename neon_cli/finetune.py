@@ -37,25 +37,32 @@ def finetune(
     save_every: int | None = None,
     ema_halflife: int | None = None,
     seed: int = 0,
+    set_pairs: list[str] | tuple[str, ...] = (),
+    trust_pickle: bool = False,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
     """Fine-tune ``model_path`` on the synthetic set in ``data_dir`` for ``budget`` images seen.
 
     ``lr``/``batch``/``warmup``/``ema_halflife`` default to the family's ``train_defaults``.
+    ``set_pairs`` (``--set KEY=VALUE``) resolve against the family's settings and its optional
+    ``train_settings``; they and ``trust_pickle`` reach the family's ``load`` (purpose
+    ``"train"``, see :func:`neon_cli.family.load_model`).
     Returns ``{"snapshots": [{"path", "images_seen", "sha256"}], ...}`` (also in ``finetune.json``
     and ``report.results``). Raises UsageError for bad numbers/paths, DataError for an incomplete
     synthetic set, CheckpointError for an unreadable model.
     """
     import torch
 
-    from neon_cli.family import get_family, model_path as resolve_model, plugin_version
+    from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.synth import load_synthetic
+    from neon_cli.family import snapshot_name as family_snapshot_name
     from neon_cli.train import TrainConfig, train_loop
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, model_path)
+    settings = resolve_settings(family, set_pairs, train=True)
     defaults = dict(getattr(family, "train_defaults", {}) or {})
     cfg = TrainConfig(
         budget=budget,
@@ -73,17 +80,17 @@ def finetune(
     base_sha = report.add_input("base", path)
     images, labels, manifest = load_synthetic(data_dir)
     data_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
-    report.settings.update(train_config=cfg.__dict__)
+    report.settings.update(train_config=cfg.__dict__, resolved_settings=settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
     base_images = int(base_meta.get("train_images", 0) or 0)
     suffix = getattr(family, "checkpoint_suffix", ".safetensors")
-    model = family.load(str(path))
+    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
     torch.manual_seed(seed)
     snapshots: list[dict[str, Any]] = []
 
     def on_snapshot(seen: int, weights: Any) -> None:
-        f = out_dir / snapshot_name(seen, suffix)
+        f = out_dir / family_snapshot_name(family, seen)
         meta = {
             "neon_role": "selftrained",
             "finetune_images": str(seen),

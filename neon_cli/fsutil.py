@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 _CHUNK = 1 << 22
 
@@ -85,3 +85,153 @@ def sha256_path(path: str | os.PathLike[str]) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
         h.update(str(f.relative_to(path)).encode() + b"\0" + sha256_file(f).encode() + b"\n")
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# outputs never touch inputs; one writer per output
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an existing path (symlinks followed), None if it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when ``a`` and ``b`` name the same file or folder: equal after resolving ``.``/``..``
+    and symlinks, or the same inode (a hard link)."""
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    ia, ib = _identity(pa), _identity(pb)
+    return ia is not None and ia == ib
+
+
+def _inside(child: Path, folder: Path) -> bool:
+    """True when ``child`` lies inside the existing folder ``folder`` (after resolving)."""
+    if not folder.is_dir():
+        return False
+    c, f = child.resolve(), folder.resolve()
+    return c != f and f in c.parents
+
+
+def check_outputs(inputs: Mapping[str, Any], outputs: Mapping[str, Any]) -> None:
+    """Refuse output paths that would overwrite an input or each other, before any work.
+
+    Args:
+        inputs: flag (or role) -> path, or an iterable of paths, of every file or folder the
+            command reads; None values are skipped.
+        outputs: flag -> path of every file or folder the command writes; None values are skipped.
+
+    An output clashes with an input when it is the same file (same resolved path, a symlink to
+    it, or a hard link: same inode) or lies inside an input folder; two outputs clash when they
+    are the same path. Raises :class:`~neon_cli.errors.UsageError` naming both flags, e.g.
+    ``--report: base.safetensors is also the input --base; choose another file``.
+    """
+    from neon_cli.errors import UsageError
+
+    def flat(items: Mapping[str, Any]) -> list[tuple[str, Path]]:
+        out = []
+        for flag, value in items.items():
+            if value is None:
+                continue
+            values = value if isinstance(value, (list, tuple, set)) else [value]
+            out.extend((flag, Path(v)) for v in values if v is not None and str(v) != "")
+        return out
+
+    ins, outs = flat(inputs), flat(outputs)
+    for oflag, opath in outs:
+        for iflag, ipath in ins:
+            if same_file(opath, ipath):
+                raise UsageError(f"{oflag}: {opath} is also the input {iflag}; choose another path (inputs are never overwritten)")
+            if _inside(opath, ipath):
+                raise UsageError(f"{oflag}: {opath} is inside the input {iflag} ({ipath}); choose a path outside it")
+    for i, (fa, pa) in enumerate(outs):
+        for fb, pb in outs[i + 1:]:
+            if same_file(pa, pb):
+                raise UsageError(f"{fb}: {pb} is also the output of {fa}; give each output its own path")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_tmp(path: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary siblings ``.NAME.tmp-PID`` (see :func:`tmp_name`) that a killed run of
+    this host left next to ``path``: those whose PID no longer runs. Returns what was removed.
+
+    A temporary file of a live process (another run writing the same output) is left alone.
+    """
+    import shutil
+
+    path = Path(path)
+    removed = []
+    prefix = f".{path.name}.tmp-"
+    if not path.parent.is_dir():
+        return removed
+    for p in path.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        pid = p.name[len(prefix):]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        removed.append(p)
+    return removed
+
+
+def lock_path(target: str | os.PathLike[str], folder: bool) -> Path:
+    """The lock file guarding ``target``: ``TARGET/.neon.lock`` for a folder output (the folder is
+    created), ``.NAME.lock`` beside a file output. Dot files are not part of a folder's
+    :func:`sha256_path`."""
+    target = Path(target)
+    if folder:
+        target.mkdir(parents=True, exist_ok=True)
+        return target / ".neon.lock"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: str | os.PathLike[str], flag: str = "-o", *, folder: bool = False) -> Iterator[Path]:
+    """Hold an exclusive ``fcntl.flock`` on :func:`lock_path` ``(target, folder)`` for the block.
+
+    A second neon run on the same output (another process, on this host or, where the file
+    system supports flock, another node) gets :class:`~neon_cli.errors.UsageError` at once
+    (``-o: runs/S is being written by another neon run (pid 123 on host); wait for it to finish
+    or choose another path``) instead of mixing its files with the first run's. The lock file
+    holds the owner's pid and host for that message; the kernel drops the lock when the process
+    dies, so a killed run never blocks its rerun.
+    """
+    import fcntl
+    import socket
+
+    from neon_cli.errors import UsageError
+
+    lp = lock_path(target, folder)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            raise UsageError(f"{flag}: {target} is being written by another neon run ({owner}); "
+                             "wait for it to finish or choose another path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        yield lp
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

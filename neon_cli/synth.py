@@ -46,19 +46,21 @@ def synthesize(
     set_pairs: list[str] | tuple[str, ...] = (),
     shard_size: int = 1000,
     batch: int = 500,
+    trust_pickle: bool = False,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
     """Sample ``num`` images from ``model_path`` into ``out_dir`` (see the module docstring).
 
-    Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
+    ``trust_pickle``: passed to the family's ``load`` (``--trust-pickle``; see
+    :func:`neon_cli.family.load_model`). Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
     ``out_dir`` holds shards of a different plan (another model, settings or seeds).
     """
     import torch
     from safetensors.torch import save_file
 
     from neon_cli.evaluate import classes_of, seed_plan
-    from neon_cli.family import get_family, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
 
     if num <= 0:
         raise UsageError(f"--num: must be positive, got {num}")
@@ -97,7 +99,7 @@ def synthesize(
     report.results.update(shards_total=len(shards), shards_present=len(shards) - len(todo))
     from neon_cli.dist import device
 
-    model = family.load(str(path)).to(device()) if mine else None
+    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle).to(device()) if mine else None
     meta = {"family": family.name, "settings": json.dumps(settings, sort_keys=True), "model_sha256": model_sha}
     done_imgs = sum(c for k, _, c in shards) - sum(c for _, _, c in mine)
     total_imgs = num

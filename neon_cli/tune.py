@@ -989,8 +989,52 @@ def run_tune_w(
     output: Path | None = None,
     plot: Path | None = None,
     abandon_margin: float | None = 0.02,
+    trust_pickle: bool = False,
+    detector: Path | None = None,
+    ref_stats: Path | None = None,
     report: Any,
     progress: ProgressFn = null_progress,
+) -> dict[str, Any]:
+    """``neon tune-w``: :func:`_tune_w` with ``--detector`` / ``--ref-stats`` in effect
+    (:func:`neon_cli.scoring.scoring_files`); see there. ``trust_pickle`` reaches the family's
+    ``load`` (:func:`neon_cli.family.load_model`)."""
+    from neon_cli.scoring import scoring_files
+
+    with scoring_files(detector, ref_stats) as scoring:
+        report.results["scoring"] = scoring
+        return _tune_w(family_name, base, selftrained, bounds=bounds, gamma=gamma, xtol=xtol, max_evals=max_evals,
+                       rounds=rounds, refine=refine, gamma_scale=gamma_scale, metric=metric, num_samples=num_samples,
+                       seed=seed, confirm_samples=confirm_samples, set_pairs=set_pairs, batch=batch, cache=cache,
+                       output=output, plot=plot, abandon_margin=abandon_margin, trust_pickle=trust_pickle,
+                       scoring=scoring, report=report, progress=progress)
+
+
+def _tune_w(
+    family_name: str,
+    base: Path | None,
+    selftrained: Sequence[str | os.PathLike[str]],
+    *,
+    bounds: tuple[float, float],
+    gamma: tuple[float, float] | None,
+    xtol: float,
+    max_evals: int | None,
+    rounds: int,
+    refine: int,
+    gamma_scale: str,
+    metric: str | None,
+    num_samples: int,
+    seed: int,
+    confirm_samples: int,
+    set_pairs: Sequence[str],
+    batch: int,
+    cache: Path | None,
+    output: Path | None,
+    plot: Path | None,
+    abandon_margin: float | None,
+    trust_pickle: bool,
+    scoring: Mapping[str, Any],
+    report: Any,
+    progress: ProgressFn,
 ) -> dict[str, Any]:
     """``neon tune-w``: the best (snapshot, w[, gamma]) for theta_Neon = theta_r - w (theta_s - theta_r).
 
@@ -1045,7 +1089,7 @@ def run_tune_w(
         CheckpointError: unreadable checkpoints (from the family).
     """
     from neon_cli.evaluate import Evaluator
-    from neon_cli.family import get_family, model_path, plugin_version, resolve_settings
+    from neon_cli.family import get_family, load_model, model_path, plugin_version, resolve_settings
     from neon_cli.fsutil import atomic_path
 
     # ---- validate flags (before any expensive work) ----
@@ -1108,7 +1152,7 @@ def run_tune_w(
     # ---- inputs ----
     base_sha = report.add_input("base", base)
     snap_shas = [report.add_input("selftrained", s) for s in snaps]
-    model = family.load(str(base))
+    model = load_model(family, base, settings=settings, trust_pickle=trust_pickle)
     base_sd = model.state_dict()
     from neon_cli.evaluate import classes_of
 
@@ -1128,7 +1172,7 @@ def run_tune_w(
     def selftrained_sd(i: int) -> Any:
         if loaded["index"] != i:
             loaded["sd"] = None  # free the previous snapshot first
-            loaded["sd"] = family.load(str(snaps[i])).state_dict()
+            loaded["sd"] = load_model(family, snaps[i], settings=settings, trust_pickle=trust_pickle).state_dict()
             loaded["index"] = i
         return loaded["sd"]
 
@@ -1145,6 +1189,8 @@ def run_tune_w(
             "w": _rkey(w), "gamma": _rkey(cand_settings.get(guidance)) if guidance else None,
             "settings": cand_settings, "seed": ev.seed, "num_samples": ev.num_samples,
         }
+        if any(scoring.values()):  # FIDs of different detectors / references are different numbers
+            key["scoring"] = {k: (v or {}).get("sha256") for k, v in scoring.items()}
         hit = store.get(key)
         if hit is not None:
             metrics, seconds, cached = dict(hit["metrics"]), float(hit.get("seconds", 0.0)), True

@@ -21,6 +21,15 @@ ReportOpt = typer.Option(None, "--report", help="Write a JSON report (schema neo
 JsonOpt = typer.Option(False, "--json", help="Print the results as JSON on stdout (progress goes to stderr).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Inference setting of the family (repeatable); see 'neon plugins'.")
+TrustOpt = typer.Option(
+    False, "--trust-pickle",
+    help="Let the family run code from the checkpoint to build the model (EDM/IMM .pkl networks). Only for files you trust.")
+DetectorOpt = typer.Option(
+    None, "--detector", dir_okay=False,
+    help="Inception detector inception-2015-12-05.pt for FID (default: $NEON_INCEPTION).")
+RefStatsOpt = typer.Option(
+    None, "--ref-stats", dir_okay=False,
+    help="Reference statistics .npz (mu, sigma) for FID (default: $NEON_REF_STATS).")
 
 
 def complete_family(incomplete: str) -> list[str]:

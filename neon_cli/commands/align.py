@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, complete_family, run
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         batch: Optional[int] = typer.Option(None, "--batch", help="Samples per gradient batch (default: the family's training batch)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the loss noise (the same for every gradient pass)."),
         curvature_step: float = typer.Option(0.1, "--curvature-step", help="h of the central difference for d2R/dw2 (0: skip)."),
+        set_: Optional[List[str]] = SetOpt,
+        trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -50,10 +52,11 @@ def register(app: typer.Typer) -> None:
             lambda report, progress: run_align(
                 family, base, selftrained=selftrained, synthetic=synthetic, real=real, num_real=num_real,
                 real_seed=real_seed, precond=precond, batch=batch, seed=seed,
-                curvature_step=curvature_step or None, report=report, progress=progress),
+                curvature_step=curvature_step or None, set_pairs=set_ or [], trust_pickle=trust_pickle,
+                report=report, progress=progress),
             settings=dict(family=family, base=base, selftrained=selftrained, synthetic=synthetic, real=real,
                           num_real=num_real, real_seed=real_seed, precond=precond, batch=batch, seed=seed,
-                          curvature_step=curvature_step),
+                          curvature_step=curvature_step, set=set_ or [], trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet,
             show=_show,
         )

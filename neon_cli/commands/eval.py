@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, complete_family, run
+from neon_cli.commands._common import DetectorOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +21,9 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size."),
         max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid exceeds this."),
         max_metric: Optional[List[str]] = typer.Option(None, "--max", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable)."),
+        detector: Optional[Path] = DetectorOpt,
+        ref_stats: Optional[Path] = RefStatsOpt,
+        trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -52,8 +55,10 @@ def register(app: typer.Typer) -> None:
         run(
             "eval",
             lambda report, progress: evaluate(family, model, set_pairs=set_ or [], num_samples=num_samples, seed=seed,
-                                              batch=batch, thresholds=thresholds, report=report, progress=progress),
-            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, thresholds=thresholds),
+                                              batch=batch, thresholds=thresholds, trust_pickle=trust_pickle,
+                                              detector=detector, ref_stats=ref_stats, report=report, progress=progress),
+            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, thresholds=thresholds,
+                          detector=detector, ref_stats=ref_stats, trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet,
             show=_show,
         )

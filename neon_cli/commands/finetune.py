@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, complete_family, run
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -24,6 +24,10 @@ def register(app: typer.Typer) -> None:
         save_every: Optional[int] = typer.Option(None, "--save-every", help="Snapshot + training state every this many images."),
         ema_halflife: Optional[int] = typer.Option(None, "--ema-halflife", help="EMA half-life in images (default: family recipe)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data order and training noise."),
+        set_: Optional[List[str]] = typer.Option(
+            None, "--set", metavar="KEY=VALUE",
+            help="Setting of the family, inference or training recipe (repeatable); see 'neon plugins'."),
+        trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -44,9 +48,11 @@ def register(app: typer.Typer) -> None:
             "finetune",
             lambda report, progress: finetune_fn(family, model, data, budget=budget, lr=lr, out_dir=out, batch=batch,
                                                  warmup=warmup, save_every=save_every, ema_halflife=ema_halflife,
-                                                 seed=seed, report=report, progress=progress),
+                                                 seed=seed, set_pairs=set_ or [], trust_pickle=trust_pickle,
+                                                 report=report, progress=progress),
             settings=dict(family=family, model=model, data=data, budget=budget, lr=lr, out=out, warmup=warmup, batch=batch,
-                          save_every=save_every, ema_halflife=ema_halflife, seed=seed),
+                          save_every=save_every, ema_halflife=ema_halflife, seed=seed, set=set_ or [],
+                          trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet,
             show=lambda r, c: c.print(f"theta_s: {r['final']} ({len(r['snapshots'])} snapshots)"),
         )

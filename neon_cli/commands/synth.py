@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, complete_family, run
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         set_: Optional[List[str]] = SetOpt,
         shard_size: int = typer.Option(1000, "--shard-size", help="Images per shard (the unit of resume)."),
         batch: int = typer.Option(500, "--batch", help="Sampling batch size."),
+        trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -40,8 +41,10 @@ def register(app: typer.Typer) -> None:
         run(
             "synth",
             lambda report, progress: synthesize(family, model, num=num, out_dir=out, seed=seed, set_pairs=set_ or [],
-                                                shard_size=shard_size, batch=batch, report=report, progress=progress),
-            settings=dict(family=family, model=model, num=num, out=out, seed=seed, set=set_ or [], shard_size=shard_size, batch=batch),
+                                                shard_size=shard_size, batch=batch, trust_pickle=trust_pickle,
+                                                report=report, progress=progress),
+            settings=dict(family=family, model=model, num=num, out=out, seed=seed, set=set_ or [], shard_size=shard_size, batch=batch,
+                          trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet,
             show=lambda r, c: c.print(f"synthetic set: {r['num']} images in {len(r['shards'])} shards -> {out}/manifest.json"),
         )

@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, complete_family, run
+from neon_cli.commands._common import DetectorOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -49,6 +49,9 @@ def register(app: typer.Typer) -> None:
             None, "--cache", dir_okay=False, help="JSON-lines evaluation cache: reruns reuse it, an interrupted search resumes."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", dir_okay=False, help="Write the merged best checkpoint here."),
         plot: Optional[Path] = typer.Option(None, "--plot", dir_okay=False, help="PNG of the metric vs w (needs matplotlib)."),
+        detector: Optional[Path] = DetectorOpt,
+        ref_stats: Optional[Path] = RefStatsOpt,
+        trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -80,12 +83,14 @@ def register(app: typer.Typer) -> None:
                 max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale, metric=metric,
                 num_samples=num_samples, seed=seed,
                 confirm_samples=confirm_samples, set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot,
-                abandon_margin=margin, report=report, progress=progress),
+                abandon_margin=margin, trust_pickle=trust_pickle, detector=detector, ref_stats=ref_stats,
+                report=report, progress=progress),
             settings=dict(family=family, base=base, selftrained=items, bounds=list(bounds), gamma=list(gamma) if gamma else None,
                           xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale,
                           metric=metric, num_samples=num_samples, seed=seed,
                           confirm_samples=confirm_samples, set=set_ or [], batch=batch, abandon_margin=abandon_margin,
-                          cache=cache, out=out, plot=plot),
+                          cache=cache, out=out, plot=plot, detector=detector, ref_stats=ref_stats,
+                          trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet,
             show=_show,
         )
