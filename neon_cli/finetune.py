@@ -57,7 +57,7 @@ def finetune(
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.synth import load_synthetic
     from neon_cli.family import snapshot_name as family_snapshot_name
-    from neon_cli.train import TrainConfig, train_loop
+    from neon_cli.train import TrainConfig, snapshot_points, train_loop
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
@@ -74,6 +74,12 @@ def finetune(
         seed=seed,
     )
     cfg.check()
+    points = snapshot_points(cfg.budget, cfg.batch, cfg.save_every)
+    names = [family_snapshot_name(family, p) for p in points]
+    for (a, na), (b, nb) in zip(zip(points, names), zip(points[1:], names[1:])):
+        if na == nb:
+            raise UsageError(f"--save-every: the snapshots after {a} and {b} images would both be named {na} "
+                             f"(family {family.name!r}'s snapshot names); give a larger --save-every")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o: {out_dir} exists and is not a directory")
@@ -107,15 +113,15 @@ def finetune(
 
     train_loop(family, model, images, labels, cfg, state_path=out_dir / "train_state.pt",
                on_snapshot=on_snapshot, progress=progress)
-    # every snapshot on disk (a resumed run only made the later ones in this process)
-    all_snaps = []
+    # every snapshot on disk (a resumed run only made the later ones in this process): this run's
+    # schedule under the family's names, plus default-named ones of earlier runs with another --save-every
+    found = {out_dir / n: p for p, n in zip(points, names) if (out_dir / n).exists()}
     for f in sorted(out_dir.glob(f"theta_s-*{suffix}")):
         digits = f.name[len("theta_s-"):len(f.name) - len(suffix)]
-        if not digits.isdigit():
-            continue
-        seen = int(digits)
-        if seen <= cfg.budget:
-            all_snaps.append({"path": str(f), "images_seen": seen, "sha256": sha256_path(f)})
+        if digits.isdigit() and int(digits) <= cfg.budget:
+            found.setdefault(f, int(digits))
+    all_snaps = [{"path": str(f), "images_seen": seen, "sha256": sha256_path(f)}
+                 for f, seen in sorted(found.items(), key=lambda kv: kv[1])]
     results = {
         "snapshots": all_snaps,
         "final": all_snaps[-1]["path"] if all_snaps else None,
