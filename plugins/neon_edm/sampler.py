@@ -127,6 +127,12 @@ def one_hot(labels: torch.Tensor, label_dim: int, device: Any) -> torch.Tensor:
 def sample(net: Any, seeds: torch.Tensor, labels: torch.Tensor | None, settings: Mapping[str, Any]) -> torch.Tensor:
     """uint8 images [N, C, H, W] on CPU (see the module docstring). ``labels`` int64 [N] is required
     for class-conditional networks (``net.label_dim > 0``) and ignored otherwise."""
+    return to_uint8(sample_float(net, seeds, labels, settings)).cpu()
+
+
+def sample_float(net: Any, seeds: torch.Tensor, labels: torch.Tensor | None, settings: Mapping[str, Any]) -> torch.Tensor:
+    """The sampler's float64 result x_N [N, C, H, W] (in [-1, 1] up to the model's error), on the
+    network's device, before the uint8 conversion of :func:`sample`."""
     from neon_cli.errors import FamilyError
 
     device = next(net.parameters()).device
@@ -147,9 +153,8 @@ def sample(net: Any, seeds: torch.Tensor, labels: torch.Tensor | None, settings:
         for g in gens:  # EDM draws its random label here; keep the generator where EDM has it
             torch.randint(label_dim, size=[], generator=g, device=device)
         class_labels = one_hot(labels, label_dim, device)
-    x = heun(net, latents, class_labels, t, gammas, float(settings.get("S_noise", 1.0)),
-             noise=lambda like: _randn(gens, like.shape[1:], like.dtype, like.device))
-    return to_uint8(x).cpu()
+    return heun(net, latents, class_labels, t, gammas, float(settings.get("S_noise", 1.0)),
+                noise=lambda like: _randn(gens, like.shape[1:], like.dtype, like.device))
 
 
 def nfe(num_steps: int) -> int:
@@ -158,4 +163,4 @@ def nfe(num_steps: int) -> int:
 
 
 __all__ = ["karras_sigmas", "time_steps", "generators", "edm_labels", "churn_gammas", "heun", "to_uint8", "one_hot",
-           "sample", "nfe", "SIGMA_MIN", "SIGMA_MAX"]
+           "sample", "sample_float", "nfe", "SIGMA_MIN", "SIGMA_MAX"]

@@ -9,8 +9,9 @@ What ``train.py --transfer=PKL`` does and what neon does in its place:
   the pickle's own constructor arguments (``init_args`` / ``init_kwargs`` recorded by
   ``torch_utils.persistence``, so the architecture cannot disagree with the file), ``dropout``
   replaced by the ``dropout`` setting, and copies with the checkout's own
-  ``copy_params_and_buffers``; ``use_fp16`` is False (train.py's ``--fp16`` default). With ``augment > 0`` the network needs EDM's 9 augmentation labels
-  (``augment_dim=9``, as the released CIFAR-10/FFHQ networks have); with ``augment = 0`` EDM
+  ``copy_params_and_buffers``; ``use_fp16`` is False (train.py's ``--fp16`` default). With
+  ``augment > 0`` the network needs EDM's 9 augmentation labels (``augment_dim=9``, as the
+  released CIFAR-10/FFHQ networks have); with ``augment = 0`` EDM
   would build no augmentation layer, neon keeps the base's (it is not used without augment labels,
   so the outputs are the same, and theta_s keeps theta_r's keys for merging).
 * **loss**: the checkout's ``training.loss`` class matching the preconditioning (``VPPrecond`` ->
