@@ -232,9 +232,10 @@ def check_loss(edm, fam, pkls: dict[str, Path]) -> None:
         e = loss_fn(net=theirs, images=images.to(torch.float32) / 127.5 - 1, labels=onehot, augment_pipe=pipe).sum() / 8
         e.backward()
         gerr = max(float((a.grad - b.grad).abs().max()) for a, b in zip(ours.parameters(), theirs.parameters()) if a.grad is not None)
-        err = abs(float(n.detach()) - float(e.detach()))
-        check(f"loss {name}", err <= 1e-6 * max(1.0, abs(float(e))) and gerr <= 1e-5,
-              f"neon {float(n):.6f} vs EDM {float(e):.6f} (|diff| {err:.2g}), gradients max |diff| {gerr:.2g}")
+        nv, ev = float(n.detach()), float(e.detach())
+        err = abs(nv - ev)
+        check(f"loss {name}", err <= 1e-6 * max(1.0, abs(ev)) and gerr <= 1e-5,
+              f"neon {nv:.6f} vs EDM {ev:.6f} (|diff| {err:.2g}), gradients max |diff| {gerr:.2g}")
 
 
 EDM_ONLY = r'''
