@@ -35,7 +35,7 @@ def _shards(d: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_synth_is_identical_with_one_and_two_ranks(tmp_path):
-    args = ["synth", "digits", "--num", "500", "--shard-size", "100", "--batch", "50", "--set", "steps=6", "-q"]
+    args = ["synth", "digits", "--num-images", "500", "--shard-size", "100", "--batch", "50", "--set", "steps=6", "-q"]
     subprocess.run(_neon(*args, "-o", str(tmp_path / "one")), check=True, capture_output=True)
     _torchrun(*args, "-o", str(tmp_path / "two"), "--report", str(tmp_path / "two.json"))
     one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
@@ -51,7 +51,7 @@ def test_synth_is_identical_with_one_and_two_ranks(tmp_path):
 
 def test_ddp_finetune_matches_single_process(toyfam, toy_base, tmp_path):
     S = tmp_path / "S"
-    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num", "96", "--shard-size", "32", "-o", str(S), "-q"), check=True)
+    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num-images", "96", "--shard-size", "32", "-o", str(S), "-q"), check=True)
     common = ["finetune", "toy", "--model", str(toy_base), "--data", str(S), "--budget", "200", "--batch", "16", "--lr", "0.05", "-q"]
     subprocess.run(_neon(*common, "-o", str(tmp_path / "one")), check=True, capture_output=True)
     _torchrun(*common, "-o", str(tmp_path / "two"))
@@ -74,7 +74,7 @@ def _kill_when(cmd: list[str], path: Path, timeout: float = 120.0) -> None:
 
 
 def test_synth_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    args = ["synth", "digits", "--num", "2000", "--shard-size", "100", "--batch", "100", "--set", "steps=4", "-q"]
+    args = ["synth", "digits", "--num-images", "2000", "--shard-size", "100", "--batch", "100", "--set", "steps=4", "-q"]
     _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "shard-00002.safetensors")
     assert not (tmp_path / "k" / "manifest.json").exists()
     made_before = len(list((tmp_path / "k").glob("shard-*.safetensors")))
@@ -89,7 +89,7 @@ def test_synth_sigkill_then_rerun_equals_uninterrupted(tmp_path):
 
 def test_finetune_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     S = tmp_path / "S"
-    subprocess.run(_neon("synth", "digits", "--num", "600", "--set", "steps=4", "-o", str(S), "-q"), check=True)
+    subprocess.run(_neon("synth", "digits", "--num-images", "600", "--set", "steps=4", "-o", str(S), "-q"), check=True)
     args = ["finetune", "digits", "--data", str(S), "--budget", "7680", "--save-every", "1280", "-q"]
     _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "train_state.pt")
     assert not (tmp_path / "k" / "theta_s-000007680.safetensors").exists()
@@ -114,7 +114,7 @@ def test_eval_metrics_equal_with_one_and_two_ranks(tmp_path):
 
 def test_tune_w_two_ranks_take_the_same_decisions_as_one(toyfam, toy_base, tmp_path):
     S, ft = tmp_path / "S", tmp_path / "ft"
-    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num", "64", "-o", str(S), "-q"), check=True)
+    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num-images", "64", "-o", str(S), "-q"), check=True)
     subprocess.run(_neon("finetune", "toy", "--model", str(toy_base), "--data", str(S), "--budget", "160", "-o", str(ft), "-q"), check=True)
     snap = str(ft / "theta_s-000000160.safetensors")
     args = ["tune-w", "toy", "--base", str(toy_base), "--selftrained", snap, "--num-samples", "300", "--batch", "100",
