@@ -128,3 +128,48 @@ def test_tune_w_two_ranks_take_the_same_decisions_as_one(toyfam, toy_base, tmp_p
     # rank 0 alone wrote the cache: one line per evaluation, not two
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == len(two["evaluations"])
     assert (tmp_path / "best.safetensors").exists()
+
+
+INCEPTION_FAMILY = Path(__file__).resolve().parent / "fixtures" / "inception_family.py"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_eval_of_an_inception_scored_family_on_two_ranks_equals_one(tmp_path):
+    """A family whose metric runs the Inception detector (as diffusers/flow do) under torchrun: every
+    rank takes part in the detector's all-gather (it used to be rank 0 alone: a hang), and the FID
+    is over all the images, equal to one process's."""
+    import numpy as np
+
+    from test_inception import TinyDetector  # the suite's stand-in for the TorchScript inception-2015-12-05.pt
+
+    from neon_cli import inception as I
+    from neon_cli.metrics import save_stats
+
+    det = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(TinyDetector()).save(str(det))
+    real = np.random.default_rng(1).integers(0, 256, (64, 3, 8, 8), dtype=np.uint8)
+    mu, sigma, _ = I.compute_stats(I.load_detector(det, "cpu"), real, batch=32)
+    save_stats(tmp_path / "ref.npz", mu, sigma)
+    spec = f"{INCEPTION_FAMILY}:family"
+    fam = __import__("importlib").import_module("neon_cli.family").get_family(spec)
+    fam.save(fam.new(), str(tmp_path / "m.safetensors"), {})
+    args = ["eval", spec, "--model", str(tmp_path / "m.safetensors"), "--num-samples", "90", "--batch", "20",
+            "--detector", str(det), "--ref-stats", str(tmp_path / "ref.npz"), "-q"]
+    subprocess.run(_neon(*args, "--report", str(tmp_path / "one.json")), check=True, capture_output=True, timeout=120)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neon_cli", *args,
+           "--report", str(tmp_path / "two.json")]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("eval under torchrun hung: rank 0 scored alone while the detector waited for the other rank")
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())["results"]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    assert one["metrics"]["fid"] > 0
+    assert two["metrics"]["fid"] == pytest.approx(one["metrics"]["fid"], rel=1e-6)
+    # the FID is over all 90 images: scoring only one rank's half gives another value
+    images = fam.sample(fam.load(str(tmp_path / "m.safetensors")), torch.arange(10_000_000, 10_000_045), None, {})
+    from neon_cli.metrics import feature_stats, frechet_distance
+
+    half = frechet_distance(*feature_stats(I.compute_features(I.load_detector(det, "cpu"), images.numpy())), mu, sigma)
+    assert abs(half - two["metrics"]["fid"]) > 1e-6 * one["metrics"]["fid"]

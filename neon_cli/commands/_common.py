@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -279,9 +278,3 @@ def _flag_of(key: str) -> str:
 
 def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
-
-
-def die(message: str, code: int = 2) -> None:
-    """Print a one-line error for a flag problem caught in the CLI layer and exit."""
-    print(message, file=sys.stderr)
-    raise typer.Exit(code)
