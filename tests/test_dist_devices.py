@@ -64,3 +64,35 @@ def test_inception_rows_gather_stages_on_the_backend_device(fake_group, monkeypa
     with pytest.raises(_Stop):
         I._all_gather_rows(dist, torch.ones(3, 4), 2)
     assert fake_group["seen"] == [torch.device("meta")]
+
+
+def test_main_rank_lock_is_one_decision_for_every_rank(tmp_path, monkeypatch):
+    """Rank 0 alone tries the lock and broadcasts the outcome: when another run holds it, rank 0
+    and rank 1 raise the same one-line error (neither waits in a collective for the other)."""
+    from neon_cli.errors import UsageError
+    from neon_cli.fsutil import exclusive_lock
+
+    sent = []
+
+    def bcast_from_rank0(obj, src=0):
+        sent.append(obj)
+        return obj
+
+    monkeypatch.setattr(D, "broadcast_object", bcast_from_rank0)
+    monkeypatch.setattr(D, "rank_world", lambda: (0, 2))
+    with exclusive_lock(tmp_path / "S", folder=True):
+        with pytest.raises(UsageError, match="being written by another neon run") as on_rank0:
+            with D.main_rank_lock(tmp_path / "S", "-o", folder=True):
+                pytest.fail("entered a locked folder")
+    assert sent == [str(on_rank0.value)]
+    # rank 1 never touches the lock file; it raises what rank 0 sent
+    monkeypatch.setattr(D, "rank_world", lambda: (1, 2))
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, src=0: sent[0])
+    with pytest.raises(UsageError) as on_rank1:
+        with D.main_rank_lock(tmp_path / "other", "-o", folder=True):
+            pytest.fail("entered")
+    assert str(on_rank1.value) == str(on_rank0.value) and not (tmp_path / "other").exists()
+    # free: both enter
+    monkeypatch.setattr(D, "broadcast_object", lambda obj, src=0: None)
+    with D.main_rank_lock(tmp_path / "S", "-o", folder=True):
+        pass
