@@ -87,7 +87,7 @@ def test_several_weights_with_w_placeholder_and_json(tmp_path):
         (["--w", "1.6", "-o", "OUT/x.safetensors", "--dtype", "int4"], "--dtype int4"),
         (["--w", "1.6", "-o", "OUT/x.safetensors", "--exclude", "(("], "--exclude '(('"),
         (["--w", "1.6", "-o", "OUT/x.safetensors", "--shard-size", "1GB"], "--shard-size writes a folder"),
-        (["--w", "1.6", "-o", "BASE"], "is an input"),
+        (["--w", "1.6", "-o", "BASE"], "is also the input base"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(tmp_path, args, message):
