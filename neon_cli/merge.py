@@ -197,7 +197,7 @@ def _from_compute(x: np.ndarray, dtype: str, tmp: np.ndarray | None, back: np.nd
             np.copyto(back, _f8_to(out, dtype, "float64" if back.dtype == np.float64 else "float32"))
         return out, back
     nd = np.dtype(dtype_info(dtype).numpy)
-    out = x.astype(nd) if x.dtype != nd else x
+    out = x.astype(nd)  # always a new array: x may be a reused workspace buffer
     if back is not None:
         np.copyto(back, out, casting="unsafe")
     return out, back
@@ -847,7 +847,18 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def merge_checkpoints(
+def merge_checkpoints(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """See :func:`_merge_checkpoints` (the documented signature); an OS error while writing an
+    output (read-only folder, full disk, a path under a file) becomes a one-line UsageError naming
+    the output, and nothing is left behind."""
+    try:
+        return _merge_checkpoints(*args, **kwargs)
+    except OSError as exc:
+        where = exc.filename or (kwargs.get("outputs") or (args[3] if len(args) > 3 else ["?"]))[0]
+        raise UsageError(f"-o: cannot write {where}: {exc.strerror or exc}") from None
+
+
+def _merge_checkpoints(
     base: str | os.PathLike[str],
     selftrained: str | os.PathLike[str],
     ws: Sequence[float],
@@ -977,8 +988,7 @@ def merge_checkpoints(
             plans.append((comp, rk, sk, items, ignored, pkind))
             warnings += _warnings(comp, rk, sk, pkind)
         out_bytes = sum(sum(it.out_spec.nbytes for it in p[3]) for p in plans)
-        extra = sum(p[1].path.stat().st_size for p in plans if p[5] == "patched" and p[1].path.is_file())
-        _check_disk(outs, out_bytes * (2 if any(p[5] == "torch" for p in plans) else 1) + extra + (1 << 20))
+        _check_disk(outs, sum(_output_size(p[1], p[3], p[5]) for p in plans) + (_tree_bytes(base_p) if folder_mode else 0))
 
         rk0, sk0 = plans[0][1], plans[0][2]
         results: dict[str, Any] = report.results
@@ -1199,6 +1209,23 @@ def _copy_tree(src: Path, dst: Path, merged_components: set[str], warnings: list
         q.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(p, q)
     return skipped
+
+
+def _output_size(rk: Checkpoint, items: list[_Item], pkind: str) -> int:
+    """Bytes one pair writes: tensor data plus headers and container overhead (a patched copy is
+    θ_r's file; a safetensors header ~ 100 bytes per tensor plus metadata and an index; a flat .pt
+    needs its scratch file too)."""
+    data = sum(it.out_spec.nbytes for it in items)
+    if pkind == "patched":
+        return rk.path.stat().st_size if rk.path.is_file() else data
+    header = 8 + 4096 + sum(len(it.raw.encode()) + 96 for it in items)
+    if pkind == "sharded":
+        header *= 2  # index + headers
+    return data + header + (data + 64 * len(items) + 4096 if pkind == "torch" else 0)
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and not is_weight_file(p.name))
 
 
 def _check_disk(outs: list[Path], need_each: int) -> None:
