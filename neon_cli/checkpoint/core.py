@@ -460,7 +460,8 @@ def resolve_key(path: Path, obj: Any, key: str) -> Any:
                 break
         else:
             here = ".".join(walked) or "the top level"
-            found = ", ".join(list(kids)[:12]) if kids else _type_name(cur)
+            shown = [k for k in kids if not k.startswith("_")]
+            found = ", ".join(shown[:12]) if shown else _type_name(cur)
             raise CheckpointError(f"{path}: --key {key}: no entry {parts[i]!r} under {here} (found: {found})")
         walked.append(part)
         i = j
@@ -514,7 +515,7 @@ def find_state_dict(path: Path, obj: Any, prefer_key: str | None, key: str | Non
             sd = weights_of(v)
             if sd is not None:
                 candidates.append((p + (k,), sd))
-            elif isinstance(v, Mapping) or module_state(v) is None and _children(v) and not isinstance(v, (list, tuple)):
+            elif isinstance(v, Mapping) or (module_state(v) is None and not isinstance(v, (list, tuple)) and _children(v)):
                 walk(v, p + (k,), depth + 1)
 
     walk(obj, (), 1)

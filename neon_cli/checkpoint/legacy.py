@@ -43,7 +43,7 @@ MAGIC_PREFIX = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19\x2e"
 def _small_pickle(buf: Any, pos: int, where: str, what: str) -> tuple[Any, int]:
     sc = scan(buf, pos, where=where)
     data, marks = skeleton(buf, sc)
-    up = InertUnpickler(data, where=where, placeholders=marks)
+    up = InertUnpickler(data, where=where, placeholders=marks, protocol=sc.protocol)
     try:
         value = up.load()
     except CheckpointError as exc:
@@ -104,7 +104,7 @@ def read_legacy(buf: Any, start: int, end: int, where: str, source: str, inline:
         nested.append(r)
         return r.obj
 
-    up = InertUnpickler(data, where=where, persistent_load=persistent_load, load_from_bytes=load_from_bytes, placeholders=marks)
+    up = InertUnpickler(data, where=where, persistent_load=persistent_load, load_from_bytes=load_from_bytes, placeholders=marks, protocol=sc.protocol)
     res.obj = up.load()
     res.protocol = sc.protocol
     res.globals = dict(up.globals)
@@ -171,7 +171,7 @@ def read_plain_pickle(buf: Any, where: str, source: str) -> LegacyResult:
         nested.append(r)
         return r.obj
 
-    up = InertUnpickler(data, where=where, load_from_bytes=load_from_bytes, placeholders=marks)
+    up = InertUnpickler(data, where=where, load_from_bytes=load_from_bytes, placeholders=marks, protocol=sc.protocol)
     res.obj = up.load()
     res.protocol = sc.protocol
     res.globals = dict(up.globals)

@@ -106,7 +106,7 @@ def read_zip(path: Path, buf: Any) -> tuple[LegacyResult, zipfile.ZipFile]:
         nested.append(r)
         return r.obj
 
-    up = InertUnpickler(skel, where=where, persistent_load=persistent_load, load_from_bytes=load_from_bytes, placeholders=marks)
+    up = InertUnpickler(skel, where=where, persistent_load=persistent_load, load_from_bytes=load_from_bytes, placeholders=marks, protocol=sc.protocol)
     res.obj = up.load()
     res.protocol = sc.protocol
     res.globals = dict(up.globals)

@@ -500,8 +500,10 @@ class InertUnpickler(pickle.Unpickler):
     """
 
     def __init__(self, data: bytes, *, where: str, persistent_load: Callable[[Any], Any] | None = None,
-                 load_from_bytes: Callable[[Any], Any] | None = None, placeholders: dict[bytes, Payload] | None = None):
+                 load_from_bytes: Callable[[Any], Any] | None = None, placeholders: dict[bytes, Payload] | None = None,
+                 protocol: int = 4):
         super().__init__(io.BytesIO(data))
+        self.protocol = protocol
         self.where = where
         self._pl = persistent_load
         self._lfb = load_from_bytes
@@ -512,6 +514,13 @@ class InertUnpickler(pickle.Unpickler):
 
     def find_class(self, module: str, name: str) -> Any:
         module, name = str(module), str(name)
+        if self.protocol < 3:  # Python 2 names, mapped as pickle.Unpickler(fix_imports=True) does
+            import _compat_pickle
+
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
         self.globals[(module, name)] = self.globals.get((module, name), 0) + 1
         impl = ALLOWED.get((module, name))
         if impl is not None:
