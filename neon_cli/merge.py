@@ -1058,8 +1058,8 @@ def _merge_checkpoints(
             for t in tmps:
                 not_copied = _copy_tree(base_p, t, {c for c, *_ in plans}, warnings)
         elif side_r is not None:
-            for t in tmps:
-                shutil.copy2(side_r, _sidecar(t))
+            for o in outs:
+                shutil.copy2(side_r, stack.enter_context(atomic_path(_sidecar(o))))
         # the inputs' sha256 are known now: fill them in, then hash each output file
         r_sha, s_sha = (h.result() for h in hashes)
         report.add_input("base", base_p, r_sha)

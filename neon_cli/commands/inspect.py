@@ -39,8 +39,10 @@ def register(app: typer.Typer) -> None:
             check_outputs({"CHECKPOINT": checkpoint}, {"--report": report_path})
             return inspect_checkpoint(checkpoint, key=key, report=report, progress=progress)
 
+        from neon_cli.commands.merge import report_target
+
         report_path = report
-        run("inspect", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show)
+        run("inspect", fn, settings=settings, report=report_target(report, checkpoint), json_out=json_out, quiet=quiet, show=_show)
 
 
 def _show(res: dict[str, Any], console: Any) -> None:

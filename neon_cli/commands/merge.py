@@ -43,6 +43,16 @@ def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
     return [Path(pattern.replace("{w}", tok)) for tok in tokens]
 
 
+def report_target(report: Optional[Path], *inputs: Any) -> Optional[Path]:
+    """``report``, or None when it names one of ``inputs`` (then the command's own check refuses it
+    by name, and the error report is not written over the input)."""
+    if report is None:
+        return None
+    from neon_cli.fsutil import same_file
+
+    return None if any(i is not None and same_file(report, i) for i in inputs) else report
+
+
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_cmd(
@@ -119,7 +129,7 @@ def register(app: typer.Typer) -> None:
             )
 
         report_path = report
-        run("merge", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show)
+        run("merge", fn, settings=settings, report=report_target(report, base, selftrained), json_out=json_out, quiet=quiet, show=_show)
 
 
 def _show(res: dict[str, Any], console: Any) -> None:
