@@ -163,10 +163,12 @@ def _to_compute(bits: np.ndarray, dtype: str, cdt: str, buf: np.ndarray | None) 
     return bits.astype(np.float64 if cdt == "float64" else np.float32)
 
 
-def f32_to_bf16(x: np.ndarray, tmp: np.ndarray | None = None, back: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def f32_to_bf16(x: np.ndarray, tmp: np.ndarray | None = None, back: np.ndarray | None = None,
+                nan: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """float32 -> bfloat16 bits with round-to-nearest-even (torch's ``c10::round_to_nearest_even``:
     ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``); NaN becomes 0x7FC0. Returns (uint16 bits, and when
-    ``back`` is given, the bfloat16 values widened back to float32 in ``back``)."""
+    ``back`` is given, the bfloat16 values widened back to float32 in ``back``). ``nan=False``
+    skips the NaN pass when the caller knows ``x`` has none."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
     t = tmp if tmp is not None else np.empty(u.shape, np.uint32)
     np.right_shift(u, 16, out=t)
@@ -175,22 +177,24 @@ def f32_to_bf16(x: np.ndarray, tmp: np.ndarray | None = None, back: np.ndarray |
     np.add(t, u, out=t)
     out = np.empty(u.shape, np.uint16)
     np.right_shift(t, 16, out=out, casting="unsafe")
-    nan = np.isnan(x)
-    if nan.any():
-        out[nan] = 0x7FC0
-        t[nan] = 0x7FC00000
+    if nan:  # the caller may know there is none (finite inputs give finite or ±inf results)
+        isnan = np.isnan(x)
+        if isnan.any():
+            out[isnan] = 0x7FC0
+            t[isnan] = 0x7FC00000
     if back is not None:
         np.bitwise_and(t, np.uint32(0xFFFF0000), out=back.view(np.uint32))
     return out, back
 
 
-def _from_compute(x: np.ndarray, dtype: str, tmp: np.ndarray | None, back: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+def _from_compute(x: np.ndarray, dtype: str, tmp: np.ndarray | None, back: np.ndarray | None,
+                  nan: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """float32/float64 ``x`` as new bits of ``dtype`` (round-to-nearest-even), and the stored
     values widened back into ``back`` (for the statistics) when given."""
     if dtype == "bfloat16":
         if x.dtype == np.float64:
             x = x.astype(np.float32)  # torch rounds double -> bfloat16 through float as well
-        return f32_to_bf16(x, tmp, back)
+        return f32_to_bf16(x, tmp, back, nan)
     if dtype.startswith("float8"):
         out = _f8_from(x, dtype)
         if back is not None:
@@ -318,7 +322,7 @@ def _merge_block(r: np.ndarray, s: np.ndarray, dtype: str, ws: Sequence[float], 
             if back is not None:
                 np.copyto(back, o)
         else:
-            oc, _ = _from_compute(o, out_dtype, tmp, back)
+            oc, _ = _from_compute(o, out_dtype, tmp, back, nan=nf is not None)
         if nf is not None:
             if r_out is None:
                 r_out = r if out_dtype == dtype else _from_compute(r32, out_dtype, None, None)[0]
@@ -708,7 +712,7 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
             stack.callback(_unlink, rf.path)
             stack.callback(rf.abort)
             raws.append(rf)
-    done, total = 0, len(items)
+    done, total, nblocks = 0, len(items), 0
     weight_map: dict[str, str] = {}
     closing: list[Any] = []
     for fname, group in files:
@@ -721,7 +725,9 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
                 ph = {key: 64 for key in ("neon.base_sha256", "neon.selftrained_sha256") if meta.get(key) == "pending"}
                 for key in ph:
                     meta.pop(key)
-                wr = SafetensorsWriter(path, specs, meta, io=io, placeholders=ph, hash=not ph)
+                # with the inputs' sha256 still pending the file is hashed after the header patch, so
+                # the writes need no thread of their own (a hand-off per block costs more than the write)
+                wr = SafetensorsWriter(path, specs, meta, io=None if ph else io, placeholders=ph, hash=not ph)
                 stack.callback(wr.abort)
                 writers.append(wr)
                 written[k]["writers"].append(wr)
@@ -738,7 +744,9 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
                     _, _, sb = next(s_iter)
                     with np.errstate(all="ignore"):
                         outs = _merge_block(rb, sb, it.spec.dtype, ws, it.out_dtype, st, work)
-                    sampler.sample()
+                    nblocks += 1
+                    if nblocks % 64 == 1:
+                        sampler.sample()
                     if patched:
                         for pc, o in zip(patched, outs):
                             v = pc.view(it.raw)
