@@ -12,7 +12,7 @@ is imported); safetensors headers are parsed by neon. Reported:
 * ``globals``: every global a normal load (``torch.load(weights_only=False)``, ``pickle.load``)
   would resolve, each with its kind: ``tensor`` (rebuilds tensors or plain data), ``class`` (imports
   that module and builds its objects: runs its code), ``dangerous`` (``os.system``,
-  ``builtins.eval``, ``subprocess.*``, EDM's ``exec`` of embedded source, ...);
+  ``builtins.eval``, ``subprocess.*``, EDM's ``exec`` of embedded source: "this file would exec the Python source embedded in the file", ...);
 * ``warnings``: one line per dangerous global: "this file would run os.system on load".
 """
 
@@ -147,7 +147,7 @@ def classify_globals(globals_: Mapping[tuple[str, str], int]) -> tuple[list[dict
         if why:
             kind = "dangerous"
             shown = why[len("runs "):] if why.startswith("runs ") else None
-            warnings.append(f"this file would run {shown} on load" if shown else f"this file {why} on load")
+            warnings.append(f"this file would run {shown} on load" if shown else f"this file would {why} on load")
         elif (m, n) in TENSOR_GLOBALS or (m == "torch" and (n.endswith("Storage") or n in DTYPES)):
             kind = "tensor"
         else:

@@ -1183,7 +1183,8 @@ def _warnings(comp: str, rk: Checkpoint, sk: Checkpoint, pkind: str) -> list[str
                 out.append(f"{pre}container entries of the base not written to a safetensors output (not tensors): {', '.join(others[:8])}")
     dangers = getattr(rk, "dangers", lambda: [])()
     if dangers:
-        out.append(f"{pre}the base, loaded normally, {'; '.join(dangers)} (neon read it without running anything"
+        out.append(f"{pre}the base, loaded normally, would {'; '.join(d.replace('runs ', 'run ', 1) for d in dangers)}"
+                   " (neon read it without running anything"
                    + ("; the output keeps it" if pkind == "patched" else "") + ")")
     return out
 

@@ -356,7 +356,7 @@ def danger(module: str, name: str) -> str | None:
     """Why a normal load of a file naming global ``module.name`` would be unsafe, or None.
 
     ``"runs os.system"``-style text for functions that act on the system or evaluate code,
-    ``"executes embedded source code"`` for EDM persistence objects, None for the tensor/data
+    ``"exec the Python source embedded in the file ..."`` for EDM persistence objects, None for the tensor/data
     allowlist. Classes of other modules (the model's own) are not flagged here; ``neon inspect``
     lists them as modules a load imports.
     """
@@ -365,7 +365,7 @@ def danger(module: str, name: str) -> str | None:
     if module == "torch" and (name.endswith("Storage") or name in DTYPES):
         return None
     if (module, name) == ("torch_utils.persistence", "_reconstruct_persistent_obj"):
-        return "executes the source code embedded in the file (torch_utils.persistence)"
+        return "exec the Python source embedded in the file (torch_utils.persistence)"
     if module in ("builtins", "__builtin__"):
         return f"runs builtins.{name}" if name in DANGEROUS_BUILTINS else None
     top = module.split(".")[0]
