@@ -174,7 +174,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
         th.join()
         fo.seek(0)
         fe.seek(0)
-        return {"rc": proc.returncode, "wall": wall, "peak_anon": peak, "maxrss": ru.ru_maxrss * 1024,
+        return {"rc": proc.returncode, "wall": wall, "peak_anon": peak, "maxrss": ru.ru_maxrss * 1024, "cpu": ru.ru_utime + ru.ru_stime,
                 "stdout": fo.read().decode(), "stderr": fe.read().decode()}
 
 
@@ -346,7 +346,7 @@ def main() -> None:
         for mib, m in methods.items():
             print(f"memory cap {mib} MiB: {m}")
 
-        results: dict[str, dict] = {n: {"walls": [], "peaks": [], "maxrss": [], "failed": None} for n in variants}
+        results: dict[str, dict] = {n: {"walls": [], "peaks": [], "maxrss": [], "cpus": [], "failed": None} for n in variants}
         shas: dict[str, str] = {}
         for k in range(args.repeat):
             for name, cmd in variants.items():
@@ -363,6 +363,7 @@ def main() -> None:
                 results[name]["walls"].append(r["wall"])
                 results[name]["peaks"].append(r["peak_anon"])
                 results[name]["maxrss"].append(r["maxrss"])
+                results[name]["cpus"].append(r["cpu"])
                 if name.startswith("neon"):
                     js = json.loads(r["stdout"])
                     results[name]["extra"] = {"internal_s": js["seconds"], "effective_w": js["precision"]["effective_w"][0],
@@ -371,26 +372,32 @@ def main() -> None:
             print(f"round {k + 1}: " + ", ".join(f"{n} {v['walls'][-1]:.2f}s" for n, v in results.items() if v["walls"] and len(v["walls"]) == k + 1))
 
         print()
-        print(f"{'variant':14s} {'median s':>9s} {'spread':>7s} {'peak RssAnon':>13s}   runs")
-        med = {}
+        print(f"{'variant':14s} {'median s':>9s} {'spread':>7s} {'CPU s':>7s} {'peak RssAnon':>13s}   runs")
+        med, cpu = {}, {}
         for name, r in results.items():
             if not r["walls"]:
                 print(f"{name:14s} {'-':>9s}   {r['failed']}")
                 continue
             med[name] = statistics.median(r["walls"])
-            print(f"{name:14s} {med[name]:9.2f} {max(r['walls']) / min(r['walls']):6.2f}x {max(r['peaks']) / 2**20:9.0f} MiB   "
+            cpu[name] = statistics.median(r["cpus"])
+            print(f"{name:14s} {med[name]:9.2f} {max(r['walls']) / min(r['walls']):6.2f}x {cpu[name]:7.2f} {max(r['peaks']) / 2**20:9.0f} MiB   "
                   + ", ".join(f"{x:.2f}" for x in r["walls"]))
-        print("spread = slowest / fastest run of the variant (noise of the shared machine)")
+        print("spread = slowest / fastest run of the variant (noise of the shared machine); CPU s = user + system time\n"
+              "of the process and its threads (os.wait4), which other jobs on the machine do not inflate")
+        load = os.getloadavg()
+        print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
         if "neon" in med:
             n = results["neon"]["extra"]
             print(f"neon internal merge time {n['internal_s']:.2f}s (last run, without interpreter start); effective w "
                   f"{n['effective_w']:.4f} for w={args.w}; {100 * n['equal_fraction']:.1f}% of elements equal in both inputs")
             if "floor" in med:
                 ratio = med["neon"] / med["floor"]
-                print(f"neon / I/O floor: {ratio:.2f}x (target <= 3: {'met' if ratio <= 3 else 'NOT met'})")
+                print(f"neon / I/O floor: {ratio:.2f}x wall (target <= 3: {'met' if ratio <= 3 else 'NOT met'}), "
+                      f"{cpu['neon'] / cpu['floor']:.2f}x CPU")
             if "mergekit" in med:
                 ratio = med["mergekit"] / med["neon"]
-                print(f"mergekit / neon: {ratio:.2f}x (target >= 8: {'met' if ratio >= 8 else 'NOT met'}); "
+                print(f"mergekit / neon: {ratio:.2f}x wall (target >= 8: {'met' if ratio >= 8 else 'NOT met'}), "
+                      f"{cpu['mergekit'] / cpu['neon']:.2f}x CPU; "
                       f"peak memory neon {max(results['neon']['peaks']) / 2**20:.0f} MiB vs mergekit {max(results['mergekit']['peaks']) / 2**20:.0f} MiB")
             if "naive" in med:
                 print(f"naive / neon: {med['naive'] / med['neon']:.2f}x")
@@ -398,7 +405,7 @@ def main() -> None:
                 if name.startswith("neon@"):
                     ratio = med[name] / med["neon"]
                     same = shas.get(name) == shas.get("neon")
-                    print(f"{name} / neon: {ratio:.2f}x, output {'identical' if same else 'DIFFERENT'} "
+                    print(f"{name} / neon: {ratio:.2f}x wall, {cpu[name] / cpu['neon']:.2f}x CPU, output {'identical' if same else 'DIFFERENT'} "
                           f"(target <= 1.5 and identical: {'met' if ratio <= 1.5 and same else 'NOT met'})")
             for other in ("naive", "mergekit"):
                 if other in med:

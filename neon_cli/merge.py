@@ -927,7 +927,7 @@ def _merge_checkpoints(
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, remove_stale_tmp, sha256_file
+    from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, remove_stale_tmp
 
     t0 = time.perf_counter()
     sampler = _RssSampler()

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import types
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np

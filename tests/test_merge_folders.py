@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from neon_cli.commands import app
 from neon_cli.errors import CheckpointError, UsageError
-from neon_cli.fsutil import exclusive_lock, sha256_path, tmp_name
+from neon_cli.fsutil import exclusive_lock, sha256_path
 from neon_cli.merge import merge_checkpoints, merge_state_dicts
 from neon_cli.report import Report
 

@@ -4,9 +4,9 @@ One module per encoding, all behind :func:`open_checkpoint`:
 
 * :mod:`~neon_cli.checkpoint.safetensors_io` -- ``.safetensors`` (own header check, numpy
   memory map; no torch) and the streaming writer;
-* sharded folders (Hugging Face ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``
-  and the diffusers ``diffusion_pytorch_model.*`` names), here, with the layouts of
-  :mod:`~neon_cli.checkpoint.folders`;
+* :mod:`~neon_cli.checkpoint.sharded` -- sharded folders (Hugging Face
+  ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json`` and the diffusers
+  ``diffusion_pytorch_model.*`` names), with the folder layouts of :mod:`~neon_cli.checkpoint.folders`;
 * :mod:`~neon_cli.checkpoint.torch_zip` -- ``torch.save`` zip archives;
 * :mod:`~neon_cli.checkpoint.legacy` -- legacy ``torch.save`` streams and plain pickles (EDM ``.pkl``);
 * :mod:`~neon_cli.checkpoint.unpickler` -- the inert unpickler they share (an allowlist of tensor
@@ -63,7 +63,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 CHUNK_ELEMENTS = 1 << 17
 
 __all__ = [
-    "CHUNK_ELEMENTS", "Checkpoint", "CheckpointError", "DTYPES", "DTYPE_NAMES", "INDEX_NAMES", "PICKLE_SUFFIXES",
+    "CHUNK_ELEMENTS", "Checkpoint", "CheckpointError", "SafetensorsCheckpoint", "DTYPES", "DTYPE_NAMES", "INDEX_NAMES", "PICKLE_SUFFIXES",
     "SAFETENSORS_DTYPES", "SAFETENSORS_SUFFIX", "STATE_DICT_KEYS", "SafetensorsWriter", "TORCH_SUFFIXES", "TensorSpec",
     "UsageError", "WEIGHT_NAMES", "WRAPPER_PREFIXES", "components", "detect_layout", "dtype_info", "dtype_name", "human_bytes",
     "index_json", "is_floating", "is_weight_file", "itemsize", "module_state_dict", "open_checkpoint", "parse_dtype",
@@ -120,83 +120,12 @@ def open_checkpoint(
     if layout == "safetensors":
         return open_safetensors(path, key, key_optional)
     if layout == "sharded":
-        return _open_index(path, key, key_optional)
+        from neon_cli.checkpoint.sharded import open_index
+
+        return open_index(path, key, key_optional)
     from neon_cli.checkpoint.torchfile import open_torch
 
     return open_torch(path, key, prefer_key, key_optional)
-
-
-def _open_index(index: Path, key: str | None, key_optional: bool) -> Checkpoint:
-    weight_map, meta = read_index(index)
-    folder = index.parent
-    shard_names = list(dict.fromkeys(weight_map.values()))
-    if all(Path(s).suffix.lower() == SAFETENSORS_SUFFIX for s in shard_names):
-        ck: Any = SafetensorsCheckpoint(path=folder, layout="sharded", specs={}, files=[index], index_metadata=meta, encoding="sharded")
-        raw: list[TensorSpec] = []
-        try:
-            for shard in shard_names:
-                file = folder / shard
-                expected = {k for k, v in weight_map.items() if v == shard}
-                specs = ck.add_file(shard, file, only=expected)
-                ck.files.append(file)
-                present = {s.name for s in specs}
-                missing = expected - present
-                if missing:
-                    raise CheckpointError(f"{file}: tensor {sorted(missing)[0]!r} listed in {index.name} is not in this shard")
-                raw.extend(specs)
-                for s in specs:
-                    ck.shards[s.name] = shard
-            ck.metadata = dict(ck.shard_metadata.get(shard_names[0], {}))
-            ck.index_file = index
-            ck._select_flat(raw, key, key_optional)
-        except BaseException:
-            ck.close()
-            raise
-        return ck
-    return _open_bin_shards(index, folder, weight_map, shard_names, key, meta)
-
-
-def _open_bin_shards(index: Path, folder: Path, weight_map: dict[str, str], shard_names: list[str], key: str | None, meta: dict) -> Checkpoint:
-    """``pytorch_model.bin.index.json``: each shard read inertly; one Checkpoint over all of them."""
-    from neon_cli.checkpoint.torchfile import TorchCheckpoint, open_torch
-
-    if key:
-        raise CheckpointError(f"{index}: --key is not supported for sharded .bin checkpoints")
-    parts = []
-    try:
-        for shard in shard_names:
-            parts.append(open_torch(folder / shard))
-        ck = TorchCheckpoint(path=folder, layout="torch", specs={}, files=[index] + [folder / s for s in shard_names],
-                             index_metadata=meta, encoding="bin-shards")
-        ck.globals, ck.persistent, ck.storages, ck.protocol = {}, [], {}, 3
-        raw = []
-        for shard, part in zip(shard_names, parts):
-            if part.key is not None or part.prefix:
-                pass
-            for n in part.names():
-                stored = part.raw_name(n)
-                if weight_map.get(stored) != shard:
-                    continue
-                ck.entries[stored] = part.entries[stored]
-                ck.shards[stored] = shard
-                raw.append(TensorSpec(stored, part.specs[n].dtype, part.specs[n].shape))
-            ck._maps[shard] = part._maps.pop("file")
-            for g, c in part.globals.items():
-                ck.globals[g] = ck.globals.get(g, 0) + c
-        ck._select_flat(raw, None)
-        ck.bin_parts = parts
-    except BaseException:
-        for p in parts:
-            p.close()
-        raise
-
-    def _array(raw: str) -> Any:
-        from neon_cli.checkpoint.torchfile import tensor_view
-
-        return tensor_view(ck._maps[ck.shards[raw]], ck.entries[raw])
-
-    ck._array = _array  # type: ignore[method-assign]
-    return ck
 
 
 # ----------------------------------------------------------------------------------------------

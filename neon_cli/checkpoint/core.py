@@ -326,7 +326,7 @@ def to_torch(arr: np.ndarray, dtype: str) -> Any:
     """A torch tensor (own memory) holding ``arr``'s bits as ``dtype``."""
     import torch
 
-    a = np.ascontiguousarray(arr).copy()
+    a = np.array(arr, copy=True, order="C")  # (ascontiguousarray would turn a 0-d array into 1-d)
     info = dtype_info(dtype)
     if info.numpy in ("<u2",) and info.name == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
