@@ -963,18 +963,18 @@ def _merge_checkpoints(
         raise UsageError("-o: several weights write the same file; put '{w}' in the output name")
 
     folder_mode = base_p.is_dir()
+    if folder_mode:
+        comps = components(base_p)
+        if not comps:
+            raise CheckpointError(f"{base_p}: a folder without weights (model.safetensors, diffusion_pytorch_model.safetensors, "
+                                  "*.index.json, ...)")
+        if comps == ["."] and kind != "sharded":
+            folder_mode = False  # one model folder merged into a single output file
+        elif kind != "sharded":
+            raise UsageError(f"-o {outs[0]}: the base is a folder of models ({', '.join(comps)}); give -o a folder name (no file suffix)")
+        elif not self_p.is_dir() and comps != ["."]:
+            raise UsageError(f"{self_p}: the base is a folder of models ({', '.join(comps)}); give the self-trained folder too")
     with contextlib.ExitStack() as stack:
-        if folder_mode:
-            comps = components(base_p)
-            if not comps:
-                raise CheckpointError(f"{base_p}: a folder without weights ({', '.join(('model.safetensors', 'diffusion_pytorch_model.safetensors', '*.index.json'))}, ...)")
-            if not self_p.is_dir():
-                if comps == ["."]:
-                    pass
-                else:
-                    raise UsageError(f"{self_p}: the base is a folder of models ({', '.join(comps)}); give the self-trained folder too")
-            if kind != "sharded":
-                raise UsageError(f"-o {outs[0]}: the base is a folder; give -o a folder name (no file suffix)")
         for o in outs:
             if kind == "sharded" and o.exists() and (not o.is_dir() or any(o.iterdir())):
                 raise UsageError(f"-o {o}: exists and is not an empty folder; remove it or choose another output")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from neon_cli.commands import app
@@ -249,3 +249,13 @@ def test_free_space_message_counts_headers_in_a_readable_unit(tmp_path, monkeypa
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - data - 10, data + 10))
     with pytest.raises(UsageError, match=r"not enough free disk space .*need 4\.\d\d kB, have 266 B"):
         merge_checkpoints(b, f, [1.0], [tmp_path / "o.safetensors"], report=rep())
+
+
+def test_model_folder_into_one_file(tmp_path):
+    a, b = _unet(0), _unet(1)
+    a.save_pretrained(str(tmp_path / "a"), max_shard_size="20KB")
+    b.save_pretrained(str(tmp_path / "b"))
+    merge_checkpoints(tmp_path / "a", tmp_path / "b", [1.0], [tmp_path / "o.safetensors"], report=rep())
+    got = load_file(str(tmp_path / "o.safetensors"))
+    want = merge_state_dicts(a.state_dict(), b.state_dict(), 1.0)
+    assert all(torch.equal(got[k], want[k]) for k in want)
