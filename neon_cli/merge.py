@@ -694,7 +694,7 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
     written: ``{"files": {path: sha256 or None}, "bytes": n, "index": path or None}``."""
     res = _PairResult(items=items, nonfinite_out=[{} for _ in ws])
     files = _pair_outputs(rk, kind, shard_size, items)
-    written: list[dict[str, Any]] = [{"writers": [], "index": None} for _ in ws]
+    written: list[dict[str, Any]] = [{"writers": [], "index": None, "digests": {}} for _ in ws]
     work = _Workspace()
     patched: list[Any] = []
     raws: list[_RawTensorFile] = []
@@ -722,9 +722,12 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
             for k, (w, t) in enumerate(zip(ws, targets)):
                 path = t if kind == "safetensors" else t / fname
                 meta = _st_metadata(rk, fname, provenance, w, kind)
-                ph = {key: 64 for key in ("neon.base_sha256", "neon.selftrained_sha256") if meta.get(key) == "pending"}
-                for key in ph:
+                pending = [key for key in ("neon.base_sha256", "neon.selftrained_sha256") if meta.get(key) == "pending"]
+                for key in pending:
                     meta.pop(key)
+                # a single file keeps the inputs' sha256 in its header (filled in when known, then the file
+                # is hashed); shards leave them to the index, so each shard is hashed as it is written
+                ph = {key: 64 for key in pending} if kind == "safetensors" else {}
                 # with the inputs' sha256 still pending the file is hashed after the header patch, so
                 # the writes need no thread of their own (a hand-off per block costs more than the write)
                 wr = SafetensorsWriter(path, specs, meta, io=None if ph else io, placeholders=ph, hash=not ph)
@@ -783,10 +786,12 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
                         sink.write(it.raw, t)
             done += 1
             progress(task, done, total, unit="tensor")
-        for wr in writers:  # flush + fsync on the I/O thread while the next group is merged
-            closing.append(wr.close_async())
-    for wait in closing:
-        wait()
+        for k, wr in enumerate(writers):  # flush + fsync on the I/O thread while the next group is merged
+            closing.append((k, wr.path, wr.close_async()))
+    for k, path, wait in closing:
+        digest = wait()
+        if digest is not None:
+            written[k]["digests"][path] = digest
     for k, t in enumerate(targets):
         if patched:
             patched[k].close()
@@ -1084,10 +1089,14 @@ def _merge_checkpoints(
                     info["index"].write_text(json.dumps(data, indent=2) + "\n")
         # sha256 of every output file (after the header patch), several files on parallel threads
         digests: list[dict[Path, str]] = [{} for _ in ws]
+        for wr in written_all:
+            for k, info in enumerate(wr):
+                digests[k].update(info["digests"])  # hashed while written
         files_to_hash = []
         for k, t in enumerate(tmps):
             if t.is_dir():
-                files_to_hash += [(k, f) for f in sorted(p for p in t.rglob("*") if p.is_file() and not p.name.startswith("."))]
+                files_to_hash += [(k, f) for f in sorted(p for p in t.rglob("*") if p.is_file() and not p.name.startswith("."))
+                                  if f not in digests[k]]
             else:
                 files_to_hash.append((k, t))
         futs = [(k, f, hasher.submit(_sync_and_hash, f)) for k, f in files_to_hash]

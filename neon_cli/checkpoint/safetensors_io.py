@@ -235,13 +235,14 @@ class SafetensorsWriter:
 
     ``io``: an optional single-worker executor shared by several writers: the file write and the
     sha256 run on that thread while the caller computes the next block (both release the GIL);
-    at most :attr:`MAX_PENDING` blocks wait. ``placeholders``: ``{metadata key: length}`` of values
+    blocks go over in batches of :attr:`BATCH_BYTES`, at most :attr:`MAX_PENDING` batches wait. ``placeholders``: ``{metadata key: length}`` of values
     known only later (the inputs' sha256), reserved in the header and written by
     :meth:`fill_placeholders` after :meth:`close` (pass ``hash=False``: the file's digest must then
     be computed after the patch).
     """
 
-    MAX_PENDING = 8
+    MAX_PENDING = 4
+    BATCH_BYTES = 4 << 20
 
     def __init__(self, path: str | os.PathLike[str], specs: Sequence[TensorSpec], metadata: Mapping[str, str] | None = None,
                  io: Any = None, *, hash: bool = True, placeholders: Mapping[str, int] | None = None):
@@ -264,6 +265,8 @@ class SafetensorsWriter:
         self._fh = open(self.path, "wb")
         self._io = io
         self._pending: deque[Any] = deque()
+        self._batch: list[tuple[Any, Any]] = []
+        self._batch_bytes = 0
         self._i = 0
         self._left = self.order[0].nbytes if self.order else 0
         self.bytes_written = 0
@@ -293,16 +296,28 @@ class SafetensorsWriter:
     def _put(self, data: Any, keep: Any) -> None:
         self.bytes_written += len(data)
         if self._io is None:
-            self._write_and_hash(data, None)
+            self._write_and_hash([(data, None)])
             return
-        self._pending.append(self._io.submit(self._write_and_hash, data, keep))
+        # blocks are handed to the I/O thread in batches of BATCH_BYTES: one hand-off per block
+        # would cost more (GIL hand-over) than the write itself
+        self._batch.append((data, keep))
+        self._batch_bytes += len(data)
+        if self._batch_bytes >= self.BATCH_BYTES:
+            self._flush_batch()
+
+    def _flush_batch(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._pending.append(self._io.submit(self._write_and_hash, batch))
         while len(self._pending) > self.MAX_PENDING:
             self._pending.popleft().result()
 
-    def _write_and_hash(self, data: Any, keep: Any) -> None:
-        self._fh.write(data)
-        if self._hash:
-            self._sha.update(data)
+    def _write_and_hash(self, batch: list[tuple[Any, Any]]) -> None:
+        for data, _keep in batch:
+            self._fh.write(data)
+            if self._hash:
+                self._sha.update(data)
 
     def _drain(self) -> None:
         while self._pending:
@@ -344,6 +359,8 @@ class SafetensorsWriter:
             missing = self.expected
             self.abort()
             raise CheckpointError(f"{self.path}: tensor {missing!r} was not written")
+        if self._io is not None:
+            self._flush_batch()
         pending, self._pending = list(self._pending), deque()
 
         def finish() -> str | None:
@@ -369,6 +386,7 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         """Close without checks (the caller removes the file); waits for pending writes."""
+        self._batch.clear()
         for fut in self._pending:
             fut.cancel()
         for fut in self._pending:
