@@ -394,7 +394,8 @@ def test_bf16_and_fp16_rounding_bit_identical_to_torch():
     x = x[torch.isfinite(x) | torch.isinf(x)]
     ours, _ = f32_to_bf16(x.numpy())
     assert np.array_equal(ours.view(np.int16), x.to(torch.bfloat16).view(torch.int16).numpy())
-    assert np.array_equal(x.numpy().astype(np.float16).view(np.int16), x.to(torch.float16).view(torch.int16).numpy())
+    with np.errstate(over="ignore"):  # values beyond float16's range round to inf in both
+        assert np.array_equal(x.numpy().astype(np.float16).view(np.int16), x.to(torch.float16).view(torch.int16).numpy())
 
 
 def test_safetensors_merge_imports_no_torch(tmp_path):
