@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Any, Iterator
 
 
@@ -51,7 +52,10 @@ def init_from_env() -> bool:
 
 
 def shutdown() -> None:
-    """Destroy the process group if this process created one."""
+    """Destroy the process group if this process created one (never imports torch itself: a
+    command that did not need torch, such as a safetensors merge, must not pay for it)."""
+    if "torch.distributed" not in sys.modules:
+        return
     try:
         import torch.distributed as dist
 

@@ -43,6 +43,7 @@ from neon_cli.commands import (  # noqa: E402
     demo,
     eval as eval_cmd,
     finetune,
+    inspect as inspect_cmd,
     merge,
     plugins,
     refstats,
@@ -50,7 +51,7 @@ from neon_cli.commands import (  # noqa: E402
     tune,
 )
 
-for _mod in (synth, finetune, merge, tune, eval_cmd, demo, align, refstats, plugins):
+for _mod in (synth, finetune, merge, inspect_cmd, tune, eval_cmd, demo, align, refstats, plugins):
     _mod.register(app)
 
 
