@@ -484,19 +484,13 @@ def _iter_batches(source: ImageSource, start: int, stop: int, batch: int) -> Ite
         yield source.read(a, min(stop, a + batch))
 
 
-def _gather_device(dist: Any) -> Any:
-    import torch
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_gather_rows(dist: Any, rows: Any, world: int) -> Any:
     """Concatenate every rank's ``[n_r, D]`` float32 tensor in rank order (n_r may differ)."""
     import torch
 
-    dev = _gather_device(dist)
+    from neon_cli.dist import backend_device
+
+    dev = backend_device()  # NCCL moves CUDA tensors only; gloo CPU ones
     local = rows.to(dev)
     n = torch.tensor([local.shape[0]], device=dev, dtype=torch.int64)
     sizes = [torch.zeros_like(n) for _ in range(world)]
@@ -512,8 +506,9 @@ def _all_gather_rows(dist: Any, rows: Any, world: int) -> Any:
 
 
 def _check_batch(batch: int) -> None:
-    if batch <= 0:
-        raise UsageError(f"--batch: must be positive, got {batch}")
+    from neon_cli.validate import positive_int
+
+    positive_int("--batch", batch)
 
 
 def compute_features(
@@ -684,11 +679,10 @@ def ref_stats(
 
     out = Path(out)
     src_path = Path(images)
+    _check_batch(batch)
     if out.suffix.lower() != ".npz":
         raise UsageError(f"-o: {out}: the statistics file must end in .npz")
-    if out.exists() and src_path.exists() and out.resolve() == src_path.resolve():
-        raise UsageError(f"-o: {out} is the input; inputs are never overwritten")
-    _check_batch(batch)
+    report.check_outputs({"--images": src_path, "--detector": detector_path(detector)}, {"-o": out})
     det = load_detector(detector, device)
     source = open_images(src_path)
     if len(source) < 2:

@@ -40,7 +40,7 @@ def test_importing_the_cli_does_not_import_torch():
 
 
 def test_unknown_family_is_a_one_line_error_exit_2(tmp_path):
-    res = runner.invoke(app, ["synth", "nofam", "--num", "4", "-o", str(tmp_path / "S")])
+    res = runner.invoke(app, ["synth", "nofam", "--num-images", "4", "-o", str(tmp_path / "S")])
     assert res.exit_code == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown family 'nofam'" in lines[0] and lines[0].startswith("neon synth: error:")

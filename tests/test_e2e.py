@@ -36,7 +36,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_installed_cli_synth_finetune_tunew_merge_eval(tmp_path, digits):
     base = digits.default_model
     S, ft = tmp_path / "S", tmp_path / "ft"
-    _run("synth", "digits", "--num", "2000", "-o", str(S), "-q")
+    _run("synth", "digits", "--num-images", "2000", "-o", str(S), "-q")
     _run("finetune", "digits", "--data", str(S), "--budget", "31457", "-o", str(ft), "-q")  # 3% of the base's 1 Mi
     theta_s = next(ft.glob("theta_s-*.safetensors"))
     best = tmp_path / "best.safetensors"

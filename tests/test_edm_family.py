@@ -98,14 +98,14 @@ def neon(*args: str, code: int = 0) -> str:
 def test_missing_checkout_and_missing_trust_are_one_line_errors(pkls, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NEON_EDM_REPO"}
     env["PYTHONPATH"] = ""
-    res = subprocess.run([sys.executable, "-m", "neon_cli", "synth", "edm", "-m", pkls["edm"], "-n", "2", "-o", str(tmp_path / "S"),
+    res = subprocess.run([sys.executable, "-m", "neon_cli", "synth", "edm", "--model", pkls["edm"], "-n", "2", "-o", str(tmp_path / "S"),
                           "--trust-pickle", "-q"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 2
     line = res.stderr.strip()
     assert "\n" not in line and "--set repo=PATH" in line and "NEON_EDM_REPO" in line and "github.com/NVlabs/edm" in line
-    out = neon("synth", "edm", "-m", pkls["edm"], "-n", "2", "-o", str(tmp_path / "S"), "-q", code=2)
+    out = neon("synth", "edm", "--model", pkls["edm"], "-n", "2", "-o", str(tmp_path / "S"), "-q", code=2)
     assert "--trust-pickle" in out and "runs the Python code pickled inside it" in out
-    out = neon("synth", "edm", "-m", pkls["edm"], "-n", "2", "-o", str(tmp_path / "S2"), "--set", f"repo={tmp_path}",
+    out = neon("synth", "edm", "--model", pkls["edm"], "-n", "2", "-o", str(tmp_path / "S2"), "--set", f"repo={tmp_path}",
                "--trust-pickle", "-q", code=2)
     assert "--set repo" in out and "not a checkout of NVlabs/edm" in out
 
@@ -398,7 +398,7 @@ def test_synth_export_finetune_tune_w_eval_end_to_end(fam, pkls, edm_modules, tm
 
     base = pkls["cond"]
     Sdir = tmp_path / "S"
-    neon("synth", "edm", "-m", base, "-n", "12", "-o", str(Sdir), "--set", "num_steps=3", "--batch", "5", "--trust-pickle", "-q")
+    neon("synth", "edm", "--model", base, "-n", "12", "-o", str(Sdir), "--set", "num_steps=3", "--batch", "5", "--trust-pickle", "-q")
     from neon_cli.synth import load_synthetic
 
     images, labels, manifest = load_synthetic(Sdir)
@@ -420,7 +420,7 @@ def test_synth_export_finetune_tune_w_eval_end_to_end(fam, pkls, edm_modules, tm
         assert json.loads(z.read("neon.json"))["files"][5] == {"file": names[5], "seed": 5}
 
     ft = tmp_path / "ft"
-    neon("finetune", "edm", "-m", base, "-d", str(Sdir), "-b", "2000", "--batch", "100", "--save-every", "1000", "--lr", "1e-3",
+    neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "2000", "--batch", "100", "--save-every", "1000", "--lr", "1e-3",
          "--warmup", "0", "--ema-halflife", "1000", "--set", "augment=0.12", "-o", str(ft), "--trust-pickle", "-q")
     snaps = sorted(ft.glob("network-snapshot-*.pkl"))
     assert [s.name for s in snaps] == ["network-snapshot-000001.pkl", "network-snapshot-000002.pkl"]
@@ -447,11 +447,11 @@ def test_synth_export_finetune_tune_w_eval_end_to_end(fam, pkls, edm_modules, tm
     with open(best, "rb") as fh:
         merged = pickle.load(fh)
     assert merged["neon"]["neon.w"] == repr(float(res["chosen"]["w"])) and type(merged["loss_fn"]).__name__ == "EDMLoss"
-    ev = json.loads(neon("eval", "edm", "-m", str(best), "--num-samples", "8", "--seed", str(res["seed"] if "seed" in res else 0),
+    ev = json.loads(neon("eval", "edm", "--model", str(best), "--num-samples", "8", "--seed", str(res["seed"] if "seed" in res else 0),
                          "--set", "num_steps=2", "--ref-stats", str(tmp_path / "px.npz"), "--trust-pickle", "-q", "--json"))
     assert np.isfinite(ev["metrics"]["pixel_fid"])
 
-    out = neon("finetune", "edm", "-m", base, "-d", str(Sdir), "-b", "2000", "--batch", "100", "--save-every", "500",
+    out = neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "2000", "--batch", "100", "--save-every", "500",
                "-o", str(tmp_path / "ft2"), "--trust-pickle", "-q", code=2)
     assert "--save-every" in out and "network-snapshot-000001.pkl" in out
 
@@ -481,7 +481,7 @@ def test_merge_edm_pickles_without_trust_then_eval(fam, pkls, edm_modules, tmp_p
         if "resample_filter" in k:
             assert torch.equal(v, r[k])
     assert fam.model_num_classes(str(out)) == 4
-    neon("eval", "edm", "-m", str(out), "--num-samples", "4", "--set", "num_steps=2", "--trust-pickle", "-q", "--json",
+    neon("eval", "edm", "--model", str(out), "--num-samples", "4", "--set", "num_steps=2", "--trust-pickle", "-q", "--json",
          "--ref-stats", str(_pixel_stats(tmp_path)))
 
 
@@ -496,7 +496,7 @@ def _pixel_stats(tmp_path: Path) -> Path:
 
 def test_export_refuses_bad_targets_and_writes_null_labels(fam, pkls, tmp_path):
     Sdir = tmp_path / "S"
-    neon("synth", "edm", "-m", pkls["edm"], "-n", "3", "-o", str(Sdir), "--set", "num_steps=2", "--trust-pickle", "-q")
+    neon("synth", "edm", "--model", pkls["edm"], "-n", "3", "-o", str(Sdir), "--set", "num_steps=2", "--trust-pickle", "-q")
     out = neon("export", str(Sdir), "-o", str(tmp_path / "S.tar"), "-q", code=2)
     assert "-o" in out and ".zip" in out
     out = neon("export", str(Sdir), "-o", str(Sdir / "inside.zip"), "-q", code=2)

@@ -29,7 +29,7 @@ def register(app: typer.Typer) -> None:
         Example:
 
         \b
-            neon synth edm -m edm-cifar10-32x32-cond-vp.pkl -n 6000 --trust-pickle -o S
+            neon synth edm --model edm-cifar10-32x32-cond-vp.pkl -n 6000 --trust-pickle -o S
             neon export S --format edm-zip -o S.zip
             torchrun --nproc_per_node=8 train.py --data S.zip --cond=1 --transfer edm-cifar10-32x32-cond-vp.pkl ...
         """

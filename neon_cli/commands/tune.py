@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
         extra: Optional[List[str]] = typer.Argument(
             None, metavar="SELFTRAINED",
             help="More self-trained checkpoints (what an unquoted shell glob after --selftrained expands to)."),
-        base: Optional[Path] = typer.Option(None, "--base", "-m", help="Base checkpoint theta_r (default: the family's embedded one)."),
+        base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint theta_r (default: the family's embedded one)."),
         selftrained: Optional[List[str]] = typer.Option(
             None, "--selftrained", "-s",
             help="Self-trained checkpoint theta_s, or a quoted glob pattern such as 'ft/*.safetensors' (repeatable)."),
