@@ -36,13 +36,19 @@ EDM's code needs ``click``, ``tqdm``, ``requests``, ``psutil`` and Pillow beside
 ``environment.yml``); a CPU is enough (everything runs on ``cpu``, 8x8 images). Timing a
 CIFAR-10-sized synth batch against ``generate.py`` needs a GPU (not done here).
 
-Measured (NVlabs/edm 008a4e53, torch 2.13.0+cpu, 16x16 networks, 18 steps, 8 seeds; 17 min of CPU
-on a shared 2-core machine): every check ok; neon's float64 samples equal ``edm_sampler``'s
-exactly (max |diff| 0) for DDPM++/EDM, NCSN++/VE and ADM/VP, deterministic and with churn; the
-uint8 images equal ``generate.py``'s files in every value except 1 of 6,144 (off by 1) in the
-DDPM++ churn run, where generate.py's batches (one class each) differ from neon's single batch;
-the loss and its gradients equal EDM's exactly (|diff| 0) for all three; EDM's loader reads neon's
-fine-tuned and tune-w-merged pickles and samples the same images (diff 0).
+Measured (NVlabs/edm 008a4e53 from ``git archive``, torch 2.13.0+cpu, 18 steps, 8 seeds, on a
+shared 2-core machine at load ~10): every check ok. 8x8 networks (13 min of CPU): neon's float64
+samples equal ``edm_sampler``'s exactly (max |diff| 0) for DDPM++/EDM, NCSN++/VE and ADM/VP,
+deterministic and with churn (S_churn 40, S_min 0.05, S_max 50, S_noise 1.003); the uint8 images
+equal ``generate.py``'s PNG files in every value (0 of 1,536 differ, each run); the loss and its
+gradients equal EDM's exactly (|diff| 0) for all three; EDM's ``ImageFolderDataset`` reads the
+export; EDM's loader reads neon's fine-tuned and tune-w-merged pickles and samples neon's images
+(diff 0). An earlier run at 16x16 (17 min of CPU): the same, except 1 of 6,144 uint8 values off by
+1 against generate.py in the DDPM++ churn run (generate.py samples one batch per class there, neon
+one batch; against ``edm_sampler`` on neon's batch the difference was 0). With the checkpoint
+package's inert merge (``--seeds 2 --steps 6``, 4 min of CPU): all of the above again, and EDM's
+loader reads ``neon merge``'s ``.pkl`` (no ``--trust-pickle``), copies it with
+``require_all=True`` and samples neon's images (diff 0).
 """
 
 from __future__ import annotations
