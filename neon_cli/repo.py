@@ -116,3 +116,71 @@ def import_module(repo: Path, name: str) -> Any:
         return importlib.import_module(name)
     except Exception as exc:
         raise FamilyError(f"{repo}: importing {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def cuda_calls_on_cpu(active: bool = True) -> Any:
+    """Context manager that lets a repository's CUDA-only calls run on CPU while it is open.
+
+    Research code often hard-codes CUDA where the computation itself is device-agnostic
+    (OliverRensu/xAR: ``torch.rand(n).cuda()``, ``torch.randn(...).cuda()``; the Neon paper's IMM
+    loss: ``torch.cuda.get_rng_state()`` / ``set_rng_state`` around a shared dropout mask). With
+    ``active`` (the model is on CPU), within the block ``Tensor.cuda()`` returns the tensor
+    unchanged and ``torch.cuda.get_rng_state`` / ``set_rng_state`` act on the CPU generator (the
+    device the computation runs on); everything is restored on exit. With ``active`` False (a GPU
+    run) nothing is changed. Not thread-safe (it patches torch attributes), like the code it wraps.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm() -> Any:
+        if not active:
+            yield
+            return
+        import torch
+
+        saved = (torch.Tensor.cuda, torch.cuda.get_rng_state, torch.cuda.set_rng_state)
+
+        def _cuda(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self
+
+        torch.Tensor.cuda = _cuda  # type: ignore[method-assign]
+        torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+        torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.Tensor.cuda, torch.cuda.get_rng_state, torch.cuda.set_rng_state = saved  # type: ignore[method-assign]
+
+    return _cm()
+
+
+def seeded_global_rng(seed: int, device: Any = None) -> Any:
+    """Context manager: torch's global generators (CPU and, for a CUDA ``device``, that device's)
+    and numpy's global generator seeded with ``seed`` inside the block, and their previous states
+    restored on exit.
+
+    For repositories whose samplers and losses draw from the global generators (xAR's
+    ``torch.randn(...)`` and scipy's ``norm.rvs``, IMM's ``torch.randn`` / ``torch.rand``): seeding
+    them per call makes a family's output a function of ``seed`` (``torch.manual_seed(seed)`` as
+    the repositories' own scripts do, numpy with ``seed % 2**32``) without disturbing the caller's
+    random state.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm() -> Any:
+        import numpy as np
+        import torch
+
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        np_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int(seed))
+                np.random.seed(int(seed) % 2**32)
+                yield
+        finally:
+            np.random.set_state(np_state)
+
+    return _cm()
