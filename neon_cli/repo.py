@@ -184,3 +184,35 @@ def seeded_global_rng(seed: int, device: Any = None) -> Any:
             np.random.set_state(np_state)
 
     return _cm()
+
+
+def sample_by_seed_blocks(seeds: Any, labels: Any, block: int, num_classes: int, draw: Any) -> Any:
+    """Images of ``seeds`` from a sampler that seeds a whole batch at once (a batch/global-seed
+    family: VAR's ``g_seed``, xAR's and IMM's global generators), reproducible per image.
+
+    Seed s belongs to block ``s // block``; each block touched is drawn whole by
+    ``draw(first_seed, block_labels) -> uint8 [block, ...]`` (``block_labels``: int64 [block], the
+    caller's labels for the requested seeds and the plan's ``seed % num_classes`` for the others;
+    None when ``num_classes`` is 0) and the requested images are kept, in the order asked. So an
+    image depends on its seed, its block's labels and ``draw`` only, never on which other seeds
+    were asked for (batch size, shards, ranks, resume). ``seeds``: int64 [N] >= 0; ``labels``:
+    int64 [N] or None. Raises ValueError for a negative seed.
+    """
+    import torch
+
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
+    if len(seeds) and int(seeds.min()) < 0:
+        raise ValueError("seeds must be >= 0")
+    nc = int(num_classes or 0)
+    wanted = {int(s): (int(labels[i]) if labels is not None else (int(s) % nc if nc else 0)) for i, s in enumerate(seeds.tolist())}
+    out: dict[int, Any] = {}
+    for b in sorted({s // block for s in wanted}):
+        span = range(b * block, (b + 1) * block)
+        lab = torch.tensor([wanted.get(s, s % nc if nc else 0) for s in span], dtype=torch.int64) if nc else None
+        images = draw(b * block, lab)
+        for j, s in enumerate(span):
+            if s in wanted:
+                out[s] = images[j]
+    if not len(seeds):
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    return torch.stack([out[s] for s in seeds.tolist()])

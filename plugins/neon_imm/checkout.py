@@ -70,9 +70,31 @@ def require_trust(path: str | Path, trust_pickle: bool) -> None:
                          "pass --trust-pickle if you trust this file (neon merge and neon inspect read it without running code)")
 
 
+def _yaml_loader() -> Any:
+    """PyYAML's SafeLoader that also reads ``1e-6``-style numbers as floats, as OmegaConf (IMM's
+    Hydra configs) does; plain YAML 1.1 reads them as strings."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+        list("-+0123456789."))
+    return Loader
+
+
 def read_config(repo: Path, name: str, default_for: str, what: str) -> tuple[dict[str, Any], Path]:
     """The YAML config ``name`` (a path, or a file name under ``<repo>/configs``; ``auto``:
-    ``default_for``) as a dict. UsageError naming ``--set WHAT`` when it is missing."""
+    ``default_for``) as a dict (numbers such as ``1e-6`` as floats, as Hydra reads them).
+    UsageError naming ``--set WHAT`` when it is missing."""
     import yaml
 
     file = Path(default_for if name in ("", "auto", None) else str(name)).expanduser()
@@ -82,7 +104,7 @@ def read_config(repo: Path, name: str, default_for: str, what: str) -> tuple[dic
         hint = f"; lumalabs/imm has no training configs: use {NEON_URL}" if what == "train_config" else ""
         raise UsageError(f"--set {what}: {file} does not exist{hint}")
     try:
-        data = yaml.safe_load(file.read_text())
+        data = yaml.load(file.read_text(), Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except Exception as exc:
         raise UsageError(f"--set {what}: {file} is not readable YAML ({type(exc).__name__}: {exc})") from None
     if not isinstance(data, dict):

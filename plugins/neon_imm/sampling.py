@@ -36,7 +36,7 @@ from typing import Any, Mapping
 
 import torch
 
-from neon_cli.repo import cuda_calls_on_cpu, seeded_global_rng
+from neon_cli.repo import cuda_calls_on_cpu, sample_by_seed_blocks, seeded_global_rng
 from neon_imm.checkout import unwrap
 
 
@@ -102,21 +102,11 @@ def sample(model: Any, seeds: Any, labels: Any, settings: Mapping[str, Any]) -> 
     """uint8 [N, 3, H, W] for int64 ``seeds`` [N] (>= 0) and ``labels`` [N] (None for an
     unconditional network); see the module docstring. Raises ValueError for negative seeds."""
     net, aux = unwrap(model)
-    seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
-    if len(seeds) and int(seeds.min()) < 0:
-        raise ValueError("imm family: seeds must be >= 0")
     dev = next(net.parameters()).device
     block = int(settings.get("seed_block", 64))
-    nc = int(net.label_dim or 0)
-    wanted = {int(s): (int(labels[i]) if labels is not None else (int(s) % nc if nc else None)) for i, s in enumerate(seeds.tolist())}
-    out: dict[int, torch.Tensor] = {}
-    for b in sorted({s // block for s in wanted}):
-        block_seeds = range(b * block, (b + 1) * block)
-        lab = torch.tensor([wanted.get(s, s % nc) for s in block_seeds], dtype=torch.int64, device=dev) if nc else None
-        images = decode_block(net, aux.encoder, lab, b * block, block, settings, dev)
-        for j, s in enumerate(block_seeds):
-            if s in wanted:
-                out[s] = images[j]
-    if not len(seeds):
-        return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
-    return torch.stack([out[s] for s in seeds.tolist()])
+
+    def draw(first: int, block_labels: torch.Tensor | None) -> torch.Tensor:
+        lab = block_labels.to(dev) if block_labels is not None else None
+        return decode_block(net, aux.encoder, lab, first, block, settings, dev)
+
+    return sample_by_seed_blocks(seeds, labels, block, int(net.label_dim or 0), draw)

@@ -82,23 +82,32 @@ def modules(repo: Path) -> tuple[Any, Any]:
     """``(models.xar, models.vae)`` imported from the checkout.
 
     ``models/xar.py`` imports ``flash_attn`` at its top without using it; where flash-attn is not
-    installed (a CPU machine), an empty stand-in module ``flash_attn`` whose function raises is
-    registered first so the import succeeds.
+    installed (a CPU machine), a stand-in module whose function raises is in ``sys.modules`` while
+    ``models.xar`` is imported, and removed afterwards (so no other library takes it for the real one).
     """
+    import importlib.machinery
+    import importlib.util
+
     from neon_cli.repo import import_module
 
     try:
-        import flash_attn  # noqa: F401
-    except Exception:
+        missing = "flash_attn" not in sys.modules and importlib.util.find_spec("flash_attn") is None
+    except (ImportError, ValueError):
+        missing = True
+    if missing:
         stub = types.ModuleType("flash_attn")
+        stub.__spec__ = importlib.machinery.ModuleSpec("flash_attn", None)
 
         def flash_attn_func(*args: Any, **kwargs: Any) -> Any:
-            raise FamilyError("flash_attn is not installed (neon registered a stand-in because xAR imports it unused)")
+            raise FamilyError("flash_attn is not installed (neon stood in for it because xAR imports it unused)")
 
         stub.flash_attn_func = flash_attn_func  # type: ignore[attr-defined]
-        stub.__neon_stub__ = True  # type: ignore[attr-defined]
         sys.modules["flash_attn"] = stub
-    return import_module(repo, "models.xar"), import_module(repo, "models.vae")
+    try:
+        return import_module(repo, "models.xar"), import_module(repo, "models.vae")
+    finally:
+        if missing:
+            sys.modules.pop("flash_attn", None)
 
 
 def _torch_load(path: str | Path) -> Any:

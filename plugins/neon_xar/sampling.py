@@ -36,13 +36,8 @@ from typing import Any, Mapping
 
 import torch
 
-from neon_cli.repo import cuda_calls_on_cpu, seeded_global_rng
+from neon_cli.repo import cuda_calls_on_cpu, sample_by_seed_blocks, seeded_global_rng
 from neon_xar.checkout import LATENT_SCALE, unwrap
-
-
-def block_plan(seeds: torch.Tensor, block: int) -> list[int]:
-    """Sorted block indices (``seed // block``) covering ``seeds`` (int64 [N], >= 0)."""
-    return sorted({int(s) // block for s in seeds.tolist()})
 
 
 def to_uint8(images: torch.Tensor, rounding: str) -> torch.Tensor:
@@ -74,25 +69,13 @@ def decode_block(net: Any, vae: Any, labels: torch.Tensor, seed: int, settings: 
 
 def sample(model: Any, seeds: Any, labels: Any, settings: Mapping[str, Any]) -> torch.Tensor:
     """uint8 [N, 3, H, W] for int64 ``seeds`` [N] (>= 0) and ``labels`` [N] (None: the plan's,
-    ``seed % classes``); see the module docstring for what an image depends on. Raises ValueError
-    for negative seeds."""
+    ``seed % classes``); see the module docstring for what an image depends on
+    (:func:`neon_cli.repo.sample_by_seed_blocks`). Raises ValueError for negative seeds."""
     net, aux = unwrap(model)
-    seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
-    if len(seeds) and int(seeds.min()) < 0:
-        raise ValueError("xar family: seeds must be >= 0")
     dev = next(net.parameters()).device
     vae = aux.vae.to(dev)
-    block = int(settings.get("seed_block", 64))
-    nc = int(aux.kwargs["class_num"])
-    wanted = {int(s): (int(labels[i]) if labels is not None else int(s) % nc) for i, s in enumerate(seeds.tolist())}
-    out: dict[int, torch.Tensor] = {}
-    for b in block_plan(seeds, block):
-        block_seeds = range(b * block, (b + 1) * block)
-        lab = torch.tensor([wanted.get(s, s % nc) for s in block_seeds], dtype=torch.int64, device=dev)
-        images = decode_block(net, vae, lab, b * block, settings)
-        for j, s in enumerate(block_seeds):
-            if s in wanted:
-                out[s] = images[j]
-    if not len(seeds):
-        return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
-    return torch.stack([out[s] for s in seeds.tolist()])
+
+    def draw(first: int, block_labels: torch.Tensor) -> torch.Tensor:
+        return decode_block(net, vae, block_labels.to(dev), first, settings)
+
+    return sample_by_seed_blocks(seeds, labels, int(settings.get("seed_block", 64)), int(aux.kwargs["class_num"]), draw)
