@@ -179,6 +179,7 @@ def main() -> int:
                 x = encoder.encode(raw)
                 ref, _ = loss_fn(net=DDP(), images=x, labels=torch.nn.functional.one_hot(lab, 1000).float(),
                                  augment_pipe=None, device=torch.device("cpu"))
+            got, ref = got.detach(), ref.detach()
             check("loss == IMMLoss(im256.yaml) of the training loop", float(got) == float(ref.mean()),
                   f"neon {float(got):.10f} IMM {float(ref.mean()):.10f}")
             a, b = copy.deepcopy(train), copy.deepcopy(train)

@@ -200,6 +200,7 @@ def main() -> int:
             m, mf = cached.chunk(2, 1)
             xs = vae_mod.DiagonalGaussianDistribution(torch.where(keep, m, mf)).sample().mul_(0.2325)
             want = train(xs, labels)
+        got, want = got.detach(), want.detach()
         check("loss == model(x, labels) of train_new.py's chain", float(got) == float(want),
               f"neon {float(got):.8f} xAR {float(want):.8f}")
         util_misc = __import__("importlib").import_module("util.misc")

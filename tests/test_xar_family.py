@@ -303,3 +303,31 @@ def test_synth_finetune_tune_merge_eval(fam, files, stand_in, tmp_path):
          "--report", tmp_path / "eval.json", *sets)
     metrics = json.loads((tmp_path / "eval.json").read_text())["results"]["metrics"]
     assert np.isfinite(metrics["pixel_fid"]) and metrics["pixel_fid"] > 0
+
+
+def test_repo_helpers_for_batch_seeded_code():
+    from neon_cli.repo import cuda_calls_on_cpu, sample_by_seed_blocks, seeded_global_rng
+
+    calls = []
+
+    def draw(first, labels):
+        calls.append((first, labels.tolist()))
+        return torch.arange(first, first + 4).view(4, 1, 1, 1).to(torch.uint8)
+
+    out = sample_by_seed_blocks(torch.tensor([9, 2, 3]), torch.tensor([5, 6, 7]), 4, 10, draw)
+    assert out.flatten().tolist() == [9, 2, 3]
+    assert calls == [(0, [0, 1, 6, 7]), (8, [8, 5, 0, 1])]  # requested labels, plan labels (seed % 10) for the rest
+    with pytest.raises(ValueError, match=">= 0"):
+        sample_by_seed_blocks(torch.tensor([-1]), None, 4, 10, draw)
+    before = (torch.Tensor.cuda, torch.cuda.get_rng_state)
+    with cuda_calls_on_cpu(True):
+        x = torch.ones(2)
+        assert x.cuda() is x and torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())
+    assert (torch.Tensor.cuda, torch.cuda.get_rng_state) == before
+    state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
+    with seeded_global_rng(5):
+        a = (torch.rand(3), np.random.rand(3))
+    with seeded_global_rng(5):
+        b = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert torch.equal(torch.get_rng_state(), state) and np.array_equal(np.random.get_state()[1], np_state)
