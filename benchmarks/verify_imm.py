@@ -189,7 +189,7 @@ def main() -> int:
                 for p in net_.parameters():
                     p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()))
                 opt_.step()
-            d = max(float((pa - pb).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
+            d = max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
             check("optimiser step == im256.yaml's optimizer", d == 0.0, f"max |diff| = {d:.3g}")
             # 3. files ---------------------------------------------------------------------------
             from typer.testing import CliRunner

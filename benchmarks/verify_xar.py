@@ -213,7 +213,7 @@ def main() -> int:
             if opt_ is opt_b:
                 torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
             opt_.step()
-        d = max(float((pa - pb).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
+        d = max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
         check("optimiser step == AdamW(add_weight_decay) + clip 1.0", d == 0.0, f"max |diff| = {d:.3g}")
         # 3. files -------------------------------------------------------------------------------
         ema = {k: (v + 0.01 if v.is_floating_point() and torch.isfinite(v).all() else v) for k, v in model.state_dict().items()}
