@@ -265,9 +265,9 @@ def test_synth_finetune_tune_merge_eval(fam, files, stand_in, tmp_path):
 
     xar, _, _ = stand_in
     sets = ["--set", f"vae={files['vae']}", "--set", "flow_steps=2", "--set", "seed_block=4"]
-    _cli("synth", "xar", "-m", files["base"], "--num", 8, "-o", tmp_path / "S", "--batch", 4, "--shard-size", 4, *sets)
+    _cli("synth", "xar", "--model", files["base"], "--num-images", 8, "-o", tmp_path / "S", "--batch", 4, "--shard-size", 4, *sets)
     write_pixel_stats(tmp_path / "S", tmp_path / "ref.npz")
-    _cli("finetune", "xar", "-m", files["base"], "--data", tmp_path / "S", "--budget", 16, "--batch", 4, "--lr", 1e-4,
+    _cli("finetune", "xar", "--model", files["base"], "--data", tmp_path / "S", "--budget", 16, "--batch", 4, "--lr", 1e-4,
          "--warmup", 8, "--save-every", 8, "-o", tmp_path / "ft", *sets)
     snaps = sorted((tmp_path / "ft").glob("checkpoint-*.pth"))
     assert [p.name for p in snaps] == ["checkpoint-16.pth", "checkpoint-8.pth"]
@@ -299,7 +299,7 @@ def test_synth_finetune_tune_merge_eval(fam, files, stand_in, tmp_path):
     model.load_state_dict(merged, strict=True)
     torch.testing.assert_close(merged["pred.weight"], base["pred.weight"] - 1.5 * (ck["model_ema"]["pred.weight"] - base["pred.weight"]))
     assert torch.equal(merged["mask"], base["mask"]) and torch.isinf(merged["mask"]).any()
-    _cli("eval", "xar", "-m", tmp_path / "merged.pth", "--num-samples", 8, "--batch", 8, "--ref-stats", tmp_path / "ref.npz",
+    _cli("eval", "xar", "--model", tmp_path / "merged.pth", "--num-samples", 8, "--batch", 8, "--ref-stats", tmp_path / "ref.npz",
          "--report", tmp_path / "eval.json", *sets)
     metrics = json.loads((tmp_path / "eval.json").read_text())["results"]["metrics"]
     assert np.isfinite(metrics["pixel_fid"]) and metrics["pixel_fid"] > 0
