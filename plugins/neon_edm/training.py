@@ -28,8 +28,8 @@ What ``train.py --transfer=PKL`` does and what neon does in its place:
   (``--transfer`` sets ``ema_rampup_ratio = None``), ``beta = 0.5 ** (batch / halflife)``, batch
   512.
 * **randomness**: EDM's loss, augmentation and dropout draw from torch's global generator; neon
-  seeds it for each step from the core's per-step generator (``torch.random.fork_rng``), so a
-  resumed run repeats the same noise.
+  seeds it for each step from the core's per-step generator (:func:`neon_cli.repo.seeded_global_rng`),
+  so a resumed run repeats the same noise.
 """
 
 from __future__ import annotations
@@ -123,10 +123,10 @@ def loss(model: Any, images: torch.Tensor, labels: torch.Tensor | None, generato
         if labels is None:
             raise FamilyError(f"the EDM network is class-conditional ({label_dim} classes) but the synthetic set has no labels")
         onehot = torch.eye(label_dim, device=dev)[labels.to(dev).long()]
+    from neon_cli.repo import seeded_global_rng
+
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed, dev):
         per_element = loss_fn(net=model, images=x, labels=onehot, augment_pipe=extras.get("augment_pipe"))
     return per_element.sum() / x.shape[0]
 
