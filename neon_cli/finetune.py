@@ -67,7 +67,7 @@ def finetune(
     from neon_cli.family import snapshot_name
     from neon_cli.fsutil import remove_stale_tmp_in
     from neon_cli.synth import load_synthetic
-    from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, train_loop
+    from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, snapshot_points, train_loop
 
     # ---- numbers first: nothing is read or written for a value that cannot work ----
     validate.positive_int("--budget", budget)
@@ -99,6 +99,12 @@ def finetune(
         seed=seed,
     )
     cfg.check()
+    points = snapshot_points(cfg.budget, cfg.batch, cfg.save_every)
+    names = [snapshot_name(family, p) for p in points]
+    for (a, na), (b, nb) in zip(zip(points, names), zip(points[1:], names[1:])):
+        if na == nb:  # e.g. EDM's network-snapshot-{kimg:06d}.pkl with snapshots less than 1000 images apart
+            raise UsageError(f"--save-every: the snapshots after {a} and {b} images would both be named {na} "
+                             f"(family {family.name!r}'s snapshot names); give a larger --save-every")
     out_dir = Path(out_dir)
     report.check_outputs({"--model": path, "--data": data_dir}, {"-o": out_dir})
     if out_dir.exists() and not out_dir.is_dir():

@@ -145,6 +145,44 @@ class InceptionDetector:
         return out
 
 
+#: Where the TorchScript detector is published (StyleGAN2-ADA's metrics; clean-fid downloads the same file).
+DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
+
+def describe_pickle_detector(path: str | os.PathLike[str]) -> str:
+    """The one-line error for a pickled detector such as EDM's / StyleGAN3's ``inception-2015-12-05.pkl``.
+
+    EDM's ``fid.py`` and StyleGAN3's ``metric_utils`` load that file with a plain ``pickle.load``
+    beside their ``torch_utils`` package: unpickling calls whatever the file names, and a
+    ``torch_utils.persistence`` object rebuilds its class by executing Python source stored in the
+    file (``_reconstruct_persistent_obj`` -> ``exec(module_src)``). A network cannot be run from it
+    without running the file's code, which neon does not do. The file is only scanned with
+    :mod:`pickletools` (opcodes; nothing is resolved or called) to say what it holds; the message
+    names the TorchScript ``inception-2015-12-05.pt`` of the same detector (StyleGAN2-ADA's, which
+    clean-fid also uses) to use instead.
+    """
+    import pickletools
+
+    p = Path(path)
+    strings: list[str] = []
+    try:
+        with open(p, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if isinstance(arg, str) and len(arg) < 200:
+                    strings.append(arg)
+                elif op.name == "STOP":
+                    break
+    except Exception:  # truncated or not a pickle after all: say only what it is not
+        strings = []
+    if "_reconstruct_persistent_obj" in strings or "torch_utils.persistence _reconstruct_persistent_obj" in strings:
+        names = [strings[i + 1] for i, s in enumerate(strings[:-1]) if s == "class_name"]
+        what = f"a torch_utils.persistence pickle (class {names[0]}) whose network is Python code stored in the file"
+    else:
+        what = "a Python pickle, which loads by running code named in the file"
+    return (f"{p}: not a TorchScript archive but {what}; neon does not execute it: use the TorchScript "
+            f"inception-2015-12-05.pt of the same detector ({DETECTOR_URL})")
+
+
 def load_detector(path: str | os.PathLike[str] | None = None, device: str | None = None) -> InceptionDetector:
     """Load the TorchScript Inception detector from ``path`` or ``$NEON_INCEPTION`` with ``torch.jit.load``.
 
@@ -155,8 +193,8 @@ def load_detector(path: str | os.PathLike[str] | None = None, device: str | None
     Raises:
         UsageError: no path given and ``$NEON_INCEPTION`` unset, or the file does not exist (the
         message names both ``--detector`` and ``NEON_INCEPTION``).
-        CheckpointError: not a TorchScript archive (e.g. EDM's ``.pkl`` pickle, which would need
-        EDM's code to unpickle) or ``torch.jit.load`` fails.
+        CheckpointError: not a TorchScript archive (EDM's / StyleGAN3's ``.pkl`` detector: see
+        :func:`describe_pickle_detector`) or ``torch.jit.load`` fails.
     """
     import torch
 
@@ -165,9 +203,10 @@ def load_detector(path: str | os.PathLike[str] | None = None, device: str | None
     p = require_detector_path(path)
     with open(p, "rb") as fh:
         magic = fh.read(4)
+    if magic[:1] == b"\x80":
+        raise CheckpointError(describe_pickle_detector(p))
     if magic != b"PK\x03\x04":
-        hint = " (a pickle such as EDM's inception-2015-12-05.pkl is not loaded; use the TorchScript .pt of the same network)" if magic[:1] == b"\x80" else ""
-        raise CheckpointError(f"{p}: not a TorchScript archive{hint}")
+        raise CheckpointError(f"{p}: not a TorchScript archive")
     dev = torch.device(device or default_device())
     try:
         with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; the detector is TorchScript

@@ -9,8 +9,8 @@ official one. A family finds the checkout, in this order:
 2. the environment variable ``NEON_<FAMILY>_REPO`` (e.g. ``NEON_EDM_REPO``);
 3. the repository's top-level modules already importable (``PYTHONPATH``, an installed copy).
 
-Writing a family for any other repository follows the same pattern (README "A family from a
-file"): declare ``Setting("repo", None, str)``, call :func:`find_repo` with the modules that mark a
+Writing a family for any other repository follows the same pattern (docs/families.md, "Repo-backed
+families and families from a file"): declare ``Setting("repo", None, str)``, call :func:`find_repo` with the modules that mark a
 checkout, then :func:`import_module` for each module the family uses.
 
 Two repositories that share top-level package names (EDM and IMM both have ``torch_utils``,

@@ -42,7 +42,9 @@ class TrainConfig:
     """What determines a training run (all budgets in images seen).
 
     budget: images seen in this run (B); lr: peak learning rate; batch: images per optimiser step;
-    warmup: images over which the learning rate ramps linearly from 0 to lr (EDM's lr ramp-up);
+    warmup: images over which the learning rate ramps linearly from 0 to lr: the step after
+    ``seen`` images uses ``lr * min(seen / warmup, 1)`` (EDM's training_loop.py lr ramp-up, and the
+    LambdaLR warm-ups of diffusers' and torchcfm's scripts: the first step has lr 0);
     ema_halflife: EMA half-life in images (None: no EMA; snapshots then hold the raw weights);
     save_every: images between snapshots / training states (None: only at the end); seed: data
     order and training noise.
@@ -159,7 +161,7 @@ def train_loop(
     while seen < cfg.budget:
         size = min(cfg.batch, cfg.budget - seen)
         idx = batch_indices(n, cfg.seed, seen, size)
-        lr = cfg.lr * min(1.0, (seen + size) / cfg.warmup) if cfg.warmup else cfg.lr
+        lr = cfg.lr * min(1.0, seen / cfg.warmup) if cfg.warmup else cfg.lr  # images seen before this step (EDM)
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + rank * 2**40)
@@ -252,6 +254,18 @@ def _check_resumable(path: Path, state: dict[str, Any], cfg: TrainConfig, proven
     if int(state["images_seen"]) > cfg.budget:
         raise UsageError(f"{path}: training state at {int(state['images_seen'])} images, past --budget {cfg.budget}; "
                          "use another -o or delete it")
+
+
+def snapshot_points(budget: int, batch: int, save_every: int | None) -> list[int]:
+    """Images seen at each snapshot :func:`train_loop` makes in a run from 0 to ``budget`` (the
+    first step count at or past each multiple of ``save_every``, and the end)."""
+    points, seen, mark = [], 0, _next_mark(0, save_every, budget)
+    while seen < budget:
+        seen += min(batch, budget - seen)
+        if seen >= mark:
+            points.append(seen)
+            mark = _next_mark(seen, save_every, budget)
+    return points
 
 
 def _next_mark(seen: int, every: int | None, budget: int) -> int:

@@ -268,7 +268,7 @@ def test_synth_finetune_tune_merge_eval(fam, files, stand_in, tmp_path):
     _cli("synth", "xar", "--model", files["base"], "--num-images", 8, "-o", tmp_path / "S", "--batch", 4, "--shard-size", 4, *sets)
     write_pixel_stats(tmp_path / "S", tmp_path / "ref.npz")
     _cli("finetune", "xar", "--model", files["base"], "--data", tmp_path / "S", "--budget", 16, "--batch", 4, "--lr", 1e-4,
-         "--warmup", 8, "--save-every", 8, "-o", tmp_path / "ft", *sets)
+         "--warmup", 8, "--save-every", 8, "--ema-halflife", 16, "-o", tmp_path / "ft", *sets)
     snaps = sorted((tmp_path / "ft").glob("checkpoint-*.pth"))
     assert [p.name for p in snaps] == ["checkpoint-16.pth", "checkpoint-8.pth"]
     # the Neon repository's loader: torch.load(weights_only=True), ckpt.get('model_ema', ...), strict load

@@ -42,6 +42,7 @@ from neon_cli.commands import (  # noqa: E402
     align,
     demo,
     eval as eval_cmd,
+    export,
     finetune,
     inspect as inspect_cmd,
     merge,
@@ -51,7 +52,7 @@ from neon_cli.commands import (  # noqa: E402
     tune,
 )
 
-for _mod in (synth, finetune, merge, inspect_cmd, tune, eval_cmd, demo, align, refstats, plugins):
+for _mod in (synth, finetune, merge, inspect_cmd, tune, eval_cmd, export, demo, align, refstats, plugins):
     _mod.register(app)
 
 
