@@ -16,7 +16,7 @@ from neon_cli.commands import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["synth", "finetune", "merge", "inspect", "tune-w", "eval", "demo", "align", "ref-stats", "plugins"]
+COMMANDS = ["synth", "finetune", "merge", "inspect", "tune-w", "eval", "fid", "demo", "align", "ref-stats", "plugins"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -116,7 +116,7 @@ def _failing_argv(name: str, command) -> list[str]:
 def test_every_command_takes_report_and_writes_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     commands = _all_commands()
-    assert {"synth", "finetune", "merge", "inspect", "tune-w", "eval", "demo", "align", "ref-stats", "plugins"} <= set(commands)
+    assert {"synth", "finetune", "merge", "inspect", "tune-w", "eval", "fid", "demo", "align", "ref-stats", "plugins"} <= set(commands)
     for name, command in commands.items():
         rep = tmp_path / f"{name}.json"
         argv = _failing_argv(name, command) + ["--report", str(rep)]

@@ -45,6 +45,7 @@ from neon_cli.commands import (  # noqa: E402
     align,
     demo,
     eval as eval_cmd,
+    fid,
     finetune,
     inspect as inspect_cmd,
     merge,
@@ -54,7 +55,7 @@ from neon_cli.commands import (  # noqa: E402
     tune,
 )
 
-for _mod in (synth, finetune, merge, inspect_cmd, tune, eval_cmd, demo, align, refstats, plugins):
+for _mod in (synth, finetune, merge, inspect_cmd, tune, eval_cmd, fid, demo, align, refstats, plugins):
     _mod.register(app)
 
 
