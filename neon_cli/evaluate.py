@@ -104,6 +104,23 @@ def parse_thresholds(max_fid: float | None = None, max_metric: list[str] | tuple
     return out
 
 
+def check_metric_names(family: Any, family_name: str, limits: Mapping[str, tuple[float, str]]) -> None:
+    """Refuse, before any sampling, a threshold on a metric the family does not report.
+
+    The names are the family's ``metrics`` (read now: image families list ``fid`` only when an
+    Inception detector is configured) plus ``seconds``; a family that lists no metrics is not
+    checked here (the check after scoring still applies). Raises UsageError naming the flag and
+    the metrics there are.
+    """
+    names = list(getattr(family, "metrics", None) or [])
+    if not names:
+        return
+    known = set(names) | {"seconds"}
+    for name, (_, flag) in limits.items():
+        if name not in known:
+            raise UsageError(f"{flag}: family {family_name!r} reports no metric {name!r} (its metrics: {', '.join(names)})")
+
+
 class Evaluator:
     """Samples ``num_samples`` images per candidate on a fixed seed plan and scores them.
 
@@ -178,7 +195,8 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     :func:`parse_thresholds`) and ``thresholds`` (a mapping metric -> maximum, for library use); a
     metric above its maximum raises :class:`ThresholdExceeded` (exit 1) after the results are
     recorded in ``report``. Numbers are checked before any file is read (:func:`check_plan_numbers`,
-    finite thresholds) and ``--report`` may not be an input. ``model_path`` None means the family's
+    finite thresholds), threshold metric names before the model is loaded
+    (:func:`check_metric_names`), and ``--report`` may not be an input. ``model_path`` None means the family's
     embedded default checkpoint. ``detector`` / ``ref_stats`` (``--detector`` / ``--ref-stats``)
     override ``$NEON_INCEPTION`` / ``$NEON_REF_STATS`` for families scored with Inception FID
     (:mod:`neon_cli.scoring`); their sha256 go to ``report.results["scoring"]``.
@@ -198,9 +216,10 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     report.check_outputs({"--model": path, "--detector": detector, "--ref-stats": ref_stats}, {})
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
-    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
-    ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
     with scoring_files(detector, ref_stats) as scoring:
+        check_metric_names(family, family_name, limits)  # inside: a family's metrics may depend on the detector
+        model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
+        ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
         metrics = ev.score_model(model)
     report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, scoring=scoring)
     for name, (limit, flag) in limits.items():

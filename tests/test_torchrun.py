@@ -19,7 +19,7 @@ from neon_cli.commands import app
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the commands that run under torchrun (README "Clusters")
-DISTRIBUTED = ["synth", "finetune", "eval", "tune-w", "ref-stats"]
+DISTRIBUTED = ["synth", "finetune", "eval", "tune-w", "ref-stats", "fid"]
 #: neon's help options are torchrun's too; an exact -h/--help after the script goes to the script
 #: (argparse REMAINDER) and is only ever typed alone
 HELP = {"-h", "--help"}

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, complete_setting, run
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +26,7 @@ def register(app: typer.Typer) -> None:
             None, "--ema-halflife", help="EMA half-life in images (default: family recipe; 0: no EMA)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data order and training noise."),
         set_: Optional[List[str]] = typer.Option(
-            None, "--set", metavar="KEY=VALUE",
+            None, "--set", metavar="KEY=VALUE", autocompletion=complete_setting,
             help="Setting of the family, inference or training recipe (repeatable); see 'neon plugins'."),
         trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
