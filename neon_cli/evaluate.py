@@ -153,11 +153,12 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     """
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.scoring import scoring_files
+    from neon_cli.tune.recorded import apply_recorded
 
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    settings = resolve_settings(family, set_pairs)
     path = resolve_model(family, model_path)
+    settings = apply_recorded(family, path, set_pairs, report, progress, "eval")  # tune-w's choice, then --set
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)

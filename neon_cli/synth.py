@@ -61,6 +61,7 @@ def synthesize(
 
     from neon_cli.evaluate import classes_of, seed_plan
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.tune.recorded import apply_recorded
 
     if num <= 0:
         raise UsageError(f"--num: must be positive, got {num}")
@@ -68,8 +69,8 @@ def synthesize(
         raise UsageError("--shard-size and --batch must be positive")
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    settings = resolve_settings(family, set_pairs)
     path = resolve_model(family, model_path)
+    settings = apply_recorded(family, path, set_pairs, report, progress, "synth")  # tune-w's choice, then --set
     model_sha = report.add_input("model", path)
     num_classes = classes_of(family, path)
     plan = {

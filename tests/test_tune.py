@@ -555,20 +555,22 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     ev = res["evaluations"]
     n_search = res["snapshots"][0]["n_evals"]
     assert n_search <= 12 and len(ev) == n_search + 3 and res["n_evals"] == len(ev)
-    # theta_r itself (w = 0) is scored on the search seeds, and the chosen w beats it
-    assert res["base"]["w"] == 0.0 and res["base"]["value"] == ev[n_search]["value"]
-    assert res["beats_base"] is True and res["chosen"]["value"] < res["base"]["value"]
+    # theta_r itself (w = 0) is scored first on the search seeds, and the chosen w beats it
+    assert res["base"]["w"] == 0.0 and res["base"]["value"] == ev[0]["value"]
+    assert res["baselines"]["default"]["value"] == ev[0]["value"] and res["baselines"]["best"] is None  # no gamma box
+    assert res["beats_base"] is True and res["improved"] is True and res["chosen"]["value"] < res["base"]["value"]
+    assert res["gain"]["vs_default"] == pytest.approx(1 - res["chosen"]["value"] / res["base"]["value"])
     for e in ev:
         assert {"w", "gamma", "snapshot", "metrics", "seconds", "cached", "phase", "value", "seed", "num_samples"} <= set(e)
         assert e["cached"] is False and e["value"] == e["metrics"]["dist"]
         assert e["gamma"] == 1.8  # the family's default guidance, held fixed
-    assert [e["phase"] for e in ev] == ["brent"] * n_search + ["base", "confirm", "confirm-base"]
+    assert [e["phase"] for e in ev] == ["base"] + ["brent"] * n_search + ["confirm", "confirm-base"]
     # every search evaluation used the same seeds (common random numbers)
-    search_calls = fam.seen[:n_search]
-    assert all(torch.equal(s[0], torch.arange(0, 64)) for s in fam.seen[:n_search + 1])  # search and base: same seeds
-    assert torch.equal(fam.seen[n_search][1], torch.tensor(THETA_R, dtype=torch.float64))  # the base is theta_r
+    search_calls = fam.seen[1:n_search + 1]
+    assert all(torch.equal(s[0], torch.arange(0, 64)) for s in fam.seen[:n_search + 1])  # base and search: same seeds
+    assert torch.equal(fam.seen[0][1], torch.tensor(THETA_R, dtype=torch.float64))  # the base is theta_r
     # each measured value is the formula at the merged theta
-    for e, (seeds, th, g) in zip(ev, search_calls):
+    for e, (seeds, th, g) in zip(ev[1:], search_calls):
         th_expect = torch.tensor(THETA_R) - torch.tensor(e["w"], dtype=torch.float32) * (torch.tensor(THETA_S) - torch.tensor(THETA_R))
         assert torch.allclose(th.float(), th_expect, atol=1e-6)
     # confirmation: disjoint, larger seed range; the base is scored at w = 0
@@ -599,13 +601,14 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
 def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     rep = Report("tune-w", argv=[])
     res = run_tune_w("fake-tune", fam.paths["base"], [str(fam.paths["good"])], bounds=(0.0, 3.0), gamma=(1.0, 4.0),
-                     gamma_scale="linear", num_samples=64, seed=5, report=rep)
+                     gamma_scale="linear", joint="design", tune_base=False, num_samples=64, seed=5, report=rep)
     w_star, g_star = closed_form(THETA_S, 5, 64, gamma=True)
     ch = res["chosen"]
     # the metric is exactly quadratic in (w, gamma): the fitted optimum is the optimum
     assert ch["w"] == pytest.approx(w_star, abs=1e-4) and ch["gamma"] == pytest.approx(g_star, abs=1e-4)
-    # 6 design points, the fitted optimum, the base; the refinement step lands on the optimum again (no evaluation)
-    assert res["mode"] == "quadratic" and res["n_evals"] == 7 + 1
+    # the base at its default gamma, 6 design points, the fitted optimum, the base at the chosen gamma; the
+    # refinement step lands on the optimum again (no evaluation)
+    assert res["mode"] == "quadratic" and res["joint"] == "design" and res["n_evals"] == 1 + 7 + 1
     assert res["gamma_scale"] == "linear" and res["refine"] == 2 and res["snapshots"][0]["stopped"] == "converged"
     assert [r["kind"] for r in res["snapshots"][0]["rounds"]] == ["design", "refine"]
     rnd = res["snapshots"][0]["rounds"][0]
@@ -616,8 +619,8 @@ def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     assert rnd["coefficients"]["h"] == pytest.approx(-1.0, abs=1e-5)
     assert rnd["hessian_positive_definite"] is True and rnd["optimum"]["kind"] == "stationary"
     assert rnd["measured"] == pytest.approx(rnd["predicted"], abs=1e-6)
-    assert [e["phase"] for e in res["evaluations"]] == ["design"] * 6 + ["fit-optimum", "base"]
-    assert sorted({e["gamma"] for e in res["evaluations"][:6]}) != [1.8]  # gamma really varied
+    assert [e["phase"] for e in res["evaluations"]] == ["base"] + ["design"] * 6 + ["fit-optimum", "base"]
+    assert sorted({e["gamma"] for e in res["evaluations"][1:7]}) != [1.8]  # gamma really varied
     assert {round(s[2], 9) for s in fam.seen} == {round(e["gamma"], 9) for e in res["evaluations"]}
 
 
@@ -679,7 +682,8 @@ def test_run_tune_w_bad_input(fam, tmp_path):
         (dict(gamma=(3.0, 3.0)), "--gamma"),
         (dict(gamma=(-1.0, 3.0)), "--gamma"),
         (dict(gamma=(1.0, 3.0), max_evals=6), "--max-evals"),
-        (dict(gamma=(1.0, 3.0), rounds=2, max_evals=10), "--max-evals"),
+        (dict(gamma=(1.0, 3.0), rounds=2, max_evals=10, joint="design"), "--max-evals"),
+        (dict(gamma=(1.0, 3.0), joint="grid"), "--joint grid"),
         (dict(gamma=(0.0, 3.0), gamma_scale="log"), "--gamma-scale log: needs a positive --gamma box"),
         (dict(gamma=(1.0, 3.0), gamma_scale="cubic"), "--gamma-scale cubic"),
         (dict(gamma=(1.0, 3.0), refine=-1), "--refine"),

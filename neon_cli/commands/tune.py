@@ -23,14 +23,27 @@ def register(app: typer.Typer) -> None:
             help="Self-trained checkpoint theta_s, or a quoted glob pattern such as 'ft/*.safetensors' (repeatable)."),
         bounds: Tuple[float, float] = typer.Option((0.0, 3.0), "--bounds", metavar="LO HI", help="Search interval of w (negative LO allowed)."),
         gamma: Optional[Tuple[float, float]] = typer.Option(
-            None, "--gamma", metavar="LO HI", help="Also search the guidance scale gamma in [LO, HI] (6-point quadratic fit)."),
+            None, "--gamma", metavar="LO HI",
+            help="Also search the guidance scale gamma in [LO, HI]: w at the default gamma first, then a quadratic surface."),
+        base_gamma: Optional[Tuple[float, float]] = typer.Option(
+            None, "--base-gamma", metavar="LO HI",
+            help="Search the base's own best gamma in [LO, HI] first (default: the --gamma box), same budget and seeds."),
+        tune_base: bool = typer.Option(
+            True, "--tune-base/--no-tune-base",
+            help="Measure Neon against the base at its own best gamma (needs --gamma or --base-gamma)."),
+        joint: str = typer.Option(
+            "line", "--joint", help="(w, gamma) search: 'line' (w at the default gamma, then the surface around it) "
+                                   "or 'design' (the 6-point pentagon design over the box).",
+            autocompletion=lambda: ["line", "design"]),
         xtol: float = typer.Option(0.05, "--xtol", help="Brent's absolute tolerance on w."),
         max_evals: Optional[int] = typer.Option(
-            None, "--max-evals", help="Evaluation budget per snapshot (default: 12 for w; 7 per round + --refine for (w, gamma))."),
-        rounds: int = typer.Option(1, "--rounds", help="Rounds of the (w, gamma) fit; each next round on a box half as large."),
+            None, "--max-evals",
+            help="Evaluation budget per snapshot (default: 12 for w; for (w, gamma) 15 with --joint line, which stops at 9 "
+                 "once the fit says the optimum is resolved; 7 per round + --refine with --joint design)."),
+        rounds: int = typer.Option(1, "--rounds", help="--joint design: rounds of the fit, each next on a box half as large."),
         refine: int = typer.Option(
-            2, "--refine", help="Trust-region steps after the last (w, gamma) round, 1 evaluation each: refit the 6 points "
-                                "nearest the best, evaluate its minimum in a box half as large."),
+            2, "--refine", help="--joint design: trust-region steps after the last round, 1 evaluation each: refit the 6 "
+                                "points nearest the best, evaluate its minimum in a box half as large."),
         gamma_scale: str = typer.Option(
             "auto", "--gamma-scale", help="Fit in (w, ln gamma) ('log') or (w, gamma) ('linear'); 'auto': log when gamma > 0.",
             autocompletion=lambda: ["auto", "log", "linear"]),
@@ -48,7 +61,18 @@ def register(app: typer.Typer) -> None:
         cache: Optional[Path] = typer.Option(
             None, "--cache", dir_okay=False, help="JSON-lines evaluation cache: reruns reuse it, an interrupted search resumes."),
         out: Optional[Path] = typer.Option(None, "--out", "-o", dir_okay=False, help="Write the merged best checkpoint here."),
-        plot: Optional[Path] = typer.Option(None, "--plot", dir_okay=False, help="PNG of the metric vs w (needs matplotlib)."),
+        write_anyway: bool = typer.Option(
+            False, "--write-anyway", help="Write -o even when no candidate beats the base (the exit code is still 3)."),
+        plot: Optional[Path] = typer.Option(
+            None, "--plot", dir_okay=False,
+            help="PNG: fid, precision and recall vs w at the chosen gamma (paper Fig. 4) and the search (needs matplotlib)."),
+        plot_points: int = typer.Option(9, "--plot-points", help="Evaluations along w at the chosen gamma for --plot."),
+        control: Optional[str] = typer.Option(
+            None, "--control", help="'real': also fine-tune the base on the family's real data with the chosen snapshot's "
+                                    "budget and recipe, and score it the same way (is it just more training?).",
+            autocompletion=lambda: ["real"]),
+        control_samples: Optional[int] = typer.Option(
+            None, "--control-samples", help="Real samples for --control (default: |S| from the snapshot's finetune.json)."),
         detector: Optional[Path] = DetectorOpt,
         ref_stats: Optional[Path] = RefStatsOpt,
         trust_pickle: bool = TrustOpt,
@@ -60,9 +84,11 @@ def register(app: typer.Typer) -> None:
 
         Over w: Brent's method (scipy, bounded), about 6-10 evaluations.
 
-        With --gamma: a quadratic surface fitted to 6 design points in the (w, ln gamma) box, one evaluation at its minimum (paper App. C), then --refine trust-region steps: 9 evaluations by default.
+        With --gamma: w at the default gamma first (so never worse than the w-only search), then a quadratic surface in (w, ln gamma) around it (paper App. C), refined until the fit says the optimum is resolved: 9 evaluations, up to 15 when it is not.
 
-        Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search.
+        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. When no candidate beats the base, no -o is written (unless --write-anyway) and the exit code is 3.
+
+        Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search. The chosen settings (gamma, ...) are recorded in -o's metadata, and eval / synth / demo sample with them.
 
         Several snapshots (--selftrained repeated, a quoted glob, or extra arguments) are each tuned; the best (snapshot, w, gamma) wins, hopeless snapshots are dropped early.
 
@@ -71,26 +97,31 @@ def register(app: typer.Typer) -> None:
         \b
             neon tune-w digits --selftrained runs/ft/theta_s-000200000.safetensors -o neon.safetensors --report tune.json
             neon tune-w digits --selftrained 'runs/ft/*.safetensors' --gamma 1 4 --cache tune.jsonl --confirm-samples 10000
+            neon tune-w digits --selftrained runs/ft/theta_s-000031457.safetensors --gamma 1 4 --control real --plot tune.png
         """
         items = list(selftrained or []) + list(extra or [])
         from neon_cli.tune import run_tune_w
 
         margin = None if abandon_margin == float("inf") else abandon_margin
+        report_file = report
         run(
             "tune-w",
             lambda report, progress: run_tune_w(
-                family, base, items, bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, xtol=xtol,
+                family, base, items, bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None,
+                base_gamma=tuple(base_gamma) if base_gamma else None, tune_base=tune_base, joint=joint, xtol=xtol,
                 max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale, metric=metric,
-                num_samples=num_samples, seed=seed,
-                confirm_samples=confirm_samples, set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot,
-                abandon_margin=margin, trust_pickle=trust_pickle, detector=detector, ref_stats=ref_stats,
-                report=report, progress=progress),
+                num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, set_pairs=set_ or [], batch=batch,
+                cache=cache, output=out, plot=plot, plot_points=plot_points, abandon_margin=margin, control=control,
+                control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
+                detector=detector, ref_stats=ref_stats, report_path=report_file, report=report, progress=progress),
             settings=dict(family=family, base=base, selftrained=items, bounds=list(bounds), gamma=list(gamma) if gamma else None,
+                          base_gamma=list(base_gamma) if base_gamma else None, tune_base=tune_base, joint=joint,
                           xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale,
                           metric=metric, num_samples=num_samples, seed=seed,
                           confirm_samples=confirm_samples, set=set_ or [], batch=batch, abandon_margin=abandon_margin,
-                          cache=cache, out=out, plot=plot, detector=detector, ref_stats=ref_stats,
-                          trust_pickle=trust_pickle),
+                          cache=cache, out=out, plot=plot, plot_points=plot_points, control=control,
+                          control_samples=control_samples, write_anyway=write_anyway, detector=detector,
+                          ref_stats=ref_stats, trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet,
             show=_show,
         )
