@@ -62,6 +62,10 @@ def demo(
     validate.seed("--seed", seed, num_synthetic)
     if lr is not None:
         validate.positive("--lr", lr)
+    if gamma is not None:
+        lo, hi = (validate.finite("--gamma", g) for g in gamma)
+        if not lo < hi:
+            raise UsageError(f"--gamma {lo:g} {hi:g}: need finite LO < HI")
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     base = model_path(family, base, "--base")

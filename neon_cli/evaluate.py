@@ -158,7 +158,7 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, model_path)
-    settings = apply_recorded(family, path, set_pairs, report, progress, "eval")  # tune-w's choice, then --set
+    settings = apply_recorded(family, path, set_pairs, report, progress, "sample")  # tune-w's choice, then --set
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)

@@ -4,9 +4,11 @@ surface around that line's optimum, refined until the fit says the optimum is re
 Why this shape (issue 16, items 3 and 7):
 
 * it starts with :func:`neon_cli.tune.brent_search` over w at the default gamma (the gamma the
-  model is sampled with, e.g. the one S was synthesized at), so it can never end worse than the
-  w-only search on the same seeds: those points are among the measured ones and the result is
-  the best measured point;
+  model is sampled with, e.g. the one S was synthesized at), with the w-only search's own
+  tolerance, so its first :data:`LINE_EVALS` points are those of ``tune-w`` without ``--gamma``;
+  if at the end that line's parabola still predicts a value below the best point found, the
+  line's Brent search is run to completion (its points are then all measured), so the joint
+  search does not end worse than the w-only search on the same seeds;
 * the line's points fix the surface's w terms; three points off the line (gamma above and
   below at the line's best w, one more shifted in w) fix the gamma and cross terms, so a full
   quadratic in (w, ln gamma) is determined after ``line_evals + 3`` evaluations;
@@ -24,8 +26,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-from neon_cli.tune.brent import brent_search
-from neon_cli.tune.common import StopFn
+from neon_cli.tune.brent import brent_search, parabola_minimum
+from neon_cli.tune.common import BRENT_DEFAULT_EVALS, StopFn
 from neon_cli.tune.quadratic import FitRound, FitSpace, QuadraticResult, _check_box, refine_step
 
 #: ``--joint``: ``"line"`` (this module, the default) or ``"design"`` (the 6-point pentagon design
@@ -61,6 +63,8 @@ def joint_search(
     line_evals: int = LINE_EVALS,
     min_evals: int = MIN_EVALS,
     max_evals: int | None = None,
+    xtol: float = 0.05,
+    line_max_evals: int = BRENT_DEFAULT_EVALS,
     resolved_tol: float = RESOLVED_TOL,
     shrink: float = 0.5,
     should_stop: StopFn | None = None,
@@ -74,8 +78,10 @@ def joint_search(
         gamma_scale: ``"auto"``, ``"log"`` or ``"linear"`` (the fit's second coordinate).
         line_evals: Brent evaluations on the line (>= 3).
         min_evals: evaluations always spent (when the search does not converge sooner).
-        max_evals: the most evaluations (default :data:`MAX_EVALS`); ``max_evals <= min_evals``
-            disables the adaptive part.
+        max_evals: the most evaluations of the line and the surface (default :data:`MAX_EVALS`);
+            ``max_evals <= min_evals`` disables the adaptive part. Completing the line (see the
+            module docstring) may add up to ``line_max_evals - line_evals`` more.
+        xtol, line_max_evals: Brent's tolerance and budget on the line (those of the w-only search).
         resolved_tol: stop once the fit's predicted gain is below this fraction of the best value.
         shrink: trust-region box scale per step, in (0, 1).
         should_stop: early abandonment, asked after the line with its parabola's minimum.
@@ -99,11 +105,26 @@ def joint_search(
         raise ValueError(f"shrink must be in (0, 1), got {shrink}")
     space = FitSpace(f, w_bounds, g_bounds, gamma_scale)
     g0 = min(max(float(gamma0), float(g_bounds[0])), float(g_bounds[1]))
-    stopped = _line(space, g0, line_evals, should_stop)
+
+    def on_line(w: float) -> float:
+        return space(w, space.to_s(g0), "line", 1)
+
+    stopped = _line(space, on_line, g0, line_evals, xtol, should_stop)
     if stopped is not None:
         return space.result(stopped)
-    stopped = _off_line(space, g0)
+    _off_line(space)
+    stopped = _surface(space, budget, min_evals, resolved_tol, shrink)
+    if _line_may_beat_best(space, g0):
+        brent_search(on_line, space.outer[0], xtol=xtol, max_evals=line_max_evals)
+        stopped = f"{stopped}+line"
+    return space.result(stopped)
+
+
+def _surface(space: FitSpace, budget: int, min_evals: int, resolved_tol: float, shrink: float) -> str:
+    """Trust-region steps until resolved (the fit's predicted gain below ``resolved_tol``, after
+    ``min_evals``), converged, singular or out of budget; returns ``stopped``."""
     box: Any = space.outer
+    stopped: str | None = None
     rnd = 2
     while stopped is None:
         if len(space.evals) >= budget:
@@ -122,14 +143,22 @@ def joint_search(
             break
         fr.measured = space(fr.optimum.w, space.to_s(fr.optimum.gamma), "refine", rnd)
         rnd += 1
-    return space.result(stopped)
+    return stopped
 
 
-def _line(space: FitSpace, g0: float, line_evals: int, should_stop: StopFn | None) -> str | None:
-    """Brent over w at ``g0`` for ``line_evals`` evaluations, recorded in ``space``."""
-    (w_lo, w_hi) = space.outer[0]
-    line = brent_search(lambda w: space(w, space.to_s(g0), "line", 1), (w_lo, w_hi), xtol=1e-3 * (w_hi - w_lo),
-                        max_evals=line_evals, should_stop=should_stop)
+def _line_may_beat_best(space: FitSpace, g0: float) -> bool:
+    """True when the parabola through the line's three lowest points predicts a value below the
+    best measured point (the line's own optimum may then be better than what was found)."""
+    s0 = space.to_s(g0)
+    line = [(e.w, e.value) for e, (_, s) in zip(space.evals, space.coords) if s == s0]
+    pred = parabola_minimum([w for w, _ in line], [v for _, v in line], space.outer[0])
+    return pred is not None and pred < min(e.value for e in space.evals)
+
+
+def _line(space: FitSpace, on_line: Callable[[float], float], g0: float, line_evals: int, xtol: float,
+          should_stop: StopFn | None) -> str | None:
+    """Brent over w at ``g0`` (tolerance ``xtol``) for ``line_evals`` evaluations, recorded in ``space``."""
+    line = brent_search(on_line, space.outer[0], xtol=xtol, max_evals=line_evals, should_stop=should_stop)
     space.rounds.append(FitRound(1, space.gamma_box(space.outer), [[e.w, g0] for e in line.evaluations],
                                  [e.value for e in line.evaluations], "line", space.scale))
     if line.stopped == "abandoned":
@@ -139,7 +168,7 @@ def _line(space: FitSpace, g0: float, line_evals: int, should_stop: StopFn | Non
     return None
 
 
-def _off_line(space: FitSpace, g0: float) -> str | None:
+def _off_line(space: FitSpace) -> None:
     """Three points off the line: gamma up and down at the line's best w, one more shifted in w."""
     b = space.best_index()
     wb, s0 = space.coords[b]
@@ -154,4 +183,3 @@ def _off_line(space: FitSpace, g0: float) -> str | None:
     w_shift = wb + dw if wb + dw <= w_hi else wb - dw
     for w, s in ((wb, up), (wb, down), (w_shift, up)):
         space(w, s, "design", 1)
-    return None
