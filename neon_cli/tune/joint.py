@@ -45,7 +45,7 @@ RESOLVED_TOL = 0.005
 #: Offset of the off-line points, as a fraction of the box's half-width in ln gamma (or gamma).
 GAMMA_STEP = 0.25
 #: Their shift in w, as a fraction of the box's half-width in w.
-W_STEP = 0.2
+W_STEP = 0.3
 
 
 def default_joint_budget() -> int:
@@ -67,6 +67,8 @@ def joint_search(
     line_max_evals: int = BRENT_DEFAULT_EVALS,
     resolved_tol: float = RESOLVED_TOL,
     shrink: float = 0.5,
+    gamma_step: float = GAMMA_STEP,
+    w_step: float = W_STEP,
     should_stop: StopFn | None = None,
 ) -> QuadraticResult:
     """Minimise ``f(w, gamma)`` over the box: a w line at ``gamma0``, then a refined quadratic.
@@ -84,6 +86,7 @@ def joint_search(
         xtol, line_max_evals: Brent's tolerance and budget on the line (those of the w-only search).
         resolved_tol: stop once the fit's predicted gain is below this fraction of the best value.
         shrink: trust-region box scale per step, in (0, 1).
+        gamma_step, w_step: offsets of the off-line points (:data:`GAMMA_STEP`, :data:`W_STEP`).
         should_stop: early abandonment, asked after the line with its parabola's minimum.
 
     Returns:
@@ -112,7 +115,7 @@ def joint_search(
     stopped = _line(space, on_line, g0, line_evals, xtol, should_stop)
     if stopped is not None:
         return space.result(stopped)
-    _off_line(space)
+    _off_line(space, gamma_step, w_step)
     stopped = _surface(space, budget, min_evals, resolved_tol, shrink)
     if _line_may_beat_best(space, g0):
         brent_search(on_line, space.outer[0], xtol=xtol, max_evals=line_max_evals)
@@ -168,13 +171,13 @@ def _line(space: FitSpace, on_line: Callable[[float], float], g0: float, line_ev
     return None
 
 
-def _off_line(space: FitSpace) -> None:
+def _off_line(space: FitSpace, gamma_step: float, w_step: float) -> None:
     """Three points off the line: gamma up and down at the line's best w, one more shifted in w."""
     b = space.best_index()
     wb, s0 = space.coords[b]
     (w_lo, w_hi), (s_lo, s_hi) = space.outer
-    ds = GAMMA_STEP * (s_hi - s_lo) / 2
-    dw = W_STEP * (w_hi - w_lo) / 2
+    ds = gamma_step * (s_hi - s_lo) / 2
+    dw = w_step * (w_hi - w_lo) / 2
     up, down = min(s0 + ds, s_hi), max(s0 - ds, s_lo)
     if up - s0 < ds / 2:  # g0 at the top edge: both off-line levels below it
         up = max(s0 - 2 * ds, s_lo)

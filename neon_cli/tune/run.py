@@ -292,6 +292,11 @@ def _check_gamma_boxes(family: Any, family_name: str, guidance: str | None, plan
 
 
 def _check_control(family: Any, family_name: str, snaps: list[Path], plan: Plan) -> None:
+    from neon_cli.dist import env_world
+
+    if env_world()[1] > 1:  # it trains in a temporary folder of its own, which other nodes cannot see
+        raise UsageError("--control real: not under torchrun; run it in one process, or train the control with "
+                         "'neon finetune' and give it as --control CHECKPOINT")
     if not callable(getattr(family, "real_samples", None)):
         raise UsageError(f"--control real: family {family_name!r} provides no real data (no real_samples method)")
     for s in snaps:
@@ -345,7 +350,8 @@ def _rounds_json(ctx: Context, r: QuadraticResult) -> list[dict[str, Any]]:
 
 
 def summarize(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
-    """Per-snapshot outcomes, the chosen candidate, the base at its gamma and ``beats_base``."""
+    """Per-snapshot outcomes, the chosen candidate, ``base`` (w = 0 at its best gamma, or at the
+    chosen gamma without a base gamma search) and ``beats_base`` (against every base measured)."""
     plan, sign = ctx.plan, ctx.sign
     snapshots_out = []
     for oc in found.outcomes:
@@ -374,9 +380,12 @@ def summarize(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict
         chosen={"snapshot": found.best, "path": str(ctx.snaps[found.best]), "sha256": ctx.snap_shas[found.best],
                 "w": win.w, "gamma": win_gamma, "value": sign * win.value, "metrics": win_metrics},
     )
-    # the pure searches never ask for w = 0: the base at the chosen gamma, on the same seeds
-    base_metrics = scorer("base", 0.0, win_gamma, ctx.evaluator, "base")
-    results["base"] = {"w": 0.0, "gamma": win_gamma, "value": float(base_metrics[ctx.metric]), "metrics": base_metrics}
+    # the pure searches never ask for w = 0: the base at its best gamma when it was searched, else
+    # at the chosen gamma, on the same seeds
+    best = results["baselines"].get("best")
+    base_gamma = best["gamma"] if best else win_gamma
+    base_metrics = best["metrics"] if best else scorer("base", 0.0, win_gamma, ctx.evaluator, "base")
+    results["base"] = {"w": 0.0, "gamma": base_gamma, "value": float(base_metrics[ctx.metric]), "metrics": base_metrics}
     bases = scorer.rows("base", "base-gamma")
     best_base = min(bases, key=lambda row: sign * row["value"])
     results["best_base"] = {"gamma": best_base["gamma"], "value": best_base["value"]}
@@ -396,8 +405,9 @@ def _gains(ctx: Context, neon_value: float, baselines: Mapping[str, Any]) -> dic
 
 
 def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
-    """Re-score the winner and the base (at the chosen gamma, its default and its best) on
-    ``confirm_samples`` new seeds; ``relative_improvement`` is against the best of those bases."""
+    """Re-score the winner and the base (at its default and at its best gamma, or without a base
+    gamma search at the chosen gamma) on ``confirm_samples`` new seeds; ``relative_improvement``
+    is against the better of those bases (``base_strongest``)."""
     plan = ctx.plan
     if not plan.confirm_samples:
         results["confirmation"] = None
@@ -407,13 +417,13 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
     ch = results["chosen"]
     neon_m = scorer(found.best, ch["w"], ch["gamma"], cev, "confirm")
     best = results["baselines"].get("best")
-    gammas = list(dict.fromkeys([ch["gamma"], ctx.default_gamma] + ([best["gamma"]] if best else [])))
+    gammas = list(dict.fromkeys([best["gamma"] if best else ch["gamma"], ctx.default_gamma]))
     base_m = {g: scorer("base", 0.0, g, cev, "confirm-base") for g in gammas}
     strongest = min(base_m.values(), key=lambda m: ctx.sign * m[ctx.metric])
     m = ctx.metric
     results["confirmation"] = {
         "seed": cseed, "num_samples": plan.confirm_samples, "seeds": [cseed, cseed + plan.confirm_samples - 1],
-        "neon": neon_m, "base": base_m[ch["gamma"]], "base_default": base_m[ctx.default_gamma],
+        "neon": neon_m, "base": base_m[gammas[0]], "base_default": base_m[ctx.default_gamma],
         "base_best": base_m[best["gamma"]] if best else None, "base_strongest": strongest,
         "relative_improvement": _relative(ctx, strongest[m], neon_m[m]),
         "relative_improvement_vs_default": _relative(ctx, base_m[ctx.default_gamma][m], neon_m[m]),
