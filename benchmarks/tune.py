@@ -3,9 +3,10 @@
 On the digits family, for each theta_s of ``--configs`` (different |S|, budgets and seeds) and on one
 seed plan (common random numbers for every candidate; ``--num-samples`` images per evaluation):
 
-* the fine grid over (w, gamma): a coarse grid (``--coarse-w-step`` x ``--coarse-gamma-step``) over
-  the whole box, then a fine one (``--fine-step`` on both axes) around the coarse best
-  (``--fine-half-width`` W G): the reference best;
+* the fine grid over (w, gamma): a grid of step ``--fine-step`` on both axes, half-widths
+  ``--fine-half-width`` W G, around the best coarse point measured (the paper protocol's sweep
+  and the searches' points, plus with ``--coarse-grid`` a grid over the whole box of
+  ``--coarse-w-step`` x ``--coarse-gamma-step``): the reference best is the best of all of those;
 * over w alone at gamma_S (the gamma S was synthesized at): Brent (``neon_cli.tune.brent_search``),
   the paper scripts' sweep (0.25 steps from 0, stop once the metric rises ``--sweep-stop`` above the
   best so far, then +-0.1 in 0.05 steps) and a dense w grid (0.05);
@@ -159,15 +160,26 @@ class Bench:
                 "sha256": sha256_path(path), "sd": self.family.load(str(path)).state_dict()}
 
 
-def fine_grid(bench: Bench, snap: dict, args) -> tuple[float, tuple[float, float], int]:
-    """(best value, best point, points) of the coarse grid over the box and the fine one around its best."""
+def fine_grid(bench: Bench, snap: dict, args, around: list[tuple[float, float]]) -> tuple[float, tuple[float, float], int]:
+    """(best value, best point, points) of a fine grid (``--fine-step``) of half-widths
+    ``--fine-half-width`` around the best of ``around`` (the coarse points measured so far: the
+    paper protocol's sweep, the searches' points and, with ``--coarse-grid``, a coarse grid over
+    the whole box), together with those points."""
     f = bench.f(snap)
     (w0, w1), (g0, g1) = args.bounds, args.gamma
-    vals = {(w, g): f(w, g) for g in _grid(g0, g1, args.coarse_gamma_step) for w in _grid(w0, w1, args.coarse_w_step)}
+    vals = {p: f(*p) for p in around}
+    for rec in bench.cache.records():  # every point of this theta_s measured before on this seed plan
+        k = rec["key"]
+        if (k.get("selftrained") == snap["sha256"] and k["num_samples"] == args.num_samples and k["seed"] == args.seed
+                and w0 <= k["w"] <= w1 and g0 <= k["gamma"] <= g1 and args.metric in rec["metrics"]):
+            vals[(k["w"], k["gamma"])] = rec["metrics"][args.metric]
+    if args.coarse_grid:
+        vals.update({(w, g): f(w, g) for g in _grid(g0, g1, args.coarse_gamma_step)
+                     for w in _grid(w0, w1, args.coarse_w_step)})
     bw, bg = min(vals, key=vals.get)
     hw, hg = args.fine_half_width
-    for g in _grid(max(g0, bg - hg), min(g1, bg + hg), args.fine_step):
-        for w in _grid(max(w0, bw - hw), min(w1, bw + hw), args.fine_step):
+    for g in _grid(max(g0, round(bg / args.fine_step) * args.fine_step - hg), min(g1, bg + hg), args.fine_step):
+        for w in _grid(max(w0, round(bw / args.fine_step) * args.fine_step - hw), min(w1, bw + hw), args.fine_step):
             vals[(w, g)] = f(w, g)
         print(f"    fine grid gamma = {g:.2f} done, best so far {min(vals.values()):.5g}", flush=True)
     p = min(vals, key=vals.get)
@@ -199,7 +211,8 @@ def methods(bench: Bench, snap: dict, args) -> list[dict]:
     (pw2, pg2), asked2 = paper_sweep_2d(f, tuple(args.bounds), tuple(args.gamma), args.sweep_stop)
     add("paper protocol over (w, gamma)", "w,gamma", pw2, pg2, len(asked2))
     rows[-1]["paper"] = True
-    return rows
+    points = [(e.w, e.gamma) for e in j.evaluations + q.evaluations] + list(asked2)
+    return rows, points
 
 
 def main() -> None:
@@ -214,10 +227,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--bounds", type=float, nargs=2, default=(0.0, 3.0))
     ap.add_argument("--gamma", type=float, nargs=2, default=(1.0, 4.0))
-    ap.add_argument("--coarse-w-step", type=float, default=0.25)
+    ap.add_argument("--coarse-grid", action="store_true", help="also a coarse grid over the whole box")
+    ap.add_argument("--coarse-w-step", type=float, default=0.1)
     ap.add_argument("--coarse-gamma-step", type=float, default=0.25)
     ap.add_argument("--fine-step", type=float, default=0.05)
-    ap.add_argument("--fine-half-width", type=float, nargs=2, default=(0.3, 0.25), metavar=("W", "G"))
+    ap.add_argument("--fine-half-width", type=float, nargs=2, default=(0.2, 0.15), metavar=("W", "G"))
     ap.add_argument("--sweep-stop", type=float, default=0.03, help="paper sweep early stop, metric units")
     ap.add_argument("--target", type=float, default=2.0, help="%% gap to the fine grid's best")
     args = ap.parse_args()
@@ -233,8 +247,8 @@ def main() -> None:
         snap = bench.selftrained(name, int(num), float(frac), int(seed), g_s)
         print(f"\n{name}: |S| = {num}, budget {100 * float(frac):g}% ({snap['budget']} images), seed {seed}, "
               f"S at gamma {g_s:.4g}; {args.metric} on {args.num_samples} samples", flush=True)
-        best, at, n_grid = fine_grid(bench, snap, args)
-        rows = methods(bench, snap, args)
+        rows, points = methods(bench, snap, args)
+        best, at, n_grid = fine_grid(bench, snap, args, points)
         conf = {}
         for r in rows:
             key = (round(r["w"], 9), round(r["gamma"], 9))

@@ -286,3 +286,52 @@ def test_plot_draws_metrics_along_w_at_the_chosen_gamma(fam, tmp_path):
     assert 1 <= len(sweep) <= 5 and all(e["gamma"] == pytest.approx(g) for e in sweep)
     at_g = {round(e["w"], 9) for e in res["evaluations"] if e["snapshot"] and e["gamma"] == pytest.approx(g)}
     assert {round(float(w), 9) for w in np.linspace(0, 3, 5)} <= at_g  # the Figure 4 curve, w = 0 .. 3
+
+
+# ------------------------------------------------------------------------------------------------
+# the "more training" control (item 2)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_control_real_is_the_same_budget_and_recipe_on_real_data(tmp_path):
+    """--control real on the Gaussian toy (exact metrics): theta_r fine-tuned on the family's real
+    samples with theta_s's budget, lr, batch and seed, scored like the base."""
+    from neon_cli.finetune import finetune
+    from neon_cli.synth import synthesize
+    from neon_cli.tune import write_real_set
+    from neon_gaussian import family as gauss
+    from neon_gaussian import mle as M
+
+    base = tmp_path / "base.safetensors"
+    M.save(M.make_base(10, 100, 0), str(base), {"train_images": "100"})
+    synthesize("gaussian", base, num=3000, out_dir=tmp_path / "S", seed=10**6, set_pairs=["temperature=0.8"],
+               report=Report("synth"))
+    snap = finetune("gaussian", base, tmp_path / "S", budget=3000, lr=None, out_dir=tmp_path / "ft",
+                    report=Report("finetune"))["final"]
+    res = run_tune_w("gaussian", base, [snap], bounds=(-3.0, 3.0), num_samples=2, control="real",
+                     report=Report("t", argv=[]))
+    ctl = res["control"]
+    assert ctl["kind"] == "real" and ctl["budget"] == 3000 and ctl["num_real"] == 3000  # |S| from finetune.json
+    recipe = json.loads((tmp_path / "ft" / "finetune.json").read_text())["config"]
+    assert ctl["lr"] == recipe["lr"] and ctl["batch"] == recipe["batch"]
+    # the same run by hand: real samples in a set, the same finetune call
+    data = write_real_set(gauss, gauss.load(str(base)), tmp_path / "R", 3000, recipe["seed"])
+    images, _ = gauss.real_samples(gauss.load(str(base)), 3000, recipe["seed"])
+    from safetensors.torch import load_file
+
+    assert torch.equal(load_file(str(data / "shard-00000.safetensors"))["images"], images)
+    by_hand = finetune("gaussian", base, data, budget=3000, lr=recipe["lr"], batch=recipe["batch"], seed=recipe["seed"],
+                       out_dir=tmp_path / "ft-real", report=Report("finetune"))["final"]
+    exact = M.score_model(M.load(by_hand), {"temperature": 1.0})
+    assert ctl["default"]["value"] == pytest.approx(exact["nll"], rel=1e-12)
+    base_nll = res["baselines"]["default"]["value"]
+    assert ctl["default"]["value"] < base_nll  # more real data helps the 100-sample MLE, as expected
+    assert res["chosen"]["value"] < base_nll
+
+
+def test_control_needs_real_data_and_a_budget(fam, tmp_path):
+    with pytest.raises(UsageError, match="--control real: family 'fake-tune' provides no real data"):
+        run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], control="real", report=Report("t", argv=[]))
+    with pytest.raises(UsageError, match="--control nope"):
+        run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], control="nope", report=Report("t", argv=[]))
+    assert fam.sample_calls == 0

@@ -100,6 +100,10 @@ class EvalCache:
     def __len__(self) -> int:
         return len(self._records)
 
+    def records(self) -> list[dict[str, Any]]:
+        """Every record (``key``, ``metrics``, ``seconds``, ``at``), in no particular order."""
+        return list(self._records.values())
+
     def get(self, key: Mapping[str, Any], metric: str | None = None) -> dict[str, Any] | None:
         """The record for ``key`` (with ``metrics`` and ``seconds``), or None.
 
