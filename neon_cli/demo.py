@@ -32,6 +32,7 @@ def demo(
     lr: float | None = None,
     bounds: tuple[float, float] = (0.0, 3.0),
     gamma: tuple[float, float] | None = (1.0, 4.0),
+    max_evals: int | None = None,
     num_samples: int = 2000,
     confirm_samples: int = 5000,
     control: bool = True,
@@ -78,11 +79,14 @@ def demo(
             raise UsageError(f"--budget: {base} records no training budget; give --budget in images")
         budget = max(1, int(round(budget_fraction * base_images)))
     budget = validate.positive_int("--budget", budget)
+    if max_evals is not None and validate.positive_int("--max-evals", max_evals) < 7:
+        raise UsageError(f"--max-evals {max_evals}: each search needs at least 7 evaluations")
     if not getattr(family, "guidance", None):
         gamma = None
     report.add_input("base", base)
     with exclusive_lock(out_dir, "-o", folder=True):
         run = _Pipeline(family_name, family, base, out_dir, seed, num_samples, confirm_samples, gamma, report, progress)
+        run.max_evals = max_evals
         results = run.all(num_synthetic, budget, lr, bounds, control)
     results.update(num_synthetic=num_synthetic, budget_images=budget, base_train_images=base_images or None,
                    budget_fraction=budget / base_images if base_images else None, confirm_samples=confirm_samples)
@@ -101,6 +105,7 @@ class _Pipeline:
         self.report, self.progress = report, progress
         self.cache = out_dir / "tune-cache.jsonl"
         self.steps: dict[str, Any] = {}
+        self.max_evals: int | None = None
 
     def step(self, name: str, fn: Any, **kw: Any) -> dict[str, Any]:
         from neon_cli.report import Report
@@ -121,7 +126,8 @@ class _Pipeline:
         gamma_s = None
         if self.gamma is not None:  # 1. the base at its own best gamma; S is synthesized there
             bl = self.step("base-gamma", lambda **k: tune_base_gamma(
-                self.family_name, self.base, self.gamma, num_samples=self.num_samples, seed=eval_seed, cache=self.cache, **k))
+                self.family_name, self.base, self.gamma, num_samples=self.num_samples, seed=eval_seed, cache=self.cache,
+                max_evals=self.max_evals, **k))
             gamma_s = bl["best"]["gamma"]
         pairs = [f"{self.family.guidance}={gamma_s!r}"] if gamma_s is not None else []
         self.step("synth", lambda **k: synthesize(self.family_name, self.base, num=num_synthetic, out_dir=self.out / "S",
@@ -133,7 +139,7 @@ class _Pipeline:
         tuned = self.step("tune-w", lambda **k: run_tune_w(
             self.family_name, self.base, [ft["final"]], bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
             num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, cache=self.cache,
-            output=neon_path, control=ctl, require_improvement=False, write_anyway=True, **k))
+            max_evals=self.max_evals, output=neon_path, control=ctl, require_improvement=False, write_anyway=True, **k))
         return self._results(tuned, gamma_s, ft, neon_path, ctl)
 
     def _control(self, snapshot: str, num_real: int) -> str | None:

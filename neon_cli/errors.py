@@ -6,7 +6,7 @@ Exit codes (documented in README, relied on by scripts):
 * 1  a regression threshold was exceeded (``neon eval --max-fid``) -- :class:`ThresholdExceeded`
 * 2  bad input: a flag, file, key, shape or dtype the command cannot use -- every other
      :class:`NeonError`
-* 3  ``neon tune-w`` found no candidate that beats the base model (or its confirmation
+* 5  ``neon tune-w`` found no candidate that beats the base model (or its confirmation
      contradicted the search); no ``-o`` written unless ``--write-anyway`` -- :class:`NoImprovement`
 * 130 interrupted (Ctrl-C); outputs are never left half-written
 """
@@ -44,8 +44,9 @@ class ThresholdExceeded(NeonError):
 
 class NoImprovement(NeonError):
     """``neon tune-w``: no candidate beats the base model on the search seeds, or the confirmation
-    on disjoint seeds contradicts the search (issue 16, item 7). Exit code 3, so a script cannot
-    mistake it for success; the report holds every measurement."""
+    on disjoint seeds contradicts the search (issue 16, item 7). Exit code 5 (3 and 4 are the
+    error boundary's resource and internal errors), so a script cannot mistake it for success;
+    the report holds every measurement."""
 
-    exit_code = 3
+    exit_code = 5
     status = "no_improvement"

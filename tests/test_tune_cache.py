@@ -214,7 +214,8 @@ TUNE_BAD = [
     (["--rounds", "0"], "--rounds"), (["--refine", "-1"], "--refine"), (["--num-samples", "1"], "--num-samples"),
     (["--num-samples", "-5"], "--num-samples"), (["--seed", "-1"], "--seed"),
     (["--seed", str(2**64)], "--seed"), (["--seed", str(2**63 - 10)], "--seed"),
-    (["--confirm-samples", "-1"], "--confirm-samples"), (["--batch", "0"], "--batch"),
+    (["--confirm-samples", "-1"], "--confirm-samples"), (["--confirm-samples", "1"], "--confirm-samples"),
+    (["--batch", "0"], "--batch"),
     (["--abandon-margin", "nan"], "--abandon-margin"), (["--abandon-margin", "-0.1"], "--abandon-margin"),
     (["--plot-points", "-2"], "--plot-points"), (["--control-samples", "0"], "--control-samples"),
 ]
@@ -237,6 +238,7 @@ DEMO_BAD = [
     (["--lr", "inf"], "--lr"), (["--lr", "0"], "--lr"), (["--gamma", "nan", "2"], "--gamma"),
     (["--gamma", "3", "2"], "--gamma"), (["--num-samples", "1"], "--num-samples"),
     (["--confirm-samples", "1"], "--confirm-samples"), (["--seed", str(2**64)], "--seed"),
+    (["--max-evals", "0"], "--max-evals"), (["--max-evals", "3"], "--max-evals"),
 ]
 
 

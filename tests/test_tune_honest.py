@@ -166,24 +166,24 @@ def test_hessian_flags_describe_the_reported_coefficients_of_a_maximised_metric(
 # ------------------------------------------------------------------------------------------------
 
 
-def test_no_candidate_beats_the_base_raises_exit_3_and_writes_no_output(fam, tmp_path):
+def test_no_candidate_beats_the_base_raises_exit_5_and_writes_no_output(fam, tmp_path):
     out = tmp_path / "best.safetensors"
     rep = Report("t", argv=[])
     with pytest.raises(NoImprovement, match="no candidate beats the base.*no -o written") as err:
         run_tune_w("fake-tune", fam.paths["base"], [fam.paths["worse"]], num_samples=32, output=out, report=rep)
-    assert err.value.exit_code == 3 and "\n" not in str(err.value)
+    assert err.value.exit_code == 5 and "\n" not in str(err.value)
     assert not out.exists() and not list(tmp_path.glob(".best.safetensors*tmp*"))
     r = rep.results
     assert r["beats_base"] is False and r["improved"] is False and r["written"] is False
     assert r["chosen"]["value"] >= r["best_base"]["value"]
-    # --write-anyway writes it, and still says so (exit 3)
+    # --write-anyway writes it, and still says so (exit 5)
     with pytest.raises(NoImprovement, match="written anyway"):
         run_tune_w("fake-tune", fam.paths["base"], [fam.paths["worse"]], num_samples=32, output=out, write_anyway=True,
                    report=Report("t", argv=[]))
     assert out.exists()
 
 
-def test_cli_exit_code_3_and_error_report(fam, tmp_path):
+def test_cli_exit_code_5_and_error_report(fam, tmp_path):
     from typer.testing import CliRunner
 
     from neon_cli.commands import app
@@ -192,7 +192,7 @@ def test_cli_exit_code_3_and_error_report(fam, tmp_path):
     r = CliRunner().invoke(app, ["tune-w", "fake-tune", "--base", str(fam.paths["base"]), "--selftrained",
                                  str(fam.paths["worse"]), "--num-samples", "16", "-o", str(tmp_path / "o.safetensors"),
                                  "--report", str(rep), "-q"])
-    assert r.exit_code == 3 and "no candidate beats the base" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.exit_code == 5 and "no candidate beats the base" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     report = json.loads(rep.read_text())
     assert report["status"] != "ok" and report["results"]["beats_base"] is False
     assert not (tmp_path / "o.safetensors").exists()

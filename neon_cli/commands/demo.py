@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("neon-demo"), "--out", "-o", help="Working directory (S, theta_s, neon.safetensors).", file_okay=False),
         family: str = typer.Option("digits", "--family", help="Family whose embedded default model to use.", autocompletion=complete_family),
         base: Optional[Path] = typer.Option(
-            None, "--base", "-m", help="Base checkpoint (default: the family's embedded one; settings recorded in it apply)."),
+            None, "--base", help="Base checkpoint (default: the family's embedded one; settings recorded in it apply)."),
         num_synthetic: int = typer.Option(4000, "--num-synthetic", help="|S|, synthetic images."),
         budget: Optional[int] = typer.Option(None, "--budget", help="Fine-tuning budget in images (default: --budget-fraction of the base's)."),
         budget_fraction: float = typer.Option(0.03, "--budget-fraction", help="Budget as a fraction of the base training budget."),
@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         control: bool = typer.Option(
             True, "--control/--no-control", help="Also fine-tune the base on real data with the same budget and recipe."),
         num_samples: int = typer.Option(2000, "--num-samples", help="Images per search evaluation."),
+        max_evals: Optional[int] = typer.Option(
+            None, "--max-evals", help="Evaluations per search (default: each search's own; at least 7)."),
         confirm_samples: int = typer.Option(5000, "--confirm-samples", help="Images for the final comparison (disjoint seeds)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the synthetic set and fine-tuning."),
         report: Optional[Path] = ReportOpt,
@@ -52,10 +54,10 @@ def register(app: typer.Typer) -> None:
             "demo",
             lambda report, progress: demo_fn(family_name=family, base=base, out_dir=out, num_synthetic=num_synthetic,
                                              budget=budget, budget_fraction=budget_fraction, lr=lr, gamma=tuple(gamma),
-                                             num_samples=num_samples, confirm_samples=confirm_samples, control=control,
+                                             max_evals=max_evals, num_samples=num_samples, confirm_samples=confirm_samples, control=control,
                                              seed=seed, report_path=report_file, report=report, progress=progress),
             settings=dict(out=out, family=family, base=base, num_synthetic=num_synthetic, budget=budget,
-                          budget_fraction=budget_fraction, lr=lr, gamma=list(gamma), control=control,
+                          budget_fraction=budget_fraction, lr=lr, gamma=list(gamma), max_evals=max_evals, control=control,
                           num_samples=num_samples, confirm_samples=confirm_samples, seed=seed),
             report=report, json_out=json_out, quiet=quiet, show=_show,
         )

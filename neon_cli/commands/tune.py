@@ -44,7 +44,7 @@ AbandonOpt = typer.Option(
 CacheOpt = typer.Option(
     None, "--cache", dir_okay=False, help="JSON-lines evaluation cache: reruns reuse it, an interrupted search resumes.")
 WriteAnywayOpt = typer.Option(
-    False, "--write-anyway", help="Write -o even when no candidate beats the base (the exit code is still 3).")
+    False, "--write-anyway", help="Write -o even when no candidate beats the base (the exit code is still 5).")
 PlotOpt = typer.Option(
     None, "--plot", dir_okay=False,
     help="PNG: fid, precision and recall vs w at the chosen gamma (paper Fig. 4) and the search (needs matplotlib).")
@@ -66,7 +66,7 @@ def register(app: typer.Typer) -> None:
     def tune_w(
         family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
         extra: Optional[List[str]] = ExtraArg,
-        base: Optional[Path] = typer.Option(None, "--base", "-m", help="Base checkpoint theta_r (default: the family's embedded one)."),
+        base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint theta_r (default: the family's embedded one)."),
         selftrained: Optional[List[str]] = SelftrainedOpt,
         bounds: Tuple[float, float] = typer.Option((0.0, 3.0), "--bounds", metavar="LO HI", help="Search interval of w (negative LO allowed)."),
         gamma: Optional[Tuple[float, float]] = GammaOpt,
@@ -105,7 +105,7 @@ def register(app: typer.Typer) -> None:
 
         With --gamma: w at the default gamma first (so never worse than the w-only search), then a quadratic surface in (w, ln gamma) around it (paper App. C), refined until the fit says the optimum is resolved: 9 evaluations, up to 15 when it is not.
 
-        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. When no candidate beats the base, no -o is written (unless --write-anyway) and the exit code is 3.
+        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. When no candidate beats the base, no -o is written (unless --write-anyway) and the exit code is 5.
 
         Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search. The chosen settings (gamma, ...) are recorded in -o's metadata, and eval / synth / demo sample with them.
 

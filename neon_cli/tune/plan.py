@@ -82,6 +82,8 @@ def check_flags(*, bounds: Any, gamma: Any, base_gamma: Any, xtol: Any, max_eval
         raise UsageError(f"--joint {joint}: must be one of {', '.join(JOINT_METHODS)}")
     num_samples = validate.integer("--num-samples", num_samples, low=2)
     confirm_samples = validate.integer("--confirm-samples", confirm_samples, low=0)
+    if confirm_samples == 1:
+        raise UsageError("--confirm-samples: must be 0 (no confirmation) or >= 2 (a Fréchet distance needs 2), got 1")
     seed = validate.seed("--seed", seed, num_samples + confirm_samples)
     batch = validate.positive_int("--batch", batch)
     plot_points = validate.integer("--plot-points", plot_points, low=0)

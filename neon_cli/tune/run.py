@@ -108,7 +108,7 @@ def run_tune_w(
         control, control_samples: ``"real"``: also fine-tune theta_r on real data (the family's
             ``real_samples``) with the chosen snapshot's budget and recipe, scored the same way;
             a path: score that checkpoint as the control (e.g. one ``neon demo`` trained).
-        require_improvement: raise :class:`NoImprovement` (exit 3) when Neon does not beat the base.
+        require_improvement: raise :class:`NoImprovement` (exit 5) when Neon does not beat the base.
         detector, ref_stats: Inception files (:func:`neon_cli.scoring.scoring_files`).
         report_path: the ``--report`` file, checked against the inputs like every output.
         report, progress: the :class:`neon_cli.report.Report` (results documented in README) and callback.
