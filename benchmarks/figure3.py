@@ -72,11 +72,11 @@ def main() -> None:
                        save_every=every, out_dir=d / "ft", seed=0, report=Report("finetune", argv=[]))
         snaps = {s["images_seen"]: Path(s["path"]) for s in res["snapshots"]}
         for frac in args.fractions:
-            seen = every * int(round(frac / args.every))
-            path = snaps[seen]
+            # snapshots land on the first batch boundary past each mark: take the nearest
+            seen, path = min(snaps.items(), key=lambda kv: abs(kv[0] - every * int(round(frac / args.every))))
             snap = {"sha256": sha256_path(path), "sd": fam.load(str(path)).state_dict()}
             j = joint_search(bench.f(snap), tuple(args.bounds), tuple(args.gamma), gamma0=g_s)
-            table[(n, frac)] = (conf(snap, j.w, j.gamma), j.w, j.gamma, j.n_evals)
+            table[(n, frac)] = (conf(snap, j.w, j.gamma), j.w, j.gamma, j.n_evals, seen)
             print(f"  |S| = {n:6d}  B = {seen:7d} ({100 * frac:4.1f}%)  {args.metric} {table[(n, frac)][0]:.4g}  "
                   f"w = {j.w:.3f}  gamma = {j.gamma:.3f}  ({j.n_evals} evaluations)", flush=True)
     _print(table, args, base_fid, base_images)
@@ -103,7 +103,7 @@ def _plot(table, args, base_fid, base_images, g_s) -> None:
     fig, ax = plt.subplots(figsize=(5.6, 4.0))
     mi = 2**20
     for n in args.sizes:
-        xs = [0.0] + [f * base_images / mi for f in args.fractions]
+        xs = [0.0] + [table[(n, f)][4] / mi for f in args.fractions]
         ys = [base_fid] + [table[(n, f)][0] for f in args.fractions]
         ax.plot(xs, ys, "o-", ms=4, label=f"|S| = {n}")
     ax.axhline(base_fid, color="k", lw=0.8, ls="--", label=f"base at its best gamma {g_s:.2f}")

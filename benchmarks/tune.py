@@ -7,9 +7,9 @@ seed plan (common random numbers for every candidate; ``--num-samples`` images p
   ``--fine-half-width`` W G, around the best coarse point measured (the paper protocol's sweep
   and the searches' points, plus with ``--coarse-grid`` a grid over the whole box of
   ``--coarse-w-step`` x ``--coarse-gamma-step``): the reference best is the best of all of those;
-* over w alone at gamma_S (the gamma S was synthesized at): Brent (``neon_cli.tune.brent_search``),
-  the paper scripts' sweep (0.25 steps from 0, stop once the metric rises ``--sweep-stop`` above the
-  best so far, then +-0.1 in 0.05 steps) and a dense w grid (0.05);
+* over w alone at gamma_S (the gamma S was synthesized at): Brent (``neon_cli.tune.brent_search``)
+  and the paper scripts' sweep (0.25 steps from 0, stop once the metric rises ``--sweep-stop``
+  above the best so far, then +-0.1 in 0.05 steps);
 * over (w, gamma): ``neon tune-w --gamma``'s default (``neon_cli.tune.joint_search``: w at gamma_S
   first, then the surface, 9 evaluations unless the fit says the optimum is not resolved, at most
   15), the 6-point pentagon design (``--joint design``, 9) and the paper's protocol (the w sweep
@@ -196,9 +196,6 @@ def methods(bench: Bench, snap: dict, args) -> list[dict]:
     def add(name, part, w, g, evals):
         rows.append({"method": name, "part": part, "w": w, "gamma": g, "evals": evals, "value": f(w, g)})
 
-    wgrid = {w: f(w, g_s) for w in _grid(*args.bounds, 0.05)}
-    bw = min(wgrid, key=wgrid.get)
-    add("w grid 0.05 (at gamma_S)", "w", bw, g_s, len(wgrid))
     pw, asked = paper_sweep_w(lambda w: f(w, g_s), *args.bounds, args.sweep_stop)
     add("paper sweep over w (at gamma_S)", "w", pw, g_s, len(asked))
     b = brent_search(lambda w: f(w, g_s), tuple(args.bounds), xtol=0.05, max_evals=12)

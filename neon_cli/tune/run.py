@@ -254,7 +254,7 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
 
 def _check_gamma_boxes(family: Any, family_name: str, guidance: str | None, plan: Plan) -> None:
     for flag, box in (("--gamma", plan.gamma), ("--base-gamma", plan.base_gamma)):
-        if box is None or (flag == "--base-gamma" and plan.gamma is None and not guidance):
+        if box is None:
             continue
         if not guidance:
             raise UsageError(f"{flag}: family {family_name!r} has no guidance setting to search")
