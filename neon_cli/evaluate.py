@@ -204,6 +204,7 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     from neon_cli import validate
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.scoring import scoring_files
+    from neon_cli.tune.recorded import apply_recorded
 
     check_plan_numbers(num_samples, seed, batch)
     limits = parse_thresholds(max_fid, max_metric)
@@ -211,9 +212,9 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
         limits[name] = (validate.finite(f"--max-metric {name}", value), f"--max-metric {name}")
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    settings = resolve_settings(family, set_pairs)
     path = resolve_model(family, model_path)
     report.check_outputs({"--model": path, "--detector": detector, "--ref-stats": ref_stats}, {})
+    settings = apply_recorded(family, path, set_pairs, report, progress, "sample")  # tune-w's choice, then --set
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     with scoring_files(detector, ref_stats) as scoring:

@@ -71,6 +71,7 @@ def synthesize(
     from neon_cli.evaluate import classes_of, seed_plan
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.fsutil import remove_stale_tmp_in
+    from neon_cli.tune.recorded import apply_recorded
 
     num = validate.positive_int("--num-images", num)
     shard_size = validate.positive_int("--shard-size", shard_size)
@@ -78,8 +79,8 @@ def synthesize(
     seed = validate.seed("--seed", seed, count=num)
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    settings = resolve_settings(family, set_pairs)
     path = resolve_model(family, model_path)
+    settings = apply_recorded(family, path, set_pairs, report, progress, "synth")  # tune-w's choice, then --set
     out_dir = Path(out_dir)
     report.check_outputs({"--model": path}, {"-o": out_dir})
     if out_dir.exists() and not out_dir.is_dir():

@@ -441,7 +441,7 @@ def test_synth_export_finetune_tune_w_eval_end_to_end(fam, pkls, edm_modules, tm
     write_pixel_stats(Sdir, tmp_path / "px.npz")
     best = tmp_path / "best.pkl"
     out = neon("tune-w", "edm", "--base", base, "--selftrained", str(snaps[-1]), "--num-samples", "8", "--max-evals", "3",
-               "--set", "num_steps=2", "--ref-stats", str(tmp_path / "px.npz"), "--trust-pickle", "-o", str(best), "-q", "--json")
+               "--set", "num_steps=2", "--ref-stats", str(tmp_path / "px.npz"), "--trust-pickle", "--write-anyway", "-o", str(best), "-q", "--json")
     res = json.loads(out)
     assert res["metric"] == "pixel_fid" and res["chosen"]["gamma"] is None
     with open(best, "rb") as fh:

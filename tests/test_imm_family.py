@@ -283,7 +283,7 @@ def test_synth_finetune_tune_per_T_merge_eval(fam, files, tmp_path):
     for steps in (1, 2):  # the paper's Figure 7: w (and gamma) tuned per number of steps T
         _cli("tune-w", "imm", "--base", files["base"], "--selftrained", snaps[-1], "--gamma", 1.0, 2.5, "--bounds", 0, 3,
              "--num-samples", 8, "--batch", 8, "--ref-stats", tmp_path / "ref.npz", "--trust-pickle", "--set", f"num_steps={steps}",
-             "--report", tmp_path / f"tune{steps}.json", "-o", tmp_path / f"neon-T{steps}.pkl", *sets)
+             "--report", tmp_path / f"tune{steps}.json", "-o", tmp_path / f"neon-T{steps}.pkl", "--write-anyway", *sets)
         rep = json.loads((tmp_path / f"tune{steps}.json").read_text())
         assert rep["settings"]["resolved_settings"]["num_steps"] == steps
         assert all(np.isfinite(e["value"]) for e in rep["results"]["evaluations"])

@@ -282,7 +282,7 @@ def test_synth_finetune_tune_merge_eval(fam, files, stand_in, tmp_path):
     assert not torch.equal(ck["model_ema"]["z_proj.weight"], base["z_proj.weight"])
 
     res = _cli("tune-w", "xar", "--base", files["base"], "--selftrained", snaps[0], "--gamma", 1.0, 3.0, "--bounds", 0, 2,
-               "--num-samples", 8, "--batch", 8, "--ref-stats", tmp_path / "ref.npz", "-o", tmp_path / "neon.pth",
+               "--num-samples", 8, "--batch", 8, "--ref-stats", tmp_path / "ref.npz", "-o", tmp_path / "neon.pth", "--write-anyway",
                "--report", tmp_path / "tune.json", *sets)
     rep = json.loads((tmp_path / "tune.json").read_text())["results"]
     assert rep["mode"] == "quadratic" and len({e["gamma"] for e in rep["evaluations"]}) > 2
