@@ -22,6 +22,8 @@ class NeonError(Exception):
     """Base class. ``str(err)`` is a complete one-line message naming the file, key or flag."""
 
     exit_code = 2
+    #: the report's ``status`` for this failure
+    status = "error"
 
 
 class UsageError(NeonError):
@@ -44,6 +46,7 @@ class ThresholdExceeded(NeonError):
     """A metric crossed a regression threshold (``neon eval --max-fid``). Exit code 1."""
 
     exit_code = 1
+    status = "threshold_exceeded"
 
 
 class ResourceError(NeonError):
@@ -57,6 +60,8 @@ class InternalError(NeonError):
     """An exception neon did not expect (a bug in neon or in a family plugin). Exit code 4."""
 
     exit_code = 4
+
+
 class NoImprovement(NeonError):
     """``neon tune-w``: no candidate beats the base model on the search seeds, or the confirmation
     on disjoint seeds contradicts the search (issue 16, item 7). Exit code 5 (3 and 4 are the

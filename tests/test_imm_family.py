@@ -241,7 +241,9 @@ def test_optimizer_and_schedule_are_im256_yamls(fam, files):
 
 def _cli(*args):
     res = CliRunner().invoke(app, [str(a) for a in args])
-    assert res.exit_code == 0, res.output + repr(res.exception)
+    # tune-w --write-anyway on a tiny run: exit 5 (Neon did not beat the base) is as valid as 0
+    ok = (0, 5) if "--write-anyway" in args else (0,)
+    assert res.exit_code in ok, res.output + repr(res.exception)
     return res
 
 

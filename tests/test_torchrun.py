@@ -143,10 +143,17 @@ def test_readme_torchrun_lines_run(tmp_path):
     for argv in readme_torchrun_lines():
         cmd = _tiny(argv, False)
         res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
-        assert res.returncode == 0, (cmd, res.stderr[-3000:])
+        if "tune-w" in argv and res.returncode != 0 and "no candidate beats the base" in res.stderr:
+            # a 64-image fine-tune need not beat the base: neon exits 5 on every rank, which torchrun
+            # (elastic) reports as its own exit 1; -o is not written
+            assert "(exitcode: 5)" in res.stderr
+            assert not (tmp_path / "neon.safetensors").exists()
+            continue
+        assert res.returncode == 0, (cmd, res.stderr[:3000])
         if "eval" in argv:
             assert json.loads(res.stdout)["metrics"]["fid"] > 0
+        if "tune-w" in argv:
+            assert (tmp_path / "neon.safetensors").exists()
     assert len(json.loads((tmp_path / "S" / "manifest.json").read_text())["shards"]) == 1
     assert (tmp_path / "ft" / "theta_s-000000064.safetensors").exists()
-    assert (tmp_path / "neon.safetensors").exists()
     assert len((tmp_path / "tune.jsonl").read_text().splitlines()) >= 2

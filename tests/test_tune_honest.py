@@ -247,7 +247,7 @@ def test_output_records_the_chosen_settings_and_eval_synth_use_them(fam, tmp_pat
     r = runner.invoke(app, ["eval", "fake-tune", "--model", str(out), "--num-samples", "8", "--set", "guidance=3"])
     assert r.exit_code == 0 and [s[2] for s in fam.seen[n_before:]] == [3.0]  # --set overrides
     assert "guidance=" not in r.stderr and "steps=7" in r.stderr
-    r = runner.invoke(app, ["synth", "fake-tune", "--model", str(out), "--num", "4", "-o", str(tmp_path / "S")])
+    r = runner.invoke(app, ["synth", "fake-tune", "--model", str(out), "--num-images", "4", "-o", str(tmp_path / "S")])
     assert r.exit_code == 0, r.output
     plan = json.loads((tmp_path / "S" / "plan.json").read_text())
     assert plan["settings"] == {"guidance": g, "steps": 7}
@@ -335,3 +335,23 @@ def test_control_needs_real_data_and_a_budget(fam, tmp_path):
     with pytest.raises(UsageError, match="--control nope"):
         run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], control="nope", report=Report("t", argv=[]))
     assert fam.sample_calls == 0
+
+
+def test_locations_are_not_recorded_settings():
+    """A tuned file records inference settings only: a checkout path (``repo``, default None) is
+    where code lives on one machine, and a None value is no setting at all (the EDM family's
+    eval of a tune-w output once read the recorded repo=None as --set repo=None)."""
+    import json
+    from types import SimpleNamespace
+
+    from neon_cli.family import Setting
+    from neon_cli.tune.recorded import SETTINGS_KEY, recordable, recorded_settings
+
+    fam = SimpleNamespace(settings=(Setting("guidance", 2.0, float, low=0.0), Setting("repo", None, str),
+                                    Setting("sampler", "heun", str)))
+    assert recordable(fam, {"guidance": 1.5, "repo": "/home/me/edm", "sampler": "euler", "x": None}) == \
+        {"guidance": 1.5, "sampler": "euler"}
+    fam.read_metadata = lambda path: {SETTINGS_KEY: json.dumps({"guidance": 1.5, "repo": None, "sampler": "euler"})}
+    assert recorded_settings(fam, "f.safetensors") == {"guidance": 1.5, "sampler": "euler"}
+    fam.read_metadata = lambda path: {SETTINGS_KEY: json.dumps({"repo": "/elsewhere"})}
+    assert recorded_settings(fam, "f.safetensors") == {}

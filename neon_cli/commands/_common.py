@@ -475,9 +475,9 @@ def run(
         if os.environ.get("NEON_DEBUG") or type(raw).__module__.split(".")[0] in ("typer", "click"):
             raise  # a traceback on request; the CLI framework's own exits and usage errors as they are
         exc = as_neon_error(raw)
-        status = "threshold_exceeded" if exc.exit_code == 1 else "error"
+        status = exc.status  # "error", or "threshold_exceeded" (exit 1) / "no_improvement" (exit 5)
         note = _write_error_report(rep, report, status, _one_line(str(exc)))
-        if exc.exit_code == 1 and json_out:
+        if status != "error" and json_out:  # a measured outcome: its numbers are the results
             print(json.dumps(rep.results, indent=2, default=str))
         if main or not isinstance(raw, NeonError):
             who = f"neon {command}" + ("" if main else f" (rank {rank})")

@@ -19,6 +19,21 @@ SETTINGS_KEY = "neon.settings"
 SEARCHED_KEY = "neon.searched"
 
 
+def recordable(family: Any, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of ``settings`` a tuned file records: inference settings (gamma, steps, top-p, ...),
+    not where things are on this machine. A ``str`` setting whose default is None (``repo``, a
+    VAE's path) names a location, so it is left out, as is every None value: another machine
+    gives its own ``--set repo=`` / ``$NEON_<FAMILY>_REPO``."""
+    specs = {s.name: s for s in getattr(family, "settings", ())}
+    out = {}
+    for name, value in settings.items():
+        spec = specs.get(name)
+        if value is None or (spec is not None and spec.type is str and spec.default is None):
+            continue
+        out[name] = value
+    return out
+
+
 def recorded_settings(family: Any, path: str | Path | None) -> dict[str, Any]:
     """The settings recorded in the metadata of the checkpoint at ``path`` (empty when none).
 
@@ -38,7 +53,7 @@ def recorded_settings(family: Any, path: str | Path | None) -> dict[str, Any]:
         return {}
     specs = {s.name: s for s in getattr(family, "settings", ())}
     out: dict[str, Any] = {}
-    for name, value in data.items():
+    for name, value in recordable(family, data).items():
         spec = specs.get(name)
         if spec is None:
             continue

@@ -467,7 +467,7 @@ def _metadata(ctx: Context, results: Mapping[str, Any]) -> dict[str, str]:
     provenance, what tune-w chose it by, and the settings to sample it with (``neon.settings``)."""
     import json
 
-    from neon_cli.tune.recorded import SEARCHED_KEY, SETTINGS_KEY
+    from neon_cli.tune.recorded import SEARCHED_KEY, SETTINGS_KEY, recordable
 
     ch = results["chosen"]
     try:
@@ -475,7 +475,7 @@ def _metadata(ctx: Context, results: Mapping[str, Any]) -> dict[str, str]:
               if not str(k).startswith("neon.")}
     except Exception:  # metadata is informative only
         md = {}
-    settings = dict(ctx.settings)
+    settings = recordable(ctx.family, ctx.settings)
     if ctx.guidance and ch["gamma"] is not None:
         settings[ctx.guidance] = float(ch["gamma"])
         md[f"neon.{ctx.guidance}"] = repr(float(ch["gamma"]))
