@@ -41,6 +41,14 @@ from neon_cli.errors import DataError
 from neon_cli.progress import ProgressFn, null_progress
 
 ENCODED_SCHEMA = "neon.encoded/1"
+#: open shard files kept per tensor
+MAX_OPEN = 128
+#: a shard's rows are read as one span (not one call per row) when at least this many are asked ...
+SPAN_MIN_ROWS = 8
+#: ... and the span costs at most this many bytes per row asked ...
+SPAN_BYTES_PER_ROW = 16 << 10
+#: ... or is at most this long in all (one read from the page cache beats a call per row)
+SMALL_SPAN = 64 << 10
 SYNTH_SCHEMA = "neon.synth/1"
 
 
@@ -72,18 +80,59 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
     return header, 8 + n, size
 
 
+class _Files:
+    """Open read-only descriptors by path, least recently opened closed first beyond ``cap``
+    (a quarter of the soft RLIMIT_NOFILE, at least 64). Shared by the tensors of one set."""
+
+    def __init__(self) -> None:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.cap = max(64, (soft if soft > 0 else 1024) // 4)
+        self.fds: dict[str, int] = {}
+
+    def fd(self, path: str) -> int:
+        fd = self.fds.get(path)
+        if fd is None:
+            if len(self.fds) >= self.cap:
+                os.close(self.fds.pop(next(iter(self.fds))))
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise DataError(f"--data: {path}: {exc.strerror}") from None
+            self.fds[path] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
 class ShardedTensor:
     """Rows of one tensor stored across shard files (each holding a contiguous block of rows)."""
 
-    def __init__(self, pieces: Sequence[_Piece], row_shape: tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, pieces: Sequence[_Piece], row_shape: tuple[int, ...], dtype: torch.dtype,
+                 files: _Files | None = None):
         self.pieces = list(pieces)
         self.row_shape = row_shape
         self.dtype = dtype
-        self.starts = torch.tensor([p.start for p in self.pieces], dtype=torch.int64)
-        self._fds: dict[Path, int] = {}
+        self.starts = [p.start for p in self.pieces]
+        self.paths = [str(p.path) for p in self.pieces]
+        import numpy as np
+
+        self._starts_np = np.asarray(self.starts, dtype=np.int64)
+        self.files = files if files is not None else _Files()
 
     @classmethod
-    def open(cls, files: Sequence[tuple[Path, int, int]], name: str, what: str = "--data") -> "ShardedTensor":
+    def open(cls, files: Sequence[tuple[Path, int, int]], name: str, what: str = "--data",
+             share: "ShardedTensor | None" = None) -> "ShardedTensor":
         """``files``: (path, first row, rows) per shard. Checks each header: the tensor is there,
         with ``rows`` rows, the same row shape and dtype in every shard, and its bytes inside the file.
         Raises DataError naming the file."""
@@ -112,40 +161,62 @@ class ShardedTensor:
             pieces.append(_Piece(path, start, count, data0 + begin, row))
         if shape is None or dtype is None:
             raise DataError(f"{what}: the synthetic set lists no shards")
-        return cls(pieces, shape, dtype)
+        return cls(pieces, shape, dtype, share.files if share is not None else None)
 
     def __len__(self) -> int:
         return sum(p.count for p in self.pieces)
 
-    def _fd(self, path: Path) -> int:
-        fd = self._fds.get(path)
-        if fd is None:
-            if len(self._fds) >= 64:  # bound the open files: close the oldest
-                old = next(iter(self._fds))
-                os.close(self._fds.pop(old))
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError as exc:
-                raise DataError(f"--data: {path}: {exc.strerror}") from None
-            self._fds[path] = fd
-        return fd
+    def _read(self, k: int, buf: Any, row: int) -> None:
+        """Fill ``buf`` (a writable buffer) from piece ``k`` starting at its row ``row``."""
+        piece = self.pieces[k]
+        got = os.preadv(self.files.fd(self.paths[k]), [buf], piece.offset + row * piece.row_bytes)
+        if got != memoryview(buf).nbytes:
+            raise DataError(f"--data: {piece.path}: short read (file changed or truncated)")
 
-    def rows(self, idx: torch.Tensor) -> torch.Tensor:
-        """Rows ``idx`` (int64 [b], any order, repeats allowed) as a new tensor [b, *row_shape]."""
+    def plan(self, idx: Any) -> list[tuple[int, Any, Any]]:
+        """How to read rows ``idx`` (int64): per piece touched, (piece, positions in the output,
+        rows in the piece), numpy int64 sorted by row. Tensors with the same shard layout (the
+        images and labels of S) share one plan."""
+        import numpy as np
+
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        order = np.argsort(idx, kind="stable")
+        rows = idx[order]
+        which = np.searchsorted(self._starts_np, rows, side="right") - 1
+        cuts = np.flatnonzero(np.diff(which)) + 1
+        bounds = np.concatenate(([0], cuts, [len(rows)]))
+        return [(int(which[a]), order[a:b], rows[a:b] - self._starts_np[which[a]])
+                for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()) if b > a]
+
+    def rows(self, idx: Any, plan: list[tuple[int, Any, Any]] | None = None) -> torch.Tensor:
+        """Rows ``idx`` (int64 [b], any order, repeats allowed) as a new tensor [b, *row_shape].
+
+        Per shard touched: when at least :data:`SPAN_MIN_ROWS` rows are asked and they are dense
+        (their span costs at most :data:`SPAN_BYTES_PER_ROW` bytes per row asked, or is at most
+        :data:`SMALL_SPAN`), one read of the span and an index into it; else one read per row,
+        straight into the output. At most about ``b * SPAN_BYTES_PER_ROW`` bytes are held besides
+        the output.
+        """
+        import numpy as np
+
         idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
         out = torch.empty((len(idx), *self.row_shape), dtype=self.dtype)
         if not out.numel():
             return out
         if int(idx.min()) < 0 or int(idx.max()) >= len(self):
             raise IndexError(f"row index out of range for a set of {len(self)}")
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        which = torch.searchsorted(self.starts, idx, right=True) - 1
-        for j, (i, k) in enumerate(zip(idx.tolist(), which.tolist())):
-            piece = self.pieces[k]
-            rb = piece.row_bytes
-            got = os.preadv(self._fd(piece.path), [view[j * rb:(j + 1) * rb]], piece.offset + (i - piece.start) * rb)
-            if got != rb:
-                raise DataError(f"--data: {piece.path}: short read (file changed or truncated)")
+        flat = out.view(torch.uint8).numpy().reshape(len(idx), -1)
+        rb = flat.shape[1]
+        for k, pos, local in plan if plan is not None else self.plan(idx.numpy()):
+            lo, hi = int(local[0]), int(local[-1]) + 1
+            n = len(local)
+            if n >= SPAN_MIN_ROWS and (hi - lo) * rb <= max(SMALL_SPAN, n * SPAN_BYTES_PER_ROW):
+                buf = np.empty((hi - lo, rb), dtype=np.uint8)
+                self._read(k, buf, lo)
+                flat[pos] = buf[local - lo]
+            else:
+                for j, r in zip(pos.tolist(), local.tolist()):
+                    self._read(k, flat[j], r)
         return out
 
     def block(self, start: int, stop: int) -> torch.Tensor:
@@ -155,32 +226,22 @@ class ShardedTensor:
         out = torch.empty((stop - start, *self.row_shape), dtype=self.dtype)
         if not out.numel():
             return out
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B")
+        view = out.view(torch.uint8).numpy().reshape(-1)
         pos = 0
-        for piece in self.pieces:
+        for k, piece in enumerate(self.pieces):
             a, b = max(start, piece.start), min(stop, piece.start + piece.count)
             if a >= b:
                 continue
             nbytes = (b - a) * piece.row_bytes
-            got = os.preadv(self._fd(piece.path), [view[pos:pos + nbytes]], piece.offset + (a - piece.start) * piece.row_bytes)
-            if got != nbytes:
-                raise DataError(f"--data: {piece.path}: short read (file changed or truncated)")
+            self._read(k, view[pos:pos + nbytes], a - piece.start)
             pos += nbytes
         return out
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
-
-    def __del__(self) -> None:  # pragma: no cover - best effort
-        try:
-            self.close()
-        except Exception:
-            pass
+        self.files.close()
 
     def __getstate__(self) -> dict[str, Any]:  # file descriptors are per process
-        return {**self.__dict__, "_fds": {}}
+        return {**self.__dict__, "files": _Files()}
 
 
 class SyntheticSet:
@@ -188,10 +249,13 @@ class SyntheticSet:
 
     ``len(s)`` images; :meth:`batch` gives (inputs [b, ...], labels int64 [b] or None) for int64
     indices; ``manifest`` is S's manifest; ``data_dir`` S's folder. ``inputs`` are the images of S
-    or, for :func:`encoded_set`, the family's encoding of them.
+    or, for :func:`encoded_set`, the family's encoding of them, read from the shards for every
+    batch. ``labels`` are held in memory in the smallest integer type that fits them (2 bytes an
+    image for up to 32,768 classes): reading 8 bytes a row from the shards would double the read
+    calls per batch for no saving worth having.
     """
 
-    def __init__(self, data_dir: Path, manifest: dict[str, Any], inputs: ShardedTensor, labels: ShardedTensor | None):
+    def __init__(self, data_dir: Path, manifest: dict[str, Any], inputs: ShardedTensor, labels: torch.Tensor | None):
         self.data_dir = Path(data_dir)
         self.manifest = manifest
         self.inputs = inputs
@@ -201,12 +265,23 @@ class SyntheticSet:
         return len(self.inputs)
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.inputs.rows(idx), (self.labels.rows(idx) if self.labels is not None else None)
+        idx = torch.as_tensor(idx, dtype=torch.int64).reshape(-1)
+        return self.inputs.rows(idx), (self.labels[idx].to(torch.int64) if self.labels is not None else None)
 
     def close(self) -> None:
         self.inputs.close()
-        if self.labels is not None:
-            self.labels.close()
+
+
+def _compact(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` in int16 / int32 when their values fit (they are returned as int64 per batch)."""
+    if not len(labels) or labels.is_floating_point():
+        return labels
+    lo, hi = int(labels.min()), int(labels.max())
+    for dt in (torch.int16, torch.int32):
+        info = torch.iinfo(dt)
+        if info.min <= lo and hi <= info.max:
+            return labels.to(dt)
+    return labels
 
 
 class TensorSet:
@@ -261,7 +336,8 @@ def open_synthetic(data_dir: str | os.PathLike[str]) -> SyntheticSet:
     images = ShardedTensor.open(files, "images")
     labels = None
     if files and "labels" in _header(files[0][0])[0]:
-        labels = ShardedTensor.open(files, "labels")
+        stored = ShardedTensor.open(files, "labels", share=images)
+        labels = _compact(stored.block(0, len(stored)))
     return SyntheticSet(data_dir, manifest, images, labels)
 
 

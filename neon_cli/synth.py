@@ -171,13 +171,15 @@ def load_synthetic(data_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     rerun ``neon synth`` to complete it), a listed shard is missing or unreadable, or its image count
     differs from the manifest (shards are not re-hashed here: that would read S twice).
     """
+    import torch
+
     from neon_cli.dataset import open_synthetic
 
     data = open_synthetic(data_dir)
     try:
         n = len(data)
         images = data.inputs.block(0, n)
-        labels = data.labels.block(0, n) if data.labels is not None else None
+        labels = data.labels.to(torch.int64) if data.labels is not None else None
     finally:
         data.close()
     return images, labels, data.manifest

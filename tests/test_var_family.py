@@ -398,3 +398,11 @@ def test_snapshot_names_and_metadata(fam, ckpts, stand_in, tmp_path):
     assert fam.read_metadata(str(ckpts[0])) == {}
     _fresh(stand_in, tmp_path / "x.pth")
     assert json.dumps(fam.read_metadata(str(tmp_path / "x.pth")))
+
+
+def test_metric_is_inception_fid_with_a_detector(fam, tmp_path, monkeypatch):
+    from neon_diffusers.scoring import INCEPTION_METRICS, PIXEL_METRICS
+
+    assert tuple(fam.metrics) == PIXEL_METRICS  # no detector: pixel FID, the first metric tune-w minimises
+    monkeypatch.setenv("NEON_INCEPTION", str(tmp_path / "inception-2015-12-05.pt"))
+    assert tuple(fam.metrics) == INCEPTION_METRICS and fam.metrics[0] == "fid"
