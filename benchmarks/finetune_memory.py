@@ -14,6 +14,10 @@ data access included), per wall-clock second and per CPU second of the process (
 is the steadier one on a shared machine: it leaves out the time other jobs held the cores). Runs
 alternate old/new; the best of ``--repeats`` is kept (the least disturbed run).
 
+A second measurement isolates what changed: each version's data access alone (the batch's
+indices and rows, 200 consecutive batches of 256, CPU time), from which, with the baseline's CPU
+time per step, the images/s ratio follows without the step's own noise.
+
 Targets (issue 15): peak memory flat from 10k to 200k images with streaming; images/s within 5 %
 of the baseline at the default batch.
 """
@@ -52,6 +56,36 @@ print(json.dumps({"seconds": total, "loop_images_per_s": (nb - na) / (tb - ta), 
 """
 
 
+DATA_CHILD = r"""
+import json, sys, time
+tree, data, batch, steps, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+import torch
+torch.set_num_threads(1)
+import neon_cli
+assert neon_cli.__file__.startswith(tree), (neon_cli.__file__, tree)
+if mode == "old":  # the baseline's finetune: S in memory, batch_indices draws randperm(n) per batch
+    from neon_cli.synth import load_synthetic
+    from neon_cli.train import batch_indices
+    images, labels, _ = load_synthetic(data)
+    n = len(images)
+    def get(start):
+        idx = batch_indices(n, 0, start, batch)
+        return images[idx], labels[idx]
+else:  # this tree's: rows read from the shards, the epoch's permutation kept
+    from neon_cli.dataset import open_synthetic
+    from neon_cli.train import DataOrder
+    d = open_synthetic(data)
+    order = DataOrder(len(d), 0)
+    def get(start):
+        return d.batch(order.indices(start, batch))
+get(0)
+c0, t0 = time.process_time(), time.perf_counter()
+for k in range(1, steps + 1):
+    x, y = get(k * batch)
+print(json.dumps({"cpu_ms": (time.process_time() - c0) / steps * 1e3, "wall_ms": (time.perf_counter() - t0) / steps * 1e3}))
+"""
+
+
 def baseline_rev() -> str:
     added = subprocess.run(["git", "log", "--diff-filter=A", "--format=%H", "--", "neon_cli/dataset.py"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split()
@@ -80,10 +114,11 @@ def write_set(folder: Path, n: int, shard: int = 1000) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-def run(tree: Path, data: Path, budget: int, out: Path) -> dict:
+def run(code: str, tree: Path, data: Path, *args: object) -> dict:
+    """``code`` in a fresh process whose ``neon_cli`` is ``tree``'s; its last stdout line as JSON."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tree), str(tree / "plugins")]))
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), str(data), str(budget), str(out)], env=env,
-                          capture_output=True, text=True, cwd=out.parent)  # not the checkout: '' is first on sys.path
+    proc = subprocess.run([sys.executable, "-c", code, str(tree), str(data), *map(str, args)], env=env,
+                          capture_output=True, text=True, cwd=data.parent)  # not the checkout: '' is first on sys.path
     if proc.returncode:
         raise SystemExit(f"child failed ({tree}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -113,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             best: dict[str, dict] = {}
             for r in range(args.repeats):
                 for name, tree in (("old", old), ("new", ROOT)):
-                    res = run(tree, data, args.budget, tmp / f"out-{name}-{n}-{r}")
+                    res = run(CHILD, tree, data, args.budget, tmp / f"out-{name}-{n}-{r}")
+                    io = run(DATA_CHILD, tree, data, 256, 200, name)
+                    best.setdefault(name + "_data", []).append(io["cpu_ms"])
                     cur = best.setdefault(name, {"maxrss_mb": [], "ips": [], "cpu": []})
                     cur["maxrss_mb"].append(res["maxrss_mb"])
                     cur["ips"].append(res["loop_images_per_s"])
@@ -123,18 +160,25 @@ def main(argv: list[str] | None = None) -> int:
                 row[f"{name}_rss"] = min(best[name]["maxrss_mb"])
                 row[f"{name}_ips"] = max(best[name]["ips"])
                 row[f"{name}_cpu"] = max(best[name]["cpu"])
+                row[f"{name}_data_ms"] = min(best[name + "_data"])
             rows.append(row)
             print(f"|S| = {n:>7,}: peak RSS old {row['old_rss']:7.1f} MB, new {row['new_rss']:7.1f} MB; "
                   f"train loop old {row['old_ips']:7.0f} img/s, new {row['new_ips']:7.0f} img/s "
                   f"(new/old {row['new_ips'] / row['old_ips']:.3f}); per CPU second old {row['old_cpu']:7.0f}, "
                   f"new {row['new_cpu']:7.0f} (new/old {row['new_cpu'] / row['old_cpu']:.3f})", flush=True)
+            step_ms = 256 / row["old_cpu"] * 1e3  # CPU per step of the baseline, its data access included
+            row["predicted"] = step_ms / (step_ms - row["old_data_ms"] + row["new_data_ms"])
+            print(f"    data access per batch of 256 (CPU, best of {args.repeats} x 200 batches): old {row['old_data_ms']:.3f} ms, "
+                  f"new {row['new_data_ms']:.3f} ms; baseline step {step_ms:.1f} ms -> images/s new/old "
+                  f"{row['predicted']:.3f}", flush=True)
         first, last = rows[0], rows[-1]
         print(f"peak RSS growth {first['n']:,} -> {last['n']:,} images: old {last['old_rss'] - first['old_rss']:+.1f} MB, "
               f"new {last['new_rss'] - first['new_rss']:+.1f} MB "
               f"(the images alone: {(last['n'] - first['n']) * 64 / 2**20:.1f} MB)")
         print(f"images/s new/old at {first['n']:,}: wall {first['new_ips'] / first['old_ips']:.3f}, "
               f"CPU {first['new_cpu'] / first['old_cpu']:.3f}; at {last['n']:,}: wall "
-              f"{last['new_ips'] / last['old_ips']:.3f}, CPU {last['new_cpu'] / last['old_cpu']:.3f} (target >= 0.95)")
+              f"{last['new_ips'] / last['old_ips']:.3f}, CPU {last['new_cpu'] / last['old_cpu']:.3f}; from the data access alone: "
+              f"{first['predicted']:.3f} / {last['predicted']:.3f} (target >= 0.95)")
     return 0
 
 
