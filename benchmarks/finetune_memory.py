@@ -1,22 +1,23 @@
 """``neon finetune``'s memory and speed with S streamed from its shards, against the version that
 held S in memory (measured in the same run).
 
-    python benchmarks/finetune_memory.py [--sizes 10000,50000,200000] [--budget 15360] [--repeats 3]
+    python benchmarks/finetune_memory.py [--sizes 10000,50000,200000] [--rounds 8] [--steps 12]
 
 For each |S| it writes a synthetic set of digits-sized images (uint8 [1, 8, 8], labels, in
 ``neon synth``'s layout: shards of 1,000 with a manifest) and fine-tunes the ``digits`` family's
-embedded base on it (the default recipe: batch 256, no EMA) in a fresh process, once with this
-tree's code and once with the baseline's, which ``git archive`` extracts into a temporary folder
-(default: the parent of the commit that added neon_cli/dataset.py, i.e. the code before
-streaming). Each process reports its peak resident memory (``ru_maxrss``) and the train loop's
-images/s (from its first to its last progress call, so model loading is excluded, the per-batch
-data access included), per wall-clock second and per CPU second of the process (the CPU figure
-is the steadier one on a shared machine: it leaves out the time other jobs held the cores). Runs
-alternate old/new; the best of ``--repeats`` is kept (the least disturbed run).
+embedded base on it with the default recipe (batch 256, no EMA). The baseline is this repository
+at the commit before streaming (default: the parent of the commit that added
+neon_cli/dataset.py), extracted with ``git archive`` into a temporary folder.
 
-A second measurement isolates what changed: each version's data access alone (the batch's
-indices and rows, 200 consecutive batches of 256, CPU time), from which, with the baseline's CPU
-time per step, the images/s ratio follows without the step's own noise.
+* **Peak memory**: ``neon_cli.finetune.finetune`` in a fresh process per (version, |S|), its
+  ``ru_maxrss`` (the smaller of two runs).
+* **Speed**: in one process, the baseline's ``train_loop`` (its ``neon_cli/train.py`` loaded as a
+  module of its own: S concatenated in memory, a ``randperm(n)`` drawn for every batch) and this
+  tree's (S read from the shards, the epoch's permutation kept) run alternately, ``--rounds``
+  times ``--steps`` steps each from fresh copies of the base: the machine's load, which on a
+  shared machine moves by more than the 5 % to be measured, then falls on both alike. Reported:
+  images per wall-clock second over all rounds, the median of the rounds' ratios, and each data
+  path alone (indices + rows of one batch, CPU time).
 
 Targets (issue 15): peak memory flat from 10k to 200k images with streaming; images/s within 5 %
 of the baseline at the default batch.
@@ -34,8 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CHILD = r"""
-import json, resource, sys, time
+MEM_CHILD = r"""
+import json, resource, sys
 tree, data, budget, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 import torch
 torch.set_num_threads(1)
@@ -43,46 +44,64 @@ import neon_cli
 assert neon_cli.__file__.startswith(tree), (neon_cli.__file__, tree)
 from neon_cli.finetune import finetune
 from neon_cli.report import Report
-marks = []
-def progress(task, done, total=None, **info):
-    if task == "finetune" and "loss" in info:
-        marks.append((time.perf_counter(), time.process_time(), done))
-t0 = time.perf_counter()
-finetune("digits", None, data, budget=budget, lr=2e-4, out_dir=out, report=Report("finetune"), progress=progress)
-total = time.perf_counter() - t0
-(ta, ca, na), (tb, cb, nb) = marks[0], marks[-1]
-print(json.dumps({"seconds": total, "loop_images_per_s": (nb - na) / (tb - ta), "loop_images_per_cpu_s": (nb - na) / (cb - ca),
-                  "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+finetune("digits", None, data, budget=budget, lr=2e-4, out_dir=out, report=Report("finetune"))
+print(json.dumps({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
-
-DATA_CHILD = r"""
-import json, sys, time
-tree, data, batch, steps, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+AB_CHILD = r"""
+import copy, importlib.util, json, statistics, sys, time
+tree, data, old_train_py, rounds, steps = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 import torch
 torch.set_num_threads(1)
 import neon_cli
 assert neon_cli.__file__.startswith(tree), (neon_cli.__file__, tree)
-if mode == "old":  # the baseline's finetune: S in memory, batch_indices draws randperm(n) per batch
-    from neon_cli.synth import load_synthetic
-    from neon_cli.train import batch_indices
-    images, labels, _ = load_synthetic(data)
-    n = len(images)
-    def get(start):
-        idx = batch_indices(n, 0, start, batch)
-        return images[idx], labels[idx]
-else:  # this tree's: rows read from the shards, the epoch's permutation kept
-    from neon_cli.dataset import open_synthetic
-    from neon_cli.train import DataOrder
-    d = open_synthetic(data)
-    order = DataOrder(len(d), 0)
-    def get(start):
-        return d.batch(order.indices(start, batch))
-get(0)
-c0, t0 = time.process_time(), time.perf_counter()
-for k in range(1, steps + 1):
-    x, y = get(k * batch)
-print(json.dumps({"cpu_ms": (time.process_time() - c0) / steps * 1e3, "wall_ms": (time.perf_counter() - t0) / steps * 1e3}))
+spec = importlib.util.spec_from_file_location("neon_baseline_train", old_train_py)
+old = importlib.util.module_from_spec(spec)
+sys.modules["neon_baseline_train"] = old  # its dataclasses look their module up
+spec.loader.exec_module(old)
+from neon_cli import train as new
+from neon_cli.dataset import open_synthetic
+from neon_cli.family import get_family
+from neon_cli.synth import load_synthetic
+fam = get_family("digits")
+base = fam.load(fam.default_model)
+images, labels, _ = load_synthetic(data)   # the baseline's input: S in memory
+stream = open_synthetic(data)               # this tree's: S on disk
+batch = fam.train_defaults["batch"]
+def run(which, r):
+    model = copy.deepcopy(base)
+    kw = dict(budget=steps * batch, lr=2e-4, batch=batch, seed=r)
+    t, c = time.perf_counter(), time.process_time()
+    if which == "old":
+        old.train_loop(fam, model, images, labels, old.TrainConfig(**kw))
+    else:
+        new.train_loop(fam, model, stream, None, new.TrainConfig(**kw))
+    return time.perf_counter() - t, time.process_time() - c
+run("old", 99); run("new", 99)  # warm-up (first optimiser, allocator)
+res = {"old": [], "new": []}
+for r in range(rounds):
+    for which in (("old", "new") if r % 2 == 0 else ("new", "old")):
+        res[which].append(run(which, r))
+n = len(images)
+def data_old(k):
+    idx = old.batch_indices(n, 0, k * batch, batch)
+    return images[idx], labels[idx]
+order = new.DataOrder(n, 0)
+def data_new(k):
+    return stream.batch(order.indices(k * batch, batch))
+access = {"old": [], "new": []}
+for r in range(5):
+    for name, fn in (("old", data_old), ("new", data_new)):
+        c = time.process_time()
+        for k in range(100):
+            fn(k)
+        access[name].append((time.process_time() - c) / 100 * 1e3)
+imgs = rounds * steps * batch
+print(json.dumps({
+    "old_ips": imgs / sum(w for w, _ in res["old"]), "new_ips": imgs / sum(w for w, _ in res["new"]),
+    "old_cpu_ips": imgs / sum(c for _, c in res["old"]), "new_cpu_ips": imgs / sum(c for _, c in res["new"]),
+    "median_ratio": statistics.median(o[0] / nw[0] for o, nw in zip(res["old"], res["new"])),
+    "old_access_ms": min(access["old"]), "new_access_ms": min(access["new"])}))
 """
 
 
@@ -127,8 +146,9 @@ def run(code: str, tree: Path, data: Path, *args: object) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="10000,50000,200000")
-    ap.add_argument("--budget", type=int, default=60 * 256, help="images seen per run (default 60 steps of 256)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=8, help="alternations of the two train loops per size")
+    ap.add_argument("--steps", type=int, default=12, help="optimiser steps per train loop")
+    ap.add_argument("--budget", type=int, default=40 * 256, help="images seen by each peak-memory run")
     ap.add_argument("--baseline", default=None, help="git revision of the in-memory version (default: see above)")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -140,45 +160,26 @@ def main(argv: list[str] | None = None) -> int:
         archive = subprocess.run(["git", "archive", rev, "neon_cli", "plugins"], cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
         commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        print(f"baseline {rev} ({commit}): S loaded into memory, a randperm per batch; new: {ROOT.name} (streamed)")
+        print(f"baseline {rev} ({commit}): S concatenated in memory, a randperm(n) per batch; new: this tree, S streamed")
         rows = []
         for n in sizes:
             data = tmp / f"S{n}"
             write_set(data, n)
-            best: dict[str, dict] = {}
-            for r in range(args.repeats):
-                for name, tree in (("old", old), ("new", ROOT)):
-                    res = run(CHILD, tree, data, args.budget, tmp / f"out-{name}-{n}-{r}")
-                    io = run(DATA_CHILD, tree, data, 256, 200, name)
-                    best.setdefault(name + "_data", []).append(io["cpu_ms"])
-                    cur = best.setdefault(name, {"maxrss_mb": [], "ips": [], "cpu": []})
-                    cur["maxrss_mb"].append(res["maxrss_mb"])
-                    cur["ips"].append(res["loop_images_per_s"])
-                    cur["cpu"].append(res["loop_images_per_cpu_s"])
             row = {"n": n}
-            for name in ("old", "new"):
-                row[f"{name}_rss"] = min(best[name]["maxrss_mb"])
-                row[f"{name}_ips"] = max(best[name]["ips"])
-                row[f"{name}_cpu"] = max(best[name]["cpu"])
-                row[f"{name}_data_ms"] = min(best[name + "_data"])
+            for name, tree in (("old", old), ("new", ROOT)):
+                row[f"{name}_rss"] = min(run(MEM_CHILD, tree, data, args.budget, tmp / f"out-{name}-{n}-{r}")["maxrss_mb"]
+                                         for r in range(2))
+            row.update(run(AB_CHILD, ROOT, data, old / "neon_cli" / "train.py", args.rounds, args.steps))
             rows.append(row)
-            print(f"|S| = {n:>7,}: peak RSS old {row['old_rss']:7.1f} MB, new {row['new_rss']:7.1f} MB; "
-                  f"train loop old {row['old_ips']:7.0f} img/s, new {row['new_ips']:7.0f} img/s "
-                  f"(new/old {row['new_ips'] / row['old_ips']:.3f}); per CPU second old {row['old_cpu']:7.0f}, "
-                  f"new {row['new_cpu']:7.0f} (new/old {row['new_cpu'] / row['old_cpu']:.3f})", flush=True)
-            step_ms = 256 / row["old_cpu"] * 1e3  # CPU per step of the baseline, its data access included
-            row["predicted"] = step_ms / (step_ms - row["old_data_ms"] + row["new_data_ms"])
-            print(f"    data access per batch of 256 (CPU, best of {args.repeats} x 200 batches): old {row['old_data_ms']:.3f} ms, "
-                  f"new {row['new_data_ms']:.3f} ms; baseline step {step_ms:.1f} ms -> images/s new/old "
-                  f"{row['predicted']:.3f}", flush=True)
+            print(f"|S| = {n:>7,}: peak RSS old {row['old_rss']:6.1f} MB, new {row['new_rss']:6.1f} MB | train loop "
+                  f"old {row['old_ips']:5.0f} img/s, new {row['new_ips']:5.0f} img/s: new/old {row['new_ips'] / row['old_ips']:.3f} "
+                  f"(median of {args.rounds} rounds {row['median_ratio']:.3f}; per CPU s {row['new_cpu_ips'] / row['old_cpu_ips']:.3f}) | "
+                  f"one batch's data access: old {row['old_access_ms']:.2f} ms, new {row['new_access_ms']:.2f} ms CPU", flush=True)
         first, last = rows[0], rows[-1]
         print(f"peak RSS growth {first['n']:,} -> {last['n']:,} images: old {last['old_rss'] - first['old_rss']:+.1f} MB, "
-              f"new {last['new_rss'] - first['new_rss']:+.1f} MB "
-              f"(the images alone: {(last['n'] - first['n']) * 64 / 2**20:.1f} MB)")
-        print(f"images/s new/old at {first['n']:,}: wall {first['new_ips'] / first['old_ips']:.3f}, "
-              f"CPU {first['new_cpu'] / first['old_cpu']:.3f}; at {last['n']:,}: wall "
-              f"{last['new_ips'] / last['old_ips']:.3f}, CPU {last['new_cpu'] / last['old_cpu']:.3f}; from the data access alone: "
-              f"{first['predicted']:.3f} / {last['predicted']:.3f} (target >= 0.95)")
+              f"new {last['new_rss'] - first['new_rss']:+.1f} MB (the images alone: {(last['n'] - first['n']) * 64 / 2**20:.1f} MB)")
+        print("train-loop images/s new/old: " + ", ".join(f"{r['new_ips'] / r['old_ips']:.3f} at {r['n']:,}" for r in rows)
+              + " (target >= 0.95)")
     return 0
 
 

@@ -7,9 +7,11 @@ family (paper Algorithm 1, step 2: "briefly fine-tune on S with the original rec
 Units: every budget is in **images seen** (one image drawn into a batch counts once).
 
 Determinism and resume: the data order is a fixed function of (seed, images seen): epoch e visits
-the set in the permutation drawn from ``torch.Generator().manual_seed(seed + e)``; the training
-noise of step t comes from a generator seeded with ``seed * 1_000_003 + t`` (+ rank * 2**40 on
-other ranks).
+the set in the permutation drawn from ``torch.Generator().manual_seed(seed + e)`` (drawn once per
+epoch and kept, :class:`DataOrder`); the training noise of step t comes from a generator seeded
+with ``seed * 1_000_003 + t`` (+ rank * 2**40 on other ranks). The data may be a tensor in memory
+or a set whose rows are read per batch (``neon finetune`` streams S from its shards,
+:mod:`neon_cli.dataset`): the batches are the same.
 
 Under torchrun (several ranks) the model is wrapped in DistributedDataParallel: ``batch`` is the
 **global** batch (images per optimiser step over all ranks), each rank takes its contiguous share
