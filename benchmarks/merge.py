@@ -1,37 +1,44 @@
-"""Benchmark ``neon merge`` against a naive load-everything merge and mergekit (run by hand, not in CI).
+"""Benchmark ``neon merge`` against the machine's I/O floor, mergekit, and itself under a memory cap
+(run by hand, not in CI).
 
 Builds a sharded bfloat16 safetensors pair in the Hugging Face layout (a random Llama-shaped
 model, ~542M parameters = ~1.08 GB per input by default; ``--params`` to run smaller) with
-θ_s = θ_r·(1 + 0.01·noise), then times in one run, each variant in its own subprocess:
+θ_s = θ_r·(1 + 0.01·noise), then times, side by side in each round (``--repeat`` rounds,
+medians reported, every variant in its own subprocess, page cache warm):
 
+* ``floor``: one Python process that reads every byte of both inputs and writes an output of
+  the same size (θ_r's shards copied in 4 MiB blocks) with fsync: the least any merge must do;
 * ``neon``: ``python -m neon_cli merge BASE FT --w 1.6 -o OUT`` (sharded output like θ_r's, fp32
   arithmetic, bf16 output, sha256 of inputs and outputs, fsync);
-* ``naive``: ``safetensors.torch.load_file`` of every shard of both inputs, the same fp32 formula
-  tensor by tensor into a dict, ``save_file`` per shard (what most one-off scripts do);
+* ``neon@192MiB`` (and ``--caps``): the same command in a memory cgroup capped at that size
+  (cgroup v1 ``memory.limit_in_bytes`` in a child of this process's own memory cgroup; else
+  ``systemd-run --scope -p MemoryMax=``; the method used is printed); the output must be
+  identical (same folder sha256) to the uncapped one;
+* ``naive``: ``safetensors.torch.load_file`` of every shard, the fp32 formula tensor by tensor,
+  ``save_file`` per shard (what one-off scripts do);
 * ``mergekit``: ``mergekit-yaml`` with ``task_arithmetic``, ``base_model: θ_r``, weight −w,
-  ``normalize: false``, ``dtype: float32``, ``out_dtype: bfloat16`` -- the same arithmetic -- when
-  its executable is found (``--mergekit-yaml PATH`` or on PATH); otherwise skipped with a note.
+  ``normalize: false``, ``dtype: float32``, ``out_dtype: bfloat16`` -- the same arithmetic -- from
+  its own virtualenv (``--mergekit-yaml PATH``; default ``/work/venvs/mergekit/bin/mergekit-yaml``
+  or on PATH); skipped with a note when absent.
 
-Reported per variant: wall time of the whole command (interpreter start and imports included),
-peak anonymous memory, and the ratios neon/baseline measured in this run. Peak memory is the
-maximum over samples every 10 ms of the summed ``RssAnon`` (/proc/PID/status) of the variant's
-process tree: anonymous pages only, because ``ru_maxrss``/``VmHWM`` also count the pages of
-memory-mapped input files, which are reclaimable page cache (they are printed too, as
-``maxrss``). Outputs are compared tensor by tensor: the largest difference in bf16 units in the
-last place (target: ≤ 1) and the share of elements that differ.
-
-Targets (issue 3): neon at least 3x faster than mergekit and at most a quarter of its peak memory.
+Reported per variant: median wall time of the whole command (interpreter start and imports
+included), all runs, peak anonymous memory (summed ``RssAnon`` of the process tree sampled every
+10 ms: the mapped input pages are page cache, not counted), and the ratios of issue 13's targets:
+neon / floor (target <= 3), mergekit / neon (target >= 8), capped / uncapped (target <= 1.5, with an
+identical output), plus the spread of each variant's runs (max/min) to show how noisy the shared
+machine was. Outputs are compared: largest difference in bf16 units in the last place.
 
 Usage::
 
-    python benchmarks/merge.py                      # ~1.08 GB per input (needs ~7 GB of disk)
-    python benchmarks/merge.py --params 60e6        # quick run
-    python benchmarks/merge.py --mergekit-yaml /tmp/mkvenv/bin/mergekit-yaml --repeat 3
+    python benchmarks/merge.py --repeat 3                 # ~1.08 GB per input (needs ~7 GB of disk)
+    python benchmarks/merge.py --params 60e6              # quick run
+    python benchmarks/merge.py --skip naive --caps 192,256
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -167,7 +174,7 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
         th.join()
         fo.seek(0)
         fe.seek(0)
-        return {"rc": proc.returncode, "wall": wall, "peak_anon": peak, "maxrss": ru.ru_maxrss * 1024,
+        return {"rc": proc.returncode, "wall": wall, "peak_anon": peak, "maxrss": ru.ru_maxrss * 1024, "cpu": ru.ru_utime + ru.ru_stime,
                 "stdout": fo.read().decode(), "stderr": fe.read().decode()}
 
 
@@ -217,31 +224,107 @@ def compare(a: Path, b: Path) -> dict:
     return {"max_ulp_bf16": worst, "differing_fraction": diff / max(total, 1)}
 
 
+FLOOR = r"""
+import os, sys
+from pathlib import Path
+base, ft, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+buf = bytearray(1 << 22)
+mv = memoryview(buf)
+out.mkdir()
+for f in sorted(ft.iterdir()):
+    with open(f, "rb", buffering=0) as fh:
+        while fh.readinto(buf):
+            pass
+for f in sorted(base.iterdir()):
+    with open(f, "rb", buffering=0) as fi, open(out / f.name, "wb", buffering=0) as fo:
+        while n := fi.readinto(buf):
+            fo.write(mv[:n])
+        os.fsync(fo.fileno())
+"""
+
+
+def _memory_cgroup() -> Path | None:
+    """This process's cgroup v1 memory folder, if it can hold a child with a limit."""
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, ctrl, path = line.split(":", 2)
+            if "memory" in ctrl.split(","):
+                d = Path("/sys/fs/cgroup/memory") / path.lstrip("/")
+                if (d / "memory.limit_in_bytes").exists() and os.access(d, os.W_OK):
+                    return d
+    except OSError:
+        pass
+    return None
+
+
+def capped(cmd: list[str], mib: int, tag: str) -> tuple[list[str], str, Path | None]:
+    """``cmd`` run under a ``mib`` MiB memory cap: (command, method, cgroup folder to remove)."""
+    cg = _memory_cgroup()
+    if cg is not None:
+        child = cg / f"neon-bench-{os.getpid()}-{tag}"
+        child.mkdir(exist_ok=True)
+        (child / "memory.limit_in_bytes").write_text(str(mib << 20))
+        try:
+            (child / "memory.memsw.limit_in_bytes").write_text(str(mib << 20))
+        except OSError:
+            pass
+        wrap = ["sh", "-c", f'echo $$ > {child}/cgroup.procs && exec "$@"', "sh"]
+        return wrap + cmd, "cgroup v1 memory.limit_in_bytes", child
+    if shutil.which("systemd-run"):
+        return ["systemd-run", "--scope", "--quiet", "-p", f"MemoryMax={mib}M", "-p", "MemorySwapMax=0", *cmd], "systemd-run -p MemoryMax", None
+    return ["prlimit", f"--as={mib << 20}", *cmd], "prlimit RLIMIT_AS (address space, not resident memory)", None
+
+
+def _folder_sha(p: Path) -> str:
+    sys.path.insert(0, str(REPO))
+    from neon_cli.fsutil import sha256_path
+
+    return sha256_path(p)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--params", type=float, default=542e6, help="parameters per model (default 542e6 = ~1.08 GB bf16)")
     ap.add_argument("--shard-size", type=float, default=5e8, help="input shard size in bytes (default 500 MB)")
     ap.add_argument("--rel", type=float, default=1e-2, help="relative size of the self-training update")
     ap.add_argument("--w", type=float, default=1.6)
-    ap.add_argument("--repeat", type=int, default=1, help="runs per variant (median wall time reported)")
+    ap.add_argument("--repeat", type=int, default=3, help="rounds (medians reported)")
+    ap.add_argument("--caps", default="192", help="memory caps in MiB for capped neon runs (comma list; '' for none)")
     ap.add_argument("--workdir", type=Path, default=None, help="where to build the pair (default: a temp dir)")
+    ap.add_argument("--reuse", type=Path, default=None, help="a folder holding base/ and ft/ from an earlier --keep run")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
-    ap.add_argument("--mergekit-yaml", default=shutil.which("mergekit-yaml"), help="mergekit-yaml executable (default: on PATH)")
-    ap.add_argument("--skip", action="append", default=[], choices=["neon", "naive", "mergekit"])
+    default_mk = "/work/venvs/mergekit/bin/mergekit-yaml" if Path("/work/venvs/mergekit/bin/mergekit-yaml").exists() else shutil.which("mergekit-yaml")
+    ap.add_argument("--mergekit-yaml", default=default_mk, help="mergekit-yaml executable (its own venv)")
+    ap.add_argument("--skip", action="append", default=[], choices=["floor", "neon", "naive", "mergekit", "capped"])
     args = ap.parse_args()
 
-    root = Path(tempfile.mkdtemp(prefix="neon-bench-", dir=args.workdir))
+    root = args.reuse or Path(tempfile.mkdtemp(prefix="neon-bench-", dir=args.workdir))
+    cgroups: list[Path] = []
     try:
         t = time.perf_counter()
-        base, ft, nparams = build_pair(root, args.params, int(args.shard_size), args.rel)
+        if args.reuse:
+            base, ft = root / "base", root / "ft"
+            nparams = json.loads((base / "model.safetensors.index.json").read_text())["metadata"]["total_size"] // 2
+        else:
+            base, ft, nparams = build_pair(root, args.params, int(args.shard_size), args.rel)
         in_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
         print(f"pair: {nparams / 1e6:.1f}M params, bf16, {in_bytes / 1e9:.2f} GB per input, "
-              f"{len(list(base.glob('*.safetensors')))} shards; built in {time.perf_counter() - t:.1f}s; w={args.w}")
-        print(f"machine: {os.cpu_count()} cpus; torch threads default; page cache warm (files just written)")
+              f"{len(list(base.glob('*.safetensors')))} shards; ready in {time.perf_counter() - t:.1f}s; w={args.w}")
+        load = os.getloadavg()
+        print(f"machine: {os.cpu_count()} cpus, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} at start; page cache warm")
 
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+        neon_cmd = [sys.executable, "-m", "neon_cli", "merge", str(base), str(ft), "--w", str(args.w), "-o", "{out}", "--json", "-q"]
         variants: dict[str, list[str]] = {}
-        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        variants["neon"] = [sys.executable, "-m", "neon_cli", "merge", str(base), str(ft), "--w", str(args.w), "-o", "{out}", "--json", "-q"]
+        variants["floor"] = [sys.executable, "-c", FLOOR, str(base), str(ft), "{out}"]
+        variants["neon"] = neon_cmd
+        methods = {}
+        for mib in [int(c) for c in args.caps.split(",") if c.strip()] if "capped" not in args.skip else []:
+            cmd, method, cg = capped(neon_cmd, mib, f"{mib}")
+            variants[f"neon@{mib}MiB"] = cmd
+            methods[mib] = method
+            if cg is not None:
+                cgroups.append(cg)
         variants["naive"] = [sys.executable, "-c", NAIVE, str(base), str(ft), "{out}", str(args.w)]
         if args.mergekit_yaml and "mergekit" not in args.skip:
             cfg = root / "mergekit.yml"
@@ -257,53 +340,81 @@ def main() -> None:
             )
             variants["mergekit"] = [args.mergekit_yaml, str(cfg), "{out}", "--no-copy-tokenizer", "--no-write-model-card", "--quiet"]
         elif "mergekit" not in args.skip:
-            print("note: mergekit-yaml not found (pip install mergekit, or --mergekit-yaml PATH): mergekit skipped")
+            print("note: mergekit-yaml not found (install mergekit in its own venv, --mergekit-yaml PATH): mergekit skipped")
         for name in args.skip:
             variants.pop(name, None)
+        for mib, m in methods.items():
+            print(f"memory cap {mib} MiB: {m}")
 
-        results: dict[str, dict] = {}
-        for name, cmd in variants.items():
-            walls, peaks, maxrss, extra = [], [], [], {}
-            for k in range(args.repeat):
+        results: dict[str, dict] = {n: {"walls": [], "peaks": [], "maxrss": [], "cpus": [], "failed": None} for n in variants}
+        shas: dict[str, str] = {}
+        for k in range(args.repeat):
+            for name, cmd in variants.items():
+                if results[name]["failed"]:
+                    continue
                 out = root / f"out-{name}"
                 shutil.rmtree(out, ignore_errors=True)
                 r = run_measured([c.replace("{out}", str(out)) for c in cmd], env=env)
                 if r["rc"] != 0:
-                    print(f"{name}: failed (rc={r['rc']}): {r['stderr'].strip().splitlines()[-1:] if r['stderr'].strip() else ''}")
-                    break
-                walls.append(r["wall"])
-                peaks.append(r["peak_anon"])
-                maxrss.append(r["maxrss"])
-                if name == "neon":
+                    tail = r["stderr"].strip().splitlines()[-1:] if r["stderr"].strip() else []
+                    results[name]["failed"] = f"rc={r['rc']} {tail}"
+                    print(f"{name}: failed (rc={r['rc']}{', killed' if r['rc'] in (-9, 137) else ''}): {tail}")
+                    continue
+                results[name]["walls"].append(r["wall"])
+                results[name]["peaks"].append(r["peak_anon"])
+                results[name]["maxrss"].append(r["maxrss"])
+                results[name]["cpus"].append(r["cpu"])
+                if name.startswith("neon"):
                     js = json.loads(r["stdout"])
-                    extra = {"internal_s": js["seconds"], "effective_w": js["precision"]["effective_w"][0],
-                             "equal_fraction": js["precision"]["equal_fraction"]}
-            if walls:
-                results[name] = {"wall": statistics.median(walls), "walls": walls, "peak_anon": max(peaks), "maxrss": max(maxrss), **extra}
+                    results[name]["extra"] = {"internal_s": js["seconds"], "effective_w": js["precision"]["effective_w"][0],
+                                              "equal_fraction": js["precision"]["equal_fraction"]}
+                    shas[name] = _folder_sha(out)
+            print(f"round {k + 1}: " + ", ".join(f"{n} {v['walls'][-1]:.2f}s" for n, v in results.items() if v["walls"] and len(v["walls"]) == k + 1))
 
         print()
-        print(f"{'variant':10s} {'wall s':>8s} {'peak RssAnon':>13s} {'maxrss*':>10s}   runs")
+        print(f"{'variant':14s} {'median s':>9s} {'spread':>7s} {'CPU s':>7s} {'peak RssAnon':>13s}   runs")
+        med, cpu = {}, {}
         for name, r in results.items():
-            print(f"{name:10s} {r['wall']:8.2f} {r['peak_anon'] / 2**30:10.2f} GiB {r['maxrss'] / 2**30:7.2f} GiB   "
+            if not r["walls"]:
+                print(f"{name:14s} {'-':>9s}   {r['failed']}")
+                continue
+            med[name] = statistics.median(r["walls"])
+            cpu[name] = statistics.median(r["cpus"])
+            print(f"{name:14s} {med[name]:9.2f} {max(r['walls']) / min(r['walls']):6.2f}x {cpu[name]:7.2f} {max(r['peaks']) / 2**20:9.0f} MiB   "
                   + ", ".join(f"{x:.2f}" for x in r["walls"]))
-        print("* ru_maxrss of the process (os.wait4): includes pages of memory-mapped input files")
-        if "neon" in results:
-            n = results["neon"]
-            print(f"neon internal merge time {n['internal_s']:.2f}s (without interpreter start); "
-                  f"effective w {n['effective_w']:.4f} for w={args.w}; {100 * n['equal_fraction']:.1f}% of elements equal in both inputs")
+        print("spread = slowest / fastest run of the variant (noise of the shared machine); CPU s = user + system time\n"
+              "of the process and its threads (os.wait4), which other jobs on the machine do not inflate")
+        load = os.getloadavg()
+        print(f"load average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        if "neon" in med:
+            n = results["neon"]["extra"]
+            print(f"neon internal merge time {n['internal_s']:.2f}s (last run, without interpreter start); effective w "
+                  f"{n['effective_w']:.4f} for w={args.w}; {100 * n['equal_fraction']:.1f}% of elements equal in both inputs")
+            if "floor" in med:
+                ratio = med["neon"] / med["floor"]
+                print(f"neon / I/O floor: {ratio:.2f}x wall (target <= 3: {'met' if ratio <= 3 else 'NOT met'}), "
+                      f"{cpu['neon'] / cpu['floor']:.2f}x CPU")
+            if "mergekit" in med:
+                ratio = med["mergekit"] / med["neon"]
+                print(f"mergekit / neon: {ratio:.2f}x wall (target >= 8: {'met' if ratio >= 8 else 'NOT met'}), "
+                      f"{cpu['mergekit'] / cpu['neon']:.2f}x CPU; "
+                      f"peak memory neon {max(results['neon']['peaks']) / 2**20:.0f} MiB vs mergekit {max(results['mergekit']['peaks']) / 2**20:.0f} MiB")
+            if "naive" in med:
+                print(f"naive / neon: {med['naive'] / med['neon']:.2f}x")
+            for name in med:
+                if name.startswith("neon@"):
+                    ratio = med[name] / med["neon"]
+                    same = shas.get(name) == shas.get("neon")
+                    print(f"{name} / neon: {ratio:.2f}x wall, {cpu[name] / cpu['neon']:.2f}x CPU, output {'identical' if same else 'DIFFERENT'} "
+                          f"(target <= 1.5 and identical: {'met' if ratio <= 1.5 and same else 'NOT met'})")
             for other in ("naive", "mergekit"):
-                if other in results:
-                    o = results[other]
-                    print(f"neon vs {other}: {o['wall'] / n['wall']:.2f}x faster, peak memory {n['peak_anon'] / o['peak_anon']:.3f}x of {other}'s")
-            for other in ("naive", "mergekit"):
-                if other in results:
+                if other in med:
                     print(f"outputs neon vs {other}: {compare(root / 'out-neon', root / f'out-{other}')}")
-        if "mergekit" in results and "neon" in results:
-            n, m = results["neon"], results["mergekit"]
-            ok_t, ok_m = m["wall"] / n["wall"] >= 3, n["peak_anon"] <= m["peak_anon"] / 4
-            print(f"targets: >=3x faster than mergekit: {'met' if ok_t else 'NOT met'}; <=1/4 of its peak memory: {'met' if ok_m else 'NOT met'}")
     finally:
-        if args.keep:
+        for cg in cgroups:
+            with contextlib.suppress(OSError):
+                cg.rmdir()
+        if args.keep or args.reuse:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)

@@ -70,7 +70,7 @@ def main() -> None:
         bare, lib = sorted(bares)[len(bares) // 2], sorted(libs)[len(libs) // 2]
         spread = (min(bares), max(bares), min(libs), max(libs))
 
-        base_cmd = ["synth", args.family, "--num", str(args.num), "--shard-size", str(args.shard_size),
+        base_cmd = ["synth", args.family, "--num-images", str(args.num), "--shard-size", str(args.shard_size),
                     "--batch", str(args.batch), "-q", *sum((["--set", p] for p in args.pairs), [])]
         neon = str(Path(sys.executable).with_name("neon"))
         t0 = time.perf_counter()

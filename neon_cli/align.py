@@ -269,11 +269,25 @@ def run_align(
     from neon_cli.family import model_path as resolve_model
     from neon_cli.synth import load_synthetic
 
-    if num_real < 1:
-        raise UsageError(f"--num-real: must be positive, got {num_real}")
+    from neon_cli import validate
+
+    if selftrained is None and synthetic is None:
+        raise UsageError("give a self-trained checkpoint (--selftrained) or a synthetic set (--synthetic), or both")
+    if precond not in ("identity", "adam"):
+        raise UsageError(f"--precond {precond!r}: expected 'identity' or 'adam'")
+    num_real = validate.positive_int("--num-real", num_real)
+    validate.seed("--real-seed", real_seed, count=num_real)
+    from neon_cli.train import MAX_TRAIN_SEED
+
+    validate.integer("--seed", seed, low=0, high=MAX_TRAIN_SEED)  # the loss noise of batch b: seed * 1_000_003 + b
+    if batch is not None:
+        validate.positive_int("--batch", batch)
+    if curvature_step is not None:
+        validate.finite("--curvature-step", curvature_step, low=0.0)
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, base, "--base")
+    report.check_outputs({"--base": path, "--selftrained": selftrained, "--synthetic": synthetic, "--real": real}, {})
     report.add_input("base", path)
     settings = resolve_settings(family, set_pairs, train=True)
     model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")

@@ -137,6 +137,7 @@ class ShardedTensor:
         with ``rows`` rows, the same row shape and dtype in every shard, and its bytes inside the file.
         Raises DataError naming the file."""
         from neon_cli.checkpoint import SAFETENSORS_DTYPES
+        from neon_cli.checkpoint.core import to_torch_dtype
 
         pieces, shape, dtype = [], None, None
         for path, start, count in files:
@@ -144,7 +145,8 @@ class ShardedTensor:
             entry = header.get(name)
             if not isinstance(entry, dict):
                 raise DataError(f"{what}: {path} has no tensor {name!r}")
-            dt = SAFETENSORS_DTYPES.get(str(entry.get("dtype")))
+            dt_name = SAFETENSORS_DTYPES.get(str(entry.get("dtype")))
+            dt = to_torch_dtype(dt_name) if dt_name else None
             shp = tuple(int(s) for s in entry.get("shape", ()))
             if dt is None or not shp:
                 raise DataError(f"{what}: {path}: tensor {name!r} has dtype {entry.get('dtype')} shape {shp}")

@@ -1,10 +1,15 @@
-"""``neon demo``: the whole of Neon (paper Algorithm 1) on a family's embedded default model.
+"""``neon demo``: the whole of Neon (paper Algorithm 1) on a family's embedded default model,
+following the paper's protocol (Sec. 4: every model at its FID-optimal inference settings):
 
-synth (|S| images at the default inference settings) -> finetune (budget B images seen, a
-fraction of the base model's training budget) -> tune-w (Brent's method over w on FID, common
-random numbers) -> merge (the chosen w, written to ``OUT/neon.safetensors``) -> confirmation:
-base (w = 0) and Neon re-scored on a disjoint, larger seed range, so the reported gain is not the
-search's own selection noise.
+1. the base's own best gamma (Brent over ln gamma on FID, common random numbers);
+2. synth: |S| images at that gamma;
+3. finetune: budget B images seen (a fraction of the base's training budget) -> theta_s;
+4. the "more training" control: theta_r fine-tuned on the family's real data with the same budget
+   and recipe;
+5. tune-w: (w, gamma) jointly (w at S's gamma first, then the quadratic surface), the control's
+   own best gamma, merge -> ``OUT/neon.safetensors``;
+6. confirmation on a larger, disjoint seed range: the base at its default settings, the base at
+   its best gamma, the control and Neon; the headline gain is against the base at its best.
 """
 
 from __future__ import annotations
@@ -19,78 +24,161 @@ from neon_cli.progress import ProgressFn, null_progress
 def demo(
     *,
     family_name: str = "digits",
+    base: Path | None = None,
     out_dir: Path = Path("neon-demo"),
     num_synthetic: int = 4000,
     budget: int | None = None,
     budget_fraction: float = 0.03,
     lr: float | None = None,
     bounds: tuple[float, float] = (0.0, 3.0),
-    max_evals: int = 10,
+    gamma: tuple[float, float] | None = (1.0, 4.0),
+    max_evals: int | None = None,
     num_samples: int = 2000,
     confirm_samples: int = 5000,
+    control: bool = True,
     seed: int = 0,
+    report_path: Path | None = None,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
-    """Run synth -> finetune -> tune-w -> merge on the family's embedded default; returns results.
+    """Run the protocol above on ``base`` (default: the family's embedded model); returns results.
 
-    ``budget`` (images seen) defaults to ``budget_fraction`` x the base model's recorded training
-    budget (checkpoint metadata ``train_images``). Results (also ``report.results``): ``base_fid``,
-    ``neon_fid`` (confirmation seeds), ``improvement`` (1 - neon/base), ``w``, ``num_synthetic``,
-    ``budget_images``, ``base_train_images``, ``budget_fraction``, ``base``/``neon`` (all metrics),
-    ``search`` (every tune-w evaluation), ``paths``. Raises UsageError on bad numbers.
+    ``budget`` (images seen) defaults to ``budget_fraction`` x the base's recorded training
+    budget (metadata ``train_images``). ``gamma``: the guidance box searched for the base, the
+    control and Neon (ignored, like the control's gamma search, for families without guidance).
+    Results (also ``report.results``): ``base_default``, ``base_best``, ``control``, ``neon``
+    (metrics on the confirmation seeds), ``gamma_default``, ``gamma_base_best``, ``gamma_S``,
+    ``w``, ``gamma``, ``gain_vs_best`` (1 - neon / base-at-best FID: the headline),
+    ``gain_vs_default``, ``improved``, ``num_synthetic``, ``budget_images``, ``base_train_images``,
+    ``budget_fraction``, ``search_evaluations``, ``paths``, ``steps`` (each step's report).
+    Raises UsageError on bad numbers or an output that is an input.
     """
+    from neon_cli import validate
     from neon_cli.family import get_family, model_path, plugin_version
-    from neon_cli.finetune import finetune
-    from neon_cli.report import Report
-    from neon_cli.synth import synthesize
-    from neon_cli.tune import run_tune_w
+    from neon_cli.fsutil import check_outputs, exclusive_lock
 
+    for flag, v in (("--num-synthetic", num_synthetic), ("--num-samples", num_samples), ("--confirm-samples", confirm_samples)):
+        validate.integer(flag, v, low=2 if flag != "--num-synthetic" else 1)
+    validate.finite("--budget-fraction", budget_fraction, low=0.0, low_open=True)
+    validate.seed("--seed", seed, num_synthetic)
+    if lr is not None:
+        validate.positive("--lr", lr)
+    if gamma is not None:
+        lo, hi = (validate.finite("--gamma", g) for g in gamma)
+        if not lo < hi:
+            raise UsageError(f"--gamma {lo:g} {hi:g}: need finite LO < HI")
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    base = model_path(family, None, "--family")
-    base_images = int(family.read_metadata(str(base)).get("train_images", 0) or 0)
+    base = model_path(family, base, "--base")
+    out_dir = Path(out_dir)
+    written = {f"-o ({name})": out_dir / name for name in ("neon.safetensors", "tune-cache.jsonl", "S", "ft", "control")}
+    check_outputs({"--base": base}, {"-o": out_dir, **written, "--report": report_path})
+    base_images = int((family.read_metadata(str(base)) or {}).get("train_images", 0) or 0)
     if budget is None:
         if not base_images:
             raise UsageError(f"--budget: {base} records no training budget; give --budget in images")
         budget = max(1, int(round(budget_fraction * base_images)))
-    out_dir = Path(out_dir)
+    budget = validate.positive_int("--budget", budget)
+    if max_evals is not None and validate.positive_int("--max-evals", max_evals) < 7:
+        raise UsageError(f"--max-evals {max_evals}: each search needs at least 7 evaluations")
+    if not getattr(family, "guidance", None):
+        gamma = None
     report.add_input("base", base)
-    steps: dict[str, Any] = {}
-
-    def step(name: str, fn: Any, **kw: Any) -> dict[str, Any]:
-        sub = Report(name, argv=report.argv)
-        res = fn(report=sub, progress=progress, **kw)
-        steps[name] = sub.to_dict()
-        return res
-
-    step("synth", lambda **k: synthesize(family_name, None, num=num_synthetic, out_dir=out_dir / "S", seed=seed, **k))
-    ft = step("finetune", lambda **k: finetune(family_name, None, out_dir / "S", budget=budget, lr=lr, out_dir=out_dir / "ft",
-                                                 seed=seed, **k))
-    neon_path = out_dir / "neon.safetensors"
-    tuned = step("tune-w", lambda **k: run_tune_w(family_name, None, [ft["final"]], bounds=bounds, max_evals=max_evals,
-                                                   num_samples=num_samples, seed=10_000_000 + seed,
-                                                   confirm_samples=confirm_samples, cache=out_dir / "tune-cache.jsonl",
-                                                   output=neon_path, **k))
-    conf = tuned.get("confirmation") or {}
-    base_m = conf.get("base") or {}
-    neon_m = conf.get("neon") or tuned["chosen"]["metrics"]
-    results = {
-        "base_fid": base_m.get("fid"),
-        "neon_fid": neon_m.get("fid"),
-        "improvement": (1 - neon_m["fid"] / base_m["fid"]) if base_m.get("fid") else None,
-        "w": tuned["chosen"]["w"],
-        "num_synthetic": num_synthetic,
-        "budget_images": budget,
-        "base_train_images": base_images or None,
-        "budget_fraction": budget / base_images if base_images else None,
-        "base": base_m,
-        "neon": neon_m,
-        "confirm_samples": confirm_samples,
-        "search_evaluations": tuned.get("n_evals"),
-        "paths": {"synthetic_set": str(out_dir / "S"), "selftrained": ft["final"], "neon": str(neon_path)},
-        "steps": steps,
-    }
-    report.add_output("neon", neon_path)
+    with exclusive_lock(out_dir, "-o", folder=True):
+        run = _Pipeline(family_name, family, base, out_dir, seed, num_samples, confirm_samples, gamma, report, progress)
+        run.max_evals = max_evals
+        results = run.all(num_synthetic, budget, lr, bounds, control)
+    results.update(num_synthetic=num_synthetic, budget_images=budget, base_train_images=base_images or None,
+                   budget_fraction=budget / base_images if base_images else None, confirm_samples=confirm_samples)
+    report.add_output("neon", out_dir / "neon.safetensors")
     report.results.update(results)
     return results
+
+
+class _Pipeline:
+    """The demo's steps, sharing one cache and one seed plan (``10,000,000 + seed``)."""
+
+    def __init__(self, family_name: str, family: Any, base: Path, out_dir: Path, seed: int, num_samples: int,
+                 confirm_samples: int, gamma: tuple[float, float] | None, report: Any, progress: ProgressFn):
+        self.family_name, self.family, self.base, self.out = family_name, family, base, out_dir
+        self.seed, self.num_samples, self.confirm_samples, self.gamma = seed, num_samples, confirm_samples, gamma
+        self.report, self.progress = report, progress
+        self.cache = out_dir / "tune-cache.jsonl"
+        self.steps: dict[str, Any] = {}
+        self.max_evals: int | None = None
+
+    def step(self, name: str, fn: Any, **kw: Any) -> dict[str, Any]:
+        from neon_cli.report import Report
+
+        sub = Report(name, argv=self.report.argv)
+        res = fn(report=sub, progress=self.progress, **kw)
+        self.steps[name] = sub.to_dict()
+        return res
+
+    def all(self, num_synthetic: int, budget: int, lr: float | None, bounds: tuple[float, float],
+            control: bool) -> dict[str, Any]:
+        from neon_cli.finetune import finetune
+        from neon_cli.synth import synthesize
+        from neon_cli.tune import run_tune_w
+        from neon_cli.tune.run import tune_base_gamma
+
+        eval_seed = 10_000_000 + self.seed
+        gamma_s = None
+        if self.gamma is not None:  # 1. the base at its own best gamma; S is synthesized there
+            bl = self.step("base-gamma", lambda **k: tune_base_gamma(
+                self.family_name, self.base, self.gamma, num_samples=self.num_samples, seed=eval_seed, cache=self.cache,
+                max_evals=self.max_evals, **k))
+            gamma_s = bl["best"]["gamma"]
+        pairs = [f"{self.family.guidance}={gamma_s!r}"] if gamma_s is not None else []
+        self.step("synth", lambda **k: synthesize(self.family_name, self.base, num=num_synthetic, out_dir=self.out / "S",
+                                                  seed=self.seed, set_pairs=pairs, **k))
+        ft = self.step("finetune", lambda **k: finetune(self.family_name, self.base, self.out / "S", budget=budget, lr=lr,
+                                                        out_dir=self.out / "ft", seed=self.seed, **k))
+        ctl = self._control(ft["final"], num_synthetic) if control else None
+        neon_path = self.out / "neon.safetensors"
+        tuned = self.step("tune-w", lambda **k: run_tune_w(
+            self.family_name, self.base, [ft["final"]], bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
+            num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, cache=self.cache,
+            max_evals=self.max_evals, output=neon_path, control=ctl, require_improvement=False, write_anyway=True, **k))
+        return self._results(tuned, gamma_s, ft, neon_path, ctl)
+
+    def _control(self, snapshot: str, num_real: int) -> str | None:
+        """theta_r fine-tuned on real data with theta_s's budget and recipe (None without real data)."""
+        from neon_cli.tune.baseline import real_control, snapshot_recipe
+
+        if not callable(getattr(self.family, "real_samples", None)):
+            return None
+        recipe = snapshot_recipe(self.family, Path(snapshot))
+        from neon_cli.family import load_model
+
+        model = load_model(self.family, self.base)
+        info = self.step("control", lambda report, progress: real_control(
+            self.family_name, self.family, self.base, model, recipe, self.out / "control", num_real, progress))
+        self.num_real = info["num_real"]
+        return info["path"]
+
+    def _results(self, tuned: dict[str, Any], gamma_s: float | None, ft: dict[str, Any], neon_path: Path,
+                 ctl: str | None) -> dict[str, Any]:
+        conf = tuned.get("confirmation") or {}
+        m = tuned["metric"]
+        bl = tuned["baselines"]
+        base_default = conf.get("base_default") or bl["default"]["metrics"]
+        base_best = conf.get("base_best") or (bl["best"] or bl["default"])["metrics"]
+        neon = conf.get("neon") or tuned["chosen"]["metrics"]
+        control = tuned.get("control")
+        control_m = (control or {}).get("confirmation") or ((control or {}).get("best") or (control or {}).get("default") or {}).get("metrics")
+        return {
+            "metric": m, "base_default": base_default, "base_best": base_best, "neon": neon, "control": control_m,
+            "gamma_default": bl["default"]["gamma"], "gamma_base_best": (bl["best"] or bl["default"])["gamma"],
+            "gamma_S": gamma_s, "gamma_control": ((control or {}).get("best") or (control or {}).get("default") or {}).get("gamma"),
+            "num_real": getattr(self, "num_real", None) if ctl else None,
+            "w": tuned["chosen"]["w"], "gamma": tuned["chosen"]["gamma"],
+            "gain_vs_best": 1 - neon[m] / base_best[m] if base_best.get(m) else None,
+            "gain_vs_default": 1 - neon[m] / base_default[m] if base_default.get(m) else None,
+            "gain_control_vs_best": 1 - control_m[m] / base_best[m] if control_m and base_best.get(m) else None,
+            "improved": tuned["improved"], "search_evaluations": sum(s["n_evals"] for s in tuned["snapshots"]),
+            "evaluations": tuned["n_evals"],
+            "paths": {"synthetic_set": str(self.out / "S"), "selftrained": ft["final"], "control": ctl,
+                      "neon": str(neon_path) if tuned.get("written") else None},
+            "steps": self.steps,
+        }

@@ -6,6 +6,12 @@ Exit codes (documented in README, relied on by scripts):
 * 1  a regression threshold was exceeded (``neon eval --max-fid``) -- :class:`ThresholdExceeded`
 * 2  bad input: a flag, file, key, shape or dtype the command cannot use -- every other
      :class:`NeonError`
+* 3  the system refused: no space left, a read-only or unwritable folder, out of memory --
+     :class:`ResourceError` (the CLI maps such OSError / MemoryError to it)
+* 4  an unexpected exception: a bug in neon or in a family plugin -- :class:`InternalError`
+     (the CLI maps every other exception to it; ``NEON_DEBUG=1`` shows the traceback)
+* 5  ``neon tune-w`` found no candidate that beats the base model (or its confirmation
+     contradicted the search); no ``-o`` written unless ``--write-anyway`` -- :class:`NoImprovement`
 * 130 interrupted (Ctrl-C); outputs are never left half-written
 """
 
@@ -38,3 +44,24 @@ class ThresholdExceeded(NeonError):
     """A metric crossed a regression threshold (``neon eval --max-fid``). Exit code 1."""
 
     exit_code = 1
+
+
+class ResourceError(NeonError):
+    """The machine refused: no space left on the device, a read-only or unwritable folder, too
+    little memory. Exit code 3: the command was right, rerun it once the resource is there."""
+
+    exit_code = 3
+
+
+class InternalError(NeonError):
+    """An exception neon did not expect (a bug in neon or in a family plugin). Exit code 4."""
+
+    exit_code = 4
+class NoImprovement(NeonError):
+    """``neon tune-w``: no candidate beats the base model on the search seeds, or the confirmation
+    on disjoint seeds contradicts the search (issue 16, item 7). Exit code 5 (3 and 4 are the
+    error boundary's resource and internal errors), so a script cannot mistake it for success;
+    the report holds every measurement."""
+
+    exit_code = 5
+    status = "no_improvement"

@@ -75,6 +75,52 @@ def sample_batched(family: Any, model: Any, seeds, labels, settings: Mapping[str
     return gather_cat(local, sizes)
 
 
+def check_plan_numbers(num_samples: Any, seed: Any, batch: Any, *, samples_flag: str = "--num-samples") -> tuple[int, int, int]:
+    """``(num_samples, seed, batch)`` checked by name: at least 2 samples (a covariance), a batch
+    >= 1, seeds ``seed .. seed + num_samples - 1`` within 0 .. 2**63 - 1. Raises UsageError."""
+    from neon_cli import validate
+
+    n = validate.integer(samples_flag, num_samples, low=2)
+    return n, validate.seed("--seed", seed, count=n), validate.positive_int("--batch", batch)
+
+
+def parse_thresholds(max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = ()) -> dict[str, tuple[float, str]]:
+    """``--max-fid X`` and ``--max-metric METRIC=X`` as ``{metric: (X, flag)}``; every X must be finite.
+
+    Raises UsageError naming the flag (``--max-fid: must be a finite number, got nan``; a gate at
+    NaN or infinity could never fail).
+    """
+    from neon_cli import validate
+
+    out: dict[str, tuple[float, str]] = {}
+    if max_fid is not None:
+        out["fid"] = (validate.finite("--max-fid", max_fid), "--max-fid")
+    for item in max_metric or ():
+        name, sep, value = str(item).partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise UsageError(f"--max-metric {item!r}: expected METRIC=NUMBER")
+        out[name] = (validate.finite(f"--max-metric {name}", value.strip()), f"--max-metric {name}")
+    return out
+
+
+def check_metric_names(family: Any, family_name: str, limits: Mapping[str, tuple[float, str]]) -> None:
+    """Refuse, before any sampling, a threshold on a metric the family does not report.
+
+    The names are the family's ``metrics`` (read now: image families list ``fid`` only when an
+    Inception detector is configured) plus ``seconds``; a family that lists no metrics is not
+    checked here (the check after scoring still applies). Raises UsageError naming the flag and
+    the metrics there are.
+    """
+    names = list(getattr(family, "metrics", None) or [])
+    if not names:
+        return
+    known = set(names) | {"seconds"}
+    for name, (_, flag) in limits.items():
+        if name not in known:
+            raise UsageError(f"{flag}: family {family_name!r} reports no metric {name!r} (its metrics: {', '.join(names)})")
+
+
 class Evaluator:
     """Samples ``num_samples`` images per candidate on a fixed seed plan and scores them.
 
@@ -90,8 +136,7 @@ class Evaluator:
 
     def __init__(self, family: Any, settings: Mapping[str, Any], num_samples: int, seed: int = 0,
                  batch: int = 1000, progress: ProgressFn = null_progress, num_classes: int | None = None):
-        if num_samples < 2:
-            raise UsageError(f"--num-samples: need at least 2 samples for a Fréchet distance, got {num_samples}")
+        num_samples, seed, batch = check_plan_numbers(num_samples, seed, batch)
         self.family = family
         self.settings = dict(settings)
         self.num_samples = num_samples
@@ -119,11 +164,12 @@ class Evaluator:
             metrics["seconds"] = round(time.perf_counter() - t0, 3)
             return metrics
         images = sample_batched(self.family, model, self.seeds, self.labels, settings, self.batch, self.progress, "sample")
-        from neon_cli.dist import broadcast_object, is_main
+        from neon_cli.dist import broadcast_object
 
-        # the metric is computed once, on rank 0, and every rank takes the same decisions from it
-        metrics = {k: float(v) for k, v in self.family.score(images, self.labels).items()} if is_main() else None
-        metrics = broadcast_object(metrics)
+        # every rank holds all the images and calls score, so a scorer that splits its own work across
+        # ranks (the Inception detector's all-gather) has every rank taking part; rank 0's numbers are
+        # broadcast, so every rank takes the same decisions from identical values
+        metrics = broadcast_object({k: float(v) for k, v in self.family.score(images, self.labels).items()})
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
         return metrics
 
@@ -140,35 +186,47 @@ class Evaluator:
 
 
 def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str], num_samples: int, seed: int,
-             batch: int, thresholds: Mapping[str, float] | None, report: Any, progress: ProgressFn = null_progress,
-             trust_pickle: bool = False, detector: Path | None = None, ref_stats: Path | None = None) -> dict[str, float]:
+             batch: int, thresholds: Mapping[str, Any] | None = None, report: Any, progress: ProgressFn = null_progress,
+             trust_pickle: bool = False, detector: Path | None = None, ref_stats: Path | None = None,
+             max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
     """``neon eval``: metrics of one checkpoint on the seed plan; raises ThresholdExceeded past a threshold.
 
-    ``thresholds`` maps a metric name to its maximum (e.g. ``{"fid": 2.0}``); a metric above it
-    raises :class:`ThresholdExceeded` (exit 1) after the results are recorded in ``report``.
-    ``model_path`` None means the family's embedded default checkpoint. ``detector`` /
-    ``ref_stats`` (``--detector`` / ``--ref-stats``) override ``$NEON_INCEPTION`` /
-    ``$NEON_REF_STATS`` for families scored with Inception FID (:mod:`neon_cli.scoring`); their
-    sha256 go to ``report.results["scoring"]``.
+    Thresholds: ``max_fid`` (``--max-fid``), ``max_metric`` (``--max-metric METRIC=X``, see
+    :func:`parse_thresholds`) and ``thresholds`` (a mapping metric -> maximum, for library use); a
+    metric above its maximum raises :class:`ThresholdExceeded` (exit 1) after the results are
+    recorded in ``report``. Numbers are checked before any file is read (:func:`check_plan_numbers`,
+    finite thresholds), threshold metric names before the model is loaded
+    (:func:`check_metric_names`), and ``--report`` may not be an input. ``model_path`` None means the family's
+    embedded default checkpoint. ``detector`` / ``ref_stats`` (``--detector`` / ``--ref-stats``)
+    override ``$NEON_INCEPTION`` / ``$NEON_REF_STATS`` for families scored with Inception FID
+    (:mod:`neon_cli.scoring`); their sha256 go to ``report.results["scoring"]``.
     """
+    from neon_cli import validate
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.scoring import scoring_files
+    from neon_cli.tune.recorded import apply_recorded
 
+    check_plan_numbers(num_samples, seed, batch)
+    limits = parse_thresholds(max_fid, max_metric)
+    for name, value in (thresholds or {}).items():
+        limits[name] = (validate.finite(f"--max-metric {name}", value), f"--max-metric {name}")
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    settings = resolve_settings(family, set_pairs)
     path = resolve_model(family, model_path)
+    report.check_outputs({"--model": path, "--detector": detector, "--ref-stats": ref_stats}, {})
+    settings = apply_recorded(family, path, set_pairs, report, progress, "sample")  # tune-w's choice, then --set
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
-    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
-    ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
     with scoring_files(detector, ref_stats) as scoring:
+        check_metric_names(family, family_name, limits)  # inside: a family's metrics may depend on the detector
+        model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
+        ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
         metrics = ev.score_model(model)
     report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, scoring=scoring)
-    for name, limit in (thresholds or {}).items():
+    for name, (limit, flag) in limits.items():
         if name not in metrics:
-            raise UsageError(f"--max-{name}: family {family_name!r} reports no metric {name!r}")
+            raise UsageError(f"{flag}: family {family_name!r} reports no metric {name!r}")
         if metrics[name] > limit:
             report.results["exceeded"] = {name: {"value": metrics[name], "max": limit}}
-            raise ThresholdExceeded(f"{name} = {metrics[name]:.4g} exceeds --max-{name} {limit:g}")
+            raise ThresholdExceeded(f"{name} = {metrics[name]:.4g} exceeds {flag} {limit:g}")
     return metrics

@@ -171,18 +171,32 @@ def remove_stale_tmp(path: str | os.PathLike[str]) -> list[Path]:
 
     A temporary file of a live process (another run writing the same output) is left alone.
     """
+    path = Path(path)
+    return _remove_dead_tmp(path.parent, f".{path.name}.tmp-")
+
+
+def remove_stale_tmp_in(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete every temporary file ``.NAME.tmp-PID`` directly in ``folder`` whose PID no longer
+    runs (what a SIGKILLed synth/finetune left: partial shards, snapshots, training states).
+    Call it while holding the folder's :func:`exclusive_lock`. Returns what was removed."""
+    return _remove_dead_tmp(Path(folder), ".", ".tmp-")
+
+
+def _remove_dead_tmp(folder: Path, prefix: str, marker: str = "") -> list[Path]:
     import shutil
 
-    path = Path(path)
-    removed = []
-    prefix = f".{path.name}.tmp-"
-    if not path.parent.is_dir():
+    removed: list[Path] = []
+    if not folder.is_dir():
         return removed
-    for p in path.parent.iterdir():
+    for p in folder.iterdir():
         if not p.name.startswith(prefix):
             continue
-        pid = p.name[len(prefix):]
-        if not pid.isdigit() or _pid_alive(int(pid)):
+        rest = p.name[len(prefix):]
+        if marker:
+            if marker not in rest:
+                continue
+            rest = rest.rsplit(marker, 1)[1]
+        if not rest.isdigit() or _pid_alive(int(rest)):
             continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)

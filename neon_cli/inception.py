@@ -13,7 +13,8 @@ with ``torch.jit.load`` (torchvision is not used). FIDs from different detectors
 torch-fidelity's port, pytorch-fid's weights) are not comparable, so every result records the
 detector's sha256.
 
-Images come from an :class:`ImageSource`: a folder of image files (needs Pillow), a ``.npy``/``.npz``
+Images come from an :class:`ImageSource`: a folder of image files (needs Pillow), an EDM-style
+``.zip`` of image files (``dataset_tool.py``'s layout, ``dataset.json`` ignored), a ``.npy``/``.npz``
 uint8 array (NHWC, NCHW or NHW; ``.npz`` member ``arr_0`` as in ADM/guided-diffusion batches), or a
 ``neon synth`` directory. Under ``torchrun`` (``torch.distributed`` initialised) every rank extracts
 a contiguous slice and the results are all-gathered, so every rank returns the same answer.
@@ -41,9 +42,14 @@ DETECTOR_NAME = "inception-2015-12-05.pt"
 #: Image-file extensions read from folders (through Pillow).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
+#: Where StyleGAN2-ADA's metrics (and clean-fid) download the TorchScript detector from.
+DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
 _MISSING = (
-    f"no Inception detector: pass --detector PATH or set {ENV_VAR}=PATH to the TorchScript "
-    f"{DETECTOR_NAME} (it cannot be downloaded by neon)"
+    f"no Inception detector: pass --detector PATH or set {ENV_VAR}=PATH to {DETECTOR_NAME}, the TorchScript "
+    f"Inception-v3 of StyleGAN2-ADA that clean-fid also uses ({DETECTOR_URL}; EDM and StyleGAN3 use the same "
+    f"network pickled as inception-2015-12-05.pkl); neon never downloads it, and no sha256 or size of it is "
+    f"published by NVIDIA or clean-fid for neon to check, so every report records the sha256 of the file you give"
 )
 
 
@@ -145,6 +151,44 @@ class InceptionDetector:
         return out
 
 
+#: Where the TorchScript detector is published (StyleGAN2-ADA's metrics; clean-fid downloads the same file).
+DETECTOR_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+
+
+def describe_pickle_detector(path: str | os.PathLike[str]) -> str:
+    """The one-line error for a pickled detector such as EDM's / StyleGAN3's ``inception-2015-12-05.pkl``.
+
+    EDM's ``fid.py`` and StyleGAN3's ``metric_utils`` load that file with a plain ``pickle.load``
+    beside their ``torch_utils`` package: unpickling calls whatever the file names, and a
+    ``torch_utils.persistence`` object rebuilds its class by executing Python source stored in the
+    file (``_reconstruct_persistent_obj`` -> ``exec(module_src)``). A network cannot be run from it
+    without running the file's code, which neon does not do. The file is only scanned with
+    :mod:`pickletools` (opcodes; nothing is resolved or called) to say what it holds; the message
+    names the TorchScript ``inception-2015-12-05.pt`` of the same detector (StyleGAN2-ADA's, which
+    clean-fid also uses) to use instead.
+    """
+    import pickletools
+
+    p = Path(path)
+    strings: list[str] = []
+    try:
+        with open(p, "rb") as fh:
+            for op, arg, _ in pickletools.genops(fh):
+                if isinstance(arg, str) and len(arg) < 200:
+                    strings.append(arg)
+                elif op.name == "STOP":
+                    break
+    except Exception:  # truncated or not a pickle after all: say only what it is not
+        strings = []
+    if "_reconstruct_persistent_obj" in strings or "torch_utils.persistence _reconstruct_persistent_obj" in strings:
+        names = [strings[i + 1] for i, s in enumerate(strings[:-1]) if s == "class_name"]
+        what = f"a torch_utils.persistence pickle (class {names[0]}) whose network is Python code stored in the file"
+    else:
+        what = "a Python pickle, which loads by running code named in the file"
+    return (f"{p}: not a TorchScript archive but {what}; neon does not execute it: use the TorchScript "
+            f"inception-2015-12-05.pt of the same detector ({DETECTOR_URL})")
+
+
 def load_detector(path: str | os.PathLike[str] | None = None, device: str | None = None) -> InceptionDetector:
     """Load the TorchScript Inception detector from ``path`` or ``$NEON_INCEPTION`` with ``torch.jit.load``.
 
@@ -155,8 +199,8 @@ def load_detector(path: str | os.PathLike[str] | None = None, device: str | None
     Raises:
         UsageError: no path given and ``$NEON_INCEPTION`` unset, or the file does not exist (the
         message names both ``--detector`` and ``NEON_INCEPTION``).
-        CheckpointError: not a TorchScript archive (e.g. EDM's ``.pkl`` pickle, which would need
-        EDM's code to unpickle) or ``torch.jit.load`` fails.
+        CheckpointError: not a TorchScript archive (EDM's / StyleGAN3's ``.pkl`` detector: see
+        :func:`describe_pickle_detector`) or ``torch.jit.load`` fails.
     """
     import torch
 
@@ -165,9 +209,10 @@ def load_detector(path: str | os.PathLike[str] | None = None, device: str | None
     p = require_detector_path(path)
     with open(p, "rb") as fh:
         magic = fh.read(4)
+    if magic[:1] == b"\x80":
+        raise CheckpointError(describe_pickle_detector(p))
     if magic != b"PK\x03\x04":
-        hint = " (a pickle such as EDM's inception-2015-12-05.pkl is not loaded; use the TorchScript .pt of the same network)" if magic[:1] == b"\x80" else ""
-        raise CheckpointError(f"{p}: not a TorchScript archive{hint}")
+        raise CheckpointError(f"{p}: not a TorchScript archive")
     dev = torch.device(device or default_device())
     try:
         with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; the detector is TorchScript
@@ -383,11 +428,97 @@ class FolderSource:
         return np.stack(out)
 
 
-def open_images(path: str | os.PathLike[str]) -> ImageSource:
-    """An :class:`ImageSource` for ``path``.
+class ZipSource:
+    """Image files in a ``.zip``, as EDM's ``training.dataset.ImageFolderDataset`` reads one.
+
+    The layout ``dataset_tool.py`` writes (``00000/img00000000.png``, ..., optional
+    ``dataset.json`` with labels, ignored here): every member with an image extension, sorted by
+    member name, decoded with Pillow (8-bit grayscale stays 1 channel, RGB 3, other modes become
+    RGB). All images must have the same size.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.kind = "zip"
+        try:
+            self._zip = zipfile.ZipFile(self.path)
+        except (OSError, zipfile.BadZipFile) as exc:
+            raise DataError(f"{self.path}: cannot read as a zip of images ({exc})") from None
+        self.members = sorted(n for n in self._zip.namelist()
+                              if not n.endswith("/") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
+        if not self.members:
+            raise DataError(f"{self.path}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in the zip")
+        self._image = _require_pillow(self.path)
+        self._shape: tuple[int, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        out = []
+        for name in self.members[start:stop]:
+            try:
+                with self._zip.open(name) as fh, self._image.open(fh) as im:
+                    if im.mode not in ("L", "RGB"):
+                        im = im.convert("RGB")
+                    arr = np.asarray(im, dtype=np.uint8)
+            except (OSError, zipfile.BadZipFile) as exc:
+                raise DataError(f"{self.path}[{name}]: unreadable image ({exc})") from None
+            arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+            if self._shape is None:
+                self._shape = arr.shape
+            elif arr.shape != self._shape:
+                raise DataError(f"{self.path}[{name}]: image shape {arr.shape} (C, H, W) differs from the first image's {self._shape}")
+            out.append(arr)
+        return np.stack(out)
+
+
+class SubsetSource:
+    """``indices`` (sorted) of another source, read in runs of consecutive indices."""
+
+    def __init__(self, source: ImageSource, indices: np.ndarray):
+        self.source = source
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.path = source.path
+        self.kind = source.kind
+
+    def __len__(self) -> int:
+        return int(self.indices.shape[0])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        idx = self.indices[start:stop]
+        parts = []
+        a = 0
+        while a < len(idx):
+            b = a + 1
+            while b < len(idx) and idx[b] == idx[b - 1] + 1:
+                b += 1
+            parts.append(self.source.read(int(idx[a]), int(idx[b - 1]) + 1))
+            a = b
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def subset(source: ImageSource, num: int, seed: int = 0, where: str = "images") -> ImageSource:
+    """``num`` images of ``source`` chosen as EDM's ``Dataset(max_size=num, random_seed=seed)``
+    does (``np.random.RandomState(seed % 2**31).shuffle`` of the indices, the first ``num``,
+    sorted); the source itself when it holds exactly ``num``. Raises DataError when it holds fewer
+    (EDM ``fid.py``: "Found N images, but expected at least num")."""
+    n = len(source)
+    if n < num:
+        raise DataError(f"{where}: found {n} images, but --num-images asks for {num}")
+    if n == num:
+        return source
+    idx = np.arange(n)
+    np.random.RandomState(seed % (1 << 31)).shuffle(idx)
+    return SubsetSource(source, np.sort(idx[:num]))
+
+
+def open_images(path: str | os.PathLike[str], flag: str = "--images") -> ImageSource:
+    """An :class:`ImageSource` for ``path`` (``flag`` names it in errors).
 
     * a directory with ``manifest.json`` of ``neon synth``: its shards;
     * any other directory: image files (PNG, JPEG, ...; needs Pillow);
+    * ``.zip``: image files inside, as EDM's ``ImageFolderDataset`` (:class:`ZipSource`; Pillow);
     * ``.npy``: a uint8 array NHWC, NCHW or NHW (memory-mapped);
     * ``.npz``: member ``arr_0`` (ADM / guided-diffusion sample and reference batches), ``images``,
       ``samples``, or the only member; read in row ranges without loading the whole array.
@@ -396,7 +527,7 @@ def open_images(path: str | os.PathLike[str]) -> ImageSource:
     """
     p = Path(path)
     if not p.exists():
-        raise UsageError(f"--images: {p} does not exist")
+        raise UsageError(f"{flag}: {p} does not exist")
     if p.is_dir():
         mf = p / "manifest.json"
         if mf.is_file():
@@ -407,7 +538,7 @@ def open_images(path: str | os.PathLike[str]) -> ImageSource:
             if isinstance(schema, str) and schema.startswith("neon.synth/"):
                 return SynthSource(p)
         elif (p / "plan.json").is_file() and any(p.glob("shard-*.safetensors")):
-            raise DataError(f"--images: {p} is an unfinished 'neon synth' directory (no manifest.json); rerun the same synth command")
+            raise DataError(f"{flag}: {p} is an unfinished 'neon synth' directory (no manifest.json); rerun the same synth command")
         return FolderSource(p)
     suffix = p.suffix.lower()
     if suffix == ".npy":
@@ -418,7 +549,9 @@ def open_images(path: str | os.PathLike[str]) -> ImageSource:
         return ArraySource(arr, p, kind="npy")
     if suffix == ".npz":
         return NpzMemberSource(p)
-    raise UsageError(f"--images: {p}: expected a folder, a neon synth directory, or a .npy/.npz array file")
+    if suffix == ".zip":
+        return ZipSource(p)
+    raise UsageError(f"{flag}: {p}: expected a folder, a neon synth directory, a .zip of images, or a .npy/.npz array file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,19 +578,13 @@ def _iter_batches(source: ImageSource, start: int, stop: int, batch: int) -> Ite
         yield source.read(a, min(stop, a + batch))
 
 
-def _gather_device(dist: Any) -> Any:
-    import torch
-
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _all_gather_rows(dist: Any, rows: Any, world: int) -> Any:
     """Concatenate every rank's ``[n_r, D]`` float32 tensor in rank order (n_r may differ)."""
     import torch
 
-    dev = _gather_device(dist)
+    from neon_cli.dist import backend_device
+
+    dev = backend_device()  # NCCL moves CUDA tensors only; gloo CPU ones
     local = rows.to(dev)
     n = torch.tensor([local.shape[0]], device=dev, dtype=torch.int64)
     sizes = [torch.zeros_like(n) for _ in range(world)]
@@ -473,8 +600,9 @@ def _all_gather_rows(dist: Any, rows: Any, world: int) -> Any:
 
 
 def _check_batch(batch: int) -> None:
-    if batch <= 0:
-        raise UsageError(f"--batch: must be positive, got {batch}")
+    from neon_cli.validate import positive_int
+
+    positive_int("--batch", batch)
 
 
 def compute_features(
@@ -645,11 +773,10 @@ def ref_stats(
 
     out = Path(out)
     src_path = Path(images)
+    _check_batch(batch)
     if out.suffix.lower() != ".npz":
         raise UsageError(f"-o: {out}: the statistics file must end in .npz")
-    if out.exists() and src_path.exists() and out.resolve() == src_path.resolve():
-        raise UsageError(f"-o: {out} is the input; inputs are never overwritten")
-    _check_batch(batch)
+    report.check_outputs({"--images": src_path, "--detector": detector_path(detector)}, {"-o": out})
     det = load_detector(detector, device)
     source = open_images(src_path)
     if len(source) < 2:

@@ -7,25 +7,26 @@ extrapolation weight (w < 0 interpolates towards θ_s).
 Semantics (the same for :func:`merge_state_dicts` and :func:`merge_checkpoints`):
 
 * a floating-point tensor is merged as ``θ_r + w·(θ_r − θ_s)`` computed in float32 (float64 when
-  θ_r or the output is float64; w stays a Python float, never rounded to the storage dtype), then
-  cast to θ_r's dtype or to ``out_dtype``. This form never overflows in half precision
-  ((1+w)·θ_r does for |θ_r| > 65504/(1+w) in float16);
+  θ_r or the output is float64): ``d = θ_r − θ_s``, then ``w·d`` and ``+ θ_r``, each rounded once
+  to float32 (w rounded to float32, as torch does for a float32 tensor), then cast to θ_r's dtype
+  or ``out_dtype`` with round-to-nearest-even. This form never overflows in half precision
+  ((1+w)·θ_r does for |θ_r| > 65504/(1+w) in float16). The file merge computes with numpy (no
+  torch: exact bfloat16/float16 conversions, bit-identical to torch's, tested against it); the
+  in-memory one with torch on the tensors' device; both give the same bits;
 * copied from θ_r bit for bit (reason in brackets, as listed in the report):
-  non-floating tensors (``non_float``: integer step counters, boolean masks); tensors equal in
-  both inputs (``equal``: fixed buffers, ±inf attention masks); BatchNorm running statistics
-  (``batchnorm_stats``: ``running_mean``, ``running_var``, ``num_batches_tracked``, buffers that
-  the paper copies from θ_r); names the caller declares buffers (``buffer``); names matched by an
-  ``exclude`` regex (``excluded``, ``re.search`` on the stored name); names only θ_r has, with
-  ``allow_missing`` (``only_in_base``); for safetensors files merged with ``--key``, tensors outside
-  the key (``outside_key``). ``out_dtype`` still casts copied floating tensors;
+  non-floating tensors (``non_float``); tensors equal in both inputs (``equal``: fixed buffers,
+  ±inf attention masks); BatchNorm running statistics (``batchnorm_stats``); names the caller
+  declares buffers (``buffer``); names matched by an ``exclude`` regex (``excluded``,
+  ``re.search`` on the stored name); names only θ_r has, with ``allow_missing``
+  (``only_in_base``); for safetensors files merged with ``--key``, tensors outside the key
+  (``outside_key``). ``out_dtype`` still casts copied floating tensors;
 * elementwise, where θ_r or θ_s is non-finite the output keeps θ_r's entry;
 * key sets, shapes and dtypes must match (:class:`~neon_cli.errors.CheckpointError` naming the
   key); with ``allow_missing`` names only in θ_r are copied and names only in θ_s are ignored.
 
-Precision statistics (issue 3, item 6): for every merged tensor the share of elements equal in
-both inputs, ‖θ_s − θ_r‖, ‖θ_s − θ_r‖/‖θ_r‖, and per w the *effective* w realised after rounding
-the output, the least-squares ``w_eff = <out − θ_r, θ_r − θ_s> / ‖θ_r − θ_s‖²`` (equal to w before
-rounding), each over finite entries.
+Precision statistics: for every merged tensor the share of elements equal in both inputs,
+‖θ_s − θ_r‖, ‖θ_s − θ_r‖/‖θ_r‖, and per w the *effective* w realised after rounding the output,
+the least-squares ``w_eff = <out − θ_r, θ_r − θ_s> / ‖θ_r − θ_s‖²``, each over finite entries.
 """
 
 from __future__ import annotations
@@ -39,30 +40,33 @@ import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import torch
+import numpy as np
 
 from neon_cli.checkpoint import (
     CHUNK_ELEMENTS,
-    Checkpoint,
-    RawTensorFile,
-    SafetensorsWriter,
-    TensorSpec,
-    dtype_name,
-    index_json,
-    open_checkpoint,
-    parse_dtype,
-    replace_in_container,
-    shard_file_names,
-    shard_layout,
-    sha256_tree,
-    INDEX_NAMES,
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIX,
     TORCH_SUFFIXES,
+    Checkpoint,
+    SafetensorsWriter,
+    TensorSpec,
+    components,
+    dtype_info,
+    dtype_name,
+    human_bytes,
+    index_json,
+    is_weight_file,
+    open_checkpoint,
+    parse_dtype,
+    safetensors_order,
+    sha256_tree,
+    shard_file_names,
+    shard_layout,
+    weights_file,
 )
 from neon_cli.errors import CheckpointError, UsageError
 from neon_cli.progress import ProgressFn, null_progress
@@ -88,8 +92,8 @@ COPY_REASONS: dict[str, str] = {
 SUGGEST_REL_W_ERROR = 0.01
 SUGGEST_EQUAL_FRACTION = 0.25
 
-_HALF = (torch.float16, torch.bfloat16)
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_HALF = ("float16", "bfloat16")
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,26 +115,124 @@ def _compile_exclude(exclude: Sequence[str]) -> list[re.Pattern[str]]:
     return out
 
 
-def _copy_reason(name: str, raw: str, dtype: torch.dtype, exclude: list[re.Pattern[str]], buffers: Collection[str]) -> str | None:
-    if dtype.is_complex:
+def _copy_reason(name: str, raw: str, dtype: str, exclude: list[re.Pattern[str]], buffers: Collection[str]) -> str | None:
+    info = dtype_info(dtype)
+    if info.kind == "c":
         raise CheckpointError(f"key {raw!r}: complex tensors are not supported")
     if any(p.search(raw) or p.search(name) for p in exclude):
         return "excluded"
     if is_bn_stat(name):
         return "batchnorm_stats"
-    if not dtype.is_floating_point:
+    if not info.is_floating:
         return "non_float"
     if name in buffers or raw in buffers:
         return "buffer"
     return None
 
 
-def _compute_dtype(r_dtype: torch.dtype, out_dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if torch.float64 in (r_dtype, out_dtype) else torch.float32
+def _compute_dtype(r_dtype: str, out_dtype: str) -> str:
+    return "float64" if "float64" in (r_dtype, out_dtype) else "float32"
+
+
+def _check_w(w: Any) -> float:
+    from neon_cli.validate import finite
+
+    return finite("--w", w)
 
 
 # ----------------------------------------------------------------------------------------------
-# the arithmetic
+# exact conversions between stored bits and float32 (numpy)
+
+
+def _to_compute(bits: np.ndarray, dtype: str, cdt: str, buf: np.ndarray | None) -> np.ndarray:
+    """``bits`` (stored as ``dtype``) as a float32/float64 array (exact: every stored value is representable)."""
+    if dtype == cdt:
+        return bits
+    if dtype == "bfloat16" and cdt == "float32":
+        u = buf.view(np.uint32) if buf is not None else np.empty(bits.shape, np.uint32)
+        np.left_shift(bits, 16, out=u, dtype=np.uint32, casting="unsafe")
+        return u.view(np.float32)
+    if dtype == "bfloat16":  # to float64 through float32
+        return _to_compute(bits, "bfloat16", "float32", None).astype(np.float64)
+    if dtype.startswith("float8"):
+        return _f8_to(bits, dtype, cdt)
+    out = buf.view(np.dtype("<f8" if cdt == "float64" else "<f4")) if buf is not None else None
+    if out is not None:
+        np.copyto(out, bits, casting="unsafe")
+        return out
+    return bits.astype(np.float64 if cdt == "float64" else np.float32)
+
+
+def f32_to_bf16(x: np.ndarray, tmp: np.ndarray | None = None, back: np.ndarray | None = None,
+                nan: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 -> bfloat16 bits with round-to-nearest-even (torch's ``c10::round_to_nearest_even``:
+    ``(u + 0x7FFF + ((u >> 16) & 1)) >> 16``); NaN becomes 0x7FC0. Returns (uint16 bits, and when
+    ``back`` is given, the bfloat16 values widened back to float32 in ``back``). ``nan=False``
+    skips the NaN pass when the caller knows ``x`` has none."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    t = tmp if tmp is not None else np.empty(u.shape, np.uint32)
+    np.right_shift(u, 16, out=t)
+    np.bitwise_and(t, 1, out=t)
+    np.add(t, 0x7FFF, out=t)
+    np.add(t, u, out=t)
+    out = np.empty(u.shape, np.uint16)
+    np.right_shift(t, 16, out=out, casting="unsafe")
+    if nan:  # the caller may know there is none (finite inputs give finite or ±inf results)
+        isnan = np.isnan(x)
+        if isnan.any():
+            out[isnan] = 0x7FC0
+            t[isnan] = 0x7FC00000
+    if back is not None:
+        np.bitwise_and(t, np.uint32(0xFFFF0000), out=back.view(np.uint32))
+    return out, back
+
+
+def _from_compute(x: np.ndarray, dtype: str, tmp: np.ndarray | None, back: np.ndarray | None,
+                  nan: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32/float64 ``x`` as new bits of ``dtype`` (round-to-nearest-even), and the stored
+    values widened back into ``back`` (for the statistics) when given."""
+    if dtype == "bfloat16":
+        if x.dtype == np.float64:
+            x = x.astype(np.float32)  # torch rounds double -> bfloat16 through float as well
+        return f32_to_bf16(x, tmp, back, nan)
+    if dtype.startswith("float8"):
+        out = _f8_from(x, dtype)
+        if back is not None:
+            np.copyto(back, _f8_to(out, dtype, "float64" if back.dtype == np.float64 else "float32"))
+        return out, back
+    nd = np.dtype(dtype_info(dtype).numpy)
+    out = x.astype(nd)  # always a new array: x may be a reused workspace buffer
+    if back is not None:
+        np.copyto(back, out, casting="unsafe")
+    return out, back
+
+
+def _f8_to(bits: np.ndarray, dtype: str, cdt: str) -> np.ndarray:  # float8: through torch (rare)
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(bits).copy()).view(getattr(torch, dtype))
+    return t.to(torch.float64 if cdt == "float64" else torch.float32).numpy()
+
+
+def _f8_from(x: np.ndarray, dtype: str) -> np.ndarray:
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(x)).to(getattr(torch, dtype))
+    return t.view(torch.uint8).numpy().copy()
+
+
+def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.size == 0:
+        return True
+    u = _UINT.get(a.dtype.itemsize)
+    if u is None:  # complex128
+        return a.tobytes() == b.tobytes()
+    return bool(np.array_equal(a.reshape(-1).view(u), b.reshape(-1).view(u)))
+
+
+# ----------------------------------------------------------------------------------------------
+# the arithmetic (numpy, one block)
 
 
 class _Stats:
@@ -149,79 +251,60 @@ class _Stats:
         self.all_equal = True
 
 
-def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    iv = _INT_VIEW[a.element_size()]
-    return torch.equal(a.reshape(-1).view(iv), b.reshape(-1).view(iv))
-
-
 class _Workspace:
-    """Reusable scratch buffers for :func:`_merge_block` (no allocation or page faults per block)."""
+    """Reusable scratch buffers (no allocation or page faults per block)."""
 
     def __init__(self) -> None:
-        self._bufs: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._bufs: dict[tuple[int, str], np.ndarray] = {}
 
-    def buf(self, slot: int, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (slot, dtype, device)
+    def buf(self, slot: int, n: int, dtype: Any) -> np.ndarray:
+        key = (slot, np.dtype(dtype).str)
         b = self._bufs.get(key)
-        if b is None or b.numel() < n:
-            b = self._bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        if b is None or b.size < n:
+            b = self._bufs[key] = np.empty(max(n, 1), dtype=dtype)
         return b[:n]
 
 
-def _merge_block(
-    r: torch.Tensor,
-    s: torch.Tensor,
-    ws: Sequence[float],
-    out_dtype: torch.dtype,
-    st: _Stats | None,
-    work: _Workspace | None = None,
-) -> list[torch.Tensor]:
-    """Merge one block (any shape) for every w; returns one tensor per w in ``out_dtype``.
-
-    A block equal in both inputs comes back as θ_r's own bits (cast only if ``out_dtype``
-    differs). Updates ``st`` when given. The returned tensors never alias ``work``.
-    """
+def _merge_block(r: np.ndarray, s: np.ndarray, dtype: str, ws: Sequence[float], out_dtype: str, st: _Stats | None,
+                 work: _Workspace | None = None) -> list[np.ndarray]:
+    """Merge one block (bits of ``dtype``, any shape) for every w; one new bits array per w in
+    ``out_dtype`` (never aliasing ``work``). A block equal in both inputs comes back as θ_r's bits
+    (cast only if ``out_dtype`` differs). Updates ``st`` when given."""
     shape = r.shape
-    r = r.contiguous().reshape(-1)
-    s = s.contiguous().reshape(-1)
-    n = r.numel()
-    cdt = _compute_dtype(r.dtype, out_dtype)
-    if work is None:
-        work = _Workspace()
-    r32 = r if r.dtype == cdt else work.buf(0, n, cdt, r.device).copy_(r)
-    d = work.buf(1, n, cdt, r.device)
-    if s.dtype == cdt:
-        torch.sub(r32, s, out=d)
-    else:
-        torch.sub(r32, d.copy_(s), out=d)  # θ_r − θ_s
-    tmp = work.buf(2, n, cdt, r.device)
-    dd = float(torch.dot(d, d)) if n else 0.0
+    r = np.ascontiguousarray(r).reshape(-1)
+    s = np.ascontiguousarray(s).reshape(-1)
+    n = r.size
+    cdt = _compute_dtype(dtype, out_dtype)
+    fdt = np.float64 if cdt == "float64" else np.float32
+    work = work or _Workspace()
+    r32 = _to_compute(r, dtype, cdt, work.buf(0, n, fdt))
+    s32 = _to_compute(s, dtype, cdt, work.buf(1, n, fdt))
+    d = np.subtract(r32, s32, out=work.buf(2, n, fdt))  # θ_r − θ_s
+    dd = float(np.dot(d, d)) if n else 0.0
     nf = None
     n_nf = 0
     if math.isfinite(dd):
-        if st is None:  # in memory: the caller has checked equality (torch.equal)
-            nz = n
-        elif n > 1 << 24:
-            nz = int(torch.count_nonzero(d))
-        else:  # |sign(d)| summed in float32: exact below 2**24 elements, and fast
-            nz = int(torch.sign(d, out=tmp).abs_().sum()) if n else 0
+        nz = int(np.count_nonzero(d.view(_UINT[d.itemsize]))) if n else 0
         equal = nz == 0
     else:  # some entry of θ_r or θ_s is ±inf/NaN (or d overflowed): keep θ_r there
-        nf = ~torch.isfinite(d)
+        nf = ~np.isfinite(d)
         n_nf = int(nf.sum())
-        d.masked_fill_(nf, 0.0)
-        dd = float(torch.dot(d, d))
-        nz = int(torch.count_nonzero(d))
+        d[nf] = 0.0
+        dd = float(np.dot(d.astype(np.float64), d.astype(np.float64)))
+        nz = int(np.count_nonzero(d))
         equal = nz == 0 and _bits_equal(r, s)
     if st is not None:
-        rm = r32 if nf is None else r32.masked_fill(nf, 0.0)
+        if nf is None:
+            st.rr += float(np.dot(r32, r32))
+        else:
+            rm = np.where(nf, 0.0, r32)
+            st.rr += float(np.dot(rm, rm))
         st.numel += n
         st.n_nonfinite_in += n_nf
-        st.rr += float(torch.dot(rm, rm))
     if equal:
         if st is not None:
             st.n_equal += n - n_nf
-        same = r if out_dtype == r.dtype else r.to(out_dtype)
+        same = r if out_dtype == dtype else _from_compute(r32, out_dtype, None, None)[0]
         return [same.reshape(shape)] * len(ws)
     if st is not None:
         st.all_equal = False
@@ -229,111 +312,112 @@ def _merge_block(
         st.dd += dd
     r_out = None
     outs = []
+    tmp = work.buf(3, n, np.uint32) if out_dtype == "bfloat16" else None
+    back = work.buf(4, n, fdt) if st is not None else None
     for k, w in enumerate(ws):
-        if out_dtype == cdt:  # the result is the output: a fresh tensor
-            o = oc = torch.add(r32, d, alpha=float(w))  # θ_r + w (θ_r − θ_s)
+        o = np.multiply(d, fdt(w), out=np.empty(n, fdt) if out_dtype == cdt else work.buf(5, n, fdt))
+        np.add(o, r32, out=o)  # θ_r + w (θ_r − θ_s)
+        if out_dtype == cdt:
+            oc = o
+            if back is not None:
+                np.copyto(back, o)
         else:
-            o = torch.add(r32, d, alpha=float(w), out=work.buf(3, n, cdt, r.device))
-            oc = o.to(out_dtype)
+            oc, _ = _from_compute(o, out_dtype, tmp, back, nan=nf is not None)
         if nf is not None:
             if r_out is None:
-                r_out = r if out_dtype == r.dtype else r.to(out_dtype)
-            oc = torch.where(nf, r_out, oc)
+                r_out = r if out_dtype == dtype else _from_compute(r32, out_dtype, None, None)[0]
+            oc = np.where(nf, r_out, oc)
+            if back is not None:
+                np.copyto(back, r32, where=nf)
         if st is not None:
-            back = oc if out_dtype == cdt else tmp.copy_(oc)
-            diff = torch.sub(back, r32, out=tmp)  # the update realised after rounding
-            num = float(torch.dot(diff, d))
+            diff = np.subtract(back, r32, out=back)  # the update realised after rounding
+            num = float(np.dot(diff, d))
             if not math.isfinite(num):
-                bad = ~torch.isfinite(oc)
-                if nf is not None:
-                    bad &= ~nf
+                bad = ~np.isfinite(diff)
                 st.n_nonfinite_out[k] += int(bad.sum())
-                diff.masked_fill_(~torch.isfinite(diff), 0.0)
-                num = float(torch.dot(diff, d))
+                diff[bad] = 0.0
+                num = float(np.dot(diff, d))
             st.num[k] += num
         outs.append(oc.reshape(shape))
     return outs
 
 
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run with ``n`` intra-op threads (restored after). Block-wise merging is memory-bound and
-    fork/join per small op costs more than it gains on a shared machine (benchmarks/merge.py)."""
-    if not n:
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 # ----------------------------------------------------------------------------------------------
-# in memory
+# in memory (torch tensors, any device)
 
 
 def merge_state_dicts(
-    base: Mapping[str, torch.Tensor],
-    selftrained: Mapping[str, torch.Tensor],
+    base: Mapping[str, Any],
+    selftrained: Mapping[str, Any],
     w: float,
     *,
     exclude: Sequence[str] = (),
     buffers: Collection[str] = (),
     allow_missing: bool = False,
-    out_dtype: torch.dtype | str | None = None,
-) -> dict[str, torch.Tensor]:
+    out_dtype: Any = None,
+) -> dict[str, Any]:
     """θ_Neon = θ_r − w (θ_s − θ_r) for two in-memory state dicts; no file I/O (used by tune-w).
 
-    ``base`` (θ_r) and ``selftrained`` (θ_s): name -> tensor (any device; same names, shapes and
-    dtypes). ``w``: extrapolation weight (Python float; the paper's w, typically 0.5-2).
-    Returns a new dict in ``base``'s key order, dtypes of ``base`` (or ``out_dtype`` for floating
-    tensors). Copied entries (see module docstring) are ``base``'s own tensor objects unless a
-    cast is needed; merged ones are new tensors. Raises CheckpointError naming the key on a
-    key/shape/dtype mismatch, UsageError on an invalid ``exclude`` regex or ``w``.
-    Source: paper Algorithm 1 and App. C; the same arithmetic as :func:`merge_checkpoints`.
+    ``base`` (θ_r) and ``selftrained`` (θ_s): name -> torch tensor or ``nn.Parameter`` (any
+    device; same names, shapes and dtypes). ``w``: extrapolation weight (the paper's w, typically
+    0.5-2). Returns a new dict in ``base``'s key order, dtypes of ``base`` (or ``out_dtype`` for
+    floating tensors), plain tensors (parameters detached). Copied entries are ``base``'s own
+    tensors unless a cast is needed. Raises CheckpointError naming the key on a key/shape/dtype
+    mismatch, UsageError on an invalid ``exclude`` regex or ``w``.
+    Source: paper Algorithm 1 and App. C; the same bits as :func:`merge_checkpoints`.
     """
+    import torch
+
     w = _check_w(w)
     odt_all = parse_dtype(out_dtype)
     pats = _compile_exclude(exclude)
     _check_names(list(base), list(selftrained), "base", "selftrained", allow_missing)
-    out: dict[str, torch.Tensor] = {}
-    work = _Workspace()
+    out: dict[str, Any] = {}
     with torch.no_grad():
         for name, r in base.items():
             if not isinstance(r, torch.Tensor):
                 raise CheckpointError(f"key {name!r}: not a tensor in base ({type(r).__name__})")
+            r = r.detach()
+            if type(r) is not torch.Tensor:
+                r = r.as_subclass(torch.Tensor)
             s = selftrained.get(name)
-            odt = odt_all if (odt_all is not None and r.is_floating_point()) else r.dtype
+            rdt = dtype_name(r.dtype)
+            odt = odt_all if (odt_all is not None and r.is_floating_point()) else rdt
             if s is None:
                 reason = "only_in_base"
             else:
-                _check_pair(name, r.dtype, tuple(r.shape), s.dtype, tuple(s.shape), "base", "selftrained")
-                reason = _copy_reason(name, name, r.dtype, pats, buffers)
+                if not isinstance(s, torch.Tensor):
+                    raise CheckpointError(f"key {name!r}: not a tensor in selftrained ({type(s).__name__})")
+                _check_pair(name, rdt, tuple(r.shape), dtype_name(s.dtype), tuple(s.shape), "base", "selftrained")
+                reason = _copy_reason(name, name, rdt, pats, buffers)
                 s = s.detach().to(r.device)
             if reason is None and not torch.equal(r, s):
-                out[name] = _merge_block(r.detach(), s, (w,), odt, None, work)[0]
+                out[name] = _merge_torch(r, s, w, getattr(torch, odt))
             else:
-                out[name] = r if odt == r.dtype else r.detach().to(odt)
+                out[name] = base[name] if (odt == rdt and type(base[name]) is torch.Tensor) else r.to(getattr(torch, odt))
     return out
 
 
-def _check_w(w: Any) -> float:
-    try:
-        w = float(w)
-    except (TypeError, ValueError):
-        raise UsageError(f"--w {w!r}: not a number") from None
-    if not math.isfinite(w):
-        raise UsageError(f"--w {w}: must be finite")
-    return w
+def _merge_torch(r: Any, s: Any, w: float, out_dtype: Any) -> Any:
+    """The numpy kernel's arithmetic in torch: float32 (float64) d = r − s, w·d, + r, cast."""
+    import torch
+
+    cdt = torch.float64 if torch.float64 in (r.dtype, out_dtype) else torch.float32
+    r32, s32 = r.to(cdt), s.to(cdt)
+    d = r32 - s32
+    o = torch.mul(d, w).add_(r32)
+    oc = o.to(out_dtype)
+    nf = ~torch.isfinite(d)
+    if bool(nf.any()):
+        oc = torch.where(nf, r.to(out_dtype), oc)
+    return oc
 
 
-def _check_pair(name: str, rd: torch.dtype, rs: tuple, sd: torch.dtype, ss: tuple, rlabel: str, slabel: str) -> None:
+def _check_pair(name: str, rd: str, rs: tuple, sd: str, ss: tuple, rlabel: str, slabel: str) -> None:
     if rs != ss:
         raise CheckpointError(f"key {name!r}: shape {list(rs)} in {rlabel} but {list(ss)} in {slabel}")
     if rd != sd:
-        raise CheckpointError(f"key {name!r}: dtype {dtype_name(rd)} in {rlabel} but {dtype_name(sd)} in {slabel}")
+        raise CheckpointError(f"key {name!r}: dtype {rd} in {rlabel} but {sd} in {slabel}")
 
 
 def _check_names(r_names: list[str], s_names: list[str], rlabel: str, slabel: str, allow_missing: bool) -> tuple[list[str], list[str]]:
@@ -343,21 +427,17 @@ def _check_names(r_names: list[str], s_names: list[str], rlabel: str, slabel: st
     if not allow_missing:
         if only_r:
             raise CheckpointError(
-                f"key {only_r[0]!r}: in {rlabel} but not in {slabel}"
-                + (f" (and {len(only_r) - 1} more)" if len(only_r) > 1 else "")
-                + "; --allow-missing copies such keys from the base"
-            )
+                f"key {only_r[0]!r}: in {rlabel} but not in {slabel}" + (f" (and {len(only_r) - 1} more)" if len(only_r) > 1 else "")
+                + "; --allow-missing copies such keys from the base")
         if only_s:
             raise CheckpointError(
-                f"key {only_s[0]!r}: in {slabel} but not in {rlabel}"
-                + (f" (and {len(only_s) - 1} more)" if len(only_s) > 1 else "")
-                + "; --allow-missing ignores such keys"
-            )
+                f"key {only_s[0]!r}: in {slabel} but not in {rlabel}" + (f" (and {len(only_s) - 1} more)" if len(only_s) > 1 else "")
+                + "; --allow-missing ignores such keys")
     return only_r, only_s
 
 
 # ----------------------------------------------------------------------------------------------
-# files
+# files: plan
 
 
 @dataclass
@@ -365,9 +445,10 @@ class _Item:
     name: str  # canonical (wrapper prefix stripped)
     raw: str  # the key as stored in θ_r: the output key
     spec: TensorSpec  # θ_r's
-    out_dtype: torch.dtype
+    out_dtype: str
     reason: str | None  # None: merge
     outside: bool = False  # a safetensors tensor outside --key (read by raw name)
+    s_raw: str | None = None
 
     @property
     def out_spec(self) -> TensorSpec:
@@ -375,7 +456,7 @@ class _Item:
 
 
 def output_kind(path: Path, shard_size: int | None) -> str:
-    """``"safetensors"``, ``"torch"``, ``"pickle"`` or ``"sharded"`` for an output path."""
+    """``"safetensors"``, ``"torch"``, ``"pickle"`` or ``"sharded"`` (a folder) for an output path."""
     suffix = path.suffix.lower()
     if shard_size is not None:
         if suffix in TORCH_SUFFIXES | PICKLE_SUFFIXES or suffix == SAFETENSORS_SUFFIX:
@@ -390,12 +471,146 @@ def output_kind(path: Path, shard_size: int | None) -> str:
     return "sharded"
 
 
+def _plan(rk: Checkpoint, sk: Checkpoint, pats: list[re.Pattern[str]], buffers: Collection[str], allow_missing: bool,
+          odt: str | None) -> tuple[list[_Item], list[str]]:
+    r_names = rk.names()
+    _, only_s = _check_names_canon(rk, sk, allow_missing)
+    items: list[_Item] = []
+    for n in r_names:
+        rs = rk.specs[n]
+        raw = rk.raw_name(n)
+        o = odt if (odt is not None and dtype_info(rs.dtype).is_floating) else rs.dtype
+        if n not in sk.specs:
+            items.append(_Item(n, raw, rs, o, "only_in_base"))
+            continue
+        ss = sk.specs[n]
+        _check_pair(raw, rs.dtype, rs.shape, ss.dtype, ss.shape, str(rk.path), str(sk.path))
+        items.append(_Item(n, raw, rs, o, _copy_reason(n, raw, rs.dtype, pats, buffers), s_raw=sk.raw_name(n)))
+    for spec in rk.outside:
+        o = odt if (odt is not None and dtype_info(spec.dtype).is_floating) else spec.dtype
+        items.append(_Item(spec.name, spec.name, spec, o, "outside_key", outside=True))
+    return items, [sk.raw_name(n) for n in only_s]
+
+
+def _check_names_canon(rk: Checkpoint, sk: Checkpoint, allow_missing: bool) -> tuple[list[str], list[str]]:
+    r_names, s_names = rk.names(), sk.names()
+    ss, rs = set(s_names), set(r_names)
+    only_r = [n for n in r_names if n not in ss]
+    only_s = [n for n in s_names if n not in rs]
+    if not allow_missing and (only_r or only_s):
+        if only_r:
+            n, a, b, more = rk.raw_name(only_r[0]), rk.path, sk.path, len(only_r) - 1
+            hint = "--allow-missing copies such keys from the base"
+        else:
+            n, a, b, more = sk.raw_name(only_s[0]), sk.path, rk.path, len(only_s) - 1
+            hint = "--allow-missing ignores such keys"
+        raise CheckpointError(f"key {n!r}: in {a} but not in {b}" + (f" (and {more} more)" if more else "") + f"; {hint}")
+    return only_r, only_s
+
+
+def _blocks(ck: Checkpoint, raw: str, spec: TensorSpec, chunk: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(first row, end row, bits) blocks of tensor ``raw`` along dim 0 (whole for 0-d/small)."""
+    n = spec.numel
+    if n == 0:
+        return
+    arr = ck.raw_array(raw)
+    if len(spec.shape) == 0 or n <= chunk:
+        yield 0, (spec.shape[0] if spec.shape else 1), arr
+        return
+    rows = spec.shape[0]
+    per = max(1, chunk // max(1, n // rows))
+    for a in range(0, rows, per):
+        b = min(rows, a + per)
+        yield a, b, arr[a:b]
+
+
+# ----------------------------------------------------------------------------------------------
+# files: sinks (one per output and per file of it)
+
+
+class _Sink:
+    """One output (one w): its final path, temporary path, layout, and the writers of its files."""
+
+    def __init__(self, final: Path, tmp: Path, kind: str):
+        self.final, self.tmp, self.kind = final, tmp, kind
+        self.sha256: str | None = None
+        self.bytes = 0
+        self.writers: dict[str, Any] = {}  # file name inside the output -> writer
+        self.digests: dict[Path, str] = {}
+
+
+class _RawTensorFile:
+    """A scratch file of tensor bytes that becomes memory-mapped torch tensors (flat ``.pt``
+    outputs of a safetensors base: ``torch.save`` then writes them straight from the page cache)."""
+
+    ALIGN = 64
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "wb")
+        self._pos = 0
+        self._entries: dict[str, tuple[int, TensorSpec]] = {}
+
+    def begin(self, spec: TensorSpec) -> None:
+        pad = -self._pos % self.ALIGN
+        if pad:
+            self._fh.write(b"\0" * pad)
+            self._pos += pad
+        self._entries[spec.name] = (self._pos, spec)
+
+    def write(self, name: str, data: np.ndarray) -> None:
+        buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+        self._fh.write(buf)
+        self._pos += len(buf)
+
+    def tensors(self) -> dict[str, Any]:
+        import torch
+
+        from neon_cli.checkpoint.core import to_torch_dtype
+
+        self._fh.flush()
+        self._fh.close()
+        out: dict[str, Any] = {}
+        storage = torch.UntypedStorage.from_file(str(self.path), shared=False, nbytes=self._pos) if self._pos else None
+        for name, (off, spec) in self._entries.items():
+            dt = to_torch_dtype(spec.dtype)
+            if spec.nbytes == 0 or storage is None:
+                out[name] = torch.empty(spec.shape, dtype=dt)
+                continue
+            out[name] = torch.empty(0, dtype=dt).set_(storage[off: off + spec.nbytes], 0, spec.shape)
+        return out
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+
+
+def _unlink(p: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        p.unlink()
+
+
+def _w_text(w: float) -> str:
+    return repr(float(w))
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    from neon_cli import __version__
+
+    v = {"neon": __version__, "numpy": np.__version__}
+    for dist in ("torch", "safetensors"):
+        with contextlib.suppress(Exception):
+            v[dist] = metadata.version(dist)
+    return v
+
+
 class _RssSampler:
     """Peak anonymous resident memory (``RssAnon`` in /proc/self/status), sampled by the caller.
 
     ``RssAnon`` excludes file-backed pages (the memory-mapped inputs, reclaimable page cache), so
-    it measures what the merge itself allocates. Sampled after each block while its temporaries
-    are alive. None where /proc is unavailable.
+    it measures what the merge itself allocates. None where /proc is unavailable.
     """
 
     def __init__(self) -> None:
@@ -426,42 +641,237 @@ def _max_rss() -> int | None:
         return None
 
 
-def _versions() -> dict[str, str]:
-    from neon_cli import __version__
+# ----------------------------------------------------------------------------------------------
+# files: one pair of weight files -> the same weights for every w
 
-    v = {"neon": __version__, "torch": torch.__version__}
+
+@dataclass
+class _PairResult:
+    stats: dict[str, _Stats] = field(default_factory=dict)
+    copied: dict[str, list[str]] = field(default_factory=dict)
+    differs: set[str] = field(default_factory=set)
+    nonfinite_kept: dict[str, int] = field(default_factory=dict)
+    nonfinite_out: list[dict[str, int]] = field(default_factory=list)
+    items: list[_Item] = field(default_factory=list)
+
+
+def _shard_stem(rk: Checkpoint) -> str:
+    """``model`` or ``diffusion_pytorch_model``: the stem of θ_r's weight files (neon's shard names use it)."""
+    idx = getattr(rk, "index_file", None) or next((f for f in rk.files if f.name.endswith(".index.json")), None)
+    name = idx.name if idx is not None else rk.path.name
+    return "diffusion_pytorch_model" if name.startswith("diffusion_pytorch_model") else "model"
+
+
+def _pair_outputs(rk: Checkpoint, kind: str, shard_size: int | None, items: list[_Item]) -> list[tuple[str, list[_Item]]]:
+    """(file name inside the output folder, items in write order) per output file."""
+    by_name = {it.raw: it for it in items}
+
+    def ordered(group: list[_Item]) -> list[_Item]:
+        return [by_name[s.name] for s in safetensors_order([it.out_spec for it in group])]
+
+    if kind in ("torch", "pickle", "patched"):
+        return [("", items)]
+    if kind == "safetensors":
+        return [("", ordered(items))]
+    stem = _shard_stem(rk)
+    if shard_size is not None or not rk.shards:
+        layout = shard_layout([it.out_spec for it in items], shard_size or (1 << 62))
+        names = shard_file_names(len(layout), stem)
+        return [(nm, ordered([by_name[s.name] for s in grp])) for nm, grp in zip(names, layout)]
+    # θ_r's shard membership, in θ_r's shard order, under neon's own names
+    groups: dict[str, list[_Item]] = {}
+    for it in items:
+        groups.setdefault(rk.shards.get(it.raw, ""), []).append(it)
+    names = shard_file_names(len(groups), stem)
+    return [(nm, ordered(groups[g])) for nm, g in zip(names, sorted(groups))]
+
+
+def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[float], targets: list[Path], kind: str,
+                provenance: dict[str, str], shard_size: int | None, progress: ProgressFn, sampler: _RssSampler, chunk: int,
+                io: Any, stack: contextlib.ExitStack, task: str = "merge") -> tuple[_PairResult, list[dict[str, Any]]]:
+    """Write the merged weights of one pair to ``targets`` (one per w: a file, or for ``sharded``
+    a folder that gets the shards and the index). Returns the statistics and, per w, what was
+    written: ``{"files": {path: sha256 or None}, "bytes": n, "index": path or None}``."""
+    res = _PairResult(items=items, nonfinite_out=[{} for _ in ws])
+    files = _pair_outputs(rk, kind, shard_size, items)
+    written: list[dict[str, Any]] = [{"writers": [], "index": None, "digests": {}} for _ in ws]
+    work = _Workspace()
+    patched: list[Any] = []
+    raws: list[_RawTensorFile] = []
+    if kind == "patched":
+        from neon_cli.checkpoint.torchfile import PatchedCopy, check_disjoint
+
+        check_disjoint(rk, [it.raw for it in items if it.reason is None], [it.raw for it in items if it.reason is not None])
+        for t in targets:
+            pc = PatchedCopy(rk, t)  # type: ignore[arg-type]
+            stack.callback(pc.abort)
+            patched.append(pc)
+    elif kind == "torch":
+        for t in targets:
+            rf = _RawTensorFile(t.with_name(t.name + ".raw"))
+            stack.callback(_unlink, rf.path)
+            stack.callback(rf.abort)
+            raws.append(rf)
+    done, total, nblocks = 0, len(items), 0
+    weight_map: dict[str, str] = {}
+    closing: list[Any] = []
+    for fname, group in files:
+        writers: list[SafetensorsWriter] = []
+        if kind in ("safetensors", "sharded"):
+            specs = [it.out_spec for it in group]
+            for k, (w, t) in enumerate(zip(ws, targets)):
+                path = t if kind == "safetensors" else t / fname
+                meta = _st_metadata(rk, fname, provenance, w, kind)
+                pending = [key for key in ("neon.base_sha256", "neon.selftrained_sha256") if meta.get(key) == "pending"]
+                for key in pending:
+                    meta.pop(key)
+                # a single file keeps the inputs' sha256 in its header (filled in when known, then the file
+                # is hashed); shards leave them to the index, so each shard is hashed as it is written
+                ph = {key: 64 for key in pending} if kind == "safetensors" else {}
+                # with the inputs' sha256 still pending the file is hashed after the header patch, so
+                # the writes need no thread of their own (a hand-off per block costs more than the write)
+                wr = SafetensorsWriter(path, specs, meta, io=None if ph else io, placeholders=ph, hash=not ph)
+                stack.callback(wr.abort)
+                writers.append(wr)
+                written[k]["writers"].append(wr)
+        for it in group:
+            weight_map[it.raw] = fname
+            if raws:
+                for rf in raws:
+                    rf.begin(it.out_spec)
+            sinks: list[Any] = writers or raws
+            if it.reason is None:
+                st = res.stats[it.raw] = _Stats(len(ws))
+                s_iter = _blocks(sk, it.s_raw or it.raw, it.spec, chunk)
+                for a, b, rb in _blocks(rk, it.raw, it.spec, chunk):
+                    _, _, sb = next(s_iter)
+                    with np.errstate(all="ignore"):
+                        outs = _merge_block(rb, sb, it.spec.dtype, ws, it.out_dtype, st, work)
+                    nblocks += 1
+                    if nblocks % 64 == 1:
+                        sampler.sample()
+                    if patched:
+                        for pc, o in zip(patched, outs):
+                            v = pc.view(it.raw)
+                            if v.ndim == 0:
+                                v[...] = o
+                            else:
+                                v[a:b] = o.reshape(v[a:b].shape)
+                    else:
+                        for sink, o in zip(sinks, outs):
+                            sink.write(it.raw, o)
+                if st.all_equal:
+                    res.copied.setdefault("equal", []).append(it.raw)
+                    del res.stats[it.raw]
+                elif st.n_nonfinite_in:
+                    res.nonfinite_kept[it.raw] = st.n_nonfinite_in
+                for k in range(len(ws)):
+                    if st.n_nonfinite_out[k]:
+                        res.nonfinite_out[k][it.raw] = st.n_nonfinite_out[k]
+            else:
+                res.copied.setdefault(it.reason, []).append(it.raw)
+                compare = it.reason not in ("only_in_base", "outside_key")
+                s_iter = _blocks(sk, it.s_raw or it.raw, it.spec, chunk) if compare else None
+                for a, b, rb in _blocks(rk, it.raw, it.spec, chunk):
+                    if s_iter is not None:
+                        _, _, sb = next(s_iter)
+                        if it.raw not in res.differs and not _bits_equal(rb, sb):
+                            res.differs.add(it.raw)
+                    if patched:
+                        continue  # θ_r's bytes are already in the copy
+                    t = rb if it.out_dtype == it.spec.dtype else _from_compute(
+                        _to_compute(np.ascontiguousarray(rb), it.spec.dtype, _compute_dtype(it.spec.dtype, it.out_dtype), None),
+                        it.out_dtype, None, None)[0]
+                    for sink in sinks:
+                        sink.write(it.raw, t)
+            done += 1
+            progress(task, done, total, unit="tensor")
+        for k, wr in enumerate(writers):  # flush + fsync on the I/O thread while the next group is merged
+            closing.append((k, wr.path, wr.close_async()))
+    for k, path, wait in closing:
+        digest = wait()
+        if digest is not None:
+            written[k]["digests"][path] = digest
+    for k, t in enumerate(targets):
+        if patched:
+            patched[k].close()
+        elif raws:
+            _finish_flat_pt(t, raws[k], items)
+    if kind == "sharded":
+        total_size = sum(it.out_spec.nbytes for it in items)
+        for k, (w, t) in enumerate(zip(ws, targets)):
+            extra = {kk: v for kk, v in rk.index_metadata.items() if kk not in ("total_size", "neon")}
+            extra["neon"] = {kk: v for kk, v in {**provenance, "neon.w": _w_text(w)}.items()}
+            idx = t / f"{_shard_stem(rk)}.safetensors.index.json"
+            idx.write_text(json.dumps(index_json(weight_map, total_size, extra), indent=2) + "\n")
+            written[k]["index"] = idx
+    return res, written
+
+
+def _finish_flat_pt(path: Path, rf: _RawTensorFile, items: list[_Item]) -> None:
+    import torch
+
+    merged = rf.tensors()
+    obj = OrderedDict((it.raw, merged[it.raw]) for it in items)
+    torch.save(obj, path)
+
+
+def _st_metadata(rk: Checkpoint, fname: str, provenance: dict[str, str], w: float, kind: str) -> dict[str, str]:
+    if rk.layout == "sharded" and kind == "sharded" and rk.shard_metadata:
+        meta = dict(next(iter(rk.shard_metadata.values())))
+    elif rk.layout in ("safetensors", "sharded"):
+        meta = dict(rk.metadata)
+    else:
+        meta = {}
+    meta = {k: v for k, v in meta.items() if not k.startswith("neon.")}
+    meta.setdefault("format", "pt")
+    meta.update(provenance)
+    meta["neon.w"] = _w_text(w)
+    return meta
+
+
+# ----------------------------------------------------------------------------------------------
+# files: the command
+
+
+def _hash_start(paths: list[Path], io_pool: Any) -> list[Any]:
+    """Start the sha256 (fsutil.sha256_path) of each input on its own thread, overlapping the merge."""
+    from neon_cli.fsutil import sha256_path
+
+    def one(p: Path) -> str:
+        try:
+            return sha256_path(p)
+        except OSError as exc:
+            raise CheckpointError(f"{p}: cannot read to compute its sha256 ({exc.strerror or exc})") from None
+
+    return [io_pool.submit(one, p) for p in paths]
+
+
+def _sync_and_hash(path: Path) -> str:
+    """fsync ``path`` (files copied or written without it) and return its sha256."""
+    from neon_cli.fsutil import sha256_file
+
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+    return sha256_file(path)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".json")
+
+
+def merge_checkpoints(*args: Any, **kwargs: Any) -> dict[str, Any]:
+    """See :func:`_merge_checkpoints` (the documented signature); an OS error while writing an
+    output (read-only folder, full disk, a path under a file) becomes a one-line UsageError naming
+    the output, and nothing is left behind."""
     try:
-        import safetensors
-
-        v["safetensors"] = safetensors.__version__
-    except Exception:
-        pass
-    return v
+        return _merge_checkpoints(*args, **kwargs)
+    except OSError as exc:
+        where = exc.filename or (kwargs.get("outputs") or (args[3] if len(args) > 3 else ["?"]))[0]
+        raise UsageError(f"-o: cannot write {where}: {exc.strerror or exc}") from None
 
 
-def _same_path(a: Path, b: Path) -> bool:
-    try:
-        if a.exists() and b.exists():
-            return os.path.samefile(a, b)
-    except OSError:
-        pass
-    return a.resolve() == b.resolve()
-
-
-def _w_text(w: float) -> str:
-    return repr(float(w))
-
-
-class _Sink:
-    """One output (one w). Receives tensors group by group, in each group's declared order."""
-
-    def __init__(self, final: Path, tmp: Path, kind: str):
-        self.final, self.tmp, self.kind = final, tmp, kind
-        self.sha256: str | None = None
-        self.bytes = 0
-
-
-def merge_checkpoints(
+def _merge_checkpoints(
     base: str | os.PathLike[str],
     selftrained: str | os.PathLike[str],
     ws: Sequence[float],
@@ -469,7 +879,7 @@ def merge_checkpoints(
     *,
     report: Any,
     key: str | None = None,
-    dtype: torch.dtype | str | None = None,
+    dtype: Any = None,
     exclude: Sequence[str] = (),
     buffers: Collection[str] = (),
     allow_missing: bool = False,
@@ -479,45 +889,51 @@ def merge_checkpoints(
     progress: ProgressFn = null_progress,
     chunk_elements: int = CHUNK_ELEMENTS,
     threads: int | None = 1,
+    report_path: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
-    """Stream θ_Neon = θ_r − w (θ_s − θ_r) from two checkpoint files into one output per w.
+    """Stream θ_Neon = θ_r − w (θ_s − θ_r) from two checkpoints into one output per w; no code
+    of either file runs (any encoding).
 
-    ``base`` (θ_r) and ``selftrained`` (θ_s): .safetensors, a sharded safetensors folder (or its
-    ``model.safetensors.index.json``), a torch zip file (.pt/.pth/.bin/.ckpt), or with
-    ``trust_pickle`` a full pickle; nested containers are searched for the state dict (``key``
-    chooses: a dotted path like ``trainer.var_wo_ddp``). ``ws``/``outputs``: one output path per w;
-    every input tensor is read once for all of them. The output layout comes from the output
-    suffix: ``.safetensors`` (flat, θ_r's header metadata kept, provenance added as ``neon.*``
-    keys), ``.pt``/``.pth``/``.bin``/``.ckpt`` (θ_r's container with the state dict replaced, a
-    ``neon_provenance`` entry when the container is a dict that is not itself the state dict),
-    ``.pkl`` (only from a pickle θ_r), or a folder: sharded safetensors with
-    ``model.safetensors.index.json``, split by ``shard_size`` bytes or as θ_r's shards.
-    ``dtype``: output dtype of floating tensors (default θ_r's). Memory: O(``chunk_elements``)
-    per output, never the checkpoint (safetensors outputs; .pt outputs go through a memory-mapped
-    scratch file). ``dry_run``: validate everything (names, shapes, dtypes, outputs, disk space)
-    from headers only and write nothing; input sha256 are not computed (null in the report).
-    ``buffers``: names copied like BatchNorm statistics (a family's declared buffers).
-    ``chunk_elements``: elements per row block; ``threads``: torch intra-op threads during the
-    merge (1: the arithmetic is memory-bound and one more thread writes and hashes the output;
-    None keeps torch's setting).
+    ``base`` (θ_r) and ``selftrained`` (θ_s): ``.safetensors``; a sharded folder or its index; a
+    torch zip or legacy file (.pt/.pth/.bin/.ckpt, full-module pickles included); a plain pickle
+    (EDM ``.pkl``); a model folder or a diffusers pipeline folder (each component a loader would
+    use: ``unet/``, ``unet_ema/``, ...). Containers are searched for the weights (``key`` chooses:
+    a dotted path like ``trainer.var_wo_ddp``). ``ws``/``outputs``: one output per w; every input
+    tensor is read once for all of them. Output layout from the output path:
 
-    Fills ``report`` (inputs/outputs with sha256, results) and returns ``report.results``:
-    ``merged`` (count), ``copied`` ({reason: count}), ``copied_names`` ({reason: [keys]}),
-    ``copy_reasons``, ``copied_but_different`` (copied keys whose θ_s value differs, e.g.
-    ``num_batches_tracked``), ``delta_norm`` ‖θ_s − θ_r‖, ``base_norm`` ‖θ_r‖, ``relative_delta``
-    (over merged tensors, finite entries), ``most_changed`` (10 tensors by relative change),
-    ``tensors`` (per merged tensor: shape, dtypes, ``equal_fraction``, ``delta_norm``,
-    ``relative_delta``, ``effective_w`` per w, ``nonfinite_kept``), ``precision``
-    (``equal_fraction``, ``effective_w`` per w, ``max_relative_w_error``, ``suggest_dtype``),
-    ``nonfinite_kept`` ({key: count}), ``nonfinite_results`` (per w: {key: count} of results not
-    finite in the output dtype), ``outputs`` (w, path, sha256, bytes), ``layout``, ``key``,
-    ``prefix``, ``warnings``, ``seconds``, ``peak_rss_anon_bytes`` (RssAnon sampled after each
-    block: the process's anonymous memory, interpreter and torch included, mapped input pages
-    excluded) and ``max_rss_bytes`` (ru_maxrss: includes mapped file pages).
-    Raises UsageError (bad w/outputs, output equal to an input, not enough disk) and
-    CheckpointError (unreadable/truncated input, key/shape/dtype mismatch naming the key); on any
-    error no output is left behind. Source: paper Algorithm 1, App. C; issue 3.
+    * ``.safetensors``: flat, θ_r's header metadata kept, provenance as ``neon.*`` keys;
+    * ``.pt``/``.pth``/``.bin``/``.ckpt`` from a torch θ_r, ``.pkl`` from a pickle θ_r: **θ_r's own
+      file** byte for byte except the merged tensors' elements (container, classes, embedded source,
+      shared storages kept; loads in the original code exactly as θ_r did); from a safetensors θ_r
+      a flat ``torch.save`` state dict;
+    * a folder: for a folder θ_r, θ_r's folder with every component's weights merged in θ_r's
+      format (configs, scheduler, tokenizer copied; other weight files of θ_r not copied); for a
+      file θ_r with ``shard_size``, sharded safetensors with ``model.safetensors.index.json``.
+
+    A sidecar ``<θ_r file>.json`` (the flow family's) is copied to ``<output>.json``. ``dtype``:
+    output dtype of floating tensors (safetensors outputs; a patched container keeps θ_r's).
+    Memory: O(``chunk_elements``) per output; the merge needs numpy only (no torch) for
+    safetensors inputs and outputs. ``dry_run``: validate everything (names, shapes, dtypes,
+    outputs, disk space) from headers only and write nothing. ``buffers``: names copied like
+    BatchNorm statistics. ``report_path``: the ``--report`` file, checked against the inputs
+    and outputs. ``threads`` is kept for compatibility (the numpy kernel is single-threaded; the
+    output writes, the sha256 of inputs and outputs run on their own threads).
+
+    Fills ``report`` (inputs/outputs with sha256, results) and returns ``report.results`` (see the
+    README's report section: ``merged``, ``copied``, ``copied_names``, ``copy_reasons``,
+    ``copied_but_different``, ``delta_norm``, ``base_norm``, ``relative_delta``, ``most_changed``,
+    ``tensors``, ``precision``, ``nonfinite_kept``, ``nonfinite_results``, ``outputs``, ``layout``,
+    ``key``, ``prefix``, ``components``, ``not_copied``, ``warnings``, ``seconds``,
+    ``peak_rss_anon_bytes``, ``max_rss_bytes``).
+    Raises UsageError (bad w/outputs, an output that is an input or another output, an output
+    being written by another run, not enough disk) and CheckpointError (unreadable/truncated
+    input, key/shape/dtype mismatch naming the key); on any error no output is left behind.
+    Source: paper Algorithm 1, App. C; issues 3, 12 and 13.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, remove_stale_tmp
+
     t0 = time.perf_counter()
     sampler = _RssSampler()
     ws = [_check_w(w) for w in ws]
@@ -526,8 +942,13 @@ def merge_checkpoints(
         raise UsageError("--w: give at least one weight")
     if len(ws) != len(outs):
         raise UsageError(f"-o: {len(outs)} output paths for {len(ws)} weights; use '{{w}}' in -o for several weights")
-    if len({str(o.resolve()) for o in outs}) != len(outs):
-        raise UsageError("-o: several weights write the same file; put '{w}' in the output name")
+    if shard_size is not None:
+        from neon_cli.validate import positive_int
+
+        shard_size = positive_int("--shard-size", shard_size)
+    from neon_cli.validate import positive_int as _pi
+
+    chunk_elements = _pi("chunk_elements", chunk_elements)
     kinds = {output_kind(o, shard_size) for o in outs}
     if len(kinds) != 1:
         raise UsageError("-o: all outputs must have the same layout (suffix)")
@@ -535,117 +956,294 @@ def merge_checkpoints(
     odt = parse_dtype(dtype)
     pats = _compile_exclude(exclude)
     base_p, self_p = Path(base), Path(selftrained)
+    for role, p in (("base", base_p), ("selftrained", self_p)):
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or directory")
+    out_flags = {"-o" if len(outs) == 1 else f"-o (w={_w_text(w)})": o for w, o in zip(ws, outs)}
+    side_r = _sidecar(base_p) if base_p.is_file() and _sidecar(base_p).is_file() else None
+    side_outs = {f"-o sidecar (w={_w_text(w)})": _sidecar(o) for w, o in zip(ws, outs)} if side_r and kind != "sharded" else {}
+    check_outputs({"base": base_p, "selftrained": self_p, "base sidecar": side_r},
+                  {**out_flags, **side_outs, "--report": report_path})
+    if len({str(o.resolve()) for o in outs}) != len(outs):
+        raise UsageError("-o: several weights write the same file; put '{w}' in the output name")
 
+    folder_mode = base_p.is_dir()
+    if folder_mode:
+        comps = components(base_p)
+        if not comps:
+            raise CheckpointError(f"{base_p}: a folder without weights (model.safetensors, diffusion_pytorch_model.safetensors, "
+                                  "*.index.json, ...)")
+        if comps == ["."] and kind != "sharded":
+            folder_mode = False  # one model folder merged into a single output file
+        elif kind != "sharded":
+            raise UsageError(f"-o {outs[0]}: the base is a folder of models ({', '.join(comps)}); give -o a folder name (no file suffix)")
+        elif not self_p.is_dir() and comps != ["."]:
+            raise UsageError(f"{self_p}: the base is a folder of models ({', '.join(comps)}); give the self-trained folder too")
     with contextlib.ExitStack() as stack:
-        rk = stack.enter_context(open_checkpoint(base_p, key=key, trust_pickle=trust_pickle))
-        sk = stack.enter_context(
-            open_checkpoint(self_p, key=key, prefer_key=rk.key if rk.layout in ("torch", "pickle") else None, trust_pickle=trust_pickle, key_optional=True)
-        )
-        _check_outputs(outs, kind, rk, sk, shard_size)
-        items, ignored = _plan(rk, sk, pats, buffers, allow_missing, odt)
-        warnings = list(rk.notes) + list(sk.notes)
-        if rk.alternatives:
-            warnings.append(f"base: merged the state dict at {rk.key!r}; also found {', '.join(rk.alternatives)} (choose with --key)")
-        if kind in ("safetensors", "sharded") and rk.non_tensors:
-            warnings.append(f"not written to a safetensors output (not tensors): {', '.join(list(rk.non_tensors)[:8])}")
-        if kind in ("safetensors", "sharded") and rk.key and rk.layout in ("torch", "pickle"):
-            others = [str(k) for k in rk.container.keys() if str(k) != rk.key.split(".")[0]] if isinstance(rk.container, Mapping) else []
-            if others:
-                warnings.append(f"container entries of the base not written to a safetensors output: {', '.join(others[:8])}")
-        if kind == "pickle" and rk.layout != "pickle":
-            raise UsageError(f"-o {outs[0]}: a .pkl output needs a pickle base; write .safetensors or .pt instead")
-        groups = _groups(items, kind, rk, shard_size)
-        out_bytes = sum(it.out_spec.nbytes for it in items)
-        _check_disk(outs, out_bytes * (2 if kind in ("torch", "pickle") else 1))
+        for o in outs:
+            if kind == "sharded" and o.exists() and (not o.is_dir() or any(o.iterdir())):
+                raise UsageError(f"-o {o}: exists and is not an empty folder; remove it or choose another output")
+            if kind != "sharded" and o.is_dir():
+                raise UsageError(f"-o {o}: is a folder; give a file name")
+            remove_stale_tmp(o)
+            if not dry_run:
+                stack.enter_context(exclusive_lock(o, f"-o {o}", folder=False))
+                stack.callback(_unlink, o.with_name(f".{o.name}.lock"))
 
+        pairs = _open_pairs(stack, base_p, self_p, folder_mode, key)
+        if kind == "sharded" and not folder_mode and shard_size is None and pairs[0][1].layout != "sharded":
+            raise UsageError(f"-o {outs[0]}: give a file name ending in .safetensors or .pt, or --shard-size for a sharded folder")
+        plans = []
+        warnings: list[str] = []
+        for comp, rk, sk in pairs:
+            items, ignored = _plan(rk, sk, pats, buffers, allow_missing, odt)
+            pkind = _pair_kind(kind, folder_mode, rk, outs[0], odt, shard_size)
+            plans.append((comp, rk, sk, items, ignored, pkind))
+            warnings += _warnings(comp, rk, sk, pkind)
+        out_bytes = sum(sum(it.out_spec.nbytes for it in p[3]) for p in plans)
+        _check_disk(outs, sum(_output_size(p[1], p[3], p[5]) for p in plans) + (_tree_bytes(base_p) if folder_mode else 0))
+
+        rk0, sk0 = plans[0][1], plans[0][2]
         results: dict[str, Any] = report.results
-        results.update(
-            {
-                "formula": FORMULA,
-                "w": ws,
-                "dry_run": bool(dry_run),
-                "layout": {"base": rk.layout, "selftrained": sk.layout, "output": kind},
-                "key": {"base": rk.key, "selftrained": sk.key},
-                "prefix": {"base": rk.prefix, "selftrained": sk.prefix},
-                "tensors_total": len(items),
-                "output_bytes_each": out_bytes,
-                "ignored_selftrained_only": ignored,
-                "warnings": warnings,
-            }
-        )
+        results.update({
+            "formula": FORMULA,
+            "w": ws,
+            "dry_run": bool(dry_run),
+            "layout": {"base": rk0.layout if not folder_mode else "folder", "selftrained": sk0.layout if not folder_mode else "folder",
+                       "output": "folder" if folder_mode else plans[0][5] if plans[0][5] != "patched" else rk0.layout},
+            "key": {"base": rk0.key, "selftrained": sk0.key},
+            "prefix": {"base": rk0.prefix, "selftrained": sk0.prefix},
+            "components": [c for c, *_ in plans] if folder_mode else None,
+            "tensors_total": sum(len(p[3]) for p in plans),
+            "output_bytes_each": out_bytes,
+            "ignored_selftrained_only": [n for p in plans for n in p[4]],
+            "warnings": warnings,
+        })
         if dry_run:
-            for role, ck in (("base", rk), ("selftrained", sk)):
-                report.inputs.append({"role": role, "path": str(ck.path), "sha256": None})
+            for role, p in (("base", base_p), ("selftrained", self_p)):
+                report.inputs.append({"role": role, "path": str(p), "sha256": None})
             planned: dict[str, int] = {}
-            for it in items:
-                planned[it.reason or "merge"] = planned.get(it.reason or "merge", 0) + 1
+            for p in plans:
+                for it in p[3]:
+                    planned[it.reason or "merge"] = planned.get(it.reason or "merge", 0) + 1
             results["planned"] = planned
             results["outputs"] = [{"w": w, "path": str(o)} for w, o in zip(ws, outs)]
             results["seconds"] = round(time.perf_counter() - t0, 3)
             return results
 
-        # header first: the provenance (with the inputs' sha256) must be known before any data
-        progress("merge", 0, len(items), message="hashing inputs (sha256)", unit="tensor")
-        r_sha, s_sha = _hash_inputs([rk.path, sk.path])
-        report.add_input("base", rk.path, r_sha)
-        report.add_input("selftrained", sk.path, s_sha)
+        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neon-merge-io")
+        stack.callback(io.shutdown)
+        hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="neon-sha256")
+        stack.callback(hasher.shutdown, cancel_futures=True)
+        hashes = _hash_start([base_p, self_p], hasher)  # overlaps the merge; written into headers at the end
         provenance = {
             "neon.formula": FORMULA,
             "neon.compute_dtype": "float32 (float64 for float64 tensors)",
-            "neon.base": rk.path.name,
-            "neon.base_sha256": r_sha,
-            "neon.selftrained": sk.path.name,
-            "neon.selftrained_sha256": s_sha,
-            "neon.key": rk.key or "",
+            "neon.base": base_p.name,
+            "neon.base_sha256": "pending",
+            "neon.selftrained": self_p.name,
+            "neon.selftrained_sha256": "pending",
+            "neon.key": rk0.key or "",
             "neon.exclude": json.dumps(list(exclude)),
             "neon.versions": json.dumps(_versions(), sort_keys=True),
         }
-
-        stats, copied, nonfinite_kept, nonfinite_out, sinks = _run(
-            stack, items, groups, rk, sk, ws, outs, kind, provenance, shard_size, progress, sampler, chunk_elements, threads
-        )
-        for w, sink in zip(ws, sinks):
-            report.add_output(f"merged w={_w_text(w)}", sink.final, sink.sha256)
-
-    _fill_results(results, items, stats, copied, nonfinite_kept, nonfinite_out, ws, sinks, odt, rk)
+        tmps = [stack.enter_context(atomic_path(o)) for o in outs]
+        if kind == "sharded":
+            for t in tmps:
+                t.mkdir(parents=True, exist_ok=False)
+        results_pairs = []
+        written_all: list[list[dict[str, Any]]] = []
+        not_copied: list[str] = []
+        for comp, rk, sk, items, ignored, pkind in plans:
+            if folder_mode:
+                targets = []
+                for t in tmps:
+                    d = t / comp if comp != "." else t
+                    d.mkdir(parents=True, exist_ok=True)
+                    targets.append(d if pkind == "sharded" else d / rk.path.name)
+            else:
+                targets = list(tmps)
+            pr, wr = _merge_pair(rk, sk, items, ws, targets, pkind, provenance, shard_size, progress, sampler, chunk_elements,
+                                 io, stack, task="merge" if comp == "." else f"merge {comp}")
+            results_pairs.append(pr)
+            written_all.append(wr)
+        if folder_mode:
+            for t in tmps:
+                not_copied = _copy_tree(base_p, t, {c for c, *_ in plans}, warnings)
+        elif side_r is not None:
+            for o in outs:
+                shutil.copy2(side_r, stack.enter_context(atomic_path(_sidecar(o))))
+        # the inputs' sha256 are known now: fill them in, then hash each output file
+        r_sha, s_sha = (h.result() for h in hashes)
+        report.add_input("base", base_p, r_sha)
+        report.add_input("selftrained", self_p, s_sha)
+        provenance["neon.base_sha256"], provenance["neon.selftrained_sha256"] = r_sha, s_sha
+        for wr in written_all:
+            for info in wr:
+                for writer in info["writers"]:
+                    if writer.pending_placeholders:
+                        writer.fill_placeholders({"neon.base_sha256": r_sha, "neon.selftrained_sha256": s_sha})
+                if info["index"] is not None:
+                    data = json.loads(info["index"].read_text())
+                    data["metadata"]["neon"].update({"neon.base_sha256": r_sha, "neon.selftrained_sha256": s_sha})
+                    info["index"].write_text(json.dumps(data, indent=2) + "\n")
+        # sha256 of every output file (after the header patch), several files on parallel threads
+        digests: list[dict[Path, str]] = [{} for _ in ws]
+        for wr in written_all:
+            for k, info in enumerate(wr):
+                digests[k].update(info["digests"])  # hashed while written
+        files_to_hash = []
+        for k, t in enumerate(tmps):
+            if t.is_dir():
+                files_to_hash += [(k, f) for f in sorted(p for p in t.rglob("*") if p.is_file() and not p.name.startswith("."))
+                                  if f not in digests[k]]
+            else:
+                files_to_hash.append((k, t))
+        futs = [(k, f, hasher.submit(_sync_and_hash, f)) for k, f in files_to_hash]
+        for k, f, fut in futs:
+            digests[k][f] = fut.result()
+        sinks = []
+        for k, (w, o, t) in enumerate(zip(ws, outs, tmps)):
+            sink = _Sink(o, t, kind)
+            if t.is_dir():
+                sink.sha256 = sha256_tree(t, digests[k])
+                sink.bytes = sum(f.stat().st_size for f in t.rglob("*") if f.is_file())
+            else:
+                sink.sha256 = digests[k][t]
+                sink.bytes = t.stat().st_size
+            sinks.append(sink)
+            report.add_output(f"merged w={_w_text(w)}", o, sink.sha256)
+    merged = _combine(results_pairs, len(ws))
+    _fill_results(results, merged, ws, sinks)
+    results["not_copied"] = not_copied
     results["peak_rss_anon_bytes"] = sampler.peak
     results["max_rss_bytes"] = _max_rss()
     results["seconds"] = round(time.perf_counter() - t0, 3)
     return results
 
 
-def _hash_inputs(paths: list[Path]) -> list[str]:
-    """sha256 (fsutil.sha256_path) of each input, hashed on parallel threads (hashlib and file
-    reads release the GIL). Done before writing: the output header records these digests."""
-    from concurrent.futures import ThreadPoolExecutor
+def _open_pairs(stack: contextlib.ExitStack, base_p: Path, self_p: Path, folder_mode: bool, key: str | None) -> list[tuple[str, Checkpoint, Checkpoint]]:
+    """(component, θ_r checkpoint, θ_s checkpoint) for a file pair or each component of a folder."""
+    if not folder_mode:
+        rk = stack.enter_context(open_checkpoint(base_p, key=key))
+        prefer = rk.key if rk.layout in ("torch", "pickle") else None
+        sk = stack.enter_context(open_checkpoint(self_p, key=key, prefer_key=prefer, key_optional=True))
+        return [(".", rk, sk)]
+    comps = components(base_p)
+    s_comps = set(components(self_p)) if self_p.is_dir() else {"."}
+    out = []
+    for c in comps:
+        rdir = base_p / c if c != "." else base_p
+        if c in s_comps:
+            sdir = self_p / c if c != "." else self_p
+        elif c == "unet_ema" and "unet" in s_comps:
+            sdir = self_p / "unet"  # what the diffusers family reads from each: θ_r's EMA against θ_s's weights
+        elif s_comps == {"."} and len(comps) == 1:
+            sdir = self_p
+        else:
+            raise CheckpointError(f"{self_p}: no {c}/ with weights to merge with {rdir} (found: {', '.join(sorted(s_comps)) or 'none'})")
+        rf = weights_file(rdir)
+        sf = weights_file(sdir) if sdir.is_dir() else sdir
+        if rf is None or sf is None:
+            raise CheckpointError(f"{sdir}: no weights file")
+        rk = stack.enter_context(open_checkpoint(rf, key=key))
+        prefer = rk.key if rk.layout in ("torch", "pickle") else None
+        sk = stack.enter_context(open_checkpoint(sf, key=key, prefer_key=prefer, key_optional=True))
+        out.append((c, rk, sk))
+    return out
 
-    from neon_cli.fsutil import sha256_path
 
-    def one(p: Path) -> str:
-        try:
-            return sha256_path(p)
-        except OSError as exc:
-            raise CheckpointError(f"{p}: cannot read to compute its sha256 ({exc.strerror or exc})") from None
+def _pair_kind(kind: str, folder_mode: bool, rk: Checkpoint, out: Path, odt: str | None, shard_size: int | None) -> str:
+    """How one pair is written: ``safetensors``, ``sharded``, ``patched`` (θ_r's torch file) or ``torch`` (flat .pt)."""
+    if folder_mode:
+        if rk.layout == "sharded" or getattr(rk, "encoding", "") == "bin-shards" or shard_size is not None:
+            return "sharded"
+        if rk.layout == "safetensors":
+            return "safetensors"
+        kind = "torch"
+    if kind in ("torch", "pickle"):
+        if rk.layout in ("torch", "pickle"):
+            if getattr(rk, "encoding", "") == "bin-shards":
+                raise UsageError(f"-o {out}: a sharded .bin base is written as sharded safetensors; give -o a folder name")
+            if kind == "pickle" and rk.layout != "pickle":
+                raise UsageError(f"-o {out}: a .pkl output needs a pickle base (θ_r is a {rk.encoding} torch file); write .pt or .safetensors")
+            if kind == "torch" and rk.layout == "pickle" and not folder_mode:
+                raise UsageError(f"-o {out}: θ_r is a plain pickle; write its own container (.pkl) or .safetensors")
+            if odt is not None and any(s.dtype != odt for s in rk.specs.values() if dtype_info(s.dtype).is_floating):
+                raise UsageError(f"--dtype {odt}: a {out.suffix} output keeps θ_r's container and dtypes; write .safetensors to change the dtype")
+            return "patched"
+        if kind == "pickle":
+            raise UsageError(f"-o {out}: a .pkl output needs a pickle base; write .safetensors or .pt instead")
+        return "torch"
+    return kind
 
-    with ThreadPoolExecutor(max_workers=len(paths), thread_name_prefix="neon-sha256") as pool:
-        return list(pool.map(one, paths))
+
+def _warnings(comp: str, rk: Checkpoint, sk: Checkpoint, pkind: str) -> list[str]:
+    pre = "" if comp == "." else f"{comp}: "
+    out = [pre + n for n in list(rk.notes) + list(sk.notes)]
+    if rk.alternatives:
+        out.append(f"{pre}base: merged the state dict at {rk.key!r}; also found {', '.join(rk.alternatives)} (choose with --key)")
+    if pkind in ("safetensors", "sharded") and rk.layout in ("torch", "pickle"):
+        if rk.non_tensors:
+            out.append(f"{pre}not written to a safetensors output (not tensors): {', '.join(map(str, list(rk.non_tensors)[:8]))}")
+        elif rk.key and isinstance(rk.container, Mapping):
+            others = [str(k) for k in rk.container.keys() if str(k) != rk.key.split(".")[0]]
+            if others:
+                out.append(f"{pre}container entries of the base not written to a safetensors output (not tensors): {', '.join(others[:8])}")
+    dangers = getattr(rk, "dangers", lambda: [])()
+    if dangers:
+        out.append(f"{pre}the base, loaded normally, would {'; '.join(d.replace('runs ', 'run ', 1) for d in dangers)}"
+                   " (neon read it without running anything"
+                   + ("; the output keeps it" if pkind == "patched" else "") + ")")
+    return out
 
 
-def _check_outputs(outs: list[Path], kind: str, rk: Checkpoint, sk: Checkpoint, shard_size: int | None) -> None:
-    inputs = [rk.path, sk.path, *rk.files, *sk.files]
-    for o in outs:
-        for i in inputs:
-            if _same_path(o, i):
-                raise UsageError(f"-o {o}: is an input ({i}); choose another output")
-            if kind == "sharded" and i.resolve().is_relative_to(o.resolve()):
-                raise UsageError(f"-o {o}: the output folder holds an input ({i}); choose another output")
-        if kind == "sharded":
-            if o.exists() and (not o.is_dir() or any(o.iterdir())):
-                raise UsageError(f"-o {o}: exists and is not an empty folder; remove it or choose another output")
-            if shard_size is None and rk.layout != "sharded":
-                raise UsageError(f"-o {o}: give a file name ending in .safetensors or .pt, or --shard-size for a sharded folder")
-        elif o.is_dir():
-            raise UsageError(f"-o {o}: is a folder; give a file name")
+def _copy_tree(src: Path, dst: Path, merged_components: set[str], warnings: list[str]) -> list[str]:
+    """Copy θ_r's folder into ``dst`` except weight files (the merged ones are already there) and
+    symlinks leading out of it; returns the relative names of the files not copied."""
+    skipped: list[str] = []
+    root = src.resolve()
+    for p in sorted(src.rglob("*")):
+        rel = p.relative_to(src)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if p.is_symlink():
+            try:
+                target = p.resolve()
+            except OSError:
+                target = None
+            if target is None or (root not in target.parents and target != root):
+                skipped.append(str(rel))
+                warnings.append(f"not copied: {rel} (a symlink leading out of {src})")
+                continue
+        if p.is_dir():
+            continue
+        q = dst / rel
+        if q.exists():
+            continue  # a merged weights file
+        if is_weight_file(p.name):
+            skipped.append(str(rel))
+            continue
+        q.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, q)
+    return skipped
+
+
+def _output_size(rk: Checkpoint, items: list[_Item], pkind: str) -> int:
+    """Bytes one pair writes: tensor data plus headers and container overhead (a patched copy is
+    θ_r's file; a safetensors header ~ 100 bytes per tensor plus metadata and an index; a flat .pt
+    needs its scratch file too)."""
+    data = sum(it.out_spec.nbytes for it in items)
+    if pkind == "patched":
+        return rk.path.stat().st_size if rk.path.is_file() else data
+    header = 8 + 4096 + sum(len(it.raw.encode()) + 96 for it in items)
+    if pkind == "sharded":
+        header *= 2  # index + headers
+    return data + header + (data + 64 * len(items) + 4096 if pkind == "torch" else 0)
+
+
+def _tree_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink() and not is_weight_file(p.name))
 
 
 def _check_disk(outs: list[Path], need_each: int) -> None:
@@ -659,350 +1257,66 @@ def _check_disk(outs: list[Path], need_each: int) -> None:
     for parent, need in by_dir.values():
         free = shutil.disk_usage(parent).free
         if need > free:
-            raise UsageError(f"-o: not enough free disk space in {parent}: need {need / 1e9:.2f} GB, have {free / 1e9:.2f} GB")
+            raise UsageError(f"-o: not enough free disk space in {parent}: need {human_bytes(need)}, have {human_bytes(free)}")
 
 
-def _plan(rk: Checkpoint, sk: Checkpoint, pats: list[re.Pattern[str]], buffers: Collection[str], allow_missing: bool, odt: torch.dtype | None) -> tuple[list[_Item], list[str]]:
-    r_names = rk.names()
-    _, only_s = _check_names_canon(rk, sk, allow_missing)
-    items: list[_Item] = []
-    for n in r_names:
-        rs = rk.specs[n]
-        raw = rk.raw_name(n)
-        o = odt if (odt is not None and rs.dtype.is_floating_point) else rs.dtype
-        if n not in sk.specs:
-            items.append(_Item(n, raw, rs, o, "only_in_base"))
-            continue
-        ss = sk.specs[n]
-        _check_pair(raw, rs.dtype, rs.shape, ss.dtype, ss.shape, str(rk.path), str(sk.path))
-        items.append(_Item(n, raw, rs, o, _copy_reason(n, raw, rs.dtype, pats, buffers)))
-    for spec in rk.outside:
-        o = odt if (odt is not None and spec.dtype.is_floating_point) else spec.dtype
-        items.append(_Item(spec.name, spec.name, spec, o, "outside_key", outside=True))
-    return items, [sk.raw_name(n) for n in only_s]
+def _combine(prs: list[_PairResult], nw: int) -> _PairResult:
+    out = _PairResult(nonfinite_out=[{} for _ in range(nw)])
+    for pr in prs:
+        out.stats.update(pr.stats)
+        for r, names in pr.copied.items():
+            out.copied.setdefault(r, []).extend(names)
+        out.differs |= pr.differs
+        out.nonfinite_kept.update(pr.nonfinite_kept)
+        for k in range(nw):
+            out.nonfinite_out[k].update(pr.nonfinite_out[k])
+        out.items.extend(pr.items)
+    return out
 
 
-def _check_names_canon(rk: Checkpoint, sk: Checkpoint, allow_missing: bool) -> tuple[list[str], list[str]]:
-    r_names, s_names = rk.names(), sk.names()
-    ss, rs = set(s_names), set(r_names)
-    only_r = [n for n in r_names if n not in ss]
-    only_s = [n for n in s_names if n not in rs]
-    if not allow_missing and (only_r or only_s):
-        if only_r:
-            n, a, b, more = rk.raw_name(only_r[0]), rk.path, sk.path, len(only_r) - 1
-            hint = "--allow-missing copies such keys from the base"
-        else:
-            n, a, b, more = sk.raw_name(only_s[0]), sk.path, rk.path, len(only_s) - 1
-            hint = "--allow-missing ignores such keys"
-        raise CheckpointError(f"key {n!r}: in {a} but not in {b}" + (f" (and {more} more)" if more else "") + f"; {hint}")
-    return only_r, only_s
-
-
-def _groups(items: list[_Item], kind: str, rk: Checkpoint, shard_size: int | None) -> list[tuple[str, list[_Item]]]:
-    """(file name inside the output, items in write order) per output file."""
-    from neon_cli.checkpoint import safetensors_order
-
-    if kind in ("torch", "pickle"):
-        return [("", items)]
-    by_name = {it.raw: it for it in items}
-
-    def ordered(group: list[_Item]) -> list[_Item]:
-        return [by_name[s.name] for s in safetensors_order([it.out_spec for it in group])]
-
-    if kind == "safetensors":
-        return [("", ordered(items))]
-    if shard_size is not None:
-        layout = shard_layout([it.out_spec for it in items], shard_size)
-        names = shard_file_names(len(layout))
-        return [(nm, ordered([by_name[s.name] for s in grp])) for nm, grp in zip(names, layout)]
-    # follow θ_r's shards (names and membership)
-    shards: dict[str, list[_Item]] = {}
-    for it in items:
-        shards.setdefault(rk.shards.get(it.raw if it.outside else rk.raw_name(it.name), "model.safetensors"), []).append(it)
-    return [(nm, ordered(grp)) for nm, grp in shards.items()]
-
-
-def _blocks(ck: Checkpoint, it: _Item, chunk: int) -> Iterator[torch.Tensor]:
-    spec = it.spec
-    n = spec.numel
-    if n == 0:
-        return
-    if it.outside:
-        read_all = lambda: ck.raw_tensor(it.raw)  # noqa: E731
-        read_rows = lambda a, b: ck.raw_tensor(it.raw, a, b)  # noqa: E731
-    else:
-        read_all = lambda: ck.tensor(it.name)  # noqa: E731
-        read_rows = lambda a, b: ck.rows(it.name, a, b)  # noqa: E731
-    if len(spec.shape) == 0 or n <= chunk:
-        yield read_all()
-        return
-    rows = spec.shape[0]
-    per = max(1, chunk // max(1, n // rows))
-    for a in range(0, rows, per):
-        yield read_rows(a, min(rows, a + per))
-
-
-def _run(
-    stack: contextlib.ExitStack,
-    items: list[_Item],
-    groups: list[tuple[str, list[_Item]]],
-    rk: Checkpoint,
-    sk: Checkpoint,
-    ws: list[float],
-    outs: list[Path],
-    kind: str,
-    provenance: dict[str, str],
-    shard_size: int | None,
-    progress: ProgressFn,
-    sampler: _RssSampler,
-    chunk: int,
-    threads: int | None,
-) -> tuple[dict[str, _Stats], dict[str, list[str]], dict[str, int], list[dict[str, int]], list[_Sink]]:
-    from concurrent.futures import ThreadPoolExecutor
-
-    from neon_cli.fsutil import atomic_path
-
-    sinks = []
-    for o in outs:
-        tmp = stack.enter_context(atomic_path(o))
-        sinks.append(_Sink(o, tmp, kind))
-    # one I/O thread writes and hashes the output blocks while this thread computes the next ones
-    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neon-merge-io")
-    stack.callback(io.shutdown)
-    work = _Workspace()
-    stats: dict[str, _Stats] = {}
-    copied: dict[str, list[str]] = {}
-    differs: set[str] = set()
-    nonfinite_kept: dict[str, int] = {}
-    nonfinite_out: list[dict[str, int]] = [{} for _ in ws]
-    done = 0
-    total = len(items)
-
-    raws: list[RawTensorFile] = []
-    if kind in ("torch", "pickle"):
-        for sink in sinks:
-            raw_path = sink.tmp.with_name(sink.tmp.name + ".raw")
-            rf = RawTensorFile(raw_path)
-            raws.append(rf)
-            stack.callback(_unlink, raw_path)
-            stack.callback(rf.abort)
-    if kind == "sharded":
-        for sink in sinks:
-            sink.tmp.mkdir(parents=True, exist_ok=False)
-    weight_map: dict[str, str] = {}
-    shard_sha: list[dict[str, str]] = [{} for _ in sinks]
-    closing: list[tuple[int, str, Any]] = []
-    all_writers: list[list[SafetensorsWriter]] = [[] for _ in sinks]
-
-    with _torch_threads(threads):
-        for fname, group in groups:
-            writers: list[SafetensorsWriter] = []
-            if kind in ("safetensors", "sharded"):
-                specs = [it.out_spec for it in group]
-                for k, (w, sink) in enumerate(zip(ws, sinks)):
-                    meta = _st_metadata(rk, fname, provenance, w, kind)
-                    path = sink.tmp if kind == "safetensors" else sink.tmp / fname
-                    wr = SafetensorsWriter(path, specs, meta, io=io)
-                    stack.callback(wr.abort)
-                    writers.append(wr)
-                    all_writers[k].append(wr)
-            for it in group:
-                weight_map[it.raw] = fname
-                targets: list[Any] = writers if writers else raws
-                if not writers:
-                    for rf in raws:
-                        rf.begin(it.out_spec)
-                st = None
-                if it.reason is None:
-                    st = stats[it.raw] = _Stats(len(ws))
-                    s_iter = _blocks(sk, it, chunk)
-                    for rb in _blocks(rk, it, chunk):
-                        sb = next(s_iter)
-                        res = _merge_block(rb, sb, ws, it.out_dtype, st, work)
-                        sampler.sample()
-                        for tgt, t in zip(targets, res):
-                            tgt.write(it.raw, t)
-                    if st.all_equal:
-                        copied.setdefault("equal", []).append(it.raw)
-                        del stats[it.raw]
-                    elif st.n_nonfinite_in:
-                        nonfinite_kept[it.raw] = st.n_nonfinite_in
-                    for k in range(len(ws)):
-                        if st.n_nonfinite_out[k]:
-                            nonfinite_out[k][it.raw] = st.n_nonfinite_out[k]
-                else:
-                    copied.setdefault(it.reason, []).append(it.raw)
-                    s_iter = _blocks(sk, it, chunk) if it.reason not in ("only_in_base", "outside_key") else None
-                    for rb in _blocks(rk, it, chunk):
-                        if s_iter is not None:
-                            sb = next(s_iter)
-                            if it.raw not in differs and not _bits_equal(rb.contiguous(), sb.contiguous()):
-                                differs.add(it.raw)
-                        t = rb if it.out_dtype == rb.dtype else rb.to(it.out_dtype)
-                        for tgt in targets:
-                            tgt.write(it.raw, t)
-                done += 1
-                progress("merge", done, total, unit="tensor")
-            for k, wr in enumerate(writers):  # flush + fsync on the I/O thread, overlapping the next group
-                closing.append((k, fname, wr.close_async()))
-    for k, fname, wait in closing:
-        digest = wait()  # sha256 computed while writing: no re-read
-        if kind == "safetensors":
-            sinks[k].sha256 = digest
-        else:
-            shard_sha[k][fname] = digest
-    for k, sink in enumerate(sinks):
-        sink.bytes += sum(wr.bytes_written for wr in all_writers[k])
-
-    if kind == "sharded":
-        for k, (w, sink) in enumerate(zip(ws, sinks)):
-            _finish_sharded(sink, rk, weight_map, items, provenance, w, shard_sha[k])
-    elif kind in ("torch", "pickle"):
-        for k, (w, sink) in enumerate(zip(ws, sinks)):
-            _finish_torch(sink, rk, raws[k], items, provenance, w)
-    copied["_differs"] = sorted(differs)
-    return stats, copied, nonfinite_kept, nonfinite_out, sinks
-
-
-def _unlink(p: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        p.unlink()
-
-
-def _st_metadata(rk: Checkpoint, fname: str, provenance: dict[str, str], w: float, kind: str) -> dict[str, str]:
-    if rk.layout == "sharded" and kind == "sharded" and fname in rk.shard_metadata:
-        meta = dict(rk.shard_metadata[fname])
-    elif rk.layout in ("safetensors", "sharded"):
-        meta = dict(rk.metadata)
-    else:
-        meta = {}
-    meta = {k: v for k, v in meta.items() if not k.startswith("neon.")}
-    meta.setdefault("format", "pt")
-    meta.update(provenance)
-    meta["neon.w"] = _w_text(w)
-    return meta
-
-
-def _finish_sharded(sink: _Sink, rk: Checkpoint, weight_map: dict[str, str], items: list[_Item], provenance: dict[str, str], w: float, shard_sha: dict[str, str]) -> None:
-    total = sum(it.out_spec.nbytes for it in items)
-    extra = {k: v for k, v in rk.index_metadata.items() if k not in ("total_size", "neon")}
-    extra["neon"] = {**provenance, "neon.w": _w_text(w)}
-    idx = index_json(weight_map, total, extra)
-    (sink.tmp / INDEX_NAMES[0]).write_text(json.dumps(idx, indent=2) + "\n")
-    if rk.layout == "sharded" and rk.path.is_dir():
-        shard_files = set(rk.shards.values())
-        for f in sorted(rk.path.iterdir()):
-            if f.is_file() and not f.name.startswith(".") and f.name not in shard_files and not f.name.endswith(".index.json"):
-                shutil.copy2(f, sink.tmp / f.name)
-    # the digest of fsutil.sha256_path (relative names), reusing the shard digests computed while writing
-    sink.sha256 = sha256_tree(sink.tmp, {sink.tmp / name: d for name, d in shard_sha.items()})
-    for f in sink.tmp.iterdir():
-        if f.name not in shard_sha:  # shards were fsynced by their writer
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-            sink.bytes += f.stat().st_size
-
-
-def _finish_torch(sink: _Sink, rk: Checkpoint, rf: RawTensorFile, items: list[_Item], provenance: dict[str, str], w: float) -> None:
-    from neon_cli.fsutil import sha256_file
-
-    merged = rf.tensors()
-    prov = {**provenance, "neon.w": _w_text(w)}
-    if rk.layout in ("torch", "pickle"):
-        sd_in = rk.state_dict
-        assert sd_in is not None
-        sd: Any = OrderedDict()
-        for k, v in sd_in.items():
-            sd[k] = merged.get(k, v) if isinstance(v, torch.Tensor) else v
-        if hasattr(sd_in, "_metadata"):
-            sd._metadata = sd_in._metadata  # type: ignore[attr-defined]
-        if rk.module is not None:
-            rk.module.load_state_dict(sd, strict=True, assign=True)
-            sd = rk.module
-        if rk.key is None:
-            obj: Any = sd
-        else:
-            obj = replace_in_container(rk.container, rk.key, sd)
-            if isinstance(obj, dict):
-                obj["neon_provenance"] = prov
-    else:  # safetensors/sharded base written as a flat .pt state dict
-        obj = OrderedDict((it.raw, merged[it.raw]) for it in items)
-    if sink.kind == "pickle":
-        import pickle
-
-        with open(sink.tmp, "wb") as fh:
-            pickle.dump(obj, fh, protocol=pickle.HIGHEST_PROTOCOL)
-    else:
-        torch.save(obj, sink.tmp)
-    sink.bytes = sink.tmp.stat().st_size
-    sink.sha256 = sha256_file(sink.tmp)
-
-
-def _fill_results(
-    results: dict[str, Any],
-    items: list[_Item],
-    stats: dict[str, _Stats],
-    copied: dict[str, list[str]],
-    nonfinite_kept: dict[str, int],
-    nonfinite_out: list[dict[str, int]],
-    ws: list[float],
-    sinks: list[_Sink],
-    odt: torch.dtype | None,
-    rk: Checkpoint,
-) -> None:
-    differs = copied.pop("_differs", [])
+def _fill_results(results: dict[str, Any], pr: _PairResult, ws: list[float], sinks: list[_Sink]) -> None:
+    stats, copied = pr.stats, pr.copied
     dd = sum(s.dd for s in stats.values())
     rr = sum(s.rr for s in stats.values())
     numel = sum(s.numel for s in stats.values())
     n_eq = sum(s.n_equal for s in stats.values())
     per_tensor = []
-    specs = {it.raw: it for it in items}
+    specs = {it.raw: it for it in pr.items}
     for name, s in stats.items():
         it = specs[name]
-        per_tensor.append(
-            {
-                "name": name,
-                "dtype": dtype_name(it.spec.dtype),
-                "out_dtype": dtype_name(it.out_dtype),
-                "shape": list(it.spec.shape),
-                "equal_fraction": s.n_equal / s.numel if s.numel else None,
-                "delta_norm": math.sqrt(s.dd),
-                "relative_delta": math.sqrt(s.dd) / math.sqrt(s.rr) if s.rr > 0 else None,
-                "effective_w": [s.num[k] / s.dd if s.dd > 0 else None for k in range(len(ws))],
-                "nonfinite_kept": s.n_nonfinite_in,
-            }
-        )
+        per_tensor.append({
+            "name": name,
+            "dtype": it.spec.dtype,
+            "out_dtype": it.out_dtype,
+            "shape": list(it.spec.shape),
+            "equal_fraction": s.n_equal / s.numel if s.numel else None,
+            "delta_norm": math.sqrt(s.dd),
+            "relative_delta": math.sqrt(s.dd) / math.sqrt(s.rr) if s.rr > 0 else None,
+            "effective_w": [s.num[k] / s.dd if s.dd > 0 else None for k in range(len(ws))],
+            "nonfinite_kept": s.n_nonfinite_in,
+        })
     most = sorted(per_tensor, key=lambda t: -(t["relative_delta"] or 0.0))[:10]
     eff = [sum(s.num[k] for s in stats.values()) / dd if dd > 0 else None for k in range(len(ws))]
-    out_dtypes = sorted({dtype_name(specs[n].out_dtype) for n in stats})
+    out_dtypes = sorted({specs[n].out_dtype for n in stats})
     half_out = any(specs[n].out_dtype in _HALF for n in stats)
     eq_frac = n_eq / numel if numel else None
     rel_err = max((abs(e / w - 1.0) for e, w in zip(eff, ws) if e is not None and w != 0), default=0.0)
-    suggest = None
-    if half_out and ((eq_frac or 0.0) >= SUGGEST_EQUAL_FRACTION or rel_err >= SUGGEST_REL_W_ERROR):
-        suggest = "float32"
+    suggest = "float32" if half_out and ((eq_frac or 0.0) >= SUGGEST_EQUAL_FRACTION or rel_err >= SUGGEST_REL_W_ERROR) else None
     counts = {r: len(v) for r, v in copied.items()}
-    results.update(
-        {
-            "merged": len(stats),
-            "copied": counts,
-            "copied_names": copied,
-            "copy_reasons": {r: COPY_REASONS[r] for r in counts},
-            "copied_but_different": differs,
-            "delta_norm": math.sqrt(dd),
-            "base_norm": math.sqrt(rr),
-            "relative_delta": math.sqrt(dd) / math.sqrt(rr) if rr > 0 else None,
-            "most_changed": most,
-            "precision": {
-                "output_dtypes": out_dtypes,
-                "equal_fraction": eq_frac,
-                "effective_w": eff,
-                "max_relative_w_error": rel_err,
-                "suggest_dtype": suggest,
-            },
-            "nonfinite_kept": nonfinite_kept,
-            "nonfinite_results": [{"w": w, "tensors": nf} for w, nf in zip(ws, nonfinite_out)],
-            "outputs": [{"w": w, "path": str(s.final), "sha256": s.sha256, "bytes": s.bytes} for w, s in zip(ws, sinks)],
-            "tensors": per_tensor,
-        }
-    )
+    results.update({
+        "merged": len(stats),
+        "copied": counts,
+        "copied_names": copied,
+        "copy_reasons": {r: COPY_REASONS[r] for r in counts},
+        "copied_but_different": sorted(pr.differs),
+        "delta_norm": math.sqrt(dd),
+        "base_norm": math.sqrt(rr),
+        "relative_delta": math.sqrt(dd) / math.sqrt(rr) if rr > 0 else None,
+        "most_changed": most,
+        "precision": {"output_dtypes": out_dtypes, "equal_fraction": eq_frac, "effective_w": eff,
+                      "max_relative_w_error": rel_err, "suggest_dtype": suggest},
+        "nonfinite_kept": pr.nonfinite_kept,
+        "nonfinite_results": [{"w": w, "tensors": nf} for w, nf in zip(ws, pr.nonfinite_out)],
+        "outputs": [{"w": w, "path": str(s.final), "sha256": s.sha256, "bytes": s.bytes} for w, s in zip(ws, sinks)],
+        "tensors": per_tensor,
+    })

@@ -9,8 +9,8 @@ official one. A family finds the checkout, in this order:
 2. the environment variable ``NEON_<FAMILY>_REPO`` (e.g. ``NEON_EDM_REPO``);
 3. the repository's top-level modules already importable (``PYTHONPATH``, an installed copy).
 
-Writing a family for any other repository follows the same pattern (README "A family from a
-file"): declare ``Setting("repo", None, str)``, call :func:`find_repo` with the modules that mark a
+Writing a family for any other repository follows the same pattern (docs/families.md, "Repo-backed
+families and families from a file"): declare ``Setting("repo", None, str)``, call :func:`find_repo` with the modules that mark a
 checkout, then :func:`import_module` for each module the family uses.
 
 Two repositories that share top-level package names (EDM and IMM both have ``torch_utils``,
@@ -116,3 +116,103 @@ def import_module(repo: Path, name: str) -> Any:
         return importlib.import_module(name)
     except Exception as exc:
         raise FamilyError(f"{repo}: importing {name} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def cuda_calls_on_cpu(active: bool = True) -> Any:
+    """Context manager that lets a repository's CUDA-only calls run on CPU while it is open.
+
+    Research code often hard-codes CUDA where the computation itself is device-agnostic
+    (OliverRensu/xAR: ``torch.rand(n).cuda()``, ``torch.randn(...).cuda()``; the Neon paper's IMM
+    loss: ``torch.cuda.get_rng_state()`` / ``set_rng_state`` around a shared dropout mask). With
+    ``active`` (the model is on CPU), within the block ``Tensor.cuda()`` returns the tensor
+    unchanged and ``torch.cuda.get_rng_state`` / ``set_rng_state`` act on the CPU generator (the
+    device the computation runs on); everything is restored on exit. With ``active`` False (a GPU
+    run) nothing is changed. Not thread-safe (it patches torch attributes), like the code it wraps.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm() -> Any:
+        if not active:
+            yield
+            return
+        import torch
+
+        saved = (torch.Tensor.cuda, torch.cuda.get_rng_state, torch.cuda.set_rng_state)
+
+        def _cuda(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return self
+
+        torch.Tensor.cuda = _cuda  # type: ignore[method-assign]
+        torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+        torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.Tensor.cuda, torch.cuda.get_rng_state, torch.cuda.set_rng_state = saved  # type: ignore[method-assign]
+
+    return _cm()
+
+
+def seeded_global_rng(seed: int, device: Any = None) -> Any:
+    """Context manager: torch's global generators (CPU and, for a CUDA ``device``, that device's)
+    and numpy's global generator seeded with ``seed`` inside the block, and their previous states
+    restored on exit.
+
+    For repositories whose samplers and losses draw from the global generators (xAR's
+    ``torch.randn(...)`` and scipy's ``norm.rvs``, IMM's ``torch.randn`` / ``torch.rand``): seeding
+    them per call makes a family's output a function of ``seed`` (``torch.manual_seed(seed)`` as
+    the repositories' own scripts do, numpy with ``seed % 2**32``) without disturbing the caller's
+    random state.
+    """
+    import contextlib
+
+    @contextlib.contextmanager
+    def _cm() -> Any:
+        import numpy as np
+        import torch
+
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        np_state = np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(int(seed))
+                np.random.seed(int(seed) % 2**32)
+                yield
+        finally:
+            np.random.set_state(np_state)
+
+    return _cm()
+
+
+def sample_by_seed_blocks(seeds: Any, labels: Any, block: int, num_classes: int, draw: Any) -> Any:
+    """Images of ``seeds`` from a sampler that seeds a whole batch at once (a batch/global-seed
+    family: VAR's ``g_seed``, xAR's and IMM's global generators), reproducible per image.
+
+    Seed s belongs to block ``s // block``; each block touched is drawn whole by
+    ``draw(first_seed, block_labels) -> uint8 [block, ...]`` (``block_labels``: int64 [block], the
+    caller's labels for the requested seeds and the plan's ``seed % num_classes`` for the others;
+    None when ``num_classes`` is 0) and the requested images are kept, in the order asked. So an
+    image depends on its seed, its block's labels and ``draw`` only, never on which other seeds
+    were asked for (batch size, shards, ranks, resume). ``seeds``: int64 [N] >= 0; ``labels``:
+    int64 [N] or None. Raises ValueError for a negative seed.
+    """
+    import torch
+
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
+    if len(seeds) and int(seeds.min()) < 0:
+        raise ValueError("seeds must be >= 0")
+    nc = int(num_classes or 0)
+    wanted = {int(s): (int(labels[i]) if labels is not None else (int(s) % nc if nc else 0)) for i, s in enumerate(seeds.tolist())}
+    out: dict[int, Any] = {}
+    for b in sorted({s // block for s in wanted}):
+        span = range(b * block, (b + 1) * block)
+        lab = torch.tensor([wanted.get(s, s % nc if nc else 0) for s in span], dtype=torch.int64) if nc else None
+        images = draw(b * block, lab)
+        for j, s in enumerate(span):
+            if s in wanted:
+                out[s] = images[j]
+    if not len(seeds):
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    return torch.stack([out[s] for s in seeds.tolist()])

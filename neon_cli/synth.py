@@ -16,7 +16,8 @@ sampled in batches aligned to its start, so the batch composition, and therefore
 does not depend on which process or how many ranks made it. Each shard is written under a
 temporary name and renamed when complete, so after an interruption a rerun of the same command
 makes only the missing shards. Under torchrun, shard k is made by rank ``k % world_size`` and rank 0
-writes the manifest after a barrier.
+writes the manifest after a barrier. While a run writes, ``.neon.lock`` in the directory is held
+(``fcntl.flock``): a second run on the same directory is refused instead of mixing its shards in.
 """
 
 from __future__ import annotations
@@ -53,104 +54,131 @@ def synthesize(
     """Sample ``num`` images from ``model_path`` into ``out_dir`` (see the module docstring).
 
     ``trust_pickle``: passed to the family's ``load`` (``--trust-pickle``; see
-    :func:`neon_cli.family.load_model`). Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
+    :func:`neon_cli.family.load_model`). Before any work: every number is checked (``--num-images``,
+    ``--shard-size``, ``--batch`` >= 1; seeds ``seed .. seed + num - 1`` within 0 .. 2**63 - 1;
+    ``--set`` values finite and in range), and ``-o`` / ``--report`` may not be the model
+    (:func:`neon_cli.fsutil.check_outputs`). ``out_dir`` is locked for the run (a second run on it
+    is refused with a one-line error); ``plan.json`` is written only once the model has loaded,
+    and a plan of a run that made no shard yet is replaced, so a failed run never blocks its fix.
+    Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
     ``out_dir`` holds shards of a different plan (another model, settings or seeds).
     """
     import torch
     from safetensors.torch import save_file
 
+    from neon_cli import validate
+    from neon_cli.dist import barrier, broadcast_object, device, main_rank_lock, rank_world, run_on_main
     from neon_cli.evaluate import classes_of, seed_plan
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.fsutil import remove_stale_tmp_in
+    from neon_cli.tune.recorded import apply_recorded
 
-    if num <= 0:
-        raise UsageError(f"--num: must be positive, got {num}")
-    if shard_size <= 0 or batch <= 0:
-        raise UsageError("--shard-size and --batch must be positive")
+    num = validate.positive_int("--num-images", num)
+    shard_size = validate.positive_int("--shard-size", shard_size)
+    batch = validate.positive_int("--batch", batch)
+    seed = validate.seed("--seed", seed, count=num)
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    settings = resolve_settings(family, set_pairs)
     path = resolve_model(family, model_path)
-    model_sha = report.add_input("model", path)
-    num_classes = classes_of(family, path)
-    plan = {
-        "schema": SCHEMA,
-        "family": family.name,
-        "model": {"path": str(path), "sha256": model_sha},
-        "settings": settings,
-        "seed": seed,
-        "num": num,
-        "shard_size": shard_size,
-        "labels": "(seed + i) % num_classes" if num_classes else None,
-        "num_classes": num_classes,
-    }
-    report.settings.update(resolved_settings=settings)
+    settings = apply_recorded(family, path, set_pairs, report, progress, "synth")  # tune-w's choice, then --set
     out_dir = Path(out_dir)
+    report.check_outputs({"--model": path}, {"-o": out_dir})
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o: {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    from neon_cli.dist import barrier, rank_world
-
     rank, world = rank_world()
-    _check_plan(out_dir, plan, write=rank == 0)
+    with main_rank_lock(out_dir, "-o", folder=True):
+        run_on_main(remove_stale_tmp_in, out_dir)  # partial shards of a killed run: under the lock no live run owns one
+        model_sha = report.add_input("model", path)
+        num_classes = classes_of(family, path)
+        plan = {
+            "schema": SCHEMA,
+            "family": family.name,
+            "model": {"path": str(path), "sha256": model_sha},
+            "settings": settings,
+            "seed": seed,
+            "num": num,
+            "shard_size": shard_size,
+            "labels": "(seed + i) % num_classes" if num_classes else None,
+            "num_classes": num_classes,
+        }
+        report.settings.update(resolved_settings=settings)
+        run_on_main(_check_plan, out_dir, plan)
 
-    shards = [(k, k * shard_size, min(shard_size, num - k * shard_size)) for k in range((num + shard_size - 1) // shard_size)]
-    todo = [s for s in shards if not (out_dir / shard_name(s[0])).exists()]
-    mine = [s for s in todo if s[0] % world == rank]
-    report.results.update(shards_total=len(shards), shards_present=len(shards) - len(todo))
-    from neon_cli.dist import device
-
-    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle).to(device()) if mine else None
-    meta = {"family": family.name, "settings": json.dumps(settings, sort_keys=True), "model_sha256": model_sha}
-    done_imgs = sum(c for k, _, c in shards) - sum(c for _, _, c in mine)
-    total_imgs = num
-    progress("synth", done_imgs, total_imgs, unit="img")
-    for k, start, count in mine:
-        seeds, labels = seed_plan(family, seed + start, count, num_classes)
-        chunks = []
-        with torch.inference_mode():
-            for i in range(0, count, batch):
-                lab = labels[i:i + batch] if labels is not None else None
-                chunks.append(family.sample(model, seeds[i:i + batch], lab, settings))
-                done_imgs += min(batch, count - i)
-                progress("synth", done_imgs, total_imgs, unit="img")
-        images = torch.cat(chunks).contiguous()
-        tensors = {"images": images, "seeds": seeds.contiguous()}
-        if labels is not None:
-            tensors["labels"] = labels.contiguous()
-        with atomic_path(out_dir / shard_name(k)) as tmp:
-            # one metadata key: safetensors stores __metadata__ from a hash map, so several keys would
-            # come out in a random order and identical shards would not be identical files
-            save_file(tensors, str(tmp), metadata={"neon": json.dumps({**meta, "start": start, "count": count}, sort_keys=True)})
-    barrier()
-    manifest = dict(plan)
-    if rank == 0:
-        manifest["shards"] = []
-        for k, start, count in shards:
-            f = out_dir / shard_name(k)
-            manifest["shards"].append({"file": f.name, "start": start, "count": count, "sha256": sha256_file(f)})
-        first = _read_shard(out_dir / shard_name(0))
-        manifest["image_shape"] = list(first["images"].shape[1:])
-        manifest["image_dtype"] = str(first["images"].dtype).replace("torch.", "")
-        write_json(out_dir / "manifest.json", manifest)
-        report.add_output("synthetic_set", out_dir / "manifest.json")
-    barrier()
+        shards = [(k, k * shard_size, min(shard_size, num - k * shard_size)) for k in range((num + shard_size - 1) // shard_size)]
+        todo = [s for s in shards if not (out_dir / shard_name(s[0])).exists()]
+        mine = [s for s in todo if s[0] % world == rank]
+        report.results.update(shards_total=len(shards), shards_present=len(shards) - len(todo))
+        # rank 0 loads the model whenever shards are missing, so plan.json (written next) only ever
+        # describes a set whose model loaded
+        need_model = bool(mine) or (rank == 0 and bool(todo))
+        model = load_model(family, path, settings=settings, trust_pickle=trust_pickle).to(device()) if need_model else None
+        if rank == 0 and not (out_dir / "plan.json").exists():
+            write_json(out_dir / "plan.json", plan)
+        barrier()
+        meta = {"family": family.name, "settings": json.dumps(settings, sort_keys=True), "model_sha256": model_sha}
+        done_imgs = sum(c for k, _, c in shards) - sum(c for _, _, c in mine)
+        total_imgs = num
+        progress("synth", done_imgs, total_imgs, unit="img")
+        for k, start, count in mine:
+            seeds, labels = seed_plan(family, seed + start, count, num_classes)
+            chunks = []
+            with torch.inference_mode():
+                for i in range(0, count, batch):
+                    lab = labels[i:i + batch] if labels is not None else None
+                    chunks.append(family.sample(model, seeds[i:i + batch], lab, settings))
+                    done_imgs += min(batch, count - i)
+                    progress("synth", done_imgs, total_imgs, unit="img")
+            images = torch.cat(chunks).contiguous()
+            tensors = {"images": images, "seeds": seeds.contiguous()}
+            if labels is not None:
+                tensors["labels"] = labels.contiguous()
+            with atomic_path(out_dir / shard_name(k)) as tmp:
+                # one metadata key: safetensors stores __metadata__ from a hash map, so several keys would
+                # come out in a random order and identical shards would not be identical files
+                save_file(tensors, str(tmp), metadata={"neon": json.dumps({**meta, "start": start, "count": count}, sort_keys=True)})
+        barrier()
+        manifest = dict(plan)
+        if rank == 0:
+            manifest["shards"] = []
+            for k, start, count in shards:
+                f = out_dir / shard_name(k)
+                manifest["shards"].append({"file": f.name, "start": start, "count": count, "sha256": sha256_file(f)})
+            first = _read_shard(out_dir / shard_name(0))
+            manifest["image_shape"] = list(first["images"].shape[1:])
+            manifest["image_dtype"] = str(first["images"].dtype).replace("torch.", "")
+            write_json(out_dir / "manifest.json", manifest)
+            report.add_output("synthetic_set", out_dir / "manifest.json")
+        manifest = broadcast_object(manifest)
     report.results.update(num_images=num, shards_made=len(mine), out_dir=str(out_dir))
     return manifest
 
 
-def _check_plan(out_dir: Path, plan: dict[str, Any], write: bool) -> None:
-    """Refuse to mix shards of two different plans in one directory; write plan.json on first use."""
+def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
+    """Refuse to mix shards of two different plans in one directory (run on rank 0 alone).
+
+    A ``plan.json`` that differs from ``plan`` is an error when shards of it exist; with no shard
+    made yet (a run that failed before its first shard) it is simply replaced later.
+    """
     f = out_dir / "plan.json"
-    if f.exists():
+    if not f.exists():
+        return
+    try:
         old = json.loads(f.read_text())
-        for key in ("family", "settings", "seed", "shard_size", "num"):
-            if old.get(key) != plan.get(key):
-                raise DataError(f"{out_dir}: holds a synthetic set made with another {key} "
-                                f"({old.get(key)!r} != {plan.get(key)!r}); use a new -o directory")
-        if old["model"]["sha256"] != plan["model"]["sha256"]:
-            raise DataError(f"{out_dir}: holds a synthetic set made from another model (sha256 differs); use a new -o directory")
-    elif write:
-        write_json(f, plan)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
+    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old.get(key) != plan.get(key)]
+    if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
+        differs.append("model")
+    if not differs:
+        return
+    if not any(out_dir.glob("shard-*.safetensors")):
+        f.unlink()  # nothing of the old plan was made: it goes; this run's plan is written once its model loads
+        return
+    key = differs[0]
+    if key == "model":
+        raise DataError(f"-o: {out_dir} holds a synthetic set made from another model (sha256 differs); use a new -o directory")
+    raise DataError(f"-o: {out_dir} holds a synthetic set made with another {key} "
+                    f"({old.get(key)!r} != {plan.get(key)!r}); use a new -o directory")
 
 
 def _read_shard(path: Path) -> dict[str, Any]:

@@ -44,7 +44,9 @@ class TrainConfig:
     """What determines a training run (all budgets in images seen).
 
     budget: images seen in this run (B); lr: peak learning rate; batch: images per optimiser step;
-    warmup: images over which the learning rate ramps linearly from 0 to lr (EDM's lr ramp-up);
+    warmup: images over which the learning rate ramps linearly from 0 to lr: the step after
+    ``seen`` images uses ``lr * min(seen / warmup, 1)`` (EDM's training_loop.py lr ramp-up, and the
+    LambdaLR warm-ups of diffusers' and torchcfm's scripts: the first step has lr 0);
     ema_halflife: EMA half-life in images (None: no EMA; snapshots then hold the raw weights);
     save_every: images between snapshots / training states (None: only at the end); seed: data
     order and training noise.
@@ -59,16 +61,23 @@ class TrainConfig:
     seed: int = 0
 
     def check(self) -> None:
-        if self.budget <= 0:
-            raise UsageError(f"--budget: must be a positive number of images, got {self.budget}")
-        if self.batch <= 0:
-            raise UsageError(f"--batch: must be positive, got {self.batch}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr: must be positive, got {self.lr}")
-        if self.warmup < 0:
-            raise UsageError(f"--warmup: must be >= 0 images, got {self.warmup}")
-        if self.save_every is not None and self.save_every <= 0:
-            raise UsageError(f"--save-every: must be a positive number of images, got {self.save_every}")
+        """Raise UsageError naming the flag for a value that cannot train (see :mod:`neon_cli.validate`)."""
+        from neon_cli import validate
+
+        validate.positive_int("--budget", self.budget)
+        validate.positive("--lr", self.lr)
+        validate.positive_int("--batch", self.batch)
+        validate.integer("--warmup", self.warmup, low=0)
+        if self.ema_halflife is not None:
+            validate.positive("--ema-halflife", self.ema_halflife)
+        if self.save_every is not None:
+            validate.positive_int("--save-every", self.save_every)
+        validate.integer("--seed", self.seed, low=0, high=MAX_TRAIN_SEED)
+
+
+#: Largest training seed: the noise generator of step t is seeded with seed * 1_000_003 + t
+#: (+ rank * 2**40), which must stay within torch.Generator.manual_seed's 64 bits.
+MAX_TRAIN_SEED = 2**42 - 1
 
 
 class DataOrder:
@@ -123,9 +132,11 @@ def train_loop(
     cfg: TrainConfig,
     *,
     state_path: Path | None = None,
-    on_snapshot: Callable[[int, torch.nn.Module], None] | None = None,
+    on_snapshot: Callable[[int, torch.nn.Module], Any] | None = None,
     progress: ProgressFn = null_progress,
     task: str = "finetune",
+    provenance: dict[str, Any] | None = None,
+    snapshots: list[Any] | None = None,
 ) -> torch.nn.Module:
     """Train ``model`` in place on (images uint8 [N, ...], labels int64 [N] or None) for cfg.budget images.
 
@@ -135,8 +146,17 @@ def train_loop(
 
     Calls ``on_snapshot(images_seen, weights)`` every ``cfg.save_every`` images and at the end,
     where ``weights`` is the EMA model if ``cfg.ema_halflife`` is set, else ``model``. With
-    ``state_path``, a training state is saved atomically at each snapshot and, if present and made
-    with the same config, loaded at the start (resume). Returns the final weights (EMA or raw).
+    ``state_path``, a training state is saved atomically at each snapshot and, if present, loaded
+    at the start (resume) when it belongs to the same run: the same config (budget and snapshot
+    interval may differ) and the same ``provenance`` (e.g. ``{"base_sha256": ..,
+    "synthetic_set_sha256": ..}``, stored in the state). Returns the final weights (EMA or raw).
+
+    ``snapshots``: a list that receives what ``on_snapshot`` returns for each snapshot of this run,
+    the ones of the resumed state first (the state keeps this ledger, so a resumed run knows its
+    earlier snapshots without looking at file names).
+
+    Raises UsageError naming the state file when it is another run's (and what differs), and
+    CheckpointError when it cannot be read (``torch.load(weights_only=True)`` refuses it).
     """
     cfg.check()
     if hasattr(images, "batch"):
@@ -153,18 +173,19 @@ def train_loop(
     opt = family.make_optimizer(model.parameters(), cfg.lr)
     ema = copy.deepcopy(model).eval() if cfg.ema_halflife else None
     seen = 0
+    ledger: list[Any] = []
     if state_path is not None and state_path.exists():
-        state = torch.load(state_path, weights_only=True, map_location=dev)
-        if _resumable(state.get("config", {}), asdict(cfg)) and int(state["images_seen"]) <= cfg.budget:
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            if ema is not None:
-                ema.load_state_dict(state["ema"])
-            seen = int(state["images_seen"])
-            progress(task, seen, cfg.budget, message=f"resuming from {state_path.name} at {seen} images")
-        else:
-            raise UsageError(f"{state_path}: training state from a run with other settings (lr, batch, warm-up, EMA, seed) "
-                             "or a larger budget; use another -o or delete it")
+        state = _load_state(state_path, dev)
+        _check_resumable(state_path, state, cfg, provenance or {})
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        seen = int(state["images_seen"])
+        ledger = list(state.get("snapshots") or [])
+        progress(task, seen, cfg.budget, message=f"resuming from {state_path.name} at {seen} images")
+    if snapshots is not None:
+        snapshots[:] = ledger
     from neon_cli.dist import barrier, is_main, rank_world
 
     rank, world = rank_world()
@@ -181,7 +202,7 @@ def train_loop(
     while seen < cfg.budget:
         size = min(cfg.batch, cfg.budget - seen)
         idx = order.indices(seen, size)
-        lr = cfg.lr * min(1.0, (seen + size) / cfg.warmup) if cfg.warmup else cfg.lr
+        lr = cfg.lr * min(1.0, seen / cfg.warmup) if cfg.warmup else cfg.lr  # images seen before this step (EDM)
         for g in opt.param_groups:
             g["lr"] = lr
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + rank * 2**40)
@@ -216,20 +237,77 @@ def train_loop(
             if is_main():  # only rank 0 writes; the weights are identical on every rank
                 if on_snapshot is not None:
                     model.eval()
-                    on_snapshot(seen, weights)
+                    record = on_snapshot(seen, weights)
                     model.train()
+                    if record is not None:
+                        ledger.append(record)
+                        if snapshots is not None:
+                            snapshots.append(record)
                 if state_path is not None:
-                    _save_state(state_path, model, opt, ema, seen, cfg)
+                    _save_state(state_path, model, opt, ema, seen, cfg, provenance or {}, ledger)
             barrier()
             next_save = _next_mark(seen, cfg.save_every, cfg.budget)
     model.eval()
     return ema if ema is not None else model
 
 
-def _resumable(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """A state can be continued by a run that differs at most in its budget and snapshot interval."""
-    ignore = {"budget", "save_every"}
-    return {k: v for k, v in old.items() if k not in ignore} == {k: v for k, v in new.items() if k not in ignore}
+#: Config fields a resumed run may change: a state can be continued to a larger budget, with
+#: another snapshot interval.
+_RESUME_FREE = {"budget", "save_every"}
+
+
+def _config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = (set(old) | set(new)) - _RESUME_FREE
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def _load_state(path: Path, dev: Any) -> dict[str, Any]:
+    """The training state at ``path`` (``torch.load(weights_only=True)``); CheckpointError in one
+    line when torch refuses it (a pickle with code, a truncated or foreign file)."""
+    from neon_cli.errors import CheckpointError
+
+    try:
+        state = torch.load(path, weights_only=True, map_location=dev)
+    except Exception as exc:  # UnpicklingError (weights_only refused it), RuntimeError (not a torch zip), EOFError
+        first = next((ln.strip() for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise CheckpointError(f"{path}: not a neon training state ({type(exc).__name__}: {first}); "
+                              "delete it to start this run afresh") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "images_seen", "config"} <= set(state):
+        raise CheckpointError(f"{path}: not a neon training state (needs model, optimizer, images_seen, config); "
+                              "delete it to start this run afresh")
+    return state
+
+
+def _check_resumable(path: Path, state: dict[str, Any], cfg: TrainConfig, provenance: dict[str, Any]) -> None:
+    """UsageError naming ``path`` and what differs unless the state is this run's."""
+    old_prov = state.get("provenance") or {}
+    for key, value in provenance.items():
+        if key not in old_prov:
+            raise UsageError(f"{path}: training state without a recorded {key} (made by an older neon or another "
+                             "tool); cannot tell whether it is this run's: use another -o or delete it")
+        if old_prov[key] != value:
+            raise UsageError(f"{path}: training state of another run: its {key} is {str(old_prov[key])[:12]}..., "
+                             f"this run's {str(value)[:12]}...; use another -o or delete it")
+    diff = _config_differences(state.get("config") or {}, asdict(cfg))
+    if diff:
+        old_cfg = state.get("config") or {}
+        what = ", ".join(f"{k} {old_cfg.get(k)!r} != {getattr(cfg, k, None)!r}" for k in diff)
+        raise UsageError(f"{path}: training state from a run with other settings ({what}); use another -o or delete it")
+    if int(state["images_seen"]) > cfg.budget:
+        raise UsageError(f"{path}: training state at {int(state['images_seen'])} images, past --budget {cfg.budget}; "
+                         "use another -o or delete it")
+
+
+def snapshot_points(budget: int, batch: int, save_every: int | None) -> list[int]:
+    """Images seen at each snapshot :func:`train_loop` makes in a run from 0 to ``budget`` (the
+    first step count at or past each multiple of ``save_every``, and the end)."""
+    points, seen, mark = [], 0, _next_mark(0, save_every, budget)
+    while seen < budget:
+        seen += min(batch, budget - seen)
+        if seen >= mark:
+            points.append(seen)
+            mark = _next_mark(seen, save_every, budget)
+    return points
 
 
 def _next_mark(seen: int, every: int | None, budget: int) -> int:
@@ -238,8 +316,10 @@ def _next_mark(seen: int, every: int | None, budget: int) -> int:
     return min(budget, (seen // every + 1) * every)
 
 
-def _save_state(path: Path, model: torch.nn.Module, opt: Any, ema: Any, seen: int, cfg: TrainConfig) -> None:
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "images_seen": seen, "config": asdict(cfg)}
+def _save_state(path: Path, model: torch.nn.Module, opt: Any, ema: Any, seen: int, cfg: TrainConfig,
+                provenance: dict[str, Any], ledger: list[Any]) -> None:
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "images_seen": seen, "config": asdict(cfg),
+             "provenance": dict(provenance), "snapshots": list(ledger)}
     if ema is not None:
         state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:

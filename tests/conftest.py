@@ -20,6 +20,7 @@ def _isolate_env(monkeypatch):
     monkeypatch.delenv("NEON_DEBUG", raising=False)
     monkeypatch.delenv("NEON_INCEPTION", raising=False)
     monkeypatch.delenv("NEON_REF_STATS", raising=False)
+    monkeypatch.delenv("NEON_LOG_FORMAT", raising=False)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from neon_cli.commands import app
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["synth", "finetune", "merge", "tune-w", "eval", "demo", "align", "ref-stats", "plugins"]
+COMMANDS = ["synth", "finetune", "merge", "inspect", "tune-w", "eval", "fid", "demo", "align", "ref-stats", "plugins"]
 
 
 @pytest.mark.parametrize("cmd", COMMANDS)
@@ -40,7 +40,7 @@ def test_importing_the_cli_does_not_import_torch():
 
 
 def test_unknown_family_is_a_one_line_error_exit_2(tmp_path):
-    res = runner.invoke(app, ["synth", "nofam", "--num", "4", "-o", str(tmp_path / "S")])
+    res = runner.invoke(app, ["synth", "nofam", "--num-images", "4", "-o", str(tmp_path / "S")])
     assert res.exit_code == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "unknown family 'nofam'" in lines[0] and lines[0].startswith("neon synth: error:")
@@ -84,3 +84,100 @@ def test_completion_scripts_are_up_to_date(shell):
     assert out.strip(), "no completion script generated"
     shipped = (ROOT / "completions" / f"neon.{shell}").read_text()
     assert out == shipped, f"completions/neon.{shell} is stale: regenerate with `_NEON_COMPLETE=source_{shell} neon > completions/neon.{shell}`"
+
+
+# ----------------------------------------------------------------------------------------------
+# every command: --report, --log-format, no <bool> placeholder; --set completion (issue 17)
+
+
+def _all_commands() -> dict:
+    import typer
+
+    return typer.main.get_command(app).commands
+
+
+def _failing_argv(name: str, command) -> list[str]:
+    """The command with every required parameter filled by a value that fails fast: an unknown
+    family, else "1" (a number, or a path that does not exist in the empty working directory),
+    and --family nofam where it is optional."""
+    argv = [name]
+    for p in command.params:
+        opts = [o for o in p.opts if o.startswith("--")] or list(p.opts)
+        if p.name == "family" and p.param_type_name == "option" and not p.required:
+            argv += [opts[0], "nofam"]
+            continue
+        if not p.required:
+            continue
+        value = "nofam" if p.name == "family" else "1"
+        argv += [value] if p.param_type_name == "argument" else [opts[0], value]
+    return argv
+
+
+def test_every_command_takes_report_and_writes_one(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    commands = _all_commands()
+    assert {"synth", "finetune", "merge", "inspect", "tune-w", "eval", "fid", "demo", "align", "ref-stats", "plugins"} <= set(commands)
+    for name, command in commands.items():
+        rep = tmp_path / f"{name}.json"
+        argv = _failing_argv(name, command) + ["--report", str(rep)]
+        res = runner.invoke(app, argv)
+        assert res.exit_code in (0, 2), (argv, res.exit_code, res.output)
+        assert "No such option" not in res.output and "Usage:" not in res.output, (argv, res.output)
+        data = json.loads(rep.read_text())
+        assert data["schema"] == "neon.report/1" and data["command"] == name, argv
+        assert data["status"] == ("ok" if res.exit_code == 0 else "error"), (argv, data["status"])
+    data = json.loads((tmp_path / "plugins.json").read_text())
+    assert "digits" in {f["name"] for f in data["results"]["families"]}
+
+
+def test_help_has_log_format_and_no_bool_placeholder():
+    for name in [None, *_all_commands()]:
+        res = runner.invoke(app, [name, "--help"] if name else ["--help"])
+        assert res.exit_code == 0, res.output
+        assert "<bool>" not in res.stdout, name
+        if name:
+            assert "--log-format" in res.stdout and "NEON_LOG_FORMAT" in res.stdout, name
+
+
+def test_eval_refuses_an_unknown_metric_before_sampling(digits, monkeypatch):
+    def sample(*a, **k):
+        raise AssertionError("sampled before the threshold's metric was checked")
+
+    monkeypatch.setattr(digits, "sample", sample)
+    monkeypatch.setattr(digits, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    res = runner.invoke(app, ["eval", "digits", "--max-metric", "fd=0.5", "-q"])
+    assert res.exit_code == 2, res.output
+    assert "--max-metric fd" in res.stderr and "reports no metric 'fd'" in res.stderr and "pixel_fid" in res.stderr
+
+
+def _complete(shell: str, line: str) -> tuple[str, str]:
+    """What `neon` prints for TAB at the end of ``line`` (bash, zsh or fish protocol), and the
+    torch modules imported while it answered."""
+    env = dict(os.environ, _NEON_COMPLETE=f"complete_{shell}")
+    if shell == "bash":
+        words = line.split()
+        env.update(COMP_WORDS=line, COMP_CWORD=str(len(words) if line.endswith(" ") else len(words) - 1))
+    else:
+        env.update(_TYPER_COMPLETE_ARGS=line, _TYPER_COMPLETE_FISH_ACTION="get-args")
+    code = ("import sys\nfrom neon_cli.commands import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "sys.stderr.write('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    return res.stdout, res.stderr
+
+
+def test_set_key_completion_from_the_family_without_torch():
+    out, err = _complete("bash", "neon synth digits --set ")
+    assert out.split() == ["guidance=", "steps=", "rho=", "sigma_min=", "sigma_max="] and err.endswith("NOTORCH"), (out, err)
+    out, err = _complete("bash", "neon eval digits --num-samples 10 --set st")
+    assert out.split() == ["steps="], out
+    out, _ = _complete("zsh", "neon tune-w --base x.pt flow --set ")
+    assert '"solver=":' in out and '"steps=":' in out, out
+    out, _ = _complete("fish", "neon synth flow --set solver=")
+    assert [ln.split("\t")[0] for ln in out.splitlines()] == ["solver=euler", "solver=dopri5"], out
+    out, err = _complete("bash", "neon finetune imm --data S --set ")  # train_settings of a repo-backed family too
+    assert "num_steps=" in out.split() and "vae=" in out.split() and err.endswith("NOTORCH"), (out, err)
+    from neon_imm import family as imm
+
+    assert {s.name for s in imm.train_settings} <= {w.rstrip("=") for w in out.split()}
+    out, _ = _complete("bash", "neon synth nofam --set ")
+    assert out.strip() == ""

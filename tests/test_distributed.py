@@ -35,7 +35,7 @@ def _shards(d: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_synth_is_identical_with_one_and_two_ranks(tmp_path):
-    args = ["synth", "digits", "--num", "500", "--shard-size", "100", "--batch", "50", "--set", "steps=6", "-q"]
+    args = ["synth", "digits", "--num-images", "500", "--shard-size", "100", "--batch", "50", "--set", "steps=6", "-q"]
     subprocess.run(_neon(*args, "-o", str(tmp_path / "one")), check=True, capture_output=True)
     _torchrun(*args, "-o", str(tmp_path / "two"), "--report", str(tmp_path / "two.json"))
     one, two = _shards(tmp_path / "one"), _shards(tmp_path / "two")
@@ -51,7 +51,7 @@ def test_synth_is_identical_with_one_and_two_ranks(tmp_path):
 
 def test_ddp_finetune_matches_single_process(toyfam, toy_base, tmp_path):
     S = tmp_path / "S"
-    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num", "96", "--shard-size", "32", "-o", str(S), "-q"), check=True)
+    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num-images", "96", "--shard-size", "32", "-o", str(S), "-q"), check=True)
     common = ["finetune", "toy", "--model", str(toy_base), "--data", str(S), "--budget", "200", "--batch", "16", "--lr", "0.05", "-q"]
     subprocess.run(_neon(*common, "-o", str(tmp_path / "one")), check=True, capture_output=True)
     _torchrun(*common, "-o", str(tmp_path / "two"))
@@ -74,7 +74,7 @@ def _kill_when(cmd: list[str], path: Path, timeout: float = 120.0) -> None:
 
 
 def test_synth_sigkill_then_rerun_equals_uninterrupted(tmp_path):
-    args = ["synth", "digits", "--num", "2000", "--shard-size", "100", "--batch", "100", "--set", "steps=4", "-q"]
+    args = ["synth", "digits", "--num-images", "2000", "--shard-size", "100", "--batch", "100", "--set", "steps=4", "-q"]
     _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "shard-00002.safetensors")
     assert not (tmp_path / "k" / "manifest.json").exists()
     made_before = len(list((tmp_path / "k").glob("shard-*.safetensors")))
@@ -89,7 +89,7 @@ def test_synth_sigkill_then_rerun_equals_uninterrupted(tmp_path):
 
 def test_finetune_sigkill_then_rerun_equals_uninterrupted(tmp_path):
     S = tmp_path / "S"
-    subprocess.run(_neon("synth", "digits", "--num", "600", "--set", "steps=4", "-o", str(S), "-q"), check=True)
+    subprocess.run(_neon("synth", "digits", "--num-images", "600", "--set", "steps=4", "-o", str(S), "-q"), check=True)
     args = ["finetune", "digits", "--data", str(S), "--budget", "7680", "--save-every", "1280", "-q"]
     _kill_when(_neon(*args, "-o", str(tmp_path / "k")), tmp_path / "k" / "train_state.pt")
     assert not (tmp_path / "k" / "theta_s-000007680.safetensors").exists()
@@ -114,7 +114,7 @@ def test_eval_metrics_equal_with_one_and_two_ranks(tmp_path):
 
 def test_tune_w_two_ranks_take_the_same_decisions_as_one(toyfam, toy_base, tmp_path):
     S, ft = tmp_path / "S", tmp_path / "ft"
-    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num", "64", "-o", str(S), "-q"), check=True)
+    subprocess.run(_neon("synth", "toy", "--model", str(toy_base), "--num-images", "64", "-o", str(S), "-q"), check=True)
     subprocess.run(_neon("finetune", "toy", "--model", str(toy_base), "--data", str(S), "--budget", "160", "-o", str(ft), "-q"), check=True)
     snap = str(ft / "theta_s-000000160.safetensors")
     args = ["tune-w", "toy", "--base", str(toy_base), "--selftrained", snap, "--num-samples", "300", "--batch", "100",
@@ -128,3 +128,48 @@ def test_tune_w_two_ranks_take_the_same_decisions_as_one(toyfam, toy_base, tmp_p
     # rank 0 alone wrote the cache: one line per evaluation, not two
     assert len((tmp_path / "two.jsonl").read_text().splitlines()) == len(two["evaluations"])
     assert (tmp_path / "best.safetensors").exists()
+
+
+INCEPTION_FAMILY = Path(__file__).resolve().parent / "fixtures" / "inception_family.py"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
+def test_eval_of_an_inception_scored_family_on_two_ranks_equals_one(tmp_path):
+    """A family whose metric runs the Inception detector (as diffusers/flow do) under torchrun: every
+    rank takes part in the detector's all-gather (it used to be rank 0 alone: a hang), and the FID
+    is over all the images, equal to one process's."""
+    import numpy as np
+
+    from test_inception import TinyDetector  # the suite's stand-in for the TorchScript inception-2015-12-05.pt
+
+    from neon_cli import inception as I
+    from neon_cli.metrics import save_stats
+
+    det = tmp_path / "inception-2015-12-05.pt"
+    torch.jit.script(TinyDetector()).save(str(det))
+    real = np.random.default_rng(1).integers(0, 256, (64, 3, 8, 8), dtype=np.uint8)
+    mu, sigma, _ = I.compute_stats(I.load_detector(det, "cpu"), real, batch=32)
+    save_stats(tmp_path / "ref.npz", mu, sigma)
+    spec = f"{INCEPTION_FAMILY}:family"
+    fam = __import__("importlib").import_module("neon_cli.family").get_family(spec)
+    fam.save(fam.new(), str(tmp_path / "m.safetensors"), {})
+    args = ["eval", spec, "--model", str(tmp_path / "m.safetensors"), "--num-samples", "90", "--batch", "20",
+            "--detector", str(det), "--ref-stats", str(tmp_path / "ref.npz"), "-q"]
+    subprocess.run(_neon(*args, "--report", str(tmp_path / "one.json")), check=True, capture_output=True, timeout=120)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neon_cli", *args,
+           "--report", str(tmp_path / "two.json")]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=150)
+    except subprocess.TimeoutExpired:
+        pytest.fail("eval under torchrun hung: rank 0 scored alone while the detector waited for the other rank")
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())["results"]
+    two = json.loads((tmp_path / "two.json").read_text())["results"]
+    assert one["metrics"]["fid"] > 0
+    assert two["metrics"]["fid"] == pytest.approx(one["metrics"]["fid"], rel=1e-6)
+    # the FID is over all 90 images: scoring only one rank's half gives another value
+    images = fam.sample(fam.load(str(tmp_path / "m.safetensors")), torch.arange(10_000_000, 10_000_045), None, {})
+    from neon_cli.metrics import feature_stats, frechet_distance
+
+    half = frechet_distance(*feature_stats(I.compute_features(I.load_detector(det, "cpu"), images.numpy())), mu, sigma)
+    assert abs(half - two["metrics"]["fid"]) > 1e-6 * one["metrics"]["fid"]

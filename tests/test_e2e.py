@@ -36,7 +36,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 def test_installed_cli_synth_finetune_tunew_merge_eval(tmp_path, digits):
     base = digits.default_model
     S, ft = tmp_path / "S", tmp_path / "ft"
-    _run("synth", "digits", "--num", "2000", "-o", str(S), "-q")
+    _run("synth", "digits", "--num-images", "2000", "-o", str(S), "-q")
     _run("finetune", "digits", "--data", str(S), "--budget", "31457", "-o", str(ft), "-q")  # 3% of the base's 1 Mi
     theta_s = next(ft.glob("theta_s-*.safetensors"))
     best = tmp_path / "best.safetensors"
@@ -58,16 +58,33 @@ def test_installed_cli_synth_finetune_tunew_merge_eval(tmp_path, digits):
 
 @pytest.mark.slow
 def test_demo_reports_the_required_results(tmp_path):
+    """The paper's protocol: S at the base's own best gamma, Neon against the base at its default
+    and at its best gamma and against the same budget on real data, on disjoint seeds."""
     from neon_cli.commands import app
 
     rep = tmp_path / "demo.json"
-    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "d"), "--num-synthetic", "1000", "--num-samples", "500",
-                                   "--confirm-samples", "1000", "--max-evals", "6", "--report", str(rep), "-q"])
+    res = CliRunner().invoke(app, ["demo", "-o", str(tmp_path / "d"), "--num-synthetic", "1000", "--budget", "8192",
+                                   "--num-samples", "300", "--confirm-samples", "600", "--report", str(rep), "-q"])
     assert res.exit_code == 0, res.output
     r = json.loads(rep.read_text())["results"]
-    for key in ("base_fid", "neon_fid", "w", "num_synthetic", "budget_fraction"):
-        assert key in r
-    assert r["num_synthetic"] == 1000 and r["budget_fraction"] == pytest.approx(0.03, rel=1e-3)
-    assert r["neon_fid"] < r["base_fid"]
-    assert (tmp_path / "d" / "neon.safetensors").exists()
-    assert "lower with Neon" in res.stdout and "w =" in res.stdout
+    assert r["num_synthetic"] == 1000 and r["budget_fraction"] == pytest.approx(8192 / 2**20)
+    steps = r["steps"]
+    # S was synthesized at the base's best gamma, which beats the default gamma 2 on the search seeds
+    assert r["gamma_default"] == 2.0 and r["gamma_S"] == r["gamma_base_best"] != 2.0
+    assert steps["synth"]["settings"]["resolved_settings"]["guidance"] == r["gamma_S"]
+    bl = steps["base-gamma"]["results"]["baselines"]
+    assert bl["best"]["value"] < bl["default"]["value"]
+    m = r["metric"]
+    assert r["gain_vs_best"] == pytest.approx(1 - r["neon"][m] / r["base_best"][m])
+    assert r["gain_vs_default"] == pytest.approx(1 - r["neon"][m] / r["base_default"][m])
+    assert r["neon"][m] < r["base_default"][m]
+    # the control: the same budget and recipe on the real digits
+    ft = json.loads((tmp_path / "d" / "ft" / "finetune.json").read_text())
+    ctl = json.loads((tmp_path / "d" / "control" / "ft" / "finetune.json").read_text())
+    assert ctl["budget_images"] == ft["budget_images"] and ctl["config"] == ft["config"]
+    assert r["control"][m] > 0 and r["num_real"] == 1000
+    tuned = steps["tune-w"]["results"]
+    assert tuned["confirmation"]["seeds"][0] == 10_000_000 + 300  # disjoint from the search seeds
+    assert (tmp_path / "d" / "neon.safetensors").exists() == bool(r["paths"]["neon"])
+    out = " ".join(res.stdout.split())
+    assert "than the base at its best γ" in out and "real images" in out and "Neon w" in out

@@ -297,11 +297,16 @@ def test_edm_like_container_pt_to_pt_and_safetensors(tmp_path):
     assert_sd_equal(out["model"], model_r)
     assert_sd_equal(out["ema"], expected(r, s, W))
     assert list(out["ema"]) == list(r)
-    prov = out["neon_provenance"]
-    assert prov["neon.w"] == "1.6" and prov["neon.key"] == "ema"
-    assert prov["neon.base_sha256"] == sha256_path(tmp_path / "base.pt")
-    # every output tensor has its own storage (re-saving as safetensors works)
-    save_file(dict(out["ema"]), str(tmp_path / "resaved.safetensors"))
+    assert set(out) == {"ema", "model", "step", "loss_scale"}  # θ_r's container, nothing added
+    # θ_r's archive byte for byte except the merged storages' bytes
+    a, b = (tmp_path / "base.pt").read_bytes(), (tmp_path / "neon.pt").read_bytes()
+    assert len(a) == len(b)
+    import zipfile
+    with zipfile.ZipFile(tmp_path / "base.pt") as za, zipfile.ZipFile(tmp_path / "neon.pt") as zb:
+        assert zb.testzip() is None  # CRCs recomputed
+        changed = [i.filename for i in za.infolist() if za.read(i) != zb.read(i.filename)]
+    assert len(changed) == 3 and all("/data/" in c for c in changed)  # the 3 merged tensors' storages
+    assert res["outputs"][0]["sha256"] == sha256_path(tmp_path / "neon.pt")
     res2 = merge_checkpoints(tmp_path / "base.pt", tmp_path / "ft.pt", [W], [tmp_path / "neon.safetensors"], report=rep())
     assert_sd_equal(read_st(tmp_path / "neon.safetensors"), expected(r, s, W))
     assert any("not written to a safetensors output" in m for m in res2["warnings"])
@@ -312,9 +317,11 @@ def test_var_like_flat_state_dict_with_module_prefix(tmp_path):
     r_ddp = OrderedDict(("module." + k, v) for k, v in r.items())
     torch.save({"trainer": {"var_wo_ddp": r_ddp, "vae_local": {"q.weight": torch.ones(3)}}, "args": {"depth": 16}}, tmp_path / "ar-ckpt-best.pth")
     torch.save(s, tmp_path / "ft.pth")  # flat, no prefix
-    with pytest.raises(CheckpointError, match="several state dicts found.*--key"):
-        merge_checkpoints(tmp_path / "ar-ckpt-best.pth", tmp_path / "ft.pth", [W], [tmp_path / "o.pth"], report=rep())
+    # VAR's trainer checkpoint: trainer.var_wo_ddp is found without --key (vae_local named as the alternative)
+    auto = merge_checkpoints(tmp_path / "ar-ckpt-best.pth", tmp_path / "ft.pth", [W], [tmp_path / "auto.pth"], report=rep())
+    assert auto["key"]["base"] == "trainer.var_wo_ddp" and any("trainer.vae_local" in m for m in auto["warnings"])
     res = merge_checkpoints(tmp_path / "ar-ckpt-best.pth", tmp_path / "ft.pth", [W], [tmp_path / "o.pth"], key="trainer.var_wo_ddp", report=rep())
+    assert (tmp_path / "auto.pth").read_bytes() == (tmp_path / "o.pth").read_bytes()
     assert res["prefix"] == {"base": "module.", "selftrained": ""}
     out = torch.load(tmp_path / "o.pth", weights_only=True)
     want = expected(r, s, W)
@@ -326,16 +333,14 @@ def test_var_like_flat_state_dict_with_module_prefix(tmp_path):
     assert torch.equal(out["trainer"]["vae_local"]["q.weight"], torch.ones(3)) and out["args"] == {"depth": 16}
 
 
-def test_xar_like_training_checkpoint_needs_trust_pickle(tmp_path):
+def test_xar_like_training_checkpoint_needs_no_trust_pickle(tmp_path):
+    """{model, model_ema, args: argparse.Namespace}: read inertly, written as θ_r's own archive."""
     r, s = sd_pair()
     args = argparse.Namespace(model="xar_l", lr=1e-4)
-    torch.save({"model": r, "model_ema": r, "args": args, "epoch": 799}, tmp_path / "checkpoint-last.pth")
+    torch.save({"model": {k: v.clone() for k, v in r.items()}, "model_ema": r, "args": args, "epoch": 799}, tmp_path / "checkpoint-last.pth")
     torch.save({"model": s, "model_ema": s, "args": args, "epoch": 800}, tmp_path / "ft.pth")
     before = snapshot(tmp_path / "checkpoint-last.pth", tmp_path / "ft.pth")
-    with pytest.raises(CheckpointError, match=r"checkpoint-last.pth: .*argparse.Namespace.*--trust-pickle"):
-        merge_checkpoints(tmp_path / "checkpoint-last.pth", tmp_path / "ft.pth", [W], [tmp_path / "o.pth"], report=rep())
-    assert not (tmp_path / "o.pth").exists()
-    res = merge_checkpoints(tmp_path / "checkpoint-last.pth", tmp_path / "ft.pth", [W], [tmp_path / "o.pth"], trust_pickle=True, report=rep())
+    res = merge_checkpoints(tmp_path / "checkpoint-last.pth", tmp_path / "ft.pth", [W], [tmp_path / "o.pth"], report=rep())
     assert res["key"]["base"] == "model_ema"
     out = torch.load(tmp_path / "o.pth", weights_only=False)
     assert_sd_equal(out["model_ema"], expected(r, s, W))
@@ -356,12 +361,11 @@ def test_edm_pickle_module_to_pickle(tmp_path):
     for name, obj in (("base.pkl", net), ("ft.pkl", net_s)):
         with open(tmp_path / name, "wb") as fh:
             pickle.dump({"ema": obj, "augment_pipe": None}, fh)
-    with pytest.raises(CheckpointError, match="--trust-pickle"):
-        merge_checkpoints(tmp_path / "base.pkl", tmp_path / "ft.pkl", [W], [tmp_path / "neon.pkl"], report=rep())
-    merge_checkpoints(tmp_path / "base.pkl", tmp_path / "ft.pkl", [W], [tmp_path / "neon.pkl"], trust_pickle=True, report=rep())
+    merge_checkpoints(tmp_path / "base.pkl", tmp_path / "ft.pkl", [W], [tmp_path / "neon.pkl"], report=rep())
+    assert (tmp_path / "neon.pkl").stat().st_size == (tmp_path / "base.pkl").stat().st_size
     with open(tmp_path / "neon.pkl", "rb") as fh:
         out = pickle.load(fh)
-    assert isinstance(out["ema"], torch.nn.Sequential) and "neon_provenance" in out
+    assert isinstance(out["ema"], torch.nn.Sequential) and set(out) == {"ema", "augment_pipe"}
     want = expected(net.state_dict(), net_s.state_dict(), W)
     assert_sd_equal(out["ema"].state_dict(), want)
     assert bit_equal(out["ema"][1].running_mean, net[1].running_mean)
@@ -407,19 +411,19 @@ def test_sharded_folder_follows_base_shards_and_reshards(tmp_path):
 
 
 def test_several_w_read_each_tensor_once(tmp_path, monkeypatch):
-    from neon_cli import checkpoint as ckmod
+    from neon_cli.checkpoint import core as ckmod
 
     r, s = sd_pair()
     save_file(r, str(tmp_path / "r.safetensors"))
     save_file(s, str(tmp_path / "s.safetensors"))
     reads: list[str] = []
-    orig = ckmod.Checkpoint._read
+    orig = ckmod.Checkpoint.raw_array
 
-    def counting(self, raw, start, stop):
-        reads.append(f"{self.path.name}:{raw}:{start}")
-        return orig(self, raw, start, stop)
+    def counting(self, raw):
+        reads.append(f"{self.path.name}:{raw}")
+        return orig(self, raw)
 
-    monkeypatch.setattr(ckmod.Checkpoint, "_read", counting)
+    monkeypatch.setattr(ckmod.Checkpoint, "raw_array", counting)
     ws = [0.5, 1.0, W]
     outs = [tmp_path / f"o{w}.safetensors" for w in ws]
     res = merge_checkpoints(tmp_path / "r.safetensors", tmp_path / "s.safetensors", ws, outs, report=rep())
@@ -521,8 +525,8 @@ def _err_case(tmp_path: Path, case: str):
         ("dtype", CheckpointError, r"key 'head.weight': dtype float32 in .* but float64"),
         ("missing", CheckpointError, r"key 'head.weight': in .*r.safetensors but not in"),
         ("truncated", CheckpointError, r"s.safetensors: not a readable safetensors file"),
-        ("output_is_input", UsageError, r"-o .*s.safetensors: is an input"),
-        ("output_is_base", UsageError, r"-o .*r.safetensors: is an input"),
+        ("output_is_input", UsageError, r"-o: .*s.safetensors is also the input selftrained"),
+        ("output_is_base", UsageError, r"-o: .*r.safetensors is also the input base"),
         ("bad_regex", UsageError, r"--exclude '\[unclosed'"),
         ("pkl_output", UsageError, r"\.pkl output needs a pickle base"),
         ("count", UsageError, r"1 output paths for 2 weights"),

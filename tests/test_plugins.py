@@ -66,7 +66,7 @@ def test_settings_parse_and_range_errors(digits):
 
 def test_every_subcommand_runs_on_the_third_party_family(toyfam, toy_base, tmp_path):
     S, ft = tmp_path / "S", tmp_path / "ft"
-    r = runner.invoke(app, ["synth", "toy", "--model", str(toy_base), "--num", "64", "--shard-size", "16", "-o", str(S), "-q"])
+    r = runner.invoke(app, ["synth", "toy", "--model", str(toy_base), "--num-images", "64", "--shard-size", "16", "-o", str(S), "-q"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["finetune", "toy", "--model", str(toy_base), "--data", str(S), "--budget", "320",
                             "--save-every", "160", "-o", str(ft), "-q", "--report", str(tmp_path / "ft.json")])

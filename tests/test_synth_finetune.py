@@ -116,7 +116,7 @@ def test_finetune_resume_equals_uninterrupted(toyfam, toy_base, tmp_path):
 
 def test_finetune_errors(toyfam, toy_base, tmp_path):
     with pytest.raises(DataError, match="no manifest.json"):
-        _ft(toy_base, tmp_path, tmp_path / "o")
+        _ft(toy_base, tmp_path / "empty", tmp_path / "o")
     _synth(tmp_path / "S", toy_base)
     with pytest.raises(UsageError, match="--budget"):
         _ft(toy_base, tmp_path / "S", tmp_path / "o", budget=0)

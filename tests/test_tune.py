@@ -26,6 +26,7 @@ from neon_cli import tune
 from neon_cli.errors import UsageError
 from neon_cli.family import ENTRY_POINT_GROUP, Setting
 from neon_cli.report import Report
+from tune_fakes import SIGMA, TARGET, THETA_BAD, THETA_R, THETA_S, FakeFamily, closed_form, fam  # noqa: F401
 from neon_cli.tune import (
     EvalCache,
     abandonment_rule,
@@ -401,146 +402,6 @@ def test_cache_roundtrip_torn_last_line_and_append_after_it(tmp_path):
 # run_tune_w on a fake family
 # ------------------------------------------------------------------------------------------------
 
-SIGMA = 0.05
-TARGET = torch.tensor([0.4, 0.6, 2.0], dtype=torch.float64)
-THETA_R = [1.0, 0.0]
-THETA_S = [1.5, -0.5]   # direction d = theta_s - theta_r = (0.5, -0.5): theta(w) = (1 - w/2, w/2)
-THETA_BAD = [1.0, -0.5]  # d = (0, -0.5): theta(w) stays at distance >= 0.6 from the target
-
-
-class FakeModel(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.theta = torch.nn.Parameter(torch.zeros(2))
-        self.register_buffer("images_seen", torch.zeros((), dtype=torch.int64))
-
-
-def _eps(seeds):
-    """The seed plan's noise: eps[i] ~ N(0, I_3) from seed i alone (float64 [N, 3])."""
-    return torch.stack([torch.randn(3, generator=torch.Generator().manual_seed(int(s)), dtype=torch.float64) for s in seeds])
-
-
-class FakeFamily:
-    """Features z_i = (theta_0, theta_1, gamma + (theta_0 - theta_1)/2) + SIGMA eps_i; metric ``dist`` =
-    ||mean_i z_i - TARGET||^2 (exactly quadratic in (w, gamma)), ``recall`` = exp(-dist)."""
-
-    name = "fake-tune"
-    description = "test family"
-    settings = (Setting("guidance", 1.8, float, low=0.0, high=10.0), Setting("steps", 4, int, low=1, high=100))
-    guidance = "guidance"
-    num_classes = 0
-    default_model = None
-    metrics = ("dist", "recall")
-    train_defaults = {"batch": 8, "lr": 1e-3}
-
-    def __init__(self):
-        self.sample_calls = 0
-        self.seen = []  # (seeds, theta, gamma) of every sample call
-        self.fail_after = None
-
-    def load(self, path):
-        from safetensors.torch import load_file
-
-        m = FakeModel()
-        m.load_state_dict(load_file(path))
-        return m.eval()
-
-    def save(self, model, path, metadata):
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, path, metadata=dict(metadata))
-
-    def read_metadata(self, path):
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as fh:
-            return dict(fh.metadata() or {})
-
-    def sample(self, model, seeds, labels, settings):
-        self.sample_calls += 1
-        if self.fail_after is not None and self.sample_calls > self.fail_after:
-            raise KeyboardInterrupt
-        th = model.theta.detach().double()
-        g = float(settings["guidance"])
-        self.seen.append((seeds.clone(), th.clone(), g))
-        mu = torch.stack([th[0], th[1], g + (th[0] - th[1]) / 2])
-        z = mu + SIGMA * _eps(seeds)
-        return z.contiguous().view(torch.uint8).reshape(len(seeds), 1, 4, 6)  # float64 bytes as "images"
-
-    def score(self, images, labels):
-        z = images.reshape(len(images), 24).contiguous().view(torch.float64)
-        dist = float(((z.mean(0) - TARGET) ** 2).sum())
-        return {"dist": dist, "recall": math.exp(-dist)}
-
-    def loss(self, model, images, labels, generator):
-        raise NotImplementedError
-
-    def make_optimizer(self, params, lr):
-        return torch.optim.SGD(params, lr=lr)
-
-
-def closed_form(theta_s, seed, n, gamma=None):
-    """The exact best (w, gamma) of the fake family on seeds seed..seed+n-1 (least squares)."""
-    e = SIGMA * _eps(torch.arange(seed, seed + n)).mean(0)
-    r = torch.tensor(THETA_R, dtype=torch.float64)
-    d = torch.tensor(theta_s, dtype=torch.float64) - r
-    # mean feature m(w, g) = m0 + w * jw + g * jg
-    m0 = torch.stack([r[0], r[1], (r[0] - r[1]) / 2]) + e
-    jw = -torch.stack([d[0], d[1], (d[0] - d[1]) / 2])
-    jg = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
-    if gamma is None:  # w only, at a fixed gamma
-        res = m0 + FakeFamily.settings[0].default * jg - TARGET
-        return float(-(res @ jw) / (jw @ jw)), None
-    J = torch.stack([jw, jg], 1)
-    sol = torch.linalg.lstsq(J, (TARGET - m0).unsqueeze(1)).solution.squeeze(1)
-    return float(sol[0]), float(sol[1])
-
-
-def _merge_stand_in(base_sd, self_sd, w):
-    """theta_r - w (theta_s - theta_r) in float32, cast back; non-float tensors from theta_r."""
-    out = {}
-    for k, r in base_sd.items():
-        s = self_sd[k]
-        if r.is_floating_point():
-            out[k] = (r.float() - w * (s.float() - r.float())).to(r.dtype)
-        else:
-            out[k] = r.clone()
-    return out
-
-
-@pytest.fixture
-def fam(monkeypatch, tmp_path):
-    """Register FakeFamily as entry point ``fake-tune`` and write base / selftrained checkpoints."""
-    family = FakeFamily()
-    mod = types.ModuleType("_neon_fake_tune_family")
-    mod.family = family
-    monkeypatch.setitem(sys.modules, "_neon_fake_tune_family", mod)
-    ep = metadata.EntryPoint(name="fake-tune", value="_neon_fake_tune_family:family", group=ENTRY_POINT_GROUP)
-    monkeypatch.setattr("neon_cli.family.entry_points", lambda: [ep])
-    try:
-        importlib.import_module("neon_cli.merge").merge_state_dicts  # noqa: B018
-    except (ImportError, AttributeError):  # being written by another engineer: local stand-in
-        stub = types.ModuleType("neon_cli.merge")
-        stub.merge_state_dicts = _merge_stand_in
-        monkeypatch.setitem(sys.modules, "neon_cli.merge", stub)
-
-    def ckpt(name, theta):
-        m = FakeModel()
-        with torch.no_grad():
-            m.theta.copy_(torch.tensor(theta))
-        m.images_seen.fill_(1234)
-        p = tmp_path / name
-        family.save(m, str(p), {"train_images": "1000"})
-        return p
-
-    (tmp_path / "ft").mkdir()
-    family.paths = {
-        "base": ckpt("base.safetensors", THETA_R),
-        "good": ckpt("ft/theta_s-000002000.safetensors", THETA_S),
-        "bad": ckpt("ft/theta_s-000010000.safetensors", THETA_BAD),
-    }
-    return family
-
 
 def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp_path):
     rep = Report("tune-w", argv=["neon", "tune-w"])
@@ -555,20 +416,22 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     ev = res["evaluations"]
     n_search = res["snapshots"][0]["n_evals"]
     assert n_search <= 12 and len(ev) == n_search + 3 and res["n_evals"] == len(ev)
-    # theta_r itself (w = 0) is scored on the search seeds, and the chosen w beats it
-    assert res["base"]["w"] == 0.0 and res["base"]["value"] == ev[n_search]["value"]
-    assert res["beats_base"] is True and res["chosen"]["value"] < res["base"]["value"]
+    # theta_r itself (w = 0) is scored first on the search seeds, and the chosen w beats it
+    assert res["base"]["w"] == 0.0 and res["base"]["value"] == ev[0]["value"]
+    assert res["baselines"]["default"]["value"] == ev[0]["value"] and res["baselines"]["best"] is None  # no gamma box
+    assert res["beats_base"] is True and res["improved"] is True and res["chosen"]["value"] < res["base"]["value"]
+    assert res["gain"]["vs_default"] == pytest.approx(1 - res["chosen"]["value"] / res["base"]["value"])
     for e in ev:
         assert {"w", "gamma", "snapshot", "metrics", "seconds", "cached", "phase", "value", "seed", "num_samples"} <= set(e)
         assert e["cached"] is False and e["value"] == e["metrics"]["dist"]
         assert e["gamma"] == 1.8  # the family's default guidance, held fixed
-    assert [e["phase"] for e in ev] == ["brent"] * n_search + ["base", "confirm", "confirm-base"]
+    assert [e["phase"] for e in ev] == ["base"] + ["brent"] * n_search + ["confirm", "confirm-base"]
     # every search evaluation used the same seeds (common random numbers)
-    search_calls = fam.seen[:n_search]
-    assert all(torch.equal(s[0], torch.arange(0, 64)) for s in fam.seen[:n_search + 1])  # search and base: same seeds
-    assert torch.equal(fam.seen[n_search][1], torch.tensor(THETA_R, dtype=torch.float64))  # the base is theta_r
+    search_calls = fam.seen[1:n_search + 1]
+    assert all(torch.equal(s[0], torch.arange(0, 64)) for s in fam.seen[:n_search + 1])  # base and search: same seeds
+    assert torch.equal(fam.seen[0][1], torch.tensor(THETA_R, dtype=torch.float64))  # the base is theta_r
     # each measured value is the formula at the merged theta
-    for e, (seeds, th, g) in zip(ev, search_calls):
+    for e, (seeds, th, g) in zip(ev[1:], search_calls):
         th_expect = torch.tensor(THETA_R) - torch.tensor(e["w"], dtype=torch.float32) * (torch.tensor(THETA_S) - torch.tensor(THETA_R))
         assert torch.allclose(th.float(), th_expect, atol=1e-6)
     # confirmation: disjoint, larger seed range; the base is scored at w = 0
@@ -599,13 +462,14 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
 def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     rep = Report("tune-w", argv=[])
     res = run_tune_w("fake-tune", fam.paths["base"], [str(fam.paths["good"])], bounds=(0.0, 3.0), gamma=(1.0, 4.0),
-                     gamma_scale="linear", num_samples=64, seed=5, report=rep)
+                     gamma_scale="linear", joint="design", tune_base=False, num_samples=64, seed=5, report=rep)
     w_star, g_star = closed_form(THETA_S, 5, 64, gamma=True)
     ch = res["chosen"]
     # the metric is exactly quadratic in (w, gamma): the fitted optimum is the optimum
     assert ch["w"] == pytest.approx(w_star, abs=1e-4) and ch["gamma"] == pytest.approx(g_star, abs=1e-4)
-    # 6 design points, the fitted optimum, the base; the refinement step lands on the optimum again (no evaluation)
-    assert res["mode"] == "quadratic" and res["n_evals"] == 7 + 1
+    # the base at its default gamma, 6 design points, the fitted optimum, the base at the chosen gamma; the
+    # refinement step lands on the optimum again (no evaluation)
+    assert res["mode"] == "quadratic" and res["joint"] == "design" and res["n_evals"] == 1 + 7 + 1
     assert res["gamma_scale"] == "linear" and res["refine"] == 2 and res["snapshots"][0]["stopped"] == "converged"
     assert [r["kind"] for r in res["snapshots"][0]["rounds"]] == ["design", "refine"]
     rnd = res["snapshots"][0]["rounds"][0]
@@ -616,8 +480,8 @@ def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     assert rnd["coefficients"]["h"] == pytest.approx(-1.0, abs=1e-5)
     assert rnd["hessian_positive_definite"] is True and rnd["optimum"]["kind"] == "stationary"
     assert rnd["measured"] == pytest.approx(rnd["predicted"], abs=1e-6)
-    assert [e["phase"] for e in res["evaluations"]] == ["design"] * 6 + ["fit-optimum", "base"]
-    assert sorted({e["gamma"] for e in res["evaluations"][:6]}) != [1.8]  # gamma really varied
+    assert [e["phase"] for e in res["evaluations"]] == ["base"] + ["design"] * 6 + ["fit-optimum", "base"]
+    assert sorted({e["gamma"] for e in res["evaluations"][1:7]}) != [1.8]  # gamma really varied
     assert {round(s[2], 9) for s in fam.seen} == {round(e["gamma"], 9) for e in res["evaluations"]}
 
 
@@ -679,7 +543,8 @@ def test_run_tune_w_bad_input(fam, tmp_path):
         (dict(gamma=(3.0, 3.0)), "--gamma"),
         (dict(gamma=(-1.0, 3.0)), "--gamma"),
         (dict(gamma=(1.0, 3.0), max_evals=6), "--max-evals"),
-        (dict(gamma=(1.0, 3.0), rounds=2, max_evals=10), "--max-evals"),
+        (dict(gamma=(1.0, 3.0), rounds=2, max_evals=10, joint="design"), "--max-evals"),
+        (dict(gamma=(1.0, 3.0), joint="grid"), "--joint grid"),
         (dict(gamma=(0.0, 3.0), gamma_scale="log"), "--gamma-scale log: needs a positive --gamma box"),
         (dict(gamma=(1.0, 3.0), gamma_scale="cubic"), "--gamma-scale cubic"),
         (dict(gamma=(1.0, 3.0), refine=-1), "--refine"),

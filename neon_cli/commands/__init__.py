@@ -9,13 +9,16 @@ from __future__ import annotations
 import typer
 
 from neon_cli import __version__
+from neon_cli.commands._common import NeonTyper
 
-app = typer.Typer(
+app = NeonTyper(
     name="neon",
     help=(
         "Neon: improve a trained generator with its own samples. "
         "synth -> finetune -> tune-w -> merge (theta_Neon = theta_r - w (theta_s - theta_r)).\n\n"
-        "Exit codes: 0 ok, 1 regression threshold exceeded, 2 bad input, 130 interrupted."
+        "Exit codes: 0 ok, 1 regression threshold exceeded, 2 bad input, 3 resource (disk, memory), "
+        "4 internal error, 5 tune-w found nothing that beats the base, 130 interrupted. Every command takes --report FILE (JSON, neon.report/1) and "
+        "--log-format auto|rich|plain|json ($NEON_LOG_FORMAT)."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -42,7 +45,10 @@ from neon_cli.commands import (  # noqa: E402
     align,
     demo,
     eval as eval_cmd,
+    export,
+    fid,
     finetune,
+    inspect as inspect_cmd,
     merge,
     plugins,
     refstats,
@@ -50,7 +56,7 @@ from neon_cli.commands import (  # noqa: E402
     tune,
 )
 
-for _mod in (synth, finetune, merge, tune, eval_cmd, demo, align, refstats, plugins):
+for _mod in (synth, finetune, merge, inspect_cmd, tune, eval_cmd, fid, export, demo, align, refstats, plugins):
     _mod.register(app)
 
 

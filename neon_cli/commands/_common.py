@@ -1,26 +1,107 @@
-"""What every subcommand shares: the error boundary, the report, the rich progress callback.
+"""What every subcommand shares: the error boundary, the report, progress on stderr, completion.
 
 Subcommand modules only parse flags and call one library function through :func:`run`; they
 import torch-using library modules inside the command body, never at module level.
+
+Logs (stderr): with a terminal, rich progress bars; without one (a Slurm or CI log, a pipe), one
+line per event with a UTC timestamp, never wrapped, at most one progress line per task per 10 %
+of its total or per minute (:class:`LineProgress`); ``--log-format json`` (on every command, or
+``$NEON_LOG_FORMAT``) gives one JSON object per event. Every command gets ``--log-format`` from
+:class:`NeonTyper`, which also keeps boolean flags free of a ``<bool>`` placeholder in ``--help``.
 """
 
 from __future__ import annotations
 
+import contextvars
+import datetime as _dt
+import enum
+import errno
+import functools
+import inspect
 import json
 import os
 import sys
+import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TextIO
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
-from neon_cli.errors import NeonError
+from neon_cli.errors import InternalError, NeonError, ResourceError, UsageError
 
 #: Options reused by many commands (defined once so help texts stay consistent).
 ReportOpt = typer.Option(None, "--report", help="Write a JSON report (schema neon.report/1) to this file.", dir_okay=False)
 JsonOpt = typer.Option(False, "--json", help="Print the results as JSON on stdout (progress goes to stderr).")
-QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bars.")
-SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", help="Inference setting of the family (repeatable); see 'neon plugins'.")
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress (bars or log lines).")
+
+
+def _family_on_line(ctx: Any) -> Optional[str]:
+    """The FAMILY (argument or ``--family``) typed so far on the line being completed.
+
+    While completing ``--set VALUE`` the parser stops at the value-less ``--set``, so the words
+    typed before it (``$COMP_WORDS`` for bash, ``$_TYPER_COMPLETE_ARGS`` for zsh/fish) are parsed
+    again without it.
+    """
+    import shlex
+
+    name = (ctx.params or {}).get("family")
+    if name or ctx.command is None:
+        return name
+    raw = os.environ.get("_TYPER_COMPLETE_ARGS") or os.environ.get("COMP_WORDS") or ""
+    try:
+        words = shlex.split(raw)
+    except ValueError:
+        words = raw.split()
+    if ctx.info_name in words:
+        words = words[words.index(ctx.info_name) + 1:]
+    if "--set" in words:
+        words = words[: len(words) - 1 - words[::-1].index("--set")]
+    try:
+        sub = ctx.command.make_context(ctx.info_name, words, resilient_parsing=True)
+    except Exception:
+        return None
+    return sub.params.get("family")
+
+
+def complete_setting(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion for ``--set KEY=VALUE``: the family's setting names (``guidance=``, ...).
+
+    The family is the command's FAMILY argument (or ``--family``) already on the line; only
+    entry-point families are asked (a family given as a file path is not imported on TAB). Plugin
+    modules must be cheap to import (no torch: the built-in ones import only ``neon_cli.family``).
+    ``finetune`` also completes the family's ``train_settings``. After ``KEY=``, a setting with
+    choices completes its values. Any failure completes nothing.
+    """
+    try:
+        from neon_cli.family import family_names, get_family
+
+        name = _family_on_line(ctx)
+        if not name or name not in family_names():
+            return []
+        fam = get_family(name)
+        settings = list(getattr(fam, "settings", []) or [])
+        if ctx.command is not None and ctx.command.name == "finetune":
+            settings += list(getattr(fam, "train_settings", []) or [])
+        key, sep, _ = incomplete.partition("=")
+        if sep:
+            for st in settings:
+                if st.name == key and getattr(st, "choices", None):
+                    return [(f"{key}={c}", _short(st.help or "")) for c in st.choices if f"{key}={c}".startswith(incomplete)]
+            return []
+        return [(f"{st.name}=", _short(f"default {st.default}: {st.help or ''}")) for st in settings if st.name.startswith(incomplete)]
+    except Exception:  # completion never fails loudly
+        return []
+
+
+def _short(text: str, width: int = 56) -> str:
+    """A completion help text short enough that no shell's menu (or typer's fish output) wraps it."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+
+
+SetOpt = typer.Option(None, "--set", metavar="KEY=VALUE", autocompletion=complete_setting,
+                      help="Inference setting of the family (repeatable); see 'neon plugins'.")
 TrustOpt = typer.Option(
     False, "--trust-pickle",
     help="Let the family run code from the checkpoint to build the model (EDM/IMM .pkl networks). Only for files you trust.")
@@ -58,20 +139,23 @@ class RichProgress:
         self._console = _stderr_console()
 
     def __enter__(self) -> "RichProgress":
-        if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=self._console,
-                transient=False,
-            )
-            self._progress.start()
         return self
+
+    def _start(self) -> None:
+        # started on the first bar, not on entry: a live display stopped without a bar would leave
+        # an empty line, and an error message must be the first line on stderr
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self._console,
+            transient=False,
+        )
+        self._progress.start()
 
     def __exit__(self, *exc: Any) -> None:
         if self._progress is not None:
@@ -83,14 +167,237 @@ class RichProgress:
         msg = info.get("message")
         row = info.get("row")
         if msg:
-            self._console.print(f"[dim]{task}:[/dim] {msg}")
+            self._console.print(f"[dim]{task}:[/dim] {_escape(str(msg))}")
         if row:
-            self._console.print(f"[dim]{task}:[/dim] " + "  ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+            self._console.print(f"[dim]{task}:[/dim] " + _escape("  ".join(f"{k}={_fmt(v)}" for k, v in row.items())))
         if self._progress is None:
-            return
+            self._start()
+        assert self._progress is not None
         if task not in self._tasks:
             self._tasks[task] = self._progress.add_task(task, total=total)
         self._progress.update(self._tasks[task], completed=done, total=total)
+
+
+class LineProgress:
+    """A :class:`neon_cli.progress.ProgressFn` writing one line per event, for logs that are read
+    with ``grep`` / ``tail -f`` (Slurm, CI, a pipe): never wrapped, whatever the terminal width.
+
+    Events: a task's first update (or a restart: ``done`` going down), then a progress line when
+    it has passed another ``every_fraction`` of its total and ``min_seconds`` went by since its last
+    line, or ``every_seconds`` went by, its completion (``done >= total``), and every ``message`` /
+    ``row`` info. Updates in between are dropped, so a long job writes about ten lines per task
+    plus one a minute, a task of a few seconds two, never one per batch.
+
+    ``fmt="plain"``: ``2026-11-21T10:00:03Z neon synth: synth 1024/4000 img (26%) 12.3s eta 35.2s``
+    (messages ``... neon finetune: finetune: snapshot theta_s-000010000.safetensors``, rows
+    ``... neon tune-w: tune-w: w=0.8 gamma=2 fid=0.3309``). ``fmt="json"``: one object per line,
+    ``{"time", "command", "task", "event": "start"|"progress"|"done"|"message"|"row", "done",
+    "total", "unit", "elapsed_s", "eta_s", "message", "row", ...numeric infos such as "loss"}``.
+    Times are UTC (ISO 8601, second resolution); ``elapsed_s``/``eta_s`` are seconds since the
+    task's first update and the linear estimate of the rest.
+    """
+
+    def __init__(self, command: str, fmt: str = "plain", stream: TextIO | None = None, every_fraction: float = 0.1,
+                 every_seconds: float = 60.0, min_seconds: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.command = command
+        self.fmt = fmt
+        self.stream = stream
+        self.every_fraction = every_fraction
+        self.every_seconds = every_seconds
+        self.min_seconds = min_seconds
+        self.clock = clock
+        self._tasks: dict[str, dict[str, Any]] = {}
+
+    def __enter__(self) -> "LineProgress":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    # -- events ----------------------------------------------------------------------------
+    def __call__(self, task: str, done: float, total: float | None = None, **info: Any) -> None:
+        now = self.clock()
+        st = self._tasks.get(task)
+        if st is None or done < st["done"]:
+            st = self._tasks[task] = {"t0": now, "last_t": now, "done": done, "bucket": self._bucket(done, total), "finished": False}
+            if not self._complete(done, total):
+                self._progress_event("start", task, done, total, st, now, info)
+        msg, row = info.get("message"), info.get("row")
+        if msg:
+            self.emit("message", task, done=done, total=total, message=_one_line(str(msg)))
+        if row:
+            self.emit("row", task, done=done, total=total, row=dict(row))
+        bucket = self._bucket(done, total)
+        st["done"] = done
+        if self._complete(done, total):
+            if not st["finished"]:
+                st["finished"] = True
+                self._progress_event("done", task, done, total, st, now, info)
+        elif (bucket > st["bucket"] and now - st["last_t"] >= self.min_seconds) or now - st["last_t"] >= self.every_seconds:
+            self._progress_event("progress", task, done, total, st, now, info)
+            st["bucket"] = bucket
+
+    def _bucket(self, done: float, total: float | None) -> int:
+        if not total or total <= 0:
+            return 0
+        return int(max(0.0, min(1.0, done / total)) / self.every_fraction + 1e-9)
+
+    @staticmethod
+    def _complete(done: float, total: float | None) -> bool:
+        return total is not None and total > 0 and done >= total
+
+    def _progress_event(self, event: str, task: str, done: float, total: float | None, st: dict[str, Any], now: float,
+                        info: dict[str, Any]) -> None:
+        st["last_t"] = now
+        elapsed = now - st["t0"]
+        eta = None
+        if total and 0 < done < total and elapsed > 0:
+            eta = elapsed * (total - done) / done
+        extra = {k: v for k, v in info.items() if k not in ("message", "row", "unit") and isinstance(v, (int, float, str, bool))}
+        self.emit(event, task, done=done, total=total, unit=info.get("unit"), elapsed_s=round(elapsed, 3),
+                  eta_s=None if eta is None else round(eta, 3), **extra)
+
+    def emit(self, event: str, task: str | None = None, **fields: Any) -> None:
+        """Write one event line (plain or JSON); ``None`` fields are left out."""
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        fields = {k: v for k, v in fields.items() if v is not None}
+        if self.fmt == "json":
+            line = json.dumps({"time": stamp, "command": self.command, "task": task, "event": event, **fields},
+                              default=str, separators=(",", ":"))
+        else:
+            line = f"{stamp} neon {self.command}: " + _plain_event(event, task, fields)
+        stream = self.stream or sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
+
+
+def _plain_event(event: str, task: str | None, f: dict[str, Any]) -> str:
+    if event == "message":
+        return f"{task}: {f.get('message', '')}"
+    if event == "row":
+        return f"{task}: " + "  ".join(f"{k}={_fmt(v)}" for k, v in f.get("row", {}).items())
+    if event in ("start", "progress", "done"):
+        done, total, unit = f.get("done", 0), f.get("total"), f.get("unit")
+        text = f"{task} {_fmt_count(done)}" + (f"/{_fmt_count(total)}" if total is not None else "") + (f" {unit}" if unit else "")
+        if total:
+            text += f" ({100.0 * done / total:.0f}%)"
+        if event != "start":
+            text += f" {f.get('elapsed_s', 0):.1f}s"
+        if f.get("eta_s") is not None:
+            text += f" eta {f['eta_s']:.1f}s"
+        extras = [f"{k}={_fmt(v)}" for k, v in f.items() if k not in ("done", "total", "unit", "elapsed_s", "eta_s")]
+        text += "".join(" " + e for e in extras)
+        return text + (" done" if event == "done" else "")
+    return " ".join(f"{k}={_fmt(v)}" for k, v in f.items())
+
+
+def _fmt_count(v: Any) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+class LogFormat(str, enum.Enum):
+    """``--log-format``: how progress and errors are written to stderr."""
+
+    auto = "auto"    # rich bars on a terminal, plain lines otherwise
+    rich = "rich"    # rich progress bars (as on a terminal)
+    plain = "plain"  # one timestamped text line per event
+    json = "json"    # one JSON object per event
+
+
+#: the ``--log-format`` of the command being run (set by :func:`with_log_format`)
+_LOG_FORMAT: contextvars.ContextVar[str] = contextvars.ContextVar("neon_log_format", default="auto")
+
+LogFormatOpt = typer.Option(
+    LogFormat.auto, "--log-format", metavar="FORMAT", envvar="NEON_LOG_FORMAT", show_envvar=True, case_sensitive=False,
+    help="Progress/errors on stderr: auto (rich bars on a terminal, else one timestamped line per event), "
+         "rich, plain, or json (one JSON object per event).")
+
+
+def log_format(stream: Any = None) -> str:
+    """The effective log format: ``rich``, ``plain`` or ``json`` (``auto`` resolved on ``stream``,
+    default stderr: rich if it is a terminal)."""
+    fmt = str(getattr(_LOG_FORMAT.get(), "value", _LOG_FORMAT.get())).lower()
+    if fmt in ("rich", "plain", "json"):
+        return fmt
+    stream = stream if stream is not None else sys.stderr
+    try:
+        tty = bool(stream.isatty())
+    except (AttributeError, ValueError):
+        tty = False
+    return "rich" if tty else "plain"
+
+
+def with_log_format(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with one more keyword parameter, ``log_format`` (``--log-format``), that sets the log
+    format for the duration of the call; typer reads the extended signature."""
+    sig = inspect.signature(fn, eval_str=True)
+    if "log_format" in sig.parameters:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, log_format: Any = LogFormat.auto, **kwargs: Any) -> Any:
+        token = _LOG_FORMAT.set(getattr(log_format, "value", log_format))
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _LOG_FORMAT.reset(token)
+
+    extra = inspect.Parameter("log_format", inspect.Parameter.KEYWORD_ONLY, default=LogFormatOpt, annotation=LogFormat)
+    params = list(sig.parameters.values())
+    wrapper.__signature__ = sig.replace(parameters=params + [extra])  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**getattr(fn, "__annotations__", {}), "log_format": LogFormat}
+    return wrapper
+
+
+def _hide_flag_placeholders(params: list[Any]) -> list[Any]:
+    """Boolean flags take no value, so ``--help`` must not show a ``<bool>`` after them (typer's
+    rich help prints every option's type, flags included; an empty metavar prints nothing)."""
+    for p in params:
+        if getattr(p, "is_flag", False) and getattr(p, "metavar", None) is None:
+            p.metavar = ""
+    return params
+
+
+class NeonCommand(TyperCommand):
+    """Every neon subcommand: flags without a ``<bool>`` placeholder in ``--help``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _hide_flag_placeholders(super().get_params(ctx))
+
+
+class NeonGroup(TyperGroup):
+    """The ``neon`` group: its own flags (``--version``, ``--install-completion``) without ``<bool>``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _hide_flag_placeholders(super().get_params(ctx))
+
+
+class NeonTyper(typer.Typer):
+    """``typer.Typer`` whose commands are :class:`NeonCommand` and all take ``--log-format``.
+
+    Defined once here so every command, including those registered by later modules, gets the
+    same log option and help rendering without repeating it in each signature.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("cls", NeonGroup)
+        super().__init__(*args, **kwargs)
+
+    def command(self, name: Optional[str] = None, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        kwargs.setdefault("cls", NeonCommand)
+        decorator = super().command(name, **kwargs)
+
+        def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+            decorator(with_log_format(fn))
+            return fn
+
+        return register
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _fmt(v: Any) -> str:
@@ -109,60 +416,180 @@ def run(
     quiet: bool = False,
     show: Optional[Callable[[Any, Any], None]] = None,
 ) -> Any:
-    """Call ``fn(report=Report, progress=callback)``; turn errors into a one-line message + exit code.
+    """Call ``fn(report=Report, progress=callback)``: the one error boundary of every command.
 
     ``fn`` fills the report's inputs/outputs/results and returns its result. On success the
     report is written (if asked), results printed as JSON (``--json``) or by ``show(result,
-    console)``. A :class:`NeonError` prints ``neon COMMAND: error: MESSAGE`` on stderr, writes the
-    report with ``status: error`` and exits with the error's code (2 for bad input, 1 for a
-    threshold exceeded). ``NEON_DEBUG=1`` re-raises instead, for a traceback. Under torchrun the
-    process group is initialised here (:mod:`neon_cli.dist`) and only rank 0 prints or writes.
+    console)``. Before ``fn`` runs, ``--report`` is checked against every path on the command line
+    (it may not be an input or another output, in any spelling: :func:`neon_cli.fsutil.same_file`).
+
+    Progress goes to stderr as the command's ``--log-format`` says (:func:`log_format`: rich bars
+    on a terminal, else :class:`LineProgress` lines; nothing with ``-q``), also with ``--json``.
+
+    Whatever ``fn`` raises becomes one line ``neon COMMAND: error: MESSAGE`` on stderr (the last
+    line there; with ``--log-format json`` one object with ``"event": "error"``), a report with ``status: error`` (``threshold_exceeded`` for exit 1) and an exit
+    code: the :class:`NeonError`'s own (1 threshold, 2 bad input, 3 :class:`ResourceError`, 4
+    :class:`InternalError`); an OSError is 2 for a path that does not exist or has the wrong kind,
+    else 3 (no space, read-only, permission), like MemoryError / CUDA out of memory; any other
+    exception is 4 (:func:`as_neon_error`). Ctrl-C is 130. ``NEON_DEBUG=1`` re-raises instead,
+    for a traceback. Under torchrun the process group is initialised here (:mod:`neon_cli.dist`)
+    and only rank 0 prints or writes (another rank prints an error only when it is its own:
+    not a NeonError, which every rank raises alike).
     """
     from neon_cli.dist import env_world, init_from_env, shutdown
     from neon_cli.report import Report
 
-    rep = Report(command, settings=_jsonable(settings))
     console = _stderr_console()
+    fmt = log_format()
+    rank = env_world()[0]
+    main = rank == 0
+    rep = Report(command, settings=_jsonable(settings), path=report)
     # under torchrun/srun every rank runs this; only rank 0 draws progress, prints and writes the report
-    main = env_world()[0] == 0
     if not main:
         report, json_out, show = None, False, None
     try:
-        init_from_env()
-        with RichProgress(enabled=main and not quiet and not json_out) as progress:
-            result = fn(report=rep, progress=progress)
-    except NeonError as exc:
-        if os.environ.get("NEON_DEBUG"):
+        try:
+            _check_report_path(report, settings)
+        except UsageError:
+            rep.refuse_path()  # not even the error report goes over an input
             raise
-        rep.status = "threshold_exceeded" if exc.exit_code == 1 else "error"
-        rep.error = str(exc)
+        init_from_env()
+        with _progress_renderer(command, fmt, enabled=main and not quiet) as progress:
+            result = fn(report=rep, progress=progress)
         if report:
             rep.write(report)
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        if os.environ.get("NEON_DEBUG"):
+            raise
+        _write_error_report(rep, report, "error", "interrupted (Ctrl-C or SIGINT)")
+        if main:
+            text = "interrupted; outputs written so far are complete, rerun to resume"
+            if fmt == "json":
+                LineProgress(command, "json").emit("interrupted", message=text, exit_code=130)
+            else:
+                console.print(f"neon {command}: {text}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(130)
+    except Exception as raw:
+        if os.environ.get("NEON_DEBUG") or type(raw).__module__.split(".")[0] in ("typer", "click"):
+            raise  # a traceback on request; the CLI framework's own exits and usage errors as they are
+        exc = as_neon_error(raw)
+        status = "threshold_exceeded" if exc.exit_code == 1 else "error"
+        note = _write_error_report(rep, report, status, _one_line(str(exc)))
         if exc.exit_code == 1 and json_out:
             print(json.dumps(rep.results, indent=2, default=str))
-        console.print(f"[red]neon {command}: error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        if main or not isinstance(raw, NeonError):
+            who = f"neon {command}" + ("" if main else f" (rank {rank})")
+            if fmt == "json":
+                LineProgress(command, "json").emit("error", message=_one_line(str(exc)) + note, exit_code=exc.exit_code,
+                                                   rank=rank, error=type(exc).__name__)
+            else:
+                console.print(f"[red]{who}: error:[/red] {_escape(_one_line(str(exc)) + note)}", markup=True, highlight=False,
+                              soft_wrap=True)
         raise typer.Exit(exc.exit_code)
-    except KeyboardInterrupt:
-        console.print(f"neon {command}: interrupted; outputs written so far are complete, rerun to resume")
-        raise typer.Exit(130)
     finally:
         shutdown()
-    if report:
-        rep.write(report)
     if json_out:
         print(json.dumps(rep.results, indent=2, default=str))
     elif show is not None:
         from rich.console import Console
 
-        show(result, Console())
+        show(result, Console(soft_wrap=True))  # a result line is never cut at the terminal (or 80-column pipe) width
     return result
+
+
+def _progress_renderer(command: str, fmt: str, enabled: bool) -> Any:
+    """The progress callback of a command: rich bars (``fmt="rich"``) or :class:`LineProgress`."""
+    if fmt == "rich" or not enabled:
+        return RichProgress(enabled=enabled)
+    return LineProgress(command, fmt)
+
+
+#: OSError numbers that mean "this path is wrong" (bad input, exit 2) rather than "the machine refused" (exit 3).
+_PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTEMPTY}
+
+
+def as_neon_error(exc: BaseException) -> NeonError:
+    """The :class:`NeonError` an exception reaching the command line is reported as (one line).
+
+    NeonError: itself. OSError: UsageError (exit 2) for a missing path or one of the wrong kind,
+    else :class:`ResourceError` (exit 3: no space, read-only file system, permission, I/O error),
+    the message naming the file and the reason (``/data/S/shard-00003.safetensors: No space left
+    on device``). MemoryError and torch's OutOfMemoryError: ResourceError. Anything else:
+    :class:`InternalError` (exit 4) with the exception's type and first line.
+    """
+    if isinstance(exc, NeonError):
+        return exc
+    if isinstance(exc, OSError):
+        where = exc.filename if exc.filename is not None else None
+        reason = exc.strerror or _first_line(exc) or type(exc).__name__
+        text = f"{where}: {reason}" if where is not None else reason
+        if getattr(exc, "filename2", None):
+            text += f" ({exc.filename2})"
+        if exc.errno in _PATH_ERRNOS:
+            return UsageError(text)
+        return ResourceError(text)
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return ResourceError(f"out of memory ({_first_line(exc) or type(exc).__name__}); try a smaller --batch")
+    return InternalError(f"{type(exc).__name__}: {_first_line(exc) or 'no message'} "
+                         "(unexpected: a bug in neon or the family plugin; NEON_DEBUG=1 shows the traceback)")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, KeyError) and exc.args:
+        text = repr(exc.args[0])
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
+def _write_error_report(rep: Any, report: Optional[Path], status: str, message: str) -> str:
+    """Write the failure report; returns a note for the error line when even that failed."""
+    rep.status = status
+    rep.error = message
+    if not report or rep.path_refused:
+        return ""
+    try:
+        rep.write(report)
+    except OSError as exc:
+        return f" (--report {report} not written: {exc.strerror or exc})"
+    except NeonError as exc:
+        return f" ({exc})"
+    return ""
+
+
+def _check_report_path(report: Optional[Path], settings: dict[str, Any]) -> None:
+    """Refuse a ``--report`` that names the same file as any other path given to the command.
+
+    The paths are the command's ``settings`` values (every flag it passes to :func:`run`), Path or
+    string, lists element by element. Same file means equal after resolving or the same inode
+    (:func:`neon_cli.fsutil.same_file`), so a symlink, a hard link or ``./x`` for ``x`` are all
+    caught. Raises UsageError naming both flags.
+    """
+    if not report:
+        return
+    from neon_cli.fsutil import same_file
+
+    for key, value in settings.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if (isinstance(v, Path) or (isinstance(v, str) and v)) and same_file(report, v):
+                raise UsageError(f"--report: {report} is also {_flag_of(key)} {v}; choose another file "
+                                 "(a report never replaces an input or another output)")
+
+
+def _flag_of(key: str) -> str:
+    """The flag of a settings key: ``out``/``output`` -> ``-o``, ``family`` -> ``FAMILY``, else ``--key-name``."""
+    if key in ("out", "output"):
+        return "-o"
+    if key == "family":
+        return "FAMILY"
+    return "--" + key.replace("_", "-")
 
 
 def _jsonable(settings: dict[str, Any]) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in settings.items()}
-
-
-def die(message: str, code: int = 2) -> None:
-    """Print a one-line error for a flag problem caught in the CLI layer and exit."""
-    print(message, file=sys.stderr)
-    raise typer.Exit(code)

@@ -14,13 +14,14 @@ def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_(
         family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint to score (default: the family's embedded one)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to score (default: the family's embedded one)."),
         set_: Optional[List[str]] = SetOpt,
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images sampled and scored."),
         seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size."),
         max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid exceeds this."),
-        max_metric: Optional[List[str]] = typer.Option(None, "--max", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable)."),
+        max_metric: Optional[List[str]] = typer.Option(
+            None, "--max-metric", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable), e.g. --max-metric pixel_fid=0.1."),
         detector: Optional[Path] = DetectorOpt,
         ref_stats: Optional[Path] = RefStatsOpt,
         trust_pickle: bool = TrustOpt,
@@ -37,28 +38,17 @@ def register(app: typer.Typer) -> None:
         \b
             neon eval digits --model neon.safetensors --num-samples 5000 --max-fid 2.0 --json
         """
-        from neon_cli.commands._common import die
-
-        thresholds = {}
-        if max_fid is not None:
-            thresholds["fid"] = max_fid
-        for item in max_metric or []:
-            name, sep, value = item.partition("=")
-            try:
-                thresholds[name.strip()] = float(value)
-            except ValueError:
-                sep = ""
-            if not sep:
-                die(f"neon eval: error: --max {item!r}: expected METRIC=NUMBER")
         from neon_cli.evaluate import evaluate
 
         run(
             "eval",
             lambda report, progress: evaluate(family, model, set_pairs=set_ or [], num_samples=num_samples, seed=seed,
-                                              batch=batch, thresholds=thresholds, trust_pickle=trust_pickle,
-                                              detector=detector, ref_stats=ref_stats, report=report, progress=progress),
-            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, thresholds=thresholds,
-                          detector=detector, ref_stats=ref_stats, trust_pickle=trust_pickle),
+                                              batch=batch, max_fid=max_fid, max_metric=max_metric or [],
+                                              trust_pickle=trust_pickle, detector=detector, ref_stats=ref_stats,
+                                              report=report, progress=progress),
+            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, batch=batch,
+                          max_fid=max_fid, max_metric=max_metric or [], detector=detector, ref_stats=ref_stats,
+                          trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet,
             show=_show,
         )

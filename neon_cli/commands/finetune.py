@@ -7,14 +7,14 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, complete_setting, run
 
 
 def register(app: typer.Typer) -> None:
     @app.command("finetune")
     def finetune(
         family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base checkpoint theta_r (default: the family's embedded one)."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Base checkpoint theta_r (default: the family's embedded one)."),
         data: Path = typer.Option(..., "--data", "-d", help="Synthetic set directory made by 'neon synth'."),
         budget: int = typer.Option(..., "--budget", "-b", help="Fine-tuning budget B in images seen."),
         lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate (default: the family's recipe)."),
@@ -22,10 +22,11 @@ def register(app: typer.Typer) -> None:
         warmup: Optional[int] = typer.Option(None, "--warmup", help="Linear learning-rate warm-up, in images."),
         batch: Optional[int] = typer.Option(None, "--batch", help="Images per optimiser step (default: family recipe)."),
         save_every: Optional[int] = typer.Option(None, "--save-every", help="Snapshot + training state every this many images."),
-        ema_halflife: Optional[int] = typer.Option(None, "--ema-halflife", help="EMA half-life in images (default: family recipe)."),
+        ema_halflife: Optional[int] = typer.Option(
+            None, "--ema-halflife", help="EMA half-life in images (default: family recipe; 0: no EMA)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data order and training noise."),
         set_: Optional[List[str]] = typer.Option(
-            None, "--set", metavar="KEY=VALUE",
+            None, "--set", metavar="KEY=VALUE", autocompletion=complete_setting,
             help="Setting of the family, inference or training recipe (repeatable); see 'neon plugins'."),
         trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,

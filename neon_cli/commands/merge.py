@@ -25,7 +25,7 @@ def parse_weights(text: str) -> list[tuple[str, float]]:
         except ValueError:
             raise UsageError(f"--w {text}: {tok!r} is not a number") from None
         if not math.isfinite(value):
-            raise UsageError(f"--w {text}: {tok!r} is not finite")
+            raise UsageError(f"--w: must be a finite number, got {tok} (in {text!r})")
         out.append((tok, value))
     if len({v for _, v in out}) != len(out):
         raise UsageError(f"--w {text}: a weight is repeated")
@@ -43,20 +43,30 @@ def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
     return [Path(pattern.replace("{w}", tok)) for tok in tokens]
 
 
+def report_target(report: Optional[Path], *inputs: Any) -> Optional[Path]:
+    """``report``, or None when it names one of ``inputs`` (then the command's own check refuses it
+    by name, and the error report is not written over the input)."""
+    if report is None:
+        return None
+    from neon_cli.fsutil import same_file
+
+    return None if any(i is not None and same_file(report, i) for i in inputs) else report
+
+
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_cmd(
-        base: Path = typer.Argument(..., help="theta_r, the base checkpoint: .safetensors, sharded folder, .pt/.pth/.bin/.ckpt.", show_default=False),
+        base: Path = typer.Argument(..., help="theta_r, the base checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, .pkl, a sharded or diffusers folder.", show_default=False),
         selftrained: Path = typer.Argument(..., help="theta_s, the self-trained checkpoint (same keys, shapes, dtypes).", show_default=False),
         w: str = typer.Option(..., "--w", help="Neon weight w; a comma list (0.5,1.0,1.6) writes one output per w in one pass."),
-        output: str = typer.Option(..., "-o", "--output", help="Output: name.safetensors, name.pt (container of theta_r), or a folder (sharded); '{w}' is replaced by each weight."),
+        output: str = typer.Option(..., "-o", "--output", help="Output: name.safetensors, name.pt / name.pkl (theta_r's own file with the merged weights), or a folder; '{w}' is replaced by each weight."),
         key: Optional[str] = typer.Option(None, "--key", metavar="PATH", help="Where the state dict is in a container, dotted (ema, model_ema, trainer.var_wo_ddp). Default: found automatically."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16, float64. Default: theta_r's."),
         exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="REGEX", help="Copy keys matching REGEX from theta_r instead of merging (repeatable)."),
         allow_missing: bool = typer.Option(False, "--allow-missing", help="Copy keys only theta_r has; ignore keys only theta_s has (default: error naming the key)."),
         shard_size: Optional[str] = typer.Option(None, "--shard-size", metavar="SIZE", help="Write a sharded safetensors folder with shards of at most SIZE (2GB, 500MB, 1.5GiB)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate inputs, keys, shapes, dtypes and outputs from headers; write only the report."),
-        trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Load full pickles (EDM .pkl, checkpoints holding Python objects). Runs code from the file: only for files you trust."),
+        trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True, help="Accepted and ignored: merge reads every pickle without running it."),
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -64,6 +74,8 @@ def register(app: typer.Typer) -> None:
         """Merge theta_Neon = theta_r - w (theta_s - theta_r) into a new checkpoint (any family).
 
         Float32 arithmetic (float64 for float64), cast back to theta_r's dtype or --dtype. Copied from theta_r bit for bit: non-float tensors, tensors equal in both inputs, non-finite entries, BatchNorm running statistics and --exclude matches (paper App. C).
+
+        No code of either file runs: torch archives, legacy torch.save files and pickles (EDM .pkl, full-module torch.save, training states with argparse.Namespace) are read by an inert unpickler, and a .pt/.pkl output is theta_r's own file with only the merged tensor bytes replaced, so it loads in the original code exactly as theta_r did. Folders (sharded, diffusers pipelines with unet/, unet_ema/, scheduler/) are merged component by component and their configs copied.
 
         Streams block by block (memory: a few blocks, not the checkpoint); several --w are written in one read of the inputs; each output is written under a temporary name and renamed when complete. The report lists what was copied and why, |theta_s - theta_r|, and the precision lost to rounding.
 
@@ -73,7 +85,8 @@ def register(app: typer.Typer) -> None:
           neon merge base.safetensors ft.safetensors --w 1.6 -o neon.safetensors
           neon merge base.pt ft.pt --w 0.5,1.0,1.6 -o 'neon-w{w}.pt' --report r.json
           neon merge ckpt/ ckpt-ft/ --w 1.6 -o neon/ --shard-size 2GB --dtype float32
-          neon merge edm.pkl edm-ft.pkl --w 1 -o neon.pkl --key ema --trust-pickle
+          neon merge network-snapshot.pkl edm-ft.pkl --w 1 -o neon.pkl --key ema
+          neon merge ddpm-pipe/ ft/theta_s-000131072/ --w 1 -o neon-pipe/
           neon merge var.pth ft.pth --w 1.6 -o n.pth --key trainer.var_wo_ddp
         """
         settings: dict[str, Any] = {
@@ -94,8 +107,11 @@ def register(app: typer.Typer) -> None:
             from neon_cli.checkpoint import parse_size
             from neon_cli.merge import merge_checkpoints
 
+            from neon_cli.validate import positive_int
+
             weights = parse_weights(w)
             outs = output_paths(output, [t for t, _ in weights])
+            size = positive_int("--shard-size", parse_size(shard_size)) if shard_size else None
             return merge_checkpoints(
                 base,
                 selftrained,
@@ -105,14 +121,15 @@ def register(app: typer.Typer) -> None:
                 dtype=dtype,
                 exclude=list(exclude or []),
                 allow_missing=allow_missing,
-                shard_size=parse_size(shard_size) if shard_size else None,
+                shard_size=size,
                 dry_run=dry_run,
-                trust_pickle=trust_pickle,
                 report=report,
                 progress=progress,
+                report_path=report_path,
             )
 
-        run("merge", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show)
+        report_path = report
+        run("merge", fn, settings=settings, report=report_target(report, base, selftrained), json_out=json_out, quiet=quiet, show=_show)
 
 
 def _show(res: dict[str, Any], console: Any) -> None:

@@ -3,33 +3,50 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
+
+from neon_cli.commands._common import ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
     @app.command("plugins")
-    def plugins(json_out: bool = typer.Option(False, "--json", help="Print JSON (name, distribution, version, settings).")) -> None:
+    def plugins(
+        json_out: bool = typer.Option(False, "--json", help="Print JSON (name, distribution, version, settings)."),
+        report: Optional[Path] = ReportOpt,
+    ) -> None:
         """List the families found under the entry-point group 'neon.families'.
 
-        A plugin that fails to load is listed with its error instead of breaking the CLI.
+        A plugin that fails to load is listed with its error instead of breaking the CLI. The report's results hold the same list under "families".
 
         Example:
 
         \b
             neon plugins --json
+            neon plugins --report plugins.json
         """
-        from neon_cli.family import discover
 
-        infos = [i.to_json() for i in discover().values()]
-        if json_out:
-            print(json.dumps(infos, indent=2, default=str))
-            return
-        from rich.console import Console
-        from rich.table import Table
+        def fn(report: Any, progress: Any) -> list[dict[str, Any]]:
+            from neon_cli.family import discover
 
-        t = Table("family", "distribution", "version", "settings", "status")
-        for i in infos:
-            settings = ", ".join(f"{s['name']}={s['default']}" for s in i["settings"])
-            t.add_row(i["name"], str(i["distribution"]), str(i["version"]), settings, "ok" if i["loaded"] else f"[red]{i['error']}")
-        Console().print(t)
+            infos = [i.to_json() for i in discover().values()]
+            report.results["families"] = infos
+            return infos
+
+        run("plugins", fn, settings={}, report=report, quiet=True, show=_print_json if json_out else _show)
+
+
+def _print_json(infos: list[dict[str, Any]], console: Any) -> None:
+    print(json.dumps(infos, indent=2, default=str))
+
+
+def _show(infos: list[dict[str, Any]], console: Any) -> None:
+    from rich.table import Table
+
+    t = Table("family", "distribution", "version", "settings", "status")
+    for i in infos:
+        settings = ", ".join(f"{s['name']}={s['default']}" for s in i["settings"])
+        t.add_row(i["name"], str(i["distribution"]), str(i["version"]), settings, "ok" if i["loaded"] else f"[red]{i['error']}")
+    console.print(t)

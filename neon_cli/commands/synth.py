@@ -14,8 +14,8 @@ def register(app: typer.Typer) -> None:
     @app.command("synth")
     def synth(
         family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
-        model: Optional[Path] = typer.Option(None, "--model", "-m", help="Base checkpoint theta_r (default: the family's embedded one)."),
-        num: int = typer.Option(..., "--num", "-n", help="Number of synthetic images |S|."),
+        model: Optional[Path] = typer.Option(None, "--model", help="Base checkpoint theta_r (default: the family's embedded one)."),
+        num: int = typer.Option(..., "--num-images", "-n", help="Number of synthetic images |S|."),
         out: Path = typer.Option(..., "--out", "-o", help="Output directory (shards + manifest.json).", file_okay=False),
         seed: int = typer.Option(0, "--seed", help="First seed; image i uses seed+i."),
         set_: Optional[List[str]] = SetOpt,
@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
         Example:
 
         \b
-            neon synth digits --num 4000 --set guidance=2 -o runs/S --report synth.json
+            neon synth digits --num-images 4000 --set guidance=2 -o runs/S --report synth.json
         """
         from neon_cli.synth import synthesize
 

@@ -10,45 +10,88 @@ import typer
 from neon_cli.commands._common import DetectorOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
+GammaOpt = typer.Option(
+    None, "--gamma", metavar="LO HI",
+    help="Also search the guidance scale gamma in [LO, HI]: w at the default gamma first, then a quadratic surface.")
+BaseGammaOpt = typer.Option(
+    None, "--base-gamma", metavar="LO HI",
+    help="Search the base's own best gamma in [LO, HI] first (default: the --gamma box), same budget and seeds.")
+TuneBaseOpt = typer.Option(
+    True, "--tune-base/--no-tune-base", help="Measure Neon against the base at its own best gamma (needs --gamma or --base-gamma).")
+JointOpt = typer.Option(
+    "line", "--joint", autocompletion=lambda: ["line", "design"],
+    help="(w, gamma) search: 'line' (w at the default gamma, then the surface around it) or 'design' (the 6-point "
+         "pentagon design over the box).")
+MaxEvalsOpt = typer.Option(
+    None, "--max-evals",
+    help="Evaluation budget per snapshot (default: 12 for w; for (w, gamma) 15 with --joint line, which stops at 9 "
+         "once the fit says the optimum is resolved; 7 per round + --refine with --joint design).")
+RoundsOpt = typer.Option(1, "--rounds", help="--joint design: rounds of the fit, each next on a box half as large.")
+RefineOpt = typer.Option(
+    2, "--refine", help="--joint design: trust-region steps after the last round, 1 evaluation each: refit the 6 "
+                        "points nearest the best, evaluate its minimum in a box half as large.")
+GammaScaleOpt = typer.Option(
+    "auto", "--gamma-scale", autocompletion=lambda: ["auto", "log", "linear"],
+    help="Fit in (w, ln gamma) ('log') or (w, gamma) ('linear'); 'auto': log when gamma > 0.")
+SeedOpt = typer.Option(
+    10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...).")
+ConfirmOpt = typer.Option(
+    0, "--confirm-samples", help="Re-score the winner and the base on this many new, disjoint seeds.")
+AbandonOpt = typer.Option(
+    0.02, "--abandon-margin",
+    help="Drop a snapshot whose best is this fraction worse than the best so far and whose quadratic prediction cannot "
+         "beat it ('inf' never drops).")
+CacheOpt = typer.Option(
+    None, "--cache", dir_okay=False, help="JSON-lines evaluation cache: reruns reuse it, an interrupted search resumes.")
+WriteAnywayOpt = typer.Option(
+    False, "--write-anyway", help="Write -o even when no candidate beats the base (the exit code is still 5).")
+PlotOpt = typer.Option(
+    None, "--plot", dir_okay=False,
+    help="PNG: fid, precision and recall vs w at the chosen gamma (paper Fig. 4) and the search (needs matplotlib).")
+ControlOpt = typer.Option(
+    None, "--control", autocompletion=lambda: ["real"],
+    help="'real': also fine-tune the base on the family's real data with the chosen snapshot's budget and recipe, and "
+         "score it the same way (is it just more training?); or a checkpoint to score as the control.")
+ControlSamplesOpt = typer.Option(
+    None, "--control-samples", help="Real samples for --control real (default: |S| from the snapshot's finetune.json).")
+SelftrainedOpt = typer.Option(
+    None, "--selftrained", "-s",
+    help="Self-trained checkpoint theta_s, or a quoted glob pattern such as 'ft/*.safetensors' (repeatable).")
+ExtraArg = typer.Argument(
+    None, metavar="SELFTRAINED", help="More self-trained checkpoints (what an unquoted shell glob after --selftrained expands to).")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("tune-w")
     def tune_w(
         family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
-        extra: Optional[List[str]] = typer.Argument(
-            None, metavar="SELFTRAINED",
-            help="More self-trained checkpoints (what an unquoted shell glob after --selftrained expands to)."),
-        base: Optional[Path] = typer.Option(None, "--base", "-m", help="Base checkpoint theta_r (default: the family's embedded one)."),
-        selftrained: Optional[List[str]] = typer.Option(
-            None, "--selftrained", "-s",
-            help="Self-trained checkpoint theta_s, or a quoted glob pattern such as 'ft/*.safetensors' (repeatable)."),
+        extra: Optional[List[str]] = ExtraArg,
+        base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint theta_r (default: the family's embedded one)."),
+        selftrained: Optional[List[str]] = SelftrainedOpt,
         bounds: Tuple[float, float] = typer.Option((0.0, 3.0), "--bounds", metavar="LO HI", help="Search interval of w (negative LO allowed)."),
-        gamma: Optional[Tuple[float, float]] = typer.Option(
-            None, "--gamma", metavar="LO HI", help="Also search the guidance scale gamma in [LO, HI] (6-point quadratic fit)."),
+        gamma: Optional[Tuple[float, float]] = GammaOpt,
+        base_gamma: Optional[Tuple[float, float]] = BaseGammaOpt,
+        tune_base: bool = TuneBaseOpt,
+        joint: str = JointOpt,
         xtol: float = typer.Option(0.05, "--xtol", help="Brent's absolute tolerance on w."),
-        max_evals: Optional[int] = typer.Option(
-            None, "--max-evals", help="Evaluation budget per snapshot (default: 12 for w; 7 per round + --refine for (w, gamma))."),
-        rounds: int = typer.Option(1, "--rounds", help="Rounds of the (w, gamma) fit; each next round on a box half as large."),
-        refine: int = typer.Option(
-            2, "--refine", help="Trust-region steps after the last (w, gamma) round, 1 evaluation each: refit the 6 points "
-                                "nearest the best, evaluate its minimum in a box half as large."),
-        gamma_scale: str = typer.Option(
-            "auto", "--gamma-scale", help="Fit in (w, ln gamma) ('log') or (w, gamma) ('linear'); 'auto': log when gamma > 0.",
-            autocompletion=lambda: ["auto", "log", "linear"]),
+        max_evals: Optional[int] = MaxEvalsOpt,
+        rounds: int = RoundsOpt,
+        refine: int = RefineOpt,
+        gamma_scale: str = GammaScaleOpt,
         metric: Optional[str] = typer.Option(None, "--metric", help="Metric to optimise (default: the family's first, e.g. fid)."),
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images per evaluation (the same seeds for every candidate)."),
-        seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
-        confirm_samples: int = typer.Option(
-            0, "--confirm-samples", help="Re-score the winner and the base (w = 0) on this many new, disjoint seeds."),
+        seed: int = SeedOpt,
+        confirm_samples: int = ConfirmOpt,
         set_: Optional[List[str]] = SetOpt,
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size (does not change the images)."),
-        abandon_margin: float = typer.Option(
-            0.02, "--abandon-margin",
-            help="Drop a snapshot whose best is this fraction worse than the best so far and whose quadratic "
-                 "prediction cannot beat it ('inf' never drops)."),
-        cache: Optional[Path] = typer.Option(
-            None, "--cache", dir_okay=False, help="JSON-lines evaluation cache: reruns reuse it, an interrupted search resumes."),
+        abandon_margin: float = AbandonOpt,
+        cache: Optional[Path] = CacheOpt,
         out: Optional[Path] = typer.Option(None, "--out", "-o", dir_okay=False, help="Write the merged best checkpoint here."),
-        plot: Optional[Path] = typer.Option(None, "--plot", dir_okay=False, help="PNG of the metric vs w (needs matplotlib)."),
+        write_anyway: bool = WriteAnywayOpt,
+        plot: Optional[Path] = PlotOpt,
+        plot_points: int = typer.Option(9, "--plot-points", help="Evaluations along w at the chosen gamma for --plot."),
+        control: Optional[str] = ControlOpt,
+        control_samples: Optional[int] = ControlSamplesOpt,
         detector: Optional[Path] = DetectorOpt,
         ref_stats: Optional[Path] = RefStatsOpt,
         trust_pickle: bool = TrustOpt,
@@ -60,9 +103,11 @@ def register(app: typer.Typer) -> None:
 
         Over w: Brent's method (scipy, bounded), about 6-10 evaluations.
 
-        With --gamma: a quadratic surface fitted to 6 design points in the (w, ln gamma) box, one evaluation at its minimum (paper App. C), then --refine trust-region steps: 9 evaluations by default.
+        With --gamma: w at the default gamma first (so never worse than the w-only search), then a quadratic surface in (w, ln gamma) around it (paper App. C), refined until the fit says the optimum is resolved: 9 evaluations, up to 15 when it is not.
 
-        Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search.
+        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. When no candidate beats the base, no -o is written (unless --write-anyway) and the exit code is 5.
+
+        Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search. The chosen settings (gamma, ...) are recorded in -o's metadata, and eval / synth / demo sample with them.
 
         Several snapshots (--selftrained repeated, a quoted glob, or extra arguments) are each tuned; the best (snapshot, w, gamma) wins, hopeless snapshots are dropped early.
 
@@ -71,29 +116,24 @@ def register(app: typer.Typer) -> None:
         \b
             neon tune-w digits --selftrained runs/ft/theta_s-000200000.safetensors -o neon.safetensors --report tune.json
             neon tune-w digits --selftrained 'runs/ft/*.safetensors' --gamma 1 4 --cache tune.jsonl --confirm-samples 10000
+            neon tune-w digits --selftrained runs/ft/theta_s-000031457.safetensors --gamma 1 4 --control real --plot tune.png
         """
         items = list(selftrained or []) + list(extra or [])
         from neon_cli.tune import run_tune_w
 
+        opts = dict(bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, base_gamma=tuple(base_gamma) if base_gamma else None,
+                    tune_base=tune_base, joint=joint, xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine,
+                    gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples,
+                    set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
+                    control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
+                    detector=detector, ref_stats=ref_stats)
         margin = None if abandon_margin == float("inf") else abandon_margin
-        run(
-            "tune-w",
-            lambda report, progress: run_tune_w(
-                family, base, items, bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, xtol=xtol,
-                max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale, metric=metric,
-                num_samples=num_samples, seed=seed,
-                confirm_samples=confirm_samples, set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot,
-                abandon_margin=margin, trust_pickle=trust_pickle, detector=detector, ref_stats=ref_stats,
-                report=report, progress=progress),
-            settings=dict(family=family, base=base, selftrained=items, bounds=list(bounds), gamma=list(gamma) if gamma else None,
-                          xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale,
-                          metric=metric, num_samples=num_samples, seed=seed,
-                          confirm_samples=confirm_samples, set=set_ or [], batch=batch, abandon_margin=abandon_margin,
-                          cache=cache, out=out, plot=plot, detector=detector, ref_stats=ref_stats,
-                          trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet,
-            show=_show,
-        )
+        report_file = report
+        run("tune-w",
+            lambda report, progress: run_tune_w(family, base, items, abandon_margin=margin, report_path=report_file,
+                                                report=report, progress=progress, **opts),
+            settings=dict(family=family, base=base, selftrained=items, abandon_margin=abandon_margin, **opts),
+            report=report, json_out=json_out, quiet=quiet, show=_show)
 
 
 def _f(v, digits: int = 4) -> str:
@@ -116,9 +156,21 @@ def _show(results, console) -> None:
     console.print(t)
     g = f", gamma = {chosen['gamma']:.4g}" if chosen.get("gamma") is not None else ""
     console.print(f"chosen: {Path(chosen['path']).name}, w = {chosen['w']:.4g}{g}: {metric} = {chosen['value']:.5g}")
-    if "base" in results:
-        console.print(f"base (w = 0) on the same seeds: {metric} = {results['base']['value']:.5g}"
-                      + ("" if results.get("beats_base") else "  [bold red]-- the search found no w that beats the base model"))
+    bl, gain = results.get("baselines") or {}, results.get("gain") or {}
+    for key, what in (("default", "at its default settings"), ("best", "at its own best gamma")):
+        b = bl.get(key)
+        if b is not None:
+            at = f" (gamma = {b['gamma']:.4g})" if b.get("gamma") is not None else ""
+            rel = gain.get(f"vs_{key}")
+            console.print(f"base {what}{at}: {metric} = {b['value']:.5g}"
+                          + ("" if rel is None else f"; neon {100 * abs(rel):.1f}% {'better' if rel > 0 else 'WORSE'}"))
+    if not results.get("beats_base", True):
+        console.print("[bold red]the search found no candidate that beats the base model; -o not written unless --write-anyway")
+    ctl = results.get("control")
+    if ctl:
+        b = ctl.get("best") or ctl["default"]
+        console.print(f"control ({ctl['kind']}{', ' + str(ctl.get('budget')) + ' images' if ctl.get('budget') else ''}): "
+                      f"{metric} = {b['value']:.5g} at gamma {_f(b['gamma'])}")
     win = next(s for s in results["snapshots"] if s["index"] == chosen["snapshot"])
     for r in win.get("rounds", []):
         if r.get("predicted") is not None:
@@ -131,8 +183,13 @@ def _show(results, console) -> None:
         ct = Table(title=f"confirmation on {conf['num_samples']} new seeds ({conf['seeds'][0]}..{conf['seeds'][1]})")
         ct.add_column("model")
         ct.add_column(metric)
-        ct.add_row("base (w = 0)", _f(conf["base"][metric], 5))
+        ct.add_row("base, default settings", _f(conf["base_default"][metric], 5))
+        if conf.get("base_best") is not None:
+            ct.add_row("base, its best gamma", _f(conf["base_best"][metric], 5))
+        if (results.get("control") or {}).get("confirmation"):
+            ct.add_row("control", _f(results["control"]["confirmation"][metric], 5))
         ct.add_row("neon", _f(conf["neon"][metric], 5))
         console.print(ct)
         if conf.get("relative_improvement") is not None:
-            console.print(f"relative improvement: {100 * conf['relative_improvement']:.1f}%")
+            console.print(f"relative improvement over the best base: {100 * conf['relative_improvement']:.1f}% "
+                          f"(over the base at its default settings: {100 * conf['relative_improvement_vs_default']:.1f}%)")

@@ -39,6 +39,10 @@ class DigitsFamily:
     num_classes = 10
     metrics = ("fid", "pixel_fid", "precision", "recall", "density", "coverage", "class_accuracy")
     train_defaults = {"batch": 256, "lr": 2e-4, "ema_halflife_images": None, "warmup_images": 0}
+    #: the metrics' definition (classifier, reference set, k); bump when it changes (tune-w cache key)
+    metrics_version = "1"
+    #: image i depends on seed i alone, bit for bit, whatever the batch (tests/test_tune_cache.py)
+    batch_invariant = True
 
     def __init__(self) -> None:
         self._scorer = None

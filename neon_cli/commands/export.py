@@ -1,0 +1,45 @@
+"""``neon export``: a synthetic set in another tool's dataset layout (EDM's dataset_tool.py zip)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    def export_(
+        data: Path = typer.Argument(..., help="Synthetic set directory made by 'neon synth'.", file_okay=False),
+        fmt: str = typer.Option("edm-zip", "--format", "-f", help="Layout: edm-zip (EDM/StyleGAN dataset_tool.py: PNGs + dataset.json)."),
+        out: Path = typer.Option(..., "--out", "-o", help="File to write (.zip).", dir_okay=False),
+        report: Optional[Path] = ReportOpt,
+        json_out: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Write a synthetic set S for another trainer: edm-zip is the uncompressed zip of PNGs plus
+        dataset.json (class labels) that EDM's train.py --data reads.
+
+        Image i (seed+i) becomes 00000/img0000000i.png as dataset_tool.py names it; labels are
+        neon's, so a class-conditional set needs no separate labelling step.
+
+        Example:
+
+        \b
+            neon synth edm --model edm-cifar10-32x32-cond-vp.pkl -n 6000 --trust-pickle -o S
+            neon export S --format edm-zip -o S.zip
+            torchrun --nproc_per_node=8 train.py --data S.zip --cond=1 --transfer edm-cifar10-32x32-cond-vp.pkl ...
+        """
+        from neon_cli.export import export
+
+        run(
+            "export",
+            lambda report, progress: export(data, out, fmt=fmt, report=report, progress=progress),
+            settings=dict(data=data, format=fmt, out=out),
+            report=report, json_out=json_out, quiet=quiet,
+            show=lambda r, c: c.print(f"wrote {r['path']}: {r['num_images']} images ({r['format']}, "
+                                      f"{'with' if r['labels'] else 'no'} labels)"),
+        )

@@ -1,0 +1,70 @@
+"""``neon fid``: Fréchet Inception distance of images (or statistics) against images or statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("fid")
+    def fid_(
+        a: Path = typer.Argument(..., metavar="A", show_default=False,
+                                 help="Generated images: a folder of image files, an EDM-style .zip, a .npy/.npz uint8 array, "
+                                      "a 'neon synth' directory; or statistics (.npz with mu, sigma)."),
+        b: Path = typer.Argument(..., metavar="B", show_default=False,
+                                 help="Reference: the same kinds, usually statistics (EDM/ADM/pytorch-fid/clean-fid .npz, "
+                                      "torch-fidelity .pt, 'neon ref-stats' output)."),
+        detector: Optional[str] = typer.Option(
+            None, "--detector", envvar="NEON_INCEPTION", show_envvar=True,
+            help="TorchScript inception-2015-12-05.pt (StyleGAN2-ADA's, as clean-fid; EDM pickles the same network); never downloaded."),
+        prdc: bool = typer.Option(False, "--prdc", help="Also precision, recall, density, coverage (k=5; B is the real set); needs features of both sides."),
+        num_images: Optional[int] = typer.Option(
+            None, "--num-images", help="Use this many images of each image side, a random subset seeded by --seed as EDM fid.py --num (default: all)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the --num-images subset (EDM fid.py --seed)."),
+        batch: int = typer.Option(64, "--batch", help="Images per detector call."),
+        device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
+        report: Optional[Path] = ReportOpt,
+        json_out: bool = JsonOpt,
+        quiet: bool = QuietOpt,
+    ) -> None:
+        """Fréchet Inception distance between A and B, as pytorch-fid / clean-fid / EDM fid.py compute it.
+
+        uint8 images go to the TorchScript Inception-v3 detector, which resizes them itself (EDM's and StyleGAN2-ADA's convention; clean-fid's mode legacy_tensorflow). Either side may be reference statistics; with both statistics no detector is needed. Runs under torchrun (each rank extracts a slice of each side). The report records the sha256 of A, B and the detector: FIDs are comparable only with the same detector and reference.
+
+        Example:
+
+        \b
+            export NEON_INCEPTION=~/models/inception-2015-12-05.pt
+            neon fid runs/S cifar10-32x32.npz
+            neon fid samples.zip real-images/ --prdc --json
+            neon fid fid-tmp/ ref.npz --num-images 50000 --report fid.json
+            torchrun --standalone --nproc_per_node=8 -m neon_cli fid samples/ ref.npz
+        """
+        from neon_cli.fid import fid
+
+        run(
+            "fid",
+            lambda report, progress: fid(a, b, detector=detector, batch=batch, num_images=num_images, seed=seed, prdc=prdc,
+                                         device=device, report=report, progress=progress),
+            settings=dict(a=a, b=b, detector=detector, prdc=prdc, num_images=num_images, seed=seed, batch=batch, device=device),
+            report=report, json_out=json_out, quiet=quiet,
+            show=_show,
+        )
+
+
+def _show(results: dict[str, Any], console: Any) -> None:
+    def side(s: dict[str, Any]) -> str:
+        if s["kind"] == "stats":
+            return f"statistics {s['path']}"
+        return f"{s['num_images']} images ({s['kind']}) {s['path']}"
+
+    console.print(f"FID {results['fid']:.6g}   A: {side(results['a'])}   B: {side(results['b'])}", highlight=False, markup=False,
+                  soft_wrap=True)
+    if "precision" in results:
+        console.print("  ".join(f"{k} {results[k]:.4f}" for k in ("precision", "recall", "density", "coverage"))
+                      + f"   (k={results['k']})", highlight=False, soft_wrap=True)

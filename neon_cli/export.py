@@ -1,0 +1,124 @@
+"""``neon export``: a ``neon synth`` set written in another tool's dataset layout.
+
+Format ``edm-zip``: the layout of EDM's (and StyleGAN2-ADA's / StyleGAN3's) ``dataset_tool.py``, which
+EDM's ``train.py --data`` reads with ``training.dataset.ImageFolderDataset``: an uncompressed zip
+(``ZIP_STORED``) of uncompressed PNGs named ``{i:08d}[:5]/img{i:08d}.png`` (image i of the set, i.e.
+seed ``seed + i``) and ``dataset.json`` = ``{"labels": [["00000/img00000000.png", label], ...]}``
+(``{"labels": null}`` for an unconditional set), plus ``neon.json`` (the set's manifest sha256,
+family, settings and the seed of every file; EDM lists it but reads only images and dataset.json).
+So the same S can be fine-tuned with the official ``train.py --transfer ... --data S.zip --cond=1``
+and its ``network-snapshot-*.pkl`` files brought back to ``neon tune-w``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from neon_cli.errors import DataError, UsageError
+from neon_cli.progress import ProgressFn, null_progress
+
+FORMATS = ("edm-zip",)
+
+
+def edm_name(i: int) -> str:
+    """``dataset_tool.py``'s archive name of image ``i``: ``00000/img00000000.png``."""
+    s = f"{int(i):08d}"
+    return f"{s[:5]}/img{s}.png"
+
+
+def _png(image: Any, pil: Any) -> bytes:
+    """One uint8 [C, H, W] image (C 1 or 3) as an uncompressed PNG (dataset_tool.py's compress_level=0)."""
+    hwc = image.transpose(1, 2, 0)
+    img = pil.fromarray(hwc[:, :, 0], "L") if hwc.shape[2] == 1 else pil.fromarray(hwc, "RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="png", compress_level=0, optimize=False)
+    return buf.getvalue()
+
+
+def _labels_and_seeds(data_dir: Path, manifest: dict[str, Any]) -> tuple[list[int] | None, list[int]]:
+    from safetensors import safe_open
+
+    labels: list[int] = []
+    seeds: list[int] = []
+    has_labels = True
+    for sh in manifest["shards"]:
+        f = data_dir / sh["file"]
+        try:
+            with safe_open(str(f), framework="np") as st:
+                keys = set(st.keys())
+                if "seeds" in keys:
+                    seeds.extend(int(s) for s in st.get_tensor("seeds"))
+                if "labels" in keys:
+                    labels.extend(int(v) for v in st.get_tensor("labels"))
+                else:
+                    has_labels = False
+        except Exception as exc:
+            raise DataError(f"{f}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    return (labels if has_labels else None), seeds
+
+
+def export(data_dir: str | Path, out: str | Path, *, fmt: str = "edm-zip", report: Any,
+           progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Write the complete synthetic set ``data_dir`` as ``out`` in format ``fmt`` (module docstring).
+
+    Args:
+        data_dir: a finished ``neon synth`` directory (manifest.json + shards); uint8 images
+            [N, C, H, W] with C 1 or 3 and H == W.
+        out: the ``.zip`` to write, atomically (a temporary name renamed when complete).
+        fmt: ``"edm-zip"``.
+
+    Returns ``{"path", "format", "num_images", "labels", "sha256"}``. Raises UsageError (unknown
+    format, ``-o`` not a .zip, output inside the input, Pillow missing), DataError (unfinished or
+    unreadable set, images that are not uint8 square RGB/grayscale).
+    """
+    from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, sha256_file
+    from neon_cli.inception import SynthSource
+
+    if fmt not in FORMATS:
+        raise UsageError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    data_dir, out = Path(data_dir), Path(out)
+    if out.suffix.lower() != ".zip":
+        raise UsageError(f"-o: {out}: the edm-zip format is a .zip file (EDM's train.py --data reads zips and folders)")
+    mf = data_dir / "manifest.json"
+    if not mf.is_file():
+        hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""
+        raise DataError(f"DATA: {data_dir} has no manifest.json{hint}")
+    check_outputs({"DATA": data_dir}, {"-o": out})
+    try:
+        import PIL.Image as pil
+    except ImportError:
+        raise UsageError("export --format edm-zip writes PNG files: install Pillow (pip install pillow)") from None
+    manifest = json.loads(mf.read_text())
+    source = SynthSource(data_dir)
+    n = len(source)
+    shape = manifest.get("image_shape") or []
+    if manifest.get("image_dtype") != "uint8" or len(shape) != 3 or shape[0] not in (1, 3) or shape[1] != shape[2]:
+        raise DataError(f"DATA: {data_dir} holds {manifest.get('image_dtype')} samples of shape {shape}; "
+                        "edm-zip needs uint8 square RGB or grayscale images [C, H, W]")
+    labels, seeds = _labels_and_seeds(data_dir, manifest)
+    report.add_input("synthetic_set", mf)
+    names = [edm_name(i) for i in range(n)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out, "-o"), atomic_path(out) as tmp:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as z:
+            progress("export", 0, n, unit="img")
+            for start in range(0, n, 256):
+                batch = source.read(start, min(n, start + 256))
+                for j, image in enumerate(batch):
+                    z.writestr(names[start + j], _png(image, pil))
+                progress("export", start + len(batch), n, unit="img")
+            z.writestr("dataset.json", json.dumps({"labels": [[nm, lab] for nm, lab in zip(names, labels)] if labels is not None else None}))
+            z.writestr("neon.json", json.dumps({
+                "schema": "neon.export/1", "format": fmt, "synthetic_set": str(data_dir),
+                "manifest_sha256": sha256_file(mf), "family": manifest.get("family"), "settings": manifest.get("settings"),
+                "files": [{"file": nm, "seed": s} for nm, s in zip(names, seeds)] if len(seeds) == n else None,
+            }, sort_keys=True))
+    digest = sha256_file(out)
+    report.add_output("export", out, sha256=digest)
+    results = {"path": str(out), "format": fmt, "num_images": n, "labels": labels is not None, "sha256": digest}
+    report.results.update(results)
+    return results
