@@ -97,7 +97,9 @@ class Family(Protocol):
         default_model: path of an embedded default checkpoint, or None.
         metrics: names returned by :meth:`score`; the first is the default objective.
         train_defaults: family recipe defaults for fine-tuning: ``batch`` (images per step), ``lr``,
-            optional ``ema_halflife_images`` (None: no EMA) and ``warmup_images``.
+            optional ``ema_halflife_images`` (None: no EMA) and ``warmup_images`` (a number of
+            images, or ``"budget"``: the linear ramp spans the whole fine-tune, as the Neon
+            paper's VAR and xAR recipes).
 
     Methods (all may raise :class:`~neon_cli.errors.NeonError` subclasses, never exit):
         load(path) -> torch.nn.Module in eval mode, on CPU. Raises CheckpointError.
@@ -134,6 +136,15 @@ class Family(Protocol):
         score_model(model, settings) -> dict[str, float]: exact metrics computed from the model
             itself (e.g. the Gaussian toys' closed forms); the Evaluator prefers it to sampling.
         real_samples(model, n, seed) -> (samples, labels): real data for ``neon align``.
+        encode_key(model, settings) -> str and encode(model, images) -> tensor [n, ...]: a family
+            whose training inputs are a fixed function of the images (VAR: the frozen VQVAE's
+            multi-scale tokens) declares both. ``neon finetune`` then calls ``encode`` once per
+            image of S (uint8 [n, C, H, W] in batches, under ``torch.inference_mode``, the model on
+            the training device), caches the result beside S under ``encoded-<key>/`` (reused by
+            every later fine-tune with the same key: it must change whenever ``encode``'s output
+            would, e.g. with the VQVAE file's sha256), and hands ``loss`` rows of the encoding
+            instead of images (:mod:`neon_cli.dataset`). ``loss`` should still accept images for
+            callers that train on raw data (``neon align``).
 
     ``sample`` may return non-image tensors (the Gaussian families return float32 [N, D]); the
     core stores and trains on whatever the family samples.

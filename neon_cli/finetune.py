@@ -4,13 +4,19 @@ own recipe (paper Algorithm 1, step 2), snapshots named by images seen.
 Output directory::
 
     theta_s-000131072.safetensors   snapshot after 131,072 images seen (the family's native format;
-    ...                             the suffix is the family's ``checkpoint_suffix``, default .safetensors)
+    ...                             the suffix is the family's ``checkpoint_suffix``, default .safetensors;
+                                    a family's ``snapshot_name`` may name them its own way, e.g. VAR's
+                                    ar-ckpt-images_131072.pth)
     train_state.pt                  model, optimizer, EMA, images seen, the sha256 of the base and of S, and
                                     the ledger of snapshots written so far: a rerun of the same command resumes here
     finetune.json                   written last: the snapshots, their sha256 and the run's settings
     .neon.lock                      held while a run writes here (a second run on the folder is refused)
 
 Snapshot names are the family's (:func:`neon_cli.family.snapshot_name`).
+
+S is read from its shards batch by batch (:mod:`neon_cli.dataset`), so memory does not grow with
+|S|. A family with the ``encode`` hook (VAR: the frozen VQVAE's tokens) trains on its encoding of
+S, computed once and cached beside S (``S/encoded-<key>/``; under ``-o`` when S is read-only).
 """
 
 from __future__ import annotations
@@ -21,6 +27,12 @@ from typing import Any
 from neon_cli.errors import FamilyError, UsageError
 from neon_cli.fsutil import atomic_path, sha256_path, write_json
 from neon_cli.progress import ProgressFn, null_progress
+
+
+def _default_warmup(value: Any, budget: int) -> int:
+    """The family's ``train_defaults["warmup_images"]``: a number of images, or ``"budget"`` for a
+    linear ramp over the whole run (the Neon paper's VAR and xAR fine-tunes)."""
+    return int(budget) if value == "budget" else int(value or 0)
 
 
 def finetune(
@@ -66,7 +78,7 @@ def finetune(
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.family import snapshot_name
     from neon_cli.fsutil import remove_stale_tmp_in
-    from neon_cli.synth import load_synthetic
+    from neon_cli.dataset import encoded_set, open_synthetic
     from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, snapshot_points, train_loop
 
     # ---- numbers first: nothing is read or written for a value that cannot work ----
@@ -93,7 +105,7 @@ def finetune(
         budget=budget,
         lr=lr if lr is not None else float(defaults.get("lr", 1e-4)),
         batch=batch if batch is not None else int(defaults.get("batch", 64)),
-        warmup=warmup if warmup is not None else int(defaults.get("warmup_images", 0)),
+        warmup=warmup if warmup is not None else _default_warmup(defaults.get("warmup_images", 0), budget),
         ema_halflife=ema_halflife or None,
         save_every=save_every,
         seed=seed,
@@ -112,12 +124,18 @@ def finetune(
     with main_rank_lock(out_dir, "-o", folder=True):
         run_on_main(remove_stale_tmp_in, out_dir)  # what a killed run left half-written
         base_sha = report.add_input("base", path)
-        images, labels, manifest = load_synthetic(data_dir)
+        data = open_synthetic(data_dir)  # streamed from the shards: memory does not grow with |S|
         data_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
         report.settings.update(train_config=cfg.__dict__, resolved_settings=settings)
         base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
         base_images = int(base_meta.get("train_images", 0) or 0)
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
+        if callable(getattr(family, "encode", None)) and callable(getattr(family, "encode_key", None)):
+            from neon_cli.dist import device
+
+            model.to(device())
+            data, encoded = encoded_set(family, model, data, settings, fallback_dir=out_dir, progress=progress)
+            report.settings.update(encoded=encoded)
         torch.manual_seed(seed)
         ledger: list[dict[str, Any]] = []
 
@@ -140,12 +158,12 @@ def finetune(
             progress("finetune", seen, cfg.budget, message=f"snapshot {f.name}")
             return {"file": name, "images_seen": seen, "sha256": sha256_path(f)}
 
-        train_loop(family, model, images, labels, cfg, state_path=out_dir / "train_state.pt",
+        train_loop(family, model, data, None, cfg, state_path=out_dir / "train_state.pt",
                    on_snapshot=on_snapshot, progress=progress,
                    provenance={"base_sha256": base_sha, "synthetic_set_sha256": data_sha}, snapshots=ledger)
         results = None
         if is_main():  # rank 0 made the snapshots and holds the ledger; it writes finetune.json
-            results = _results(out_dir, ledger, cfg, int(images.shape[0]), base_images)
+            results = _results(out_dir, ledger, cfg, len(data), base_images)
             write_json(out_dir / "finetune.json", {"schema": "neon.finetune/1", "config": cfg.__dict__,
                                                    "base": {"path": str(path), "sha256": base_sha},
                                                    "synthetic_set": {"path": str(data_dir), "sha256": data_sha},

@@ -191,7 +191,9 @@ def _read_shard(path: Path) -> dict[str, Any]:
 
 
 def load_synthetic(data_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
-    """(images uint8 [N, C, H, W], labels int64 [N] or None, manifest) of a complete synthetic set.
+    """(images uint8 [N, C, H, W], labels int64 [N] or None, manifest) of a complete synthetic set,
+    all in memory (``neon align``, tests; ``neon finetune`` streams it instead:
+    :func:`neon_cli.dataset.open_synthetic`).
 
     Raises DataError naming the directory if the manifest is missing (an unfinished synth run:
     rerun ``neon synth`` to complete it), a listed shard is missing or unreadable, or its image count
@@ -199,25 +201,13 @@ def load_synthetic(data_dir: Path) -> tuple[Any, Any, dict[str, Any]]:
     """
     import torch
 
-    data_dir = Path(data_dir)
-    mf = data_dir / "manifest.json"
-    if not mf.exists():
-        hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""
-        raise DataError(f"--data: {data_dir} has no manifest.json{hint}")
-    manifest = json.loads(mf.read_text())
-    if manifest.get("schema") != SCHEMA:
-        raise DataError(f"--data: {mf} is not a neon synthetic-set manifest (schema {manifest.get('schema')!r})")
-    imgs, labs = [], []
-    for sh in manifest["shards"]:
-        f = data_dir / sh["file"]
-        if not f.exists():
-            raise DataError(f"--data: {f} listed in the manifest is missing")
-        t = _read_shard(f)
-        if t["images"].shape[0] != sh["count"]:
-            raise DataError(f"--data: {f} holds {t['images'].shape[0]} images, manifest says {sh['count']}")
-        imgs.append(t["images"])
-        if "labels" in t:
-            labs.append(t["labels"])
-    images = torch.cat(imgs)
-    labels = torch.cat(labs) if labs else None
-    return images, labels, manifest
+    from neon_cli.dataset import open_synthetic
+
+    data = open_synthetic(data_dir)
+    try:
+        n = len(data)
+        images = data.inputs.block(0, n)
+        labels = data.labels.to(torch.int64) if data.labels is not None else None
+    finally:
+        data.close()
+    return images, labels, data.manifest

@@ -7,9 +7,11 @@ family (paper Algorithm 1, step 2: "briefly fine-tune on S with the original rec
 Units: every budget is in **images seen** (one image drawn into a batch counts once).
 
 Determinism and resume: the data order is a fixed function of (seed, images seen): epoch e visits
-the set in the permutation drawn from ``torch.Generator().manual_seed(seed + e)``; the training
-noise of step t comes from a generator seeded with ``seed * 1_000_003 + t`` (+ rank * 2**40 on
-other ranks).
+the set in the permutation drawn from ``torch.Generator().manual_seed(seed + e)`` (drawn once per
+epoch and kept, :class:`DataOrder`); the training noise of step t comes from a generator seeded
+with ``seed * 1_000_003 + t`` (+ rank * 2**40 on other ranks). The data may be a tensor in memory
+or a set whose rows are read per batch (``neon finetune`` streams S from its shards,
+:mod:`neon_cli.dataset`): the batches are the same.
 
 Under torchrun (several ranks) the model is wrapped in DistributedDataParallel: ``batch`` is the
 **global** batch (images per optimiser step over all ranks), each rank takes its contiguous share
@@ -78,23 +80,54 @@ class TrainConfig:
 MAX_TRAIN_SEED = 2**42 - 1
 
 
+class DataOrder:
+    """The data order of a run: position p (0-based count of images seen) is image
+    ``perm_e[p mod n]`` of epoch ``e = p // n``, ``perm_e = torch.randperm(n, generator=
+    torch.Generator().manual_seed(seed + e))``.
+
+    The permutation of an epoch is drawn once and kept (int32 when n < 2**31: 4 bytes an image) for
+    the batches that follow; at most two epochs are held (a batch can straddle an epoch boundary).
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n <= 0:
+            raise UsageError("--data: the synthetic set is empty")
+        self.n, self.seed = int(n), int(seed)
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch))
+            if self.n < 2**31:
+                perm = perm.to(torch.int32)
+            self._perms = {e: p for e, p in self._perms.items() if e == epoch - 1}  # a straddling batch's first part
+            self._perms[epoch] = perm
+        return perm
+
+    def indices(self, start: int, size: int) -> torch.Tensor:
+        """Indices int64 [size] of the images seen at positions start .. start+size-1."""
+        parts = []
+        pos, left = int(start), int(size)
+        while left > 0:
+            epoch, off = divmod(pos, self.n)
+            take = self.permutation(epoch)[off: off + left]
+            parts.append(take)
+            pos += len(take)
+            left -= len(take)
+        return torch.cat(parts).to(torch.int64) if parts else torch.empty(0, dtype=torch.int64)
+
+
 def batch_indices(n: int, seed: int, start: int, size: int) -> torch.Tensor:
-    """Indices int64 [size] of the images seen at positions start .. start+size-1 of the data order."""
-    out = []
-    pos = start
-    while len(out) < size:
-        epoch, off = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        take = perm[off: off + size - len(out)]
-        out.extend(take.tolist())
-        pos += len(take)
-    return torch.tensor(out, dtype=torch.int64)
+    """Indices int64 [size] of the images seen at positions start .. start+size-1 of the data order
+    (see :class:`DataOrder`, which keeps the permutation between calls)."""
+    return DataOrder(n, seed).indices(start, size)
 
 
 def train_loop(
     family: Any,
     model: torch.nn.Module,
-    images: torch.Tensor,
+    images: Any,
     labels: torch.Tensor | None,
     cfg: TrainConfig,
     *,
@@ -106,6 +139,10 @@ def train_loop(
     snapshots: list[Any] | None = None,
 ) -> torch.nn.Module:
     """Train ``model`` in place on (images uint8 [N, ...], labels int64 [N] or None) for cfg.budget images.
+
+    ``images`` may instead be a set read batch by batch (``len(set)`` and ``set.batch(idx) ->
+    (inputs, labels)``: :class:`neon_cli.dataset.SyntheticSet`, streamed from S's shards), with
+    ``labels`` None; memory then does not grow with N. The batches are the same either way.
 
     Calls ``on_snapshot(images_seen, weights)`` every ``cfg.save_every`` images and at the end,
     where ``weights`` is the EMA model if ``cfg.ema_halflife`` is set, else ``model``. With
@@ -122,9 +159,13 @@ def train_loop(
     CheckpointError when it cannot be read (``torch.load(weights_only=True)`` refuses it).
     """
     cfg.check()
-    n = images.shape[0]
-    if n == 0:
-        raise UsageError("--data: the synthetic set is empty")
+    if hasattr(images, "batch"):
+        data = images
+    else:
+        from neon_cli.dataset import TensorSet
+
+        data = TensorSet(images, labels)
+    order = DataOrder(len(data), cfg.seed)
     from neon_cli.dist import device
 
     dev = device()
@@ -160,7 +201,7 @@ def train_loop(
     next_save = _next_mark(seen, cfg.save_every, cfg.budget)
     while seen < cfg.budget:
         size = min(cfg.batch, cfg.budget - seen)
-        idx = batch_indices(n, cfg.seed, seen, size)
+        idx = order.indices(seen, size)
         lr = cfg.lr * min(1.0, seen / cfg.warmup) if cfg.warmup else cfg.lr  # images seen before this step (EDM)
         for g in opt.param_groups:
             g["lr"] = lr
@@ -175,8 +216,9 @@ def train_loop(
             if len(part) == 0:
                 part = idx[:1]
             idx = part
-        batch_labels = labels[idx].to(dev) if labels is not None else None
-        loss = family.loss(loss_model, images[idx].to(dev), batch_labels, gen) * weight
+        batch_inputs, batch_labels = data.batch(idx)
+        batch_labels = batch_labels.to(dev) if batch_labels is not None else None
+        loss = family.loss(loss_model, batch_inputs.to(dev), batch_labels, gen) * weight
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

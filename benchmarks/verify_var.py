@@ -1,0 +1,327 @@
+"""Verify neon's ``var`` family against a real checkout of FoundationVision/VAR (outside CI).
+
+    git clone https://github.com/FoundationVision/VAR ~/VAR          # needs a git work tree: its
+    python -m venv venv-var && . venv-var/bin/activate              # arg_util runs `git rev-parse`
+    pip install torch numpy scipy safetensors typer rich scikit-learn huggingface_hub pytz typed-argument-parser
+    pip install --no-deps -e /path/to/neon
+    python benchmarks/verify_var.py --repo ~/VAR
+
+It builds a tiny VAR with the checkout's own ``build_vae_var`` (depth 2, so width 128; a 64-token
+codebook of 8 channels, VQVAE ch 32, scales 1-2-3-4, i.e. 64x64 images, 10 classes), gives the
+VQVAE finite random weights (``build_vae_var`` leaves it uninitialised: real runs load
+``vae_ch160v4096z32.pth``), writes both as plain state dicts into a temporary folder (deleted at
+the end; nothing produced by VAR's code is kept), then checks:
+
+1. sampling: ``family.sample`` equals VAR's ``autoregressive_infer_cfg(B=seed_block, label_B,
+   g_seed=first seed of the block, cfg, top_k, top_p, more_smooth)`` called directly, bit for
+   bit, for several settings; any subset of seeds gives the same images as the whole range;
+2. loss: ``family.loss`` on a fixed batch of uint8 images equals the loss ``VARTrainer.train_step``
+   hands to its ``AmpOptimizer`` (captured there) with the same class-dropout draw, and
+   ``family.encode``'s tokens equal ``vae.img_to_idxBl``; one optimiser step of neon's recipe
+   (``VarAdamW``: VAR's groups, weight decay 0.05, clip 2, fp32 on CPU) equals VAR's
+   ``AmpOptimizer.backward_clip_step`` with ``filter_params`` groups and ``lr_wd_annealing``'s
+   weight decay;
+3. files: a trainer checkpoint ``{'trainer': VARTrainer.state_dict(), 'args': Namespace}`` loads in
+   neon without ``--trust-pickle``; neon's fine-tune snapshots (``ar-ckpt-images_N.pth``), a
+   ``neon merge`` output and a ``tune-w -o`` output load into VAR with
+   ``load_state_dict(torch.load(f), strict=True)``, the -inf mask and the int64 ``lvl_1L`` kept.
+
+Prints one line per check and exits 1 if any fails. Runs in about a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+_REPO = Path(".")
+TINY = dict(patch_nums=(1, 2, 3, 4), V=64, Cvae=8, ch=32, share_quant_resi=4, num_classes=10, depth=2,
+            flash_if_available=False, fused_if_available=False)
+
+
+def build_real(repo: Path, seed: int = 0):
+    """(vae, var) from the checkout's build_vae_var, the VQVAE given finite random weights."""
+    from models import build_vae_var  # the checkout, put on sys.path by main()
+
+    from neon_var.io import _init_hooks_restored
+
+    torch.manual_seed(seed)
+    with contextlib.redirect_stdout(io.StringIO()), _init_hooks_restored():
+        vae, var = build_vae_var(device="cpu", **TINY)
+    for m in vae.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Embedding, torch.nn.Linear)):
+            torch.nn.init.normal_(m.weight, std=0.1)
+        if isinstance(m, torch.nn.GroupNorm):
+            torch.nn.init.ones_(m.weight)
+        if getattr(m, "bias", None) is not None:
+            torch.nn.init.zeros_(m.bias)
+    return vae.eval(), var.eval()
+
+
+def fresh_real(var_path: Path, vae_path: Path):
+    """A second VAR built independently and loaded the way VAR's own scripts load checkpoints."""
+    from models import build_vae_var
+
+    from neon_var.io import _init_hooks_restored
+
+    with contextlib.redirect_stdout(io.StringIO()), _init_hooks_restored():
+        vae, var = build_vae_var(device="cpu", **TINY)
+    vae.load_state_dict(torch.load(vae_path, map_location="cpu"), strict=True)
+    var.load_state_dict(torch.load(var_path, map_location="cpu"), strict=True)
+    return vae.eval(), var.eval()
+
+
+@contextlib.contextmanager
+def quiet_var():
+    """VAR's scripts install a ``print`` that takes ``force=``/``clean=`` (utils/misc.py) before they
+    call its helpers; this silences VAR's messages the same way for the duration of a call."""
+    import builtins
+
+    saved = builtins.print
+    builtins.print = lambda *a, force=False, clean=False, **k: None
+    try:
+        yield
+    finally:
+        builtins.print = saved
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.failed = 0
+
+    def __call__(self, name: str, ok: bool, detail: str) -> None:
+        print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}", flush=True)
+        self.failed += not ok
+
+
+def check_sampling(check: Checks, family, model, var_path, vae_path) -> None:
+    from neon_var.sampling import to_uint8
+
+    _, var = fresh_real(var_path, vae_path)
+    nc = TINY["num_classes"]
+    cases = [
+        {"cfg": 1.5, "top_k": 900, "top_p": 0.96, "more_smooth": False, "seed_block": 4},  # VAR's FID protocol
+        {"cfg": 1.25, "top_k": 20, "top_p": 0.95, "more_smooth": False, "seed_block": 5},  # Neon's S settings
+        {"cfg": 4.0, "top_k": 0, "top_p": 0.0, "more_smooth": True, "seed_block": 3},
+    ]
+    for st in cases:
+        block = st["seed_block"]
+        seeds = torch.arange(0, 3 * block)
+        labels = seeds % nc
+        neon = family.sample(model, seeds, labels, st)
+        ref = []
+        for b in range(3):
+            top_k = 0 if st["top_k"] >= TINY["V"] else st["top_k"]
+            with torch.inference_mode():
+                img = var.autoregressive_infer_cfg(B=block, label_B=labels[b * block:(b + 1) * block], g_seed=b * block,
+                                                   cfg=st["cfg"], top_k=top_k, top_p=st["top_p"], more_smooth=st["more_smooth"])
+            ref.append(to_uint8(img))
+        ref = torch.cat(ref)
+        diff = (neon.int() - ref.int()).abs().max().item()
+        check(f"sample == autoregressive_infer_cfg {st}", torch.equal(neon, ref),
+              f"{len(seeds)} images {tuple(neon.shape[1:])}, max |diff| {diff}")
+        pick = torch.tensor([block * 2 + 1, 1, block])
+        sub = family.sample(model, pick, pick % nc, st)
+        check(f"image depends only on its seed block (seed_block={block})", torch.equal(sub, neon[pick]),
+              f"seeds {pick.tolist()} alone == rows of the whole range")
+
+
+class _NoDDP(torch.nn.Module):
+    """What VARTrainer expects as ``var`` on one process (train.py's NullDDP does the same)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+        self.require_backward_grad_sync = False
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def check_loss_and_step(check: Checks, family, model, var_path, vae_path) -> None:
+    here = os.getcwd()
+    os.chdir(_REPO)  # utils/arg_util.py asks git for the checkout's branch and commit when imported
+    try:
+        from trainer import VARTrainer
+        from utils import misc
+        from utils.amp_sc import AmpOptimizer
+        from utils.lr_control import filter_params, lr_wd_annealing
+    finally:
+        os.chdir(here)
+
+    from neon_var.training import images_to_pm1
+
+    vae, var = fresh_real(var_path, vae_path)
+    var.train()
+    gen = torch.Generator().manual_seed(123)
+    B = 6
+    images = torch.randint(0, 256, (B, 3, 64, 64), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, TINY["num_classes"], (B,), generator=gen)
+    lr, twd, tclip = 1e-3, 0.05, 2.0
+
+    # VAR: filter_params groups, AdamW(0.9, 0.95), AmpOptimizer fp32 with clip 2, weight decay set by lr_wd_annealing
+    with quiet_var():
+        names, paras, groups = filter_params(var, nowd_keys={
+            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
+            "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"})
+    opt = AmpOptimizer(mixed_precision=0, optimizer=torch.optim.AdamW(groups, lr=lr, weight_decay=0, betas=(0.9, 0.95)),
+                       names=names, paras=paras, grad_clip=tclip)
+    lr_wd_annealing("lin0", opt.optimizer, lr, twd, twd, 0, 0, 100, wp0=0.005, wpe=0.01)
+    for g in opt.optimizer.param_groups:
+        g["lr"] = lr  # the fine-tune's lr at this step (neon's core sets it the same way)
+    with quiet_var():
+        trainer = VARTrainer(device="cpu", patch_nums=TINY["patch_nums"], resos=tuple(16 * p for p in TINY["patch_nums"]),
+                             vae_local=vae, var_wo_ddp=var, var=_NoDDP(var), var_opt=opt, label_smooth=0.0)
+    captured = {}
+    inner = opt.backward_clip_step
+
+    def capture(stepping, loss):
+        captured["loss"] = loss.detach().clone()
+        return inner(stepping=stepping, loss=loss)
+
+    opt.backward_clip_step = capture
+
+    # neon: the family's loss and optimiser on its own model (same weights)
+    m = copy.deepcopy(model)
+    from neon_var.training import AmpState, tag_parameters
+
+    tag_parameters(m, AmpState(0), {"twd": twd, "tclip": tclip})
+    m.train()
+    neon_opt = family.make_optimizer(m.parameters(), lr)
+    for g in neon_opt.param_groups:
+        g["lr"] = lr
+    step_gen = torch.Generator().manual_seed(7)
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(7)))
+    neon_loss = family.loss(m, images, labels, step_gen)
+
+    torch.manual_seed(seed)  # the same class-dropout and drop-path draws inside VAR's forward
+    with quiet_var():
+        trainer.train_step(it=0, g_it=1, stepping=True, metric_lg=misc.MetricLogger(), tb_lg=None,
+                           inp_B3HW=images_to_pm1(images), label_B=labels, prog_si=-1, prog_wp_it=1)
+    var_loss = captured["loss"]
+    check("loss == VARTrainer.train_step's loss", torch.equal(neon_loss.detach(), var_loss),
+          f"neon {neon_loss.item():.7f}, VAR {var_loss.item():.7f}, |diff| {abs(neon_loss.item() - var_loss.item()):.2e}")
+    tokens = family.encode(m, images)
+    ref_tokens = torch.cat(vae.img_to_idxBl(images_to_pm1(images)), 1)
+    check("encode == vae.img_to_idxBl (all scales)", torch.equal(tokens.long(), ref_tokens),
+          f"tokens {tuple(tokens.shape)} {tokens.dtype}")
+    ft = family.loss(m, tokens, labels, torch.Generator().manual_seed(7))
+    check("loss on cached tokens == loss on images", torch.equal(ft.detach(), neon_loss.detach()), f"{ft.item():.7f}")
+
+    neon_opt.zero_grad(set_to_none=True)
+    neon_loss.backward()
+    neon_opt.step()
+    worst = max((a - b).abs().max().item() for a, b in zip(m.var.state_dict().values(), var.state_dict().values())
+                if a.is_floating_point())
+    check("one optimiser step == AmpOptimizer step (groups, wd 0.05, clip 2)", worst <= 1e-6,
+          f"max |param diff| {worst:.2e} after lr {lr:g}")
+
+
+def check_files(check: Checks, family, tmp: Path, var_path: Path, vae_path: Path, repo: Path) -> None:
+    from neon_cli.finetune import finetune
+    from neon_cli.merge import merge_checkpoints
+    from neon_cli.report import Report
+    from neon_cli.synth import synthesize
+    from neon_cli.tune import run_tune_w
+
+    pairs = [f"repo={repo}", f"vae={vae_path}", "seed_block=4"]
+    # a trainer checkpoint with args as a Namespace: read without --trust-pickle
+    vae, var = fresh_real(var_path, vae_path)
+    trainer_ckpt = tmp / "ar-ckpt-last.pth"
+    torch.save({"epoch": 1, "iter": 0, "trainer": {"config": {"patch_nums": TINY["patch_nums"]},
+                                                     "var_wo_ddp": var.state_dict(), "vae_local": vae.state_dict(),
+                                                     "var_opt": {"optimizer": {}}},
+                "args": argparse.Namespace(depth=2, pn="1_2_3_4", tblr=1e-4)}, trainer_ckpt)
+    from neon_cli.family import resolve_settings
+
+    st = resolve_settings(family, pairs)
+    a = family.load(str(trainer_ckpt), settings={**st, "vae": str(trainer_ckpt)})
+    b = family.load(str(var_path), settings=st)
+    same = all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    check("trainer checkpoint (trainer.var_wo_ddp, trainer.vae_local, args Namespace) loads", same,
+          "weights_only=True with argparse.Namespace allowed, equal to the plain state dicts")
+
+    S = tmp / "S"
+    synthesize("var", var_path, num=24, out_dir=S, shard_size=12, batch=8, set_pairs=pairs + ["top_k=20"], report=Report("synth"))
+    ft = finetune("var", var_path, S, budget=24, lr=1e-3, batch=8, save_every=8, out_dir=tmp / "ft",
+                  set_pairs=pairs, report=Report("finetune"))
+    names = [Path(s["path"]).name for s in ft["snapshots"]]
+    check("fine-tune snapshots named by images seen", names == ["ar-ckpt-images_8.pth", "ar-ckpt-images_16.pth",
+                                                                  "ar-ckpt-images_24.pth"], ", ".join(names))
+    merged = tmp / "merged.pth"
+    merge_checkpoints(var_path, ft["final"], [1.5], [merged], report=Report("merge"))
+    # tune-w only has to write its winner here: score by a cheap stand-in metric (the mean grey
+    # level's distance to 0.5), not a 12288-d pixel FID
+    cls, saved = type(family), type(family).metrics
+    cls.metrics = ("grey",)
+    family.score = lambda images, labels: {"grey": abs(images.float().mean().item() / 255 - 0.5)}
+    tuned = tmp / "tuned.pth"
+    try:
+        run_tune_w("var", var_path, [ft["final"]], bounds=(0.0, 2.0), gamma=(1.0, 3.0), num_samples=8, batch=8,
+                   set_pairs=pairs + ["top_k=20"], output=tuned, report=Report("tune-w"))
+    finally:
+        cls.metrics = saved
+        del family.score
+    base = torch.load(var_path, map_location="cpu")
+    for f in [Path(s["path"]) for s in ft["snapshots"]] + [merged, tuned]:
+        _, fresh = fresh_real(var_path, vae_path)
+        try:
+            sd = torch.load(f, map_location="cpu")  # VAR's own loading (generate_and_fid_neon.py unwraps the same way)
+            sd = sd.get("trainer", sd).get("var_wo_ddp", sd) if isinstance(sd, dict) else sd
+            fresh.load_state_dict(sd, strict=True)
+            kept = torch.equal(sd["attn_bias_for_masking"], base["attn_bias_for_masking"]) and \
+                torch.equal(sd["lvl_1L"], base["lvl_1L"]) and sd["lvl_1L"].dtype == torch.int64
+            check(f"VAR loads {f.name} (strict=True)", kept, "-inf mask and int64 lvl_1L as in theta_r")
+        except Exception as exc:  # report, do not stop
+            check(f"VAR loads {f.name} (strict=True)", False, f"{type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repo", type=Path, required=True, help="a git checkout of FoundationVision/VAR")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    repo = args.repo.expanduser().resolve()
+    if not (repo / "models" / "var.py").is_file():
+        print(f"--repo: {repo} is not a checkout of FoundationVision/VAR (no models/var.py)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    global _REPO
+    _REPO = repo
+    sys.path.insert(0, str(repo))
+    os.environ.pop("NEON_REF_STATS", None)
+    os.environ.pop("NEON_INCEPTION", None)
+    from neon_cli.family import get_family, resolve_settings
+
+    family = get_family("var")
+    check = Checks()
+    with tempfile.TemporaryDirectory(prefix="verify-var-") as d:
+        tmp = Path(d)
+        vae, var = build_real(repo)
+        var_path, vae_path = tmp / "var_tiny.pth", tmp / "vae_tiny.pth"
+        torch.save(var.state_dict(), var_path)
+        torch.save(vae.state_dict(), vae_path)
+        settings = resolve_settings(family, [f"repo={repo}", f"vae={vae_path}"])
+        model = family.load(str(var_path), settings=settings)
+        info = {k: model.info[k] for k in ("depth", "patch_nums", "num_classes", "V", "Cvae", "ch", "share_quant_resi")}
+        check("architecture read from the shapes", info == {k: TINY[k] for k in info}, str(info))
+        check("reset_parameters restored after build_vae_var",
+              "reset_parameters" in torch.nn.Linear.__dict__ and torch.nn.Linear.reset_parameters.__name__ == "reset_parameters",
+              "torch.nn.Linear.reset_parameters is torch's own again")
+        check_sampling(check, family, model, var_path, vae_path)
+        check_loss_and_step(check, family, model, var_path, vae_path)
+        check_files(check, family, tmp, var_path, vae_path, repo)
+    print(f"{'all checks passed' if not check.failed else f'{check.failed} check(s) FAILED'}")
+    return 1 if check.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
