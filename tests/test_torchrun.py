@@ -145,7 +145,7 @@ def test_readme_torchrun_lines_run(tmp_path):
         res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
         assert res.returncode == 0, (cmd, res.stderr[-3000:])
         if "eval" in argv:
-            assert json.loads(res.stdout)["metrics"]["fid"] > 0
+            assert json.loads(res.stdout)["metrics"]["fd_digits"] > 0
     assert len(json.loads((tmp_path / "S" / "manifest.json").read_text())["shards"]) == 1
     assert (tmp_path / "ft" / "theta_s-000000064.safetensors").exists()
     assert (tmp_path / "neon.safetensors").exists()
