@@ -1,7 +1,8 @@
 """Hand-run benchmark: tune-w's searches against fine grids on several theta_s (issue 16, item 3).
 
-On the digits family, for each theta_s of ``--configs`` (different |S|, budgets and seeds) and on one
-seed plan (common random numbers for every candidate; ``--num-samples`` images per evaluation):
+On the digits family (metric ``--metric``, default ``fd_digits``; "FID" below), for each theta_s of
+``--configs`` (different |S|, budgets and seeds) and on one seed plan (common random numbers for
+every candidate; ``--num-samples`` images per evaluation):
 
 * the fine grid over (w, gamma): a grid of step ``--fine-step`` on both axes, half-widths
   ``--fine-half-width`` W G, around the best coarse point measured (the paper protocol's sweep
@@ -217,7 +218,8 @@ def main() -> None:
     ap.add_argument("--family", default="digits")
     ap.add_argument("--workdir", type=Path, default=Path("bench-tune-work"))
     ap.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, help="NAME:|S|:BUDGET_FRACTION:SEED[@GAMMA_S]")
-    ap.add_argument("--metric", default="fid")
+    ap.add_argument("--metric", default="fd_digits",
+                    help="metric searched and reported (digits: fd_digits, the classifier-feature Fréchet distance)")
     ap.add_argument("--num-samples", type=int, default=1000)
     ap.add_argument("--confirm-samples", type=int, default=5000)
     ap.add_argument("--seed", type=int, default=10_000_000)

@@ -1,7 +1,8 @@
 """``neon demo``: the whole of Neon (paper Algorithm 1) on a family's embedded default model,
-following the paper's protocol (Sec. 4: every model at its FID-optimal inference settings):
+following the paper's protocol (Sec. 4: every model at its FID-optimal inference settings; here
+"FID" is the family's first metric, ``fd_digits`` for digits):
 
-1. the base's own best gamma (Brent over ln gamma on FID, common random numbers);
+1. the base's own best gamma (Brent over ln gamma on that metric, common random numbers);
 2. synth: |S| images at that gamma;
 3. finetune: budget B images seen (a fraction of the base's training budget) -> theta_s;
 4. the "more training" control: theta_r fine-tuned on the family's real data with the same budget
@@ -48,7 +49,7 @@ def demo(
     control and Neon (ignored, like the control's gamma search, for families without guidance).
     Results (also ``report.results``): ``base_default``, ``base_best``, ``control``, ``neon``
     (metrics on the confirmation seeds), ``gamma_default``, ``gamma_base_best``, ``gamma_S``,
-    ``w``, ``gamma``, ``gain_vs_best`` (1 - neon / base-at-best FID: the headline),
+    ``w``, ``gamma``, ``gain_vs_best`` (1 - neon / base-at-best value of ``metric``, the family's first: the headline),
     ``gain_vs_default``, ``improved``, ``num_synthetic``, ``budget_images``, ``base_train_images``,
     ``budget_fraction``, ``search_evaluations``, ``paths``, ``steps`` (each step's report).
     Raises UsageError on bad numbers or an output that is an input.

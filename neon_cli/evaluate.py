@@ -104,14 +104,23 @@ def parse_thresholds(max_fid: float | None = None, max_metric: list[str] | tuple
     return out
 
 
-def check_metric_names(family: Any, family_name: str, limits: Mapping[str, tuple[float, str]]) -> None:
+def check_metric_names(family: Any, family_name: str, limits: dict[str, tuple[float, str]],
+                       progress: ProgressFn | None = None) -> None:
     """Refuse, before any sampling, a threshold on a metric the family does not report.
 
     The names are the family's ``metrics`` (read now: image families list ``fid`` only when an
     Inception detector is configured) plus ``seconds``; a family that lists no metrics is not
-    checked here (the check after scoring still applies). Raises UsageError naming the flag and
-    the metrics there are.
+    checked here (the check after scoring still applies). A deprecated name of the family's
+    ``metric_aliases`` (digits: ``fid`` for ``fd_digits``) is replaced in ``limits`` by the
+    current one, with a one-line note through ``progress`` (:func:`neon_cli.family.resolve_metric`).
+    Raises UsageError naming the flag and the metrics there are.
     """
+    from neon_cli.family import resolve_metric
+
+    for old in list(limits):
+        new = resolve_metric(family, old, limits[old][1], progress, "eval")
+        if new != old:
+            limits[new] = limits.pop(old)
     names = list(getattr(family, "metrics", None) or [])
     if not names:
         return
@@ -218,7 +227,7 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     with scoring_files(detector, ref_stats) as scoring:
-        check_metric_names(family, family_name, limits)  # inside: a family's metrics may depend on the detector
+        check_metric_names(family, family_name, limits, progress)  # inside: a family's metrics may depend on the detector
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
         ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
         metrics = ev.score_model(model)

@@ -84,6 +84,32 @@ class Setting:
         }
 
 
+@dataclass(frozen=True)
+class Metric:
+    """What one metric name of a family means (``Family.metric_info``; listed by ``neon plugins``).
+
+    ``definition`` is one line: what is measured, on which features (detector or classifier) and
+    against which reference. ``higher_is_better`` gives the direction (tune-w maximises such
+    metrics); None for a diagnostic that is no objective (e.g. a ratio best at 1). A metric name says what it is: ``fid`` only for the Fréchet Inception distance of the
+    standard detector against named reference statistics; other Fréchet distances get their own
+    names (``fd_digits``, ``pixel_fid``, ``frechet``).
+    """
+
+    definition: str
+    higher_is_better: bool | None = False
+
+    @property
+    def direction(self) -> str:
+        """``"higher is better"``, ``"lower is better"`` or ``"diagnostic"``."""
+        if self.higher_is_better is None:
+            return "diagnostic"
+        return "higher is better" if self.higher_is_better else "lower is better"
+
+    def to_json(self, name: str) -> dict[str, Any]:
+        return {"name": name, "definition": self.definition, "higher_is_better": self.higher_is_better,
+                "direction": self.direction}
+
+
 @runtime_checkable
 class Family(Protocol):
     """What a generator family provides. Shapes and dtypes are part of the contract.
@@ -145,6 +171,15 @@ class Family(Protocol):
             would, e.g. with the VQVAE file's sha256), and hands ``loss`` rows of the encoding
             instead of images (:mod:`neon_cli.dataset`). ``loss`` should still accept images for
             callers that train on raw data (``neon align``).
+        metric_info: ``{name: Metric}`` (or ``{name: "definition"}``, the direction then taken
+            from the names tune-w maximises, ``neon_cli.tune.common.HIGHER_IS_BETTER``): a one-line
+            definition of every name ``score``/``score_model`` may return, including names listed
+            in ``metrics`` only under some configuration (e.g. ``fid`` only with a detector).
+            ``neon plugins --json`` lists it; a family without it gets "(no definition given by
+            the family)" per metric (:func:`metric_definitions`).
+        metric_aliases: ``{old_name: name}``: deprecated metric names still accepted where a user
+            names a metric (``--metric``, ``--max-metric``, ``--max-fid``), resolved by
+            :func:`resolve_metric` with a one-line note; reports use the new name only.
 
     ``sample`` may return non-image tensors (the Gaussian families return float32 [N, D]); the
     core stores and trains on whatever the family samples.
@@ -195,9 +230,57 @@ class PluginInfo:
             "num_classes": getattr(fam, "num_classes", None),
             "guidance": getattr(fam, "guidance", None),
             "metrics": list(getattr(fam, "metrics", []) or []),
+            "metric_info": metric_definitions(fam) if fam is not None else [],
+            "metric_aliases": dict(getattr(fam, "metric_aliases", None) or {}),
             "default_model": getattr(fam, "default_model", None),
             "settings": [s.to_json() for s in getattr(fam, "settings", [])] if fam is not None else [],
+            "train_defaults": dict(getattr(fam, "train_defaults", None) or {}) if fam is not None else {},
+            "train_settings": [s.to_json() for s in getattr(fam, "train_settings", None) or ()] if fam is not None else [],
         }
+
+
+#: ``definition`` of a metric whose family gives none (third-party families without ``metric_info``).
+NO_DEFINITION = "(no definition given by the family)"
+
+
+def metric_definitions(family: Any) -> list[dict[str, Any]]:
+    """Every metric of ``family`` with its definition, as JSON-ready dicts.
+
+    One ``{"name", "definition", "higher_is_better", "direction", "active"}`` per name: first the
+    names of ``family.metrics`` (the ones ``--metric`` / ``--max-metric`` take with the present
+    configuration, ``active`` True, in that order), then the other names of ``family.metric_info``
+    (``active`` False: e.g. ``fid`` of an image family without a detector, or a diagnostic that
+    ``score`` returns beside its metrics). ``metric_info`` values may be :class:`Metric`
+    or a plain definition string; a name without an entry gets :data:`NO_DEFINITION`. The direction
+    falls back to ``neon_cli.tune.common.HIGHER_IS_BETTER`` (the names tune-w maximises).
+    """
+    from neon_cli.tune.common import HIGHER_IS_BETTER
+
+    info = dict(getattr(family, "metric_info", None) or {})
+    reported = list(getattr(family, "metrics", None) or [])
+    out = []
+    for name in list(dict.fromkeys(reported + list(info))):
+        entry = info.get(name)
+        if not isinstance(entry, Metric):
+            entry = Metric(str(entry) if entry else NO_DEFINITION, name in HIGHER_IS_BETTER)
+        out.append({**entry.to_json(name), "active": name in reported})
+    return out
+
+
+def resolve_metric(family: Any, name: str, flag: str, progress: Any = None, task: str = "metrics") -> str:
+    """``name`` itself, or the current name when it is one of the family's deprecated
+    ``metric_aliases`` (then says so in one line: ``progress(task, 0, None, message=...)``).
+
+    ``flag`` is the option the name came from (``--metric``, ``--max-fid``, ...), named in the
+    note. Unknown names are returned unchanged (the caller refuses them against ``metrics``).
+    """
+    new = dict(getattr(family, "metric_aliases", None) or {}).get(name)
+    if not new:
+        return name
+    if progress is not None:
+        progress(task, 0, None, message=f"{flag}: metric {name!r} of family {getattr(family, 'name', '?')!r} is now "
+                                        f"{new!r} (deprecated alias, removed in the next release)")
+    return str(new)
 
 
 def _allowed() -> set[str] | None:

@@ -115,4 +115,4 @@ def test_shipped_base_small_and_good(ar, base):
     assert float(meta["heldout_loss"]) < 1.0
     seeds = torch.arange(1000)
     m = ar.score(ar.sample(base, seeds, seeds % 10, resolve_settings(ar)), seeds % 10)
-    assert m["fid"] < 1.0 and m["class_accuracy"] > 0.85
+    assert m["fd_digits"] < 1.0 and m["class_accuracy"] > 0.85

@@ -84,7 +84,7 @@ INF_OK = {("tune-w", "--abandon-margin")}
 STRING_BAD: list[tuple[str, str, list[str]]] = [
     ("merge", "--w", ["nan", "inf", "0.5,nan"]),
     ("merge", "--shard-size", ["0", "-1GB", "nanGB"]),
-    ("eval", "--max-metric", ["fid=nan", "fid=inf", "fid"]),
+    ("eval", "--max-metric", ["fd_digits=nan", "fd_digits=inf", "fd_digits"]),
     *[(cmd, "--set", ["guidance=nan", "guidance=inf", "guidance=-inf"]) for cmd in ("synth", "finetune", "eval", "tune-w", "align")],
 ]
 

@@ -64,16 +64,34 @@ def test_eval_threshold_exit_1_and_report(tmp_path):
     args = ["eval", "digits", "--num-samples", "200", "--set", "steps=4", "--report", str(rep), "--json"]
     ok = runner.invoke(app, args)
     assert ok.exit_code == 0, ok.output
-    fid = json.loads(ok.stdout)["metrics"]["fid"]
+    fd = json.loads(ok.stdout)["metrics"]["fd_digits"]
     data = json.loads(rep.read_text())
     assert set(data) >= {"schema", "command", "argv", "versions", "inputs", "outputs", "settings", "results", "wall_seconds", "status"}
     assert data["versions"]["torch"] and data["versions"]["neon"]
     assert len(data["inputs"][0]["sha256"]) == 64
-    bad = runner.invoke(app, args + ["--max-fid", str(fid * 0.5)])
+    bad = runner.invoke(app, args + ["--max-metric", f"fd_digits={fd * 0.5}"])
     assert bad.exit_code == 1
     assert json.loads(rep.read_text())["status"] == "threshold_exceeded"
-    good = runner.invoke(app, args + ["--max-fid", str(fid * 2)])
+    good = runner.invoke(app, args + ["--max-metric", f"fd_digits={fd * 2}"])
     assert good.exit_code == 0
+
+
+def test_digits_fid_is_a_deprecated_alias_of_fd_digits(tmp_path):
+    """digits called its classifier-feature distance 'fid' up to 0.1: --max-fid / --max-metric fid=
+    still gate on fd_digits for one release, with a one-line note; results carry only the new name."""
+    rep = tmp_path / "eval.json"
+    args = ["eval", "digits", "--num-samples", "64", "--set", "steps=2", "--report", str(rep), "--log-format", "plain"]
+    bad = runner.invoke(app, args + ["--max-fid", "1e-9"])
+    assert bad.exit_code == 1, bad.output
+    assert "--max-fid: metric 'fid' of family 'digits' is now 'fd_digits' (deprecated alias" in bad.stderr
+    assert "fd_digits = " in bad.stderr and "exceeds --max-fid 1e-09" in bad.stderr
+    data = json.loads(rep.read_text())["results"]
+    assert "fid" not in data["metrics"] and set(data["exceeded"]) == {"fd_digits"}
+    good = runner.invoke(app, args + ["--max-metric", "fid=1e9"])
+    assert good.exit_code == 0 and "--max-metric fid: metric 'fid'" in good.stderr
+    # a family without the alias (Inception FID not configured) refuses the name before sampling
+    res = runner.invoke(app, ["eval", "gaussian", "--max-fid", "1"])
+    assert res.exit_code == 2 and "reports no metric 'fid'" in res.stderr
 
 
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])

@@ -53,11 +53,11 @@ def test_scorer_on_real_and_noise():
     scorer = DigitsScorer(WEIGHTS / "classifier.safetensors")
     real, labels = M.real_digits()
     same = scorer(real, labels)
-    assert same["fid"] == pytest.approx(0.0, abs=1e-6) and same["pixel_fid"] == pytest.approx(0.0, abs=1e-8)
+    assert same["fd_digits"] == pytest.approx(0.0, abs=1e-6) and same["pixel_fid"] == pytest.approx(0.0, abs=1e-8)
     assert same["precision"] == 1.0 and same["recall"] == 1.0 and same["class_accuracy"] > 0.99
     noise = torch.randint(0, 256, (1000, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     bad = scorer(noise, labels[:1000])
-    assert bad["fid"] > 100 * max(same["fid"], 1e-3) and bad["precision"] < 0.5
+    assert bad["fd_digits"] > 100 * max(same["fd_digits"], 1e-3) and bad["precision"] < 0.5
 
 
 def test_shipped_base_model(digits):
@@ -69,7 +69,7 @@ def test_shipped_base_model(digits):
     images = digits.sample(net, seeds, seeds % 10, settings)
     m = digits.score(images, seeds % 10)
     assert m["class_accuracy"] > 0.9  # the conditional model draws the digit it is asked for
-    assert m["fid"] < 5.0 and m["precision"] > 0.8
+    assert m["fd_digits"] < 5.0 and m["precision"] > 0.8
 
 
 def test_training_script_runs(tmp_path):

@@ -7,6 +7,7 @@ by the metric beats theta_r on the same seeds (paper Alg. 1; Table 1's direction
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -51,8 +52,8 @@ def test_installed_cli_synth_finetune_tunew_merge_eval(tmp_path, digits):
     fids = {}
     for name, path in (("base", base), ("neon", str(merged))):
         res = _run("eval", "digits", "--model", path, "--num-samples", "2000", "--seed", "900000", "--json")
-        fids[name] = json.loads(res.stdout)["metrics"]["fid"]
-    # held-out seeds (not those tune-w searched on): Neon's FID is clearly lower
+        fids[name] = json.loads(res.stdout)["metrics"]["fd_digits"]
+    # held-out seeds (not those tune-w searched on): Neon's fd_digits is clearly lower
     assert fids["neon"] < 0.85 * fids["base"], fids
 
 
@@ -75,6 +76,7 @@ def test_demo_reports_the_required_results(tmp_path):
     bl = steps["base-gamma"]["results"]["baselines"]
     assert bl["best"]["value"] < bl["default"]["value"]
     m = r["metric"]
+    assert m == "fd_digits" and "fid" not in r["neon"]  # digits' classifier distance is not called FID
     assert r["gain_vs_best"] == pytest.approx(1 - r["neon"][m] / r["base_best"][m])
     assert r["gain_vs_default"] == pytest.approx(1 - r["neon"][m] / r["base_default"][m])
     assert r["neon"][m] < r["base_default"][m]
@@ -88,3 +90,4 @@ def test_demo_reports_the_required_results(tmp_path):
     assert (tmp_path / "d" / "neon.safetensors").exists() == bool(r["paths"]["neon"])
     out = " ".join(res.stdout.split())
     assert "than the base at its best γ" in out and "real images" in out and "Neon w" in out
+    assert "│ fd_digits" in res.stdout and "Neon fd_digits" in out and not re.search(r"\bfid\b", out)

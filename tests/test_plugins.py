@@ -91,8 +91,8 @@ def test_every_subcommand_runs_on_the_third_party_family(toyfam, toy_base, tmp_p
     torch.testing.assert_close(toyfam.load(str(best)).mu, m.mu)
     r = runner.invoke(app, ["eval", "toy", "--model", str(merged), "--num-samples", "400", "--json"])
     assert r.exit_code == 0, r.output
-    fid_neon = json.loads(r.stdout)["metrics"]["fid"]
+    fid_neon = json.loads(r.stdout)["metrics"]["frechet"]
     r = runner.invoke(app, ["eval", "toy", "--model", str(toy_base), "--num-samples", "400", "--json"])
-    fid_base = json.loads(r.stdout)["metrics"]["fid"]
+    fid_base = json.loads(r.stdout)["metrics"]["frechet"]
     assert math.isfinite(fid_neon) and fid_neon < fid_base
-    assert abs(fid_neon - tune["chosen"]["metrics"]["fid"]) < 1e-9  # same seeds, same model -> same number
+    assert abs(fid_neon - tune["chosen"]["metrics"]["frechet"]) < 1e-9  # same seeds, same model -> same number

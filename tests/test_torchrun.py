@@ -151,7 +151,7 @@ def test_readme_torchrun_lines_run(tmp_path):
             continue
         assert res.returncode == 0, (cmd, res.stderr[:3000])
         if "eval" in argv:
-            assert json.loads(res.stdout)["metrics"]["fid"] > 0
+            assert json.loads(res.stdout)["metrics"]["fd_digits"] > 0
         if "tune-w" in argv:
             assert (tmp_path / "neon.safetensors").exists()
     assert len(json.loads((tmp_path / "S" / "manifest.json").read_text())["shards"]) == 1

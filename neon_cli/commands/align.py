@@ -14,7 +14,7 @@ def register(app: typer.Typer) -> None:
     @app.command("align")
     def align(
         family: str = typer.Argument(..., help="Family name (see 'neon plugins').", autocompletion=complete_family),
-        base: Optional[Path] = typer.Option(None, "--base", "-m", help="Base checkpoint theta_r (default: the family's embedded one)."),
+        base: Optional[Path] = typer.Option(None, "--base", help="Base checkpoint theta_r (default: the family's embedded one)."),
         selftrained: Optional[Path] = typer.Option(
             None, "--selftrained", "-s", help="Self-trained checkpoint theta_s: gives dR/dw along the Neon line and its curvature."),
         synthetic: Optional[Path] = typer.Option(

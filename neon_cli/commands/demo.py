@@ -16,7 +16,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("neon-demo"), "--out", "-o", help="Working directory (S, theta_s, neon.safetensors).", file_okay=False),
         family: str = typer.Option("digits", "--family", help="Family whose embedded default model to use.", autocompletion=complete_family),
         base: Optional[Path] = typer.Option(
-            None, "--base", help="Base checkpoint (default: the family's embedded one; settings recorded in it apply)."),
+            None, "--base", help="Base checkpoint theta_r (default: the family's embedded one; settings recorded in it apply)."),
         num_synthetic: int = typer.Option(4000, "--num-synthetic", help="|S|, synthetic images."),
         budget: Optional[int] = typer.Option(None, "--budget", help="Fine-tuning budget in images (default: --budget-fraction of the base's)."),
         budget_fraction: float = typer.Option(0.03, "--budget-fraction", help="Budget as a fraction of the base training budget."),
@@ -36,9 +36,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run Neon end to end on the embedded default, by the paper's protocol.
 
-        Finds the base's FID-best gamma, synthesizes S there, fine-tunes (theta_s), fine-tunes the
-        base on real data with the same budget (the "more training" control), searches (w, gamma)
-        jointly, merges, and prints the base at its default gamma, the base at its best gamma, the
+        Finds the base's best gamma by the family's first metric (digits: fd_digits), synthesizes S
+        there, fine-tunes (theta_s), fine-tunes the base on real data with the same budget (the
+        "more training" control), searches (w, gamma) jointly, merges, and prints the base at its default gamma, the base at its best gamma, the
         control and Neon on a disjoint confirmation seed range. The headline gain is against the
         base at its best. Rerunning reuses what a previous (even interrupted) run finished.
 
@@ -75,7 +75,7 @@ def _show(r, console) -> None:
         cols.append(("control", f"real-data control, γ{_g(r['gamma_control'])}"))
     cols.append(("neon", f"Neon w {r['w']:.3g}, γ{_g(r['gamma'])}"))
     t = Table("metric", *[c[1] for c in cols], title=f"Neon on the embedded default ({r['confirm_samples']} samples, disjoint seeds)")
-    for k in ("fid", "pixel_fid", "precision", "recall", "density", "coverage", "class_accuracy"):
+    for k in [k for k in r["neon"] if k != "seconds"]:  # the family's metric names, in its order
         if all(k in (r[c[0]] or {}) for c in cols):
             t.add_row(k, *[f"{r[c[0]][k]:.4g}" for c in cols])
     console.print(t)

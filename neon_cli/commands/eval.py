@@ -19,7 +19,7 @@ def register(app: typer.Typer) -> None:
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images sampled and scored."),
         seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size."),
-        max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid exceeds this."),
+        max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid (Inception FID) exceeds this; same as --max-metric fid=X. For digits, a deprecated alias of --max-metric fd_digits=X."),
         max_metric: Optional[List[str]] = typer.Option(
             None, "--max-metric", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable), e.g. --max-metric pixel_fid=0.1."),
         detector: Optional[Path] = DetectorOpt,
@@ -31,12 +31,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score a checkpoint with its family's metrics (FID, precision/recall k=5, ...).
 
-        Exits 1 when a threshold is exceeded, so CI can gate on it.
+        Exits 1 when a threshold is exceeded, so CI can gate on it. Each family's metric names, with a one-line definition and direction, are listed by 'neon plugins --json'.
 
         Example:
 
         \b
-            neon eval digits --model neon.safetensors --num-samples 5000 --max-fid 2.0 --json
+            neon eval digits --model neon.safetensors --num-samples 5000 --max-metric fd_digits=2.0 --json
         """
         from neon_cli.evaluate import evaluate
 

@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         base: Path = typer.Argument(..., help="theta_r, the base checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, .pkl, a sharded or diffusers folder.", show_default=False),
         selftrained: Path = typer.Argument(..., help="theta_s, the self-trained checkpoint (same keys, shapes, dtypes).", show_default=False),
         w: str = typer.Option(..., "--w", help="Neon weight w; a comma list (0.5,1.0,1.6) writes one output per w in one pass."),
-        output: str = typer.Option(..., "-o", "--output", help="Output: name.safetensors, name.pt / name.pkl (theta_r's own file with the merged weights), or a folder; '{w}' is replaced by each weight."),
+        output: str = typer.Option(..., "-o", "--out", help="Output: name.safetensors, name.pt / name.pkl (theta_r's own file with the merged weights), or a folder; '{w}' is replaced by each weight."),
         key: Optional[str] = typer.Option(None, "--key", metavar="PATH", help="Where the state dict is in a container, dotted (ema, model_ema, trainer.var_wo_ddp). Default: found automatically."),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of floating tensors: float32, bfloat16, float16, float64. Default: theta_r's."),
         exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="REGEX", help="Copy keys matching REGEX from theta_r instead of merging (repeatable)."),

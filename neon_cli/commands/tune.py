@@ -47,7 +47,7 @@ WriteAnywayOpt = typer.Option(
     False, "--write-anyway", help="Write -o even when no candidate beats the base (the exit code is still 5).")
 PlotOpt = typer.Option(
     None, "--plot", dir_okay=False,
-    help="PNG: fid, precision and recall vs w at the chosen gamma (paper Fig. 4) and the search (needs matplotlib).")
+    help="PNG: the metric, precision and recall vs w at the chosen gamma (paper Fig. 4) and the search (needs matplotlib).")
 ControlOpt = typer.Option(
     None, "--control", autocompletion=lambda: ["real"],
     help="'real': also fine-tune the base on the family's real data with the chosen snapshot's budget and recipe, and "
@@ -78,7 +78,7 @@ def register(app: typer.Typer) -> None:
         rounds: int = RoundsOpt,
         refine: int = RefineOpt,
         gamma_scale: str = GammaScaleOpt,
-        metric: Optional[str] = typer.Option(None, "--metric", help="Metric to optimise (default: the family's first, e.g. fid)."),
+        metric: Optional[str] = typer.Option(None, "--metric", help="Metric to optimise (default: the family's first: fd_digits for digits, fid for image families given a detector; see 'neon plugins --json')."),
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images per evaluation (the same seeds for every candidate)."),
         seed: int = SeedOpt,
         confirm_samples: int = ConfirmOpt,

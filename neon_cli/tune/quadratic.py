@@ -69,7 +69,7 @@ def design_points(w_bounds: tuple[float, float], g_bounds: tuple[float, float],
       quadratic (App. C); over a whole box such as [0, 3] x [1, 4] it is not (FID grows faster
       than quadratically away from the optimum and the (w, gamma) valley is curved), so points
       at the box's edges bend the fit away from the optimum. On the digits family's measured
-      (w, gamma) surfaces (fid, pixel_fid, coverage; 13 boxes; ``benchmarks/tune.py``) radius
+      (w, gamma) surfaces (fd_digits, pixel_fid, coverage; 13 boxes; ``benchmarks/tune.py``) radius
       0.5 put the fitted optimum closer to the best than radius 1 (the inscribed ellipse);
       the refinement steps of :func:`quadratic_search` then correct the extrapolation when the
       optimum lies outside the pentagon.

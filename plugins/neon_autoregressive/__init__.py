@@ -12,9 +12,10 @@ with metadata ``family=autoregressive``, ``levels``, ``width``, ``depth``, ``hea
 ``python -m neon_autoregressive.train`` on 1,600 of the 1,797 digits; the other 197 are held out
 (``real_samples``, for ``neon align``).
 
-Metrics: the digits family's (``neon_digits.io.DigitsScorer``: ``fid`` on its classifier's 64-d
-features against all 1,797 real digits, ``pixel_fid``, precision/recall/density/coverage, k = 5,
-``class_accuracy``). Quantising the real digits to 6 levels alone gives fid 0.016.
+Metrics: the digits family's (``neon_digits.io.DigitsScorer``, ``neon_digits.METRIC_INFO``:
+``fd_digits`` on its classifier's 64-d features against all 1,797 real digits, ``pixel_fid``,
+precision/recall/density/coverage, k = 5, ``class_accuracy``; ``fid`` is a deprecated alias of
+``fd_digits``, as for digits). Quantising the real digits to 6 levels alone gives fd_digits 0.016.
 
 This module does not import torch; the methods import it when called.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from neon_cli.family import Setting
+from neon_digits import METRIC_ALIASES, METRIC_INFO
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -43,7 +45,12 @@ class AutoregressiveFamily:
     )
     guidance = "guidance"
     num_classes = 10
-    metrics = ("fid", "pixel_fid", "precision", "recall", "density", "coverage", "class_accuracy")
+    metrics = tuple(METRIC_INFO)
+    metric_info = METRIC_INFO
+    metric_aliases = METRIC_ALIASES
+    #: the metrics' definition (neon_digits.METRIC_INFO); bump when it changes (tune-w cache key).
+    #: "2": ``fid`` renamed ``fd_digits`` (none before: the key had no version).
+    metrics_version = "2"
     train_defaults = {"batch": 64, "lr": 1e-4, "ema_halflife_images": None, "warmup_images": 0}
 
     def __init__(self) -> None:

@@ -69,6 +69,13 @@ class DiffusersFamily:
 
         return metric_names()
 
+    @property
+    def metric_info(self) -> dict[str, Any]:
+        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
+        from neon_diffusers.scoring import METRIC_INFO
+
+        return METRIC_INFO
+
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str) -> Any:
         """``UNet2DModel`` in eval mode on CPU (float32) with ``neon_info``; sets ``self.num_classes``."""

@@ -25,11 +25,25 @@ from pathlib import Path
 from typing import Any
 
 from neon_cli.errors import DataError, UsageError
+from neon_cli.family import Metric
 
 #: Environment variable naming the reference statistics file (.npz with mu/sigma).
 REF_ENV = "NEON_REF_STATS"
 INCEPTION_METRICS = ("fid", "precision", "recall", "density", "coverage")
 PIXEL_METRICS = ("pixel_fid",)
+
+_PRDC = "k = 5 {} ({}) on Inception-v3 pool features vs the features in $NEON_REF_STATS (needs --keep-features statistics)"
+#: What the image families' metrics are (``metric_info`` of diffusers, flow, edm, xar, imm).
+METRIC_INFO = {
+    "fid": Metric("Fréchet Inception distance (Heusel et al. 2017) of the TorchScript inception-2015-12-05.pt pool "
+                  "features (--detector / $NEON_INCEPTION) vs the statistics --ref-stats / $NEON_REF_STATS"),
+    "precision": Metric(_PRDC.format("precision", "Kynkäänniemi et al. 2019"), higher_is_better=True),
+    "recall": Metric(_PRDC.format("recall", "Kynkäänniemi et al. 2019"), higher_is_better=True),
+    "density": Metric(_PRDC.format("density", "Naeem et al. 2020"), higher_is_better=True),
+    "coverage": Metric(_PRDC.format("coverage", "Naeem et al. 2020"), higher_is_better=True),
+    "pixel_fid": Metric("Fréchet distance of raw pixel vectors (C*H*W values in [0, 1]) vs pixel statistics in "
+                        "$NEON_REF_STATS; without a detector only; not an FID, not comparable with published numbers"),
+}
 
 
 #: neon_cli.inception.ENV_VAR, repeated so that listing metrics (``neon plugins``) imports no numpy.

@@ -10,9 +10,12 @@ with metadata ``family=digits``, ``width``, ``depth``, ``train_images`` (trainin
 weights in images seen, cumulative) and free-form provenance. ``neon merge`` works on it directly.
 
 Metrics (``score``), all against all 1,797 real digits, on the shipped classifier's 64-d features:
-``fid`` (Fréchet distance of the features), ``pixel_fid`` (Fréchet distance of the 64 pixel
-values in [0, 1]), ``precision``/``recall``/``density``/``coverage`` (k = 5), and
-``class_accuracy`` (share of samples the classifier assigns to the label they were drawn for).
+``fd_digits`` (Fréchet distance of the features; *not* Inception FID, so not called ``fid``),
+``pixel_fid`` (Fréchet distance of the 64 pixel values in [0, 1]),
+``precision``/``recall``/``density``/``coverage`` (k = 5), and ``class_accuracy`` (share of
+samples the classifier assigns to the label they were drawn for); definitions in
+:data:`METRIC_INFO`. ``fid``, this family's name for ``fd_digits`` up to neon 0.1, is accepted as
+a deprecated alias (``metric_aliases``) until the next release.
 """
 
 from __future__ import annotations
@@ -20,9 +23,30 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from neon_cli.family import Setting
+from neon_cli.family import Metric, Setting
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+#: What the digits metrics are (``neon plugins --json``); shared by the ``autoregressive`` family,
+#: which is scored by the same :class:`neon_digits.io.DigitsScorer`.
+METRIC_INFO = {
+    "fd_digits": Metric("Fréchet distance of the shipped digit classifier's 64-d features, samples vs all 1,797 "
+                        "real digits (not Inception FID)"),
+    "pixel_fid": Metric("Fréchet distance of the 64 pixel values in [0, 1], samples vs all 1,797 real digits"),
+    "precision": Metric("k = 5 precision (Kynkäänniemi et al. 2019) on the classifier's features vs the real digits",
+                        higher_is_better=True),
+    "recall": Metric("k = 5 recall (Kynkäänniemi et al. 2019) on the classifier's features vs the real digits",
+                     higher_is_better=True),
+    "density": Metric("k = 5 density (Naeem et al. 2020) on the classifier's features vs the real digits",
+                      higher_is_better=True),
+    "coverage": Metric("k = 5 coverage (Naeem et al. 2020) on the classifier's features vs the real digits",
+                       higher_is_better=True),
+    "class_accuracy": Metric("share of samples the shipped classifier assigns to the class they were drawn for",
+                             higher_is_better=True),
+}
+#: Deprecated metric names (up to neon 0.1 ``fd_digits`` was reported as ``fid``); removed in the next release.
+METRIC_ALIASES = {"fid": "fd_digits"}
 
 
 class DigitsFamily:
@@ -37,10 +61,13 @@ class DigitsFamily:
     )
     guidance = "guidance"
     num_classes = 10
-    metrics = ("fid", "pixel_fid", "precision", "recall", "density", "coverage", "class_accuracy")
+    metrics = tuple(METRIC_INFO)
+    metric_info = METRIC_INFO
+    metric_aliases = METRIC_ALIASES
     train_defaults = {"batch": 256, "lr": 2e-4, "ema_halflife_images": None, "warmup_images": 0}
-    #: the metrics' definition (classifier, reference set, k); bump when it changes (tune-w cache key)
-    metrics_version = "1"
+    #: the metrics' definition (classifier, reference set, k, names); bump when it changes (tune-w
+    #: cache key). "2": ``fid`` renamed ``fd_digits``.
+    metrics_version = "2"
     #: image i depends on seed i alone, bit for bit, whatever the batch (tests/test_tune_cache.py)
     batch_invariant = True
 

@@ -65,7 +65,7 @@ class DigitsScorer:
         with torch.no_grad():
             feats, logits = self.net(images)
         f = feats.double().numpy()
-        out: dict[str, Any] = {"fid": frechet_distance(*feature_stats(f), *self.real_stats)}
+        out: dict[str, Any] = {"fd_digits": frechet_distance(*feature_stats(f), *self.real_stats)}
         out["pixel_fid"] = frechet_distance(*feature_stats(images.reshape(-1, 64).double().numpy() / 255.0), *self.real_pix_stats)
         out.update(prdc(self.real_feats, f, k=5))
         if labels is not None:

@@ -80,6 +80,13 @@ class FlowFamily:
 
         return metric_names()
 
+    @property
+    def metric_info(self) -> dict[str, Any]:
+        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
+        from neon_diffusers.scoring import METRIC_INFO
+
+        return METRIC_INFO
+
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str) -> Any:
         """``UNetModelWrapper`` (eval, CPU, float32) from the ``.pt`` container; sets ``self.num_classes``."""

@@ -36,7 +36,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from neon_cli.family import Setting
+from neon_cli.family import Metric, Setting
 
 WEIGHTS = Path(__file__).resolve().parent / "weights"
 
@@ -51,6 +51,13 @@ class GaussianFamily:
     guidance = None
     num_classes = 0
     metrics = ("nll", "kl", "w2")
+    metric_info = {
+        "nll": Metric("population negative log-likelihood (nats) of the model density N(mu, Sigma) under the true "
+                      "Gaussian (App. B.1 L_pop); exact from the parameters, or of the Gaussian fitted to samples"),
+        "kl": Metric("KL(truth || N(mu, Sigma)) in nats = nll - H(truth), 0 at the truth; exact, or from fitted samples"),
+        "w2": Metric("2-Wasserstein distance of the sampling law N(mu, tau^2 Sigma) to the true Gaussian; exact, "
+                     "or of the Gaussian fitted to samples"),
+    }
     train_defaults = {"batch": 1000, "lr": 0.05, "ema_halflife_images": None, "warmup_images": 0}
 
     @property
@@ -121,6 +128,13 @@ class GaussianDDPMFamily:
     guidance = None
     num_classes = 0
     metrics = ("w2", "frechet")
+    metric_info = {
+        "w2": Metric("2-Wasserstein distance between N(sample mean, sample covariance) and the truth N(0, [[2, 1], [1, 2]])"),
+        "frechet": Metric("w2 squared: the Fréchet distance of the same Gaussians (the paper's 'FID' of this toy; "
+                          "no Inception features)"),
+        "trace_ratio": Metric("tr(sample covariance) / tr(true covariance): < 1 too narrow, > 1 too wide (diagnostic)",
+                              higher_is_better=None),
+    }
     train_defaults = {"batch": 1000, "lr": 1e-4, "ema_halflife_images": None, "warmup_images": 0}
 
     @property

@@ -74,6 +74,13 @@ class IMMFamily:
 
         return metric_names()
 
+    @property
+    def metric_info(self) -> dict[str, Any]:
+        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
+        from neon_diffusers.scoring import METRIC_INFO
+
+        return METRIC_INFO
+
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, trust_pickle: bool = False,
              purpose: str = "sample") -> Any:
         """The pickle's ``ema`` network (eval, CPU) with the checkout's encoder (and, for

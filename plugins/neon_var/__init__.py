@@ -80,6 +80,13 @@ class VarFamily:
 
         return metric_names()
 
+    @property
+    def metric_info(self) -> dict[str, Any]:
+        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
+        from neon_diffusers.scoring import METRIC_INFO
+
+        return METRIC_INFO
+
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, trust_pickle: bool = False,
              purpose: str = "sample") -> Any:

@@ -82,6 +82,13 @@ class XARFamily:
 
         return metric_names()
 
+    @property
+    def metric_info(self) -> dict[str, Any]:
+        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
+        from neon_diffusers.scoring import METRIC_INFO
+
+        return METRIC_INFO
+
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, purpose: str = "sample") -> Any:
         """The checkpoint's xAR model (eval mode, CPU) built by the checkout, with the VAE attached.
