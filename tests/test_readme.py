@@ -40,6 +40,7 @@ SMALL = {
     "--num-synthetic": "1000",
     "--max-evals": "5",
     "--save-every": "15000",
+    "--budget-fraction": "0.01",
 }
 
 MARK = re.compile(r"<!--\s*readme-test:\s*(run|skip)\b\s*(.*?)\s*-->")
@@ -141,17 +142,24 @@ def test_readme_run_blocks_run_from_a_temporary_directory(tmp_path):
         if kind != "run":
             continue
         script = ["set -u"]
-        for text, code in command_lines(block):
+        texts = command_lines(block)
+        for i, (text, code) in enumerate(texts):
             script.append(text)
-            script.append(f'rc=$?; if [ $rc -ne {code} ]; then echo "README line {line}+: exit $rc, expected {code}: '
-                          f'{shlex.quote(text)[1:-1][:200]}" >&2; exit 99; fi')
+            script.append(f'rc=$?; if [ $rc -ne {code} ]; then echo "NEON-README-FAIL {i} $rc" >&2; exit 99; fi')
             ran += 1
         res = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=900)
-        assert res.returncode == 0, res.stderr[-3000:]
+        m = re.search(r"NEON-README-FAIL (\d+) (\d+)", res.stderr)
+        where = f"README block at line {line}, command {texts[int(m.group(1))][0]!r}: exit {m.group(2)}" if m else ""
+        assert res.returncode == 0, f"{where}\n{res.stderr[-3000:]}"
     assert ran >= 10
     # the pipeline's outcome, not just its exit codes: the tuned model beats the base on seeds
     # disjoint from the search's (tune-w's confirmation)
+    from safetensors.numpy import load_file
+
     rep = json.loads((tmp_path / "tune.json").read_text())["results"]
     conf = rep["confirmation"]
-    assert conf["relative_improvement"] > 0, conf
+    assert rep["improved"] and conf["relative_improvement"] > 0.1 and not conf["contradicts"], conf
+    # neon merge with tune-w's w, by hand, is tune-w's -o tensor for tensor
+    a, b = (load_file(str(tmp_path / "runs" / f)) for f in ("neon.safetensors", "neon-by-hand.safetensors"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
