@@ -29,6 +29,7 @@ from typing import Any, Mapping
 
 from neon_cli.errors import FamilyError
 from neon_cli.family import Setting
+from neon_diffusers.scoring import ImageScoring
 
 INSTALL_HINT = "pip install 'neon-cli[diffusers]' (or: pip install diffusers); see docs/families.md"
 
@@ -40,7 +41,7 @@ def _require_diffusers() -> None:
         raise FamilyError(f"family 'diffusers' needs the diffusers package ({exc}); {INSTALL_HINT}") from None
 
 
-class DiffusersFamily:
+class DiffusersFamily(ImageScoring):
     name = "diffusers"
     description = "diffusers UNet2DModel folder (DDPMPipeline layout) sampled with DDPM/DDIM, optional CFG"
     settings = (
@@ -61,20 +62,6 @@ class DiffusersFamily:
 
     def __init__(self) -> None:
         self.num_classes = 0
-        self._scorer: Any = None
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        from neon_diffusers.scoring import metric_names
-
-        return metric_names()
-
-    @property
-    def metric_info(self) -> dict[str, Any]:
-        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
-        from neon_diffusers.scoring import METRIC_INFO
-
-        return METRIC_INFO
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str) -> Any:
@@ -122,15 +109,6 @@ class DiffusersFamily:
         from neon_diffusers.sampling import make_optimizer
 
         return make_optimizer(params, lr)
-
-    # -- metrics -------------------------------------------------------------------------------
-    def score(self, images: Any, labels: Any) -> dict[str, float]:
-        """``fid`` (+ P/R/D/C) with an Inception detector, else ``pixel_fid``; see neon_diffusers.scoring."""
-        if self._scorer is None:
-            from neon_diffusers.scoring import ImageScorer
-
-            self._scorer = ImageScorer()
-        return self._scorer(images, labels)
 
 
 family = DiffusersFamily()

@@ -164,3 +164,28 @@ class ImageScorer:
             return {"pixel_fid": float(frechet_distance(*feature_stats(feats), mu, sigma))}
 
         return pixels
+
+
+class ImageScoring:
+    """Family mixin for the image families (diffusers, flow, edm, xar, imm, var): their metrics,
+    definitions and ``score``, one :class:`ImageScorer` per family object, made on first use.
+
+    ``metrics``: ``fid`` first (+ precision/recall/density/coverage, k = 5) when an Inception detector
+    is configured, else ``pixel_fid`` (:func:`metric_names`); ``metric_info``: :data:`METRIC_INFO`.
+    """
+
+    _scorer: Any = None
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return metric_names()
+
+    @property
+    def metric_info(self) -> dict[str, Any]:
+        return METRIC_INFO
+
+    def score(self, images: Any, labels: Any) -> dict[str, float]:
+        """``fid`` (+ P/R/D/C) with an Inception detector, else ``pixel_fid`` (:class:`ImageScorer`)."""
+        if self._scorer is None:
+            self._scorer = ImageScorer()
+        return self._scorer(images, labels)

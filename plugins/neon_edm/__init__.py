@@ -42,9 +42,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from neon_cli.family import Setting
+from neon_diffusers.scoring import ImageScoring
 
 
-class EDMFamily:
+class EDMFamily(ImageScoring):
     name = "edm"
     description = "NVlabs/edm network pickles through your EDM checkout: Heun sampler, train.py --transfer recipe"
     settings = (
@@ -73,20 +74,6 @@ class EDMFamily:
 
     def __init__(self) -> None:
         self.num_classes = 0
-        self._scorer: Any = None
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        from neon_diffusers.scoring import metric_names
-
-        return metric_names()
-
-    @property
-    def metric_info(self) -> dict[str, Any]:
-        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
-        from neon_diffusers.scoring import METRIC_INFO
-
-        return METRIC_INFO
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, trust_pickle: bool = False,
@@ -148,15 +135,6 @@ class EDMFamily:
         from neon_edm.training import make_optimizer
 
         return make_optimizer(params, lr)
-
-    # -- metrics -------------------------------------------------------------------------------
-    def score(self, images: Any, labels: Any) -> dict[str, float]:
-        """``fid`` (+ P/R/D/C) with an Inception detector, else ``pixel_fid``; see neon_diffusers.scoring."""
-        if self._scorer is None:
-            from neon_diffusers.scoring import ImageScorer
-
-            self._scorer = ImageScorer()
-        return self._scorer(images, labels)
 
 
 family = EDMFamily()

@@ -31,6 +31,7 @@ from typing import Any, Mapping
 
 from neon_cli.errors import FamilyError
 from neon_cli.family import Setting
+from neon_diffusers.scoring import ImageScoring
 
 INSTALL_HINT = "pip install 'neon-cli[flow]' && pip install --no-deps torchcfm==1.0.7; see docs/families.md"
 
@@ -46,7 +47,7 @@ def _require_flow() -> None:
         raise FamilyError(f"family 'flow' needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
-class FlowFamily:
+class FlowFamily(ImageScoring):
     name = "flow"
     description = "torchcfm UNetModelWrapper flow matching (.pt as train_cifar10.py writes), torchdiffeq euler/dopri5"
     settings = (
@@ -72,20 +73,6 @@ class FlowFamily:
 
     def __init__(self) -> None:
         self.num_classes = 0
-        self._scorer: Any = None
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        from neon_diffusers.scoring import metric_names
-
-        return metric_names()
-
-    @property
-    def metric_info(self) -> dict[str, Any]:
-        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
-        from neon_diffusers.scoring import METRIC_INFO
-
-        return METRIC_INFO
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str) -> Any:
@@ -135,15 +122,6 @@ class FlowFamily:
         from neon_flow.sampling import make_optimizer
 
         return make_optimizer(params, lr)
-
-    # -- metrics -------------------------------------------------------------------------------
-    def score(self, images: Any, labels: Any) -> dict[str, float]:
-        """``fid`` (+ P/R/D/C) with an Inception detector, else ``pixel_fid``; see neon_diffusers.scoring."""
-        if self._scorer is None:
-            from neon_diffusers.scoring import ImageScorer
-
-            self._scorer = ImageScorer()
-        return self._scorer(images, labels)
 
 
 family = FlowFamily()

@@ -35,9 +35,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from neon_cli.family import Setting
+from neon_diffusers.scoring import ImageScoring
 
 
-class IMMFamily:
+class IMMFamily(ImageScoring):
     name = "imm"
     description = "lumalabs/imm network pickles through your IMM checkout: few-step pushforward sampler, IMMLoss recipe"
     settings = (
@@ -64,22 +65,6 @@ class IMMFamily:
     checkpoint_suffix = ".pkl"
     #: im256.yaml with the paper's lr: batch 512, AdamW lr 1e-6 constant, EMA beta 0.9999 per step.
     train_defaults = {"batch": 512, "lr": 1e-6, "warmup_images": 0, "ema_halflife_images": 3_548_736}
-
-    def __init__(self) -> None:
-        self._scorer: Any = None
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        from neon_diffusers.scoring import metric_names
-
-        return metric_names()
-
-    @property
-    def metric_info(self) -> dict[str, Any]:
-        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
-        from neon_diffusers.scoring import METRIC_INFO
-
-        return METRIC_INFO
 
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, trust_pickle: bool = False,
              purpose: str = "sample") -> Any:
@@ -140,14 +125,6 @@ class IMMFamily:
         from neon_imm.training import make_optimizer
 
         return make_optimizer(params, lr)
-
-    def score(self, images: Any, labels: Any) -> dict[str, float]:
-        """``fid`` (+ P/R/D/C) with an Inception detector, else ``pixel_fid``; see neon_diffusers.scoring."""
-        if self._scorer is None:
-            from neon_diffusers.scoring import ImageScorer
-
-            self._scorer = ImageScorer()
-        return self._scorer(images, labels)
 
 
 family = IMMFamily()

@@ -37,9 +37,10 @@ from typing import Any, Mapping
 
 from neon_cli.errors import FamilyError, UsageError
 from neon_cli.family import Setting
+from neon_diffusers.scoring import ImageScoring
 
 
-class VarFamily:
+class VarFamily(ImageScoring):
     name = "var"
     description = "FoundationVision/VAR next-scale transformer + VQVAE from your VAR checkout (CFG, top-k, top-p)"
     settings = (
@@ -70,22 +71,6 @@ class VarFamily:
     #: the Neon paper's VAR fine-tune (run_var_imagenet_256.sh / train.py): global batch 768, target
     #: lr 1e-5 reached by a linear ramp over the whole run, no EMA
     train_defaults = {"batch": 768, "lr": 1e-5, "ema_halflife_images": None, "warmup_images": "budget"}
-
-    def __init__(self) -> None:
-        self._scorer: Any = None
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        from neon_diffusers.scoring import metric_names
-
-        return metric_names()
-
-    @property
-    def metric_info(self) -> dict[str, Any]:
-        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
-        from neon_diffusers.scoring import METRIC_INFO
-
-        return METRIC_INFO
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, trust_pickle: bool = False,
@@ -185,15 +170,6 @@ class VarFamily:
         train = next((p._neon_var_train for p in params if hasattr(p, "_neon_var_train")), {})
         return make_optimizer(params, lr, weight_decay=float(train.get("twd", 0.05)),
                               grad_clip=float(train.get("tclip", 2.0)))
-
-    # -- metrics ---------------------------------------------------------------------------------
-    def score(self, images: Any, labels: Any) -> dict[str, float]:
-        """``fid`` (Inception, with ``--detector``/``--ref-stats``) or ``pixel_fid``; neon_diffusers.scoring."""
-        if self._scorer is None:
-            from neon_diffusers.scoring import ImageScorer
-
-            self._scorer = ImageScorer()
-        return self._scorer(images, labels)
 
 
 family = VarFamily()

@@ -40,9 +40,10 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from neon_cli.family import Setting
+from neon_diffusers.scoring import ImageScoring
 
 
-class XARFamily:
+class XARFamily(ImageScoring):
     name = "xar"
     description = "OliverRensu/xAR through your xAR checkout: flow-matching sampler with CFG, train_new.py recipe"
     settings = (
@@ -72,22 +73,6 @@ class XARFamily:
     #: train_new.py as the paper ran it: batch 32 x 8 GPUs, blr 1e-6 (lr = blr * 256 / 256), linear
     #: ramp over 7 Mi images, EMA 0.9999 per step (half-life 1,774,368 images at batch 256).
     train_defaults = {"batch": 256, "lr": 1e-6, "warmup_images": 7 * 2**20, "ema_halflife_images": 1_774_368}
-
-    def __init__(self) -> None:
-        self._scorer: Any = None
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        from neon_diffusers.scoring import metric_names
-
-        return metric_names()
-
-    @property
-    def metric_info(self) -> dict[str, Any]:
-        """Definitions of ``fid``, precision/recall/density/coverage and ``pixel_fid`` (neon_diffusers.scoring)."""
-        from neon_diffusers.scoring import METRIC_INFO
-
-        return METRIC_INFO
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, purpose: str = "sample") -> Any:
@@ -149,15 +134,6 @@ class XARFamily:
         from neon_xar.training import make_optimizer
 
         return make_optimizer(params, lr)
-
-    # -- metrics -------------------------------------------------------------------------------
-    def score(self, images: Any, labels: Any) -> dict[str, float]:
-        """``fid`` (+ P/R/D/C) with an Inception detector, else ``pixel_fid``; see neon_diffusers.scoring."""
-        if self._scorer is None:
-            from neon_diffusers.scoring import ImageScorer
-
-            self._scorer = ImageScorer()
-        return self._scorer(images, labels)
 
 
 family = XARFamily()
