@@ -201,10 +201,10 @@ def main() -> int:
                 return res.exit_code, res.output[-1500:] + (repr(res.exception) if res.exception else "")
 
             sets = [x for p in pairs for x in ("--set", p)]
-            rc, out = cli("synth", "imm", "-m", work / "imm-verify.pkl", "--num", 8, "-o", work / "S", "--batch", B,
+            rc, out = cli("synth", "imm", "--model", work / "imm-verify.pkl", "--num-images", 8, "-o", work / "S", "--batch", B,
                           "--trust-pickle", "--set", "num_steps=8", *sets)
             assert rc == 0, out
-            rc, out = cli("finetune", "imm", "-m", work / "imm-verify.pkl", "--data", work / "S", "--budget", 1000, "--batch", 500,
+            rc, out = cli("finetune", "imm", "--model", work / "imm-verify.pkl", "--data", work / "S", "--budget", 1000, "--batch", 500,
                           "--lr", 1e-4, "-o", work / "ft", "--trust-pickle", *sets)
             assert rc == 0, out
             snap = work / "ft" / "network-snapshot-000001.pkl"

@@ -232,8 +232,8 @@ def main() -> int:
                 raise RuntimeError(f"neon {a[0]} failed: {res.output[-2000:]} {res.exception!r}")
 
         sets = [x for p in pairs for x in ("--set", p)]
-        cli("synth", "xar", "-m", work / "xAR-verify.pth", "--num", 4, "-o", work / "S", "--batch", B, "--shard-size", 4, *sets)
-        cli("finetune", "xar", "-m", work / "xAR-verify.pth", "--data", work / "S", "--budget", 4, "--batch", 2, "--lr", 1e-4,
+        cli("synth", "xar", "--model", work / "xAR-verify.pth", "--num-images", 4, "-o", work / "S", "--batch", B, "--shard-size", 4, *sets)
+        cli("finetune", "xar", "--model", work / "xAR-verify.pth", "--data", work / "S", "--budget", 4, "--batch", 2, "--lr", 1e-4,
             "--warmup", 2, "--save-every", 2, "-o", work / "ft", *sets)
         for snap in sorted((work / "ft").glob("checkpoint-*.pth")):
             ck = torch.load(snap, map_location="cpu", weights_only=True)  # calculate_fid.py's load_checkpoint
