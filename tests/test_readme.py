@@ -1,12 +1,17 @@
 """Every shell example in README.md runs, from a temporary directory, so the README cannot go stale.
 
+The run block is also the end-to-end test of the installed ``neon`` console script: the pipeline
+(synth, finetune, tune-w, merge, eval) must beat the base on disjoint seeds, the by-hand merge must
+equal tune-w's ``-o``, and ``neon demo`` must follow the paper's protocol (:func:`check_demo_report`).
+
 Each fenced ``bash`` block of the README is preceded by one marker line (an HTML comment, invisible
 on GitHub):
 
 * ``<!-- readme-test: run -->``: the block's commands run here, in order, in one temporary
   directory shared by all run blocks (so the pipeline's ``runs/S`` made by one line is there for
   the next), never the repository root, with the installed ``neon`` on PATH. Sizes are shrunk by
-  :data:`SMALL` (flag -> value) so the whole README runs in about a minute on 2 cores; every other
+  :data:`SMALL` (flag -> value) so the whole README runs in about two minutes on 2 cores
+  (the fine-tuning budget stays as printed: the snapshot names follow from it); every other
   argument is exactly as printed. Each command must exit 0 (or the code its line's comment
   announces: ``# exit 5`` for a tune-w whose candidate need not beat the base at these sizes).
 * ``<!-- readme-test: skip REASON -->``: not run here, with the reason (your own files, a clone
@@ -36,10 +41,10 @@ README = ROOT / "README.md"
 SMALL = {
     "--num-images": "1000",
     "--num-samples": "400",
-    "--confirm-samples": "800",
+    "--confirm-samples": "500",
     "--num-synthetic": "1000",
     "--max-evals": "5",
-    "--save-every": "15000",
+    "--save-every": "20000",
     "--budget-fraction": "0.01",
 }
 
@@ -137,7 +142,7 @@ def test_readme_run_blocks_run_from_a_temporary_directory(tmp_path):
                NEON_LOG_FORMAT="plain")
     env.pop("NEON_INCEPTION", None)
     env.pop("NEON_REF_STATS", None)
-    ran = 0
+    ran, printed = 0, ""
     for line, kind, _, block in bash_blocks():
         if kind != "run":
             continue
@@ -152,6 +157,7 @@ def test_readme_run_blocks_run_from_a_temporary_directory(tmp_path):
         m = re.search(r"NEON-README-FAIL (\d+) (\d+)", res.stderr)
         where = f"README block at line {line}, command {texts[int(m.group(1))][0]!r}: exit {m.group(2)}" if m else ""
         assert res.returncode == 0, f"{where}\n{res.stderr[-3000:]}"
+        printed += res.stdout
     assert ran >= 10
     # the pipeline's outcome, not just its exit codes: the tuned model beats the base on seeds
     # disjoint from the search's (tune-w's confirmation)
@@ -163,3 +169,35 @@ def test_readme_run_blocks_run_from_a_temporary_directory(tmp_path):
     # neon merge with tune-w's w, by hand, is tune-w's -o tensor for tensor
     a, b = (load_file(str(tmp_path / "runs" / f)) for f in ("neon.safetensors", "neon-by-hand.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+    check_demo_report(tmp_path / "demo.json", tmp_path / "runs" / "demo")
+    out = " ".join(printed.split())  # the demo's table and headline, as a user reads them
+    assert "than the base at its best γ" in out and "real images" in out and "Neon w" in out
+    assert "│ fd_digits" in printed and "Neon fd_digits" in out
+
+
+def check_demo_report(report: Path, work: Path) -> None:
+    """``neon demo`` follows the paper's protocol: S at the base's own best gamma, Neon against the
+    base at its default and at its best gamma and against the same budget on real data, every
+    number on seeds disjoint from the search's (the README block's demo line made these files)."""
+    r = json.loads(report.read_text())["results"]
+    steps = r["steps"]
+    assert r["num_synthetic"] == int(SMALL["--num-synthetic"])
+    assert r["budget_fraction"] == pytest.approx(r["budget_images"] / 2**20, rel=1e-3)
+    # S was synthesized at the base's best gamma, which beats the default gamma 2 on the search seeds
+    assert r["gamma_default"] == 2.0 and r["gamma_S"] == r["gamma_base_best"] != 2.0
+    assert steps["synth"]["settings"]["resolved_settings"]["guidance"] == r["gamma_S"]
+    bl = steps["base-gamma"]["results"]["baselines"]
+    assert bl["best"]["value"] < bl["default"]["value"]
+    m = r["metric"]
+    assert m == "fd_digits" and "fid" not in r["neon"]  # digits' classifier distance is not called FID
+    assert r["gain_vs_best"] == pytest.approx(1 - r["neon"][m] / r["base_best"][m])
+    assert r["gain_vs_default"] == pytest.approx(1 - r["neon"][m] / r["base_default"][m])
+    assert r["neon"][m] < r["base_default"][m]
+    # the control: the same budget and recipe on the real digits
+    ft = json.loads((work / "ft" / "finetune.json").read_text())
+    ctl = json.loads((work / "control" / "ft" / "finetune.json").read_text())
+    assert ctl["budget_images"] == ft["budget_images"] and ctl["config"] == ft["config"]
+    assert r["control"][m] > 0 and r["num_real"] > 0
+    tuned = steps["tune-w"]["results"]
+    assert tuned["confirmation"]["seeds"][0] == 10_000_000 + int(SMALL["--num-samples"])  # disjoint from the search
+    assert (work / "neon.safetensors").exists() == bool(r["paths"]["neon"])
