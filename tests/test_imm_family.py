@@ -120,7 +120,7 @@ def test_metadata_is_read_without_running_the_file(fam, files, tmp_path):
     with pytest.raises(CheckpointError, match="zip archive"):
         fam.model_num_classes(str(tmp_path / "state.pt"))
     (tmp_path / "dict.pkl").write_bytes(pickle.dumps({"net": 1}))
-    with pytest.raises(CheckpointError, match=r"expected dict\(ema="):
+    with pytest.raises(CheckpointError, match=r"not an IMM network pickle \(expected pickle\.dump\(dict\(ema="):
         fam.read_metadata(str(tmp_path / "dict.pkl"))
 
 

@@ -24,8 +24,10 @@ from typing import Any
 from neon_cli.errors import CheckpointError
 
 
-def read_fields(path: str | Path) -> dict[str, Any]:
+def read_fields(path: str | Path, *, system: str = "EDM", released: str = "edm-*.pkl") -> dict[str, Any]:
     """The top-level dict of an EDM network pickle, read inertly (see the module docstring).
+    ``system`` / ``released`` name the file's system in errors (IMM's pickles have EDM's layout:
+    :mod:`neon_imm.inert` reads them here).
 
     Returns the dict, with :class:`~neon_cli.checkpoint.unpickler.Persistent` values for the
     persistent objects (``ema``, ``loss_fn``, ``augment_pipe``). Raises :class:`CheckpointError`
@@ -41,25 +43,26 @@ def read_fields(path: str | Path) -> dict[str, Any]:
     except CheckpointError:
         raise
     except Exception as exc:  # defensive: the reader raises CheckpointError for what it refuses
-        raise CheckpointError(f"{p}: unreadable EDM pickle ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{p}: unreadable {system} pickle ({type(exc).__name__}: {exc})") from None
     try:
         buf.close()
     except BufferError:  # a view into the mapping is still referenced; it is freed with it
         pass
     obj = res.obj
     if encoding != "pickle" or not isinstance(obj, dict) or not isinstance(obj.get("ema"), Persistent):
-        what = (f"a torch.save {encoding} file (training-state-*.pt?)" if encoding != "pickle"
+        kind = "zip archive" if encoding == "zip" else f"{encoding} file"
+        what = (f"a torch.save {kind} (training-state-*.pt?)" if encoding != "pickle"
                 else f"a dict with keys {sorted(map(str, obj))}" if isinstance(obj, dict) else f"a {type(obj).__name__}")
-        raise CheckpointError(f"{p}: not an EDM network pickle (expected pickle.dump(dict(ema=<persistent network>, ...)), "
-                              f"found {what}); give a network-snapshot-*.pkl or a released edm-*.pkl")
+        raise CheckpointError(f"{p}: not an {system} network pickle (expected pickle.dump(dict(ema=<persistent network>, ...)), "
+                              f"found {what}); give a network-snapshot-*.pkl or a released {released}")
     return obj
 
 
-def network_info(path: str | Path) -> dict[str, Any]:
+def network_info(path: str | Path, **names: str) -> dict[str, Any]:
     """Plain attributes of the pickled ``ema`` network: ``class_name``, ``label_dim``,
     ``img_channels``, ``img_resolution``, ``sigma_min``, ``sigma_max`` (None where absent),
     ``init_kwargs`` (dict or None) and ``module_src_sha256``, read without running code."""
-    ema = read_fields(path)["ema"]
+    ema = read_fields(path, **names)["ema"]
     st = ema.state if isinstance(ema.state, dict) else {}
     kwargs = st.get("_init_kwargs")
 
@@ -79,9 +82,9 @@ def network_info(path: str | Path) -> dict[str, Any]:
     }
 
 
-def neon_metadata(path: str | Path) -> dict[str, str]:
+def neon_metadata(path: str | Path, **names: str) -> dict[str, str]:
     """The ``neon`` entry neon writes into the pickles it makes (str -> str), {} for others."""
-    meta = read_fields(path).get("neon")
+    meta = read_fields(path, **names).get("neon")
     if not isinstance(meta, dict):
         return {}
     return {str(k): str(v) for k, v in meta.items() if isinstance(k, str) and isinstance(v, (str, int, float))}
