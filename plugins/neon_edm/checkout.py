@@ -40,11 +40,49 @@ def module(repo: Path, name: str) -> Any:
     return import_module(repo, name)
 
 
-def require_trust(path: str | Path, trust_pickle: bool) -> None:
+def require_trust(path: str | Path, trust_pickle: bool, system: str = "EDM") -> None:
     """UsageError naming ``--trust-pickle`` unless the user gave it."""
     if not trust_pickle:
-        raise UsageError(f"{path}: loading an EDM network runs the Python code pickled inside it (torch_utils.persistence); "
+        raise UsageError(f"{path}: loading an {system} network runs the Python code pickled inside it (torch_utils.persistence); "
                          "pass --trust-pickle if you trust this file (neon merge and neon inspect read it without running code)")
+
+
+def unpickle_network(path: str | Path, repo: Path, system: str = "EDM") -> tuple[Any, dict[str, Any]]:
+    """``(net, entries)`` of a ``torch_utils.persistence`` network pickle (EDM's and IMM's format:
+    ``dict(ema=<net>, ...)``), loaded by the checkout's own code (``pickle.load`` after importing
+    its ``dnnlib`` and ``torch_utils.persistence``, as EDM's ``generate.py`` does): ``ema`` in eval
+    mode on CPU with gradients off, and the pickle's other entries except ``ema`` and ``neon``.
+    The caller has checked ``--trust-pickle`` (:func:`require_trust`) and the file's layout
+    inertly (:func:`neon_edm.inert.read_fields`). Raises CheckpointError naming the file."""
+    import torch
+
+    module(repo, "dnnlib")
+    module(repo, "torch_utils.persistence")
+    try:
+        with open(path, "rb") as fh:
+            data = pickle.load(fh)  # noqa: S301 - trusted by --trust-pickle; the system's own loading
+    except Exception as exc:
+        raise CheckpointError(f"{path}: {system}'s code ({repo}) failed to load it: {type(exc).__name__}: {exc}") from None
+    net = data.get("ema") if isinstance(data, dict) else None
+    if not isinstance(net, torch.nn.Module):
+        raise CheckpointError(f"{path}: entry 'ema' is not a torch.nn.Module")
+    return net.eval().requires_grad_(False).cpu(), {k: v for k, v in data.items() if k not in ("ema", "neon")}
+
+
+def pickle_network(net: Any, path: str | Path, entries: Mapping[str, Any], metadata: Mapping[str, str], *,
+                   attr: str, system: str = "EDM") -> None:
+    """``pickle.dump(dict(ema=<net>, **entries, neon=metadata))``, the snapshot format of EDM's and
+    IMM's ``training_loop.py``: the network (unwrapped from DDP) deep-copied, in eval mode, frozen,
+    on CPU, without neon's attribute ``attr``. FamilyError when its class is not a
+    ``torch_utils.persistence`` class (its source could not travel in the pickle)."""
+    ema = copy.deepcopy(getattr(net, "module", net)).eval().requires_grad_(False).cpu()
+    ema.__dict__.pop(attr, None)
+    if not hasattr(type(ema), "_orig_module_src"):
+        raise FamilyError(f"{path}: the network's class {type(ema).__name__} is not an {system} persistent class; "
+                          f"it cannot be written as an {system} pickle")
+    data = {"ema": ema, **entries, "neon": {str(k): str(v) for k, v in metadata.items()}}
+    with open(path, "wb") as fh:
+        pickle.dump(data, fh)
 
 
 def load(path: str | Path, settings: Mapping[str, Any] | None, trust_pickle: bool) -> tuple[Any, Path]:
@@ -54,25 +92,13 @@ def load(path: str | Path, settings: Mapping[str, Any] | None, trust_pickle: boo
     Raises UsageError (no ``--trust-pickle``), FamilyError (no checkout), CheckpointError (not an
     EDM network pickle, or EDM's code failed to rebuild it).
     """
-    import torch
-
     from neon_edm.inert import read_fields
 
     require_trust(path, trust_pickle)
     read_fields(path)  # refuse anything that is not dict(ema=<persistent network>, ...) before running it
     repo = find(settings)
-    module(repo, "dnnlib")
-    module(repo, "torch_utils.persistence")
-    try:
-        with open(path, "rb") as fh:
-            data = pickle.load(fh)  # noqa: S301 - trusted by --trust-pickle; EDM's own loading
-    except Exception as exc:
-        raise CheckpointError(f"{path}: EDM's code ({repo}) failed to load it: {type(exc).__name__}: {exc}") from None
-    net = data.get("ema") if isinstance(data, dict) else None
-    if not isinstance(net, torch.nn.Module):
-        raise CheckpointError(f"{path}: entry 'ema' is not a torch.nn.Module")
-    net = net.eval().requires_grad_(False).cpu()
-    setattr(net, EXTRAS, {k: v for k, v in data.items() if k not in ("ema", "neon")})
+    net, entries = unpickle_network(path, repo)
+    setattr(net, EXTRAS, entries)
     return net, repo
 
 
@@ -93,17 +119,6 @@ def save(net: Any, path: str | Path, metadata: Mapping[str, str]) -> None:
     first, as EDM does. Raises FamilyError when the network is not a ``torch_utils.persistence``
     object (its class source could not travel in the pickle)."""
     extras = dict(extras_of(net))
-    ema = copy.deepcopy(getattr(net, "module", net)).eval().requires_grad_(False).cpu()
-    ema.__dict__.pop(EXTRAS, None)
-    if not hasattr(type(ema), "_orig_module_src"):
-        raise FamilyError(f"{path}: the network's class {type(ema).__name__} is not an EDM persistent class; "
-                          "it cannot be written as an EDM pickle")
-    data = {
-        "ema": ema,
-        "loss_fn": extras.get("loss_fn"),
-        "augment_pipe": extras.get("augment_pipe"),
-        "dataset_kwargs": dict(extras.get("dataset_kwargs") or {}),
-        "neon": {str(k): str(v) for k, v in metadata.items()},
-    }
-    with open(path, "wb") as fh:
-        pickle.dump(data, fh)
+    entries = {"loss_fn": extras.get("loss_fn"), "augment_pipe": extras.get("augment_pipe"),
+               "dataset_kwargs": dict(extras.get("dataset_kwargs") or {})}
+    pickle_network(net, path, entries, metadata, attr=EXTRAS)

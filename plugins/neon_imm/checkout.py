@@ -23,12 +23,11 @@ IMM's scripts build them (``dnnlib.util.construct_class_by_name(**config.encoder
 
 from __future__ import annotations
 
-import copy
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
-from neon_cli.errors import CheckpointError, FamilyError, UsageError
+from neon_cli.errors import FamilyError, UsageError
+from neon_edm.checkout import module  # a module of the checkout (neon_cli.repo.import_module)
 
 MARKERS = ("dnnlib/__init__.py", "torch_utils/persistence.py", "training/preconds.py", "training/encoders.py")
 WHAT = "lumalabs/imm (or the imm/ folder of SinaAlemohammad/Neon)"
@@ -57,17 +56,11 @@ def find(settings: Mapping[str, Any] | None) -> Path:
     return find_repo("imm", settings, markers=MARKERS, what=WHAT, url=URL)
 
 
-def module(repo: Path, name: str) -> Any:
-    from neon_cli.repo import import_module
-
-    return import_module(repo, name)
-
-
 def require_trust(path: str | Path, trust_pickle: bool) -> None:
-    """UsageError naming ``--trust-pickle`` unless the user gave it."""
-    if not trust_pickle:
-        raise UsageError(f"{path}: loading an IMM network runs the Python code pickled inside it (torch_utils.persistence); "
-                         "pass --trust-pickle if you trust this file (neon merge and neon inspect read it without running code)")
+    """UsageError naming ``--trust-pickle`` unless the user gave it (:func:`neon_edm.checkout.require_trust`)."""
+    from neon_edm.checkout import require_trust as edm_require_trust
+
+    edm_require_trust(path, trust_pickle, "IMM")
 
 
 def _yaml_loader() -> Any:
@@ -167,31 +160,19 @@ def load(path: str | Path, settings: Mapping[str, Any] | None, trust_pickle: boo
     ``purpose="train"`` also the loss, and gradients on). Raises UsageError (no
     ``--trust-pickle``, bad config), FamilyError (no checkout, no training code),
     CheckpointError (not an IMM pickle, or IMM's code failed to rebuild it)."""
-    import torch
-
+    from neon_edm.checkout import unpickle_network
     from neon_imm.inert import read_fields
 
     settings = dict(settings or {})
     require_trust(path, trust_pickle)
     read_fields(path)  # refuse anything that is not dict(ema=<persistent network>, ...) before running it
     repo = find(settings)
-    module(repo, "dnnlib")
-    module(repo, "torch_utils.persistence")
-    try:
-        with open(path, "rb") as fh:
-            data = pickle.load(fh)  # noqa: S301 - trusted by --trust-pickle; IMM's own loading
-    except Exception as exc:
-        raise CheckpointError(f"{path}: IMM's code ({repo}) failed to load it: {type(exc).__name__}: {exc}") from None
-    net = data.get("ema") if isinstance(data, dict) else None
-    if not isinstance(net, torch.nn.Module):
-        raise CheckpointError(f"{path}: entry 'ema' is not a torch.nn.Module")
-    net = net.eval().requires_grad_(False).cpu()
+    net, extras = unpickle_network(path, repo, "IMM")
     channels = int(getattr(net, "img_channels", 0) or 0)
     encoder, key = make_encoder(repo, settings, channels)
     loss_fn = make_loss(repo, settings, channels) if purpose == "train" else None
     if purpose == "train":  # IMM's training_loop.py: net.train().requires_grad_(True) (every parameter)
         net.requires_grad_(True)
-    extras = {k: v for k, v in data.items() if k not in ("ema", "neon")}
     setattr(net, AUX, Aux(repo, encoder, key, extras, loss_fn))
     return net
 
@@ -211,15 +192,9 @@ def save(net: Any, path: str | Path, metadata: Mapping[str, str]) -> None:
     loads unchanged (it reads ``ema``). The network is deep-copied, put in eval mode, frozen and
     moved to CPU first, as IMM does. FamilyError when it is not a ``torch_utils.persistence``
     object (its class source could not travel in the pickle)."""
-    inner = getattr(net, "module", net)
-    aux = inner.__dict__.get(AUX)
+    from neon_edm.checkout import pickle_network
+
+    aux = getattr(net, "module", net).__dict__.get(AUX)
     extras = dict(aux.extras) if isinstance(aux, Aux) else {}
-    ema = copy.deepcopy(inner).eval().requires_grad_(False).cpu()
-    ema.__dict__.pop(AUX, None)
-    if not hasattr(type(ema), "_orig_module_src"):
-        raise FamilyError(f"{path}: the network's class {type(ema).__name__} is not an IMM persistent class; "
-                          "it cannot be written as an IMM pickle")
-    data = {"ema": ema, "augment_pipe": extras.get("augment_pipe"), "dataset_kwargs": dict(extras.get("dataset_kwargs") or {}),
-            "neon": {str(k): str(v) for k, v in metadata.items()}}
-    with open(path, "wb") as fh:
-        pickle.dump(data, fh)
+    entries = {"augment_pipe": extras.get("augment_pipe"), "dataset_kwargs": dict(extras.get("dataset_kwargs") or {})}
+    pickle_network(net, path, entries, metadata, attr=AUX, system="IMM")
