@@ -173,6 +173,8 @@ def test_readme_run_blocks_run_from_a_temporary_directory(tmp_path):
     out = " ".join(printed.split())  # the demo's table and headline, as a user reads them
     assert "than the base at its best γ" in out and "real images" in out and "Neon w" in out
     assert "│ fd_digits" in printed and "Neon fd_digits" in out
+    demo_table = printed[printed.index("Neon on the embedded default"):]
+    assert "│ class_accuracy " in demo_table and "…" not in demo_table  # names are never cut at 80 columns
 
 
 def check_demo_report(report: Path, work: Path) -> None:

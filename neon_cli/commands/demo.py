@@ -74,10 +74,13 @@ def _show(r, console) -> None:
     if r.get("control"):
         cols.append(("control", f"real-data control, γ{_g(r['gamma_control'])}"))
     cols.append(("neon", f"Neon w {r['w']:.3g}, γ{_g(r['gamma'])}"))
-    t = Table("metric", *[c[1] for c in cols], title=f"Neon on the embedded default ({r['confirm_samples']} samples, disjoint seeds)")
-    for k in [k for k in r["neon"] if k != "seconds"]:  # the family's metric names, in its order
-        if all(k in (r[c[0]] or {}) for c in cols):
-            t.add_row(k, *[f"{r[c[0]][k]:.4g}" for c in cols])
+    from rich.table import Column
+
+    names = [k for k in r["neon"] if k != "seconds" and all(k in (r[c[0]] or {}) for c in cols)]  # the family's order
+    metric = Column("metric", no_wrap=True, min_width=max([len("metric"), *map(len, names)]))  # never "class_accura…"
+    t = Table(metric, *[c[1] for c in cols], title=f"Neon on the embedded default ({r['confirm_samples']} samples, disjoint seeds)")
+    for k in names:
+        t.add_row(k, *[f"{r[c[0]][k]:.4g}" for c in cols])
     console.print(t)
     frac = r["budget_fraction"]
     console.print(
