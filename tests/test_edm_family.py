@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
+from cli_helpers import invoke
 from neon_cli.commands import app
 from neon_cli.errors import CheckpointError, FamilyError, UsageError
 from neon_cli.family import get_family, load_model
@@ -86,9 +86,7 @@ def fam():
 
 
 def neon(*args: str, code: int | tuple[int, ...] = 0) -> str:
-    res = CliRunner().invoke(app, list(args))
-    assert res.exit_code in (code if isinstance(code, tuple) else (code,)), res.output
-    return res.output
+    return invoke(*args, code=code).output
 
 
 # ---------------------------------------------------------------------------------------------
