@@ -380,6 +380,8 @@ def factorwise(base: Lora, selftrained: Lora, w: float) -> Lora:
     out = Lora(path=selftrained.path, format=selftrained.format)
     for c, m, ls in selftrained.modules():
         lr = base.layers[c][m]
+        if lr.rank != ls.rank:
+            raise UsageError(f"{selftrained.path}: {c}.{m}: ranks {lr.rank} and {ls.rank}: factor-wise combination needs equal ranks")
         out.layers.setdefault(c, {})[m] = LoraLayer((1 + w) * lr.A.float() - w * ls.A.float(),
                                                   (1 + w) * lr.B.float() - w * ls.B.float(), ls.scale)
     return out
@@ -496,7 +498,7 @@ def _write_fused(base: Path, files: Mapping[str, Path], lora: Lora, factor: floa
     import torch
 
     from neon_cli.checkpoint import TensorSpec, open_checkpoint
-    from neon_cli.checkpoint.core import to_torch, to_torch_dtype
+    from neon_cli.checkpoint.core import is_floating, to_torch, to_torch_dtype
     from neon_cli.checkpoint.safetensors_io import SafetensorsWriter
     from neon_cli.fsutil import atomic_path
     from neon_cli.merge import _copy_tree
@@ -513,7 +515,7 @@ def _write_fused(base: Path, files: Mapping[str, Path], lora: Lora, factor: floa
             (tmp / rel).mkdir(parents=True, exist_ok=True)
             with open_checkpoint(src) as ck:
                 specs = [ck.specs[n] for n in ck.names()]
-                outspecs = [TensorSpec(s.name, odt if (odt and s.is_floating) else s.dtype, s.shape) for s in specs]
+                outspecs = [TensorSpec(s.name, odt if (odt and is_floating(s.dtype)) else s.dtype, s.shape) for s in specs]
                 meta = dict(ck.metadata or {}) if ck.layout == "safetensors" else {}
                 writer = SafetensorsWriter(tmp / rel / fname, outspecs, {**meta, **extra_meta}, hash=False)
                 try:

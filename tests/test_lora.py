@@ -1,0 +1,260 @@
+"""Exact Neon in LoRA space (``neon merge PIPELINE LORA``, :mod:`neon_cli.lora`) on a tiny pipeline made here.
+
+The pipeline: a small ``UNet2DConditionModel`` and ``CLIPTextModel`` from configs (random
+weights). θ_s is a LoRA made with peft (``LoraConfig``: r=4, alpha=8 on the UNet's attention
+projections and resnet ``conv1`` (3x3 conv LoRA); r=2, alpha=1 on the text encoder's q/k/v/out
+projections) and saved as diffusers' training scripts do (``get_peft_model_state_dict`` ->
+``convert_state_dict_to_diffusers`` -> ``save_lora_weights`` with the adapter metadata).
+
+References: the dense formula θ_r − w·s·B·A computed here in float64; diffusers itself
+(``load_lora_weights`` + ``fuse_lora(lora_scale=...)``) for the fused pipeline and for loading
+both LoRA layouts neon writes (diffusers and kohya).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+if any(importlib.util.find_spec(m) is None for m in ("diffusers", "peft", "transformers")) and not os.environ.get("CI"):
+    pytest.skip("diffusers, peft and transformers are needed (pip install 'neon-cli[lora]')", allow_module_level=True)
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from cli_helpers import invoke  # noqa: E402
+from neon_cli.lora import factorwise, negated, neon_cat, read_lora  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore::UserWarning"),
+              pytest.mark.usefixtures("one_thread")]
+
+W = 1.5
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+FILES = {"unet": "unet/diffusion_pytorch_model.safetensors", "text_encoder": "text_encoder/model.safetensors"}
+
+
+def _unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
+                                norm_num_groups=4, attention_head_dim=2)
+
+
+def _text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        vocab_size=50, max_position_embeddings=8, projection_dim=8, bos_token_id=0,
+                                        eos_token_id=1, pad_token_id=1))
+
+
+def _save_lora(unet, te, folder, seed, r=4, alpha=8, te_r=2, te_alpha=1):
+    """peft LoRA on copies of the pipeline's models, random A and B, saved as diffusers' scripts do."""
+    import copy
+
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    torch.manual_seed(seed)
+    unet, te = copy.deepcopy(unet), copy.deepcopy(te)
+    unet.add_adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=UNET_TARGETS, init_lora_weights=False))
+    te.add_adapter(LoraConfig(r=te_r, lora_alpha=te_alpha, target_modules=TE_TARGETS, init_lora_weights=False))
+    StableDiffusionLoraLoaderMixin.save_lora_weights(  # = StableDiffusionPipeline.save_lora_weights
+        str(folder), unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        text_encoder_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(te)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=te.peft_config["default"].to_dict())
+    return folder / "pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    torch.manual_seed(0)
+    unet, te = _unet(), _text_encoder()
+    pipe = root / "pipe"
+    unet.save_pretrained(pipe / "unet")
+    te.save_pretrained(pipe / "text_encoder")
+    (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    lora = _save_lora(unet, te, root / "lora_s", seed=1)
+    base_lora = _save_lora(unet, te, root / "lora_r", seed=2, r=4, alpha=4, te_r=2, te_alpha=2)
+    return {"root": root, "pipe": pipe, "lora": lora, "base_lora": base_lora}
+
+
+def _weights(folder):
+    return {c: load_file(str(folder / f)) for c, f in FILES.items()}
+
+
+class _Holder:
+    """The LoRA half of a StableDiffusionPipeline (diffusers' own loader/fuser) over our two models."""
+
+    def __init__(self, pipe):
+        from diffusers import UNet2DConditionModel
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from transformers import CLIPTextModel
+
+        class H(StableDiffusionLoraLoaderMixin):
+            hf_device_map = None
+
+            @property
+            def components(self):
+                return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+        self.h = H()
+        self.h.unet = UNet2DConditionModel.from_pretrained(pipe / "unet")
+        self.h.text_encoder = CLIPTextModel.from_pretrained(pipe / "text_encoder")
+
+    def fused(self, lora, scale):
+        self.h.load_lora_weights(str(lora), adapter_name="x")
+        self.h.fuse_lora(components=["unet", "text_encoder"], lora_scale=scale)
+        self.h.unload_lora_weights()
+        return {"unet": self.h.unet.state_dict(), "text_encoder": self.h.text_encoder.state_dict()}
+
+
+def _dense(base, lora, w):
+    """θ_r − w·s·B·A in float64 for every LoRA'd weight (the formula, independently of neon)."""
+    out = {}
+    for comp, mod, lay in lora.modules():
+        a = lay.A.double().reshape(lay.rank, -1)
+        b = lay.B.double().reshape(lay.B.shape[0], lay.rank)
+        out[(comp, mod + ".weight")] = base[comp][mod + ".weight"].double() - w * lay.scale * (b @ a).reshape(lay.weight_shape())
+    return out
+
+
+def _close(a, b, what, ulps=4):
+    """Equal within a few float32 roundings of the magnitude."""
+    tol = ulps * torch.finfo(torch.float32).eps * max(1.0, float(b.double().abs().max()))
+    err = float((a.double() - b.double()).abs().max())
+    assert err <= tol, f"{what}: max |diff| {err:.3g} > {tol:.3g}"
+
+
+def test_scales_read_from_the_adapter_metadata(setup):
+    lora = read_lora(setup["lora"])
+    assert lora.format == "diffusers"
+    scales = {(c, l.scale, l.rank) for c, _, l in lora.modules()}
+    assert scales == {("unet", 8 / 4, 4), ("text_encoder", 1 / 2, 2)}  # alpha / r
+    convs = [m for c, m, l in lora.modules() if l.A.dim() == 4]
+    assert convs and all(lora.layers["unet"][m].weight_shape()[2:] == (3, 3) for m in convs)
+
+
+def test_fused_equals_dense_formula_and_diffusers_fuse_lora(setup, tmp_path):
+    invoke("merge", setup["pipe"], setup["lora"].parent, "--w", W, "-o", tmp_path / "neon", "-q")
+    got, base = _weights(tmp_path / "neon"), _weights(setup["pipe"])
+    lora = read_lora(setup["lora"])
+    dense = _dense(base, lora, W)
+    assert len(dense) == 40 + 4
+    for comp in FILES:
+        assert set(got[comp]) == set(base[comp])
+        for k, t in got[comp].items():
+            assert t.dtype == base[comp][k].dtype
+            if (comp, k) in dense:
+                _close(t, dense[(comp, k)], f"{comp}.{k}")
+            else:
+                assert torch.equal(t, base[comp][k]), k  # untouched tensors are θ_r's bits
+    assert json.loads((tmp_path / "neon" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    ref = _Holder(setup["pipe"]).fused(setup["lora"].parent, -W)  # diffusers: fuse_lora(lora_scale=-w)
+    for comp in FILES:
+        for k, t in got[comp].items():
+            _close(t, ref[comp][k], f"diffusers {comp}.{k}")  # same formula; a 3x3 conv's B·A differs in summation order
+
+
+def test_fused_half_precision_is_the_float32_result_cast_once(setup, tmp_path):
+    invoke("merge", setup["pipe"], setup["lora"], "--w", W, "-o", tmp_path / "f32", "-q")
+    invoke("merge", setup["pipe"], setup["lora"], "--w", W, "-o", tmp_path / "bf16", "--dtype", "bfloat16", "-q")
+    a, b = _weights(tmp_path / "f32"), _weights(tmp_path / "bf16")
+    for comp in FILES:
+        for k in a[comp]:
+            assert torch.equal(a[comp][k].to(torch.bfloat16), b[comp][k]), k
+
+
+@pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
+def test_as_lora_loads_in_diffusers_as_the_fused_model(setup, tmp_path, fmt):
+    out = tmp_path / f"neon-{fmt}.safetensors"
+    invoke("merge", setup["pipe"], setup["lora"], "--w", W, "--as-lora", "--lora-format", fmt, "-o", out, "-q")
+    keys = set(load_file(str(out)))
+    if fmt == "kohya":
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+        assert any(k.endswith(".alpha") for k in keys) and any(k.endswith(".lora_up.weight") for k in keys)
+    else:
+        assert all(k.startswith(("unet.", "text_encoder.")) and ".lora_" in k for k in keys)
+    # neon reads its own output back: A and alpha/r kept, B = -w B
+    mods = {c: {n[:-7] for n in load_file(str(setup["pipe"] / f))} for c, f in FILES.items()}
+    back, want = read_lora(out, mods), negated(read_lora(setup["lora"]), W)
+    assert back.format == fmt and {(c, m) for c, m, _ in back.modules()} == {(c, m) for c, m, _ in want.modules()}
+    for c, m, l in want.modules():
+        got = back.layers[c][m]
+        assert torch.equal(got.A, l.A) and torch.equal(got.B, l.B) and got.scale == pytest.approx(l.scale, rel=1e-12)
+    # diffusers applies it as an ordinary LoRA at scale 1 = the dense Neon formula
+    fused = _Holder(setup["pipe"]).fused(out, 1.0)
+    dense = _dense(_weights(setup["pipe"]), read_lora(setup["lora"]), W)
+    assert len(dense) == 44
+    for (comp, k), t in dense.items():
+        _close(fused[comp][k], t, f"{fmt}: {comp}.{k}")
+
+
+def test_base_lora_cat_is_exact_and_factorwise_is_not(setup, tmp_path):
+    """θ_r = W0 + s_r B_r A_r, θ_s = W0 + s_s B_s A_s: the output LoRA of rank r_r + r_s fused by
+    diffusers equals W0 + (1+w) s_r B_r A_r − w s_s B_s A_s; combining A and B separately does not."""
+    out = tmp_path / "cat.safetensors"
+    invoke("merge", setup["base_lora"], setup["lora"], "--w", W, "-o", out, "-q")
+    lr, ls = read_lora(setup["base_lora"]), read_lora(setup["lora"])
+    cat = read_lora(out)
+    w0 = _weights(setup["pipe"])
+    want = {}
+    for c, m, l in ls.modules():
+        r = lr.layers[c][m]
+        d = lambda x: (x.B.double().reshape(x.B.shape[0], x.rank) @ x.A.double().reshape(x.rank, -1)).reshape(x.weight_shape())
+        want[(c, m)] = (1 + W) * r.scale * d(r) - W * l.scale * d(l)
+        got = cat.layers[c][m]
+        assert got.rank == r.rank + l.rank and got.scale == 1.0
+        _close(got.delta(), want[(c, m)], f"cat {c}.{m}")
+        wrong = factorwise(lr, ls, W).layers[c][m].delta().double()
+        assert float((wrong - want[(c, m)]).abs().max()) > 0.1 * float(want[(c, m)].abs().max()), m
+    fused = _Holder(setup["pipe"]).fused(out, 1.0)
+    for (c, m), dw in want.items():
+        _close(fused[c][m + ".weight"], w0[c][m + ".weight"].double() + dw, f"diffusers cat {c}.{m}")
+    # neon_cat as a library call is the same LoRA
+    again = neon_cat(lr, ls, W)
+    assert all(torch.equal(again.layers[c][m].B.to(cat.layers[c][m].B.dtype), cat.layers[c][m].B) for c, m, _ in ls.modules())
+
+
+def test_kohya_input_gives_the_same_fused_model(setup, tmp_path):
+    """A kohya/A1111 file (lora_unet_*.lora_down/up/alpha) is read by module-name matching."""
+    k = tmp_path / "k.safetensors"
+    invoke("merge", setup["pipe"], setup["lora"], "--w", -1, "--as-lora", "--lora-format", "kohya", "-o", k, "-q")  # = θ_s's LoRA
+    invoke("merge", setup["pipe"], k, "--w", W, "-o", tmp_path / "from-kohya", "-q")
+    invoke("merge", setup["pipe"], setup["lora"], "--w", W, "-o", tmp_path / "from-diffusers", "-q")
+    a, b = _weights(tmp_path / "from-kohya"), _weights(tmp_path / "from-diffusers")
+    for comp in FILES:
+        for name in a[comp]:
+            assert torch.equal(a[comp][name], b[comp][name]), name
+
+
+def test_bad_inputs_name_the_key_or_flag(setup, tmp_path):
+    sd = load_file(str(setup["lora"]))
+    bad = dict(sd)
+    bad["unet.mid_block.nonsense.lora_A.weight"] = torch.zeros(4, 8)
+    bad["unet.mid_block.nonsense.lora_B.weight"] = torch.zeros(8, 4)
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    res = invoke("merge", setup["pipe"], tmp_path / "bad.safetensors", "--w", W, "-o", tmp_path / "o", code=2)
+    assert "unet.mid_block.nonsense.lora_A.weight" in res.output and not (tmp_path / "o").exists()
+    half = {k: v for k, v in sd.items() if not k.endswith("to_q.lora.up.weight")}
+    save_file(half, str(tmp_path / "half.safetensors"))
+    res = invoke("merge", setup["pipe"], tmp_path / "half.safetensors", "--w", W, "-o", tmp_path / "o", code=2)
+    assert "lacks its B (up) factor" in res.output
+    res = invoke("merge", setup["pipe"], setup["lora"], "--w", W, "-o", tmp_path / "o.safetensors", code=2)
+    assert "pipeline folder" in res.output
+    res = invoke("merge", setup["pipe"] / "unet", setup["pipe"] / "unet", "--w", W, "--as-lora", "-o", tmp_path / "x.safetensors", code=2)
+    assert "--as-lora" in res.output and "not a LoRA" in res.output
+    res = invoke("merge", setup["pipe"], setup["lora"], "--w", W, "--as-lora", "--lora-format", "lycoris", "-o", tmp_path / "x.safetensors", code=2)
+    assert "--lora-format" in res.output
+    invoke("merge", setup["pipe"], setup["lora"], "--w", W, "-o", tmp_path / "dry", "--dry-run", "-q")
+    assert not (tmp_path / "dry").exists() and not (tmp_path / "x.safetensors").exists()
