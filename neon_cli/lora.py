@@ -388,6 +388,95 @@ def factorwise(base: Lora, selftrained: Lora, w: float) -> Lora:
 
 
 # ------------------------------------------------------------------------------------------------
+# θ_s as a state dict, and the adapter attached to a live model (tune-w)
+
+
+def component_layers(lora: Lora, names: Collection[str] | None = None) -> tuple[str, dict[str, LoraLayer]]:
+    """(component, its layers) of the LoRA a single model uses: the only component, else ``unet``.
+    ``names``: the model's module paths; a module missing there raises CheckpointError naming its key."""
+    comps = list(lora.layers)
+    comp = comps[0] if len(comps) == 1 else "unet" if "unet" in comps else None
+    if comp is None:
+        raise CheckpointError(f"{lora.path}: a LoRA on {', '.join(comps)}; a single model needs one component (or unet)")
+    if names is not None:
+        for m, l in lora.layers[comp].items():
+            if m not in names:
+                raise CheckpointError(f"{lora.path}: key {l.keys[0]!r}: the model has no module {m!r}")
+    return comp, lora.layers[comp]
+
+
+def lora_state_dict(base_sd: Mapping[str, Any], path: str | Any) -> dict[str, Any]:
+    """θ_s = θ_r + s·B·A as a state dict (``base_sd`` name -> tensor; LoRA'd weights computed in
+    float32 and cast to their dtype, the others shared with ``base_sd``): the fallback that lets
+    any family merge a LoRA snapshot like a full one. CheckpointError naming a LoRA key whose
+    module is not in ``base_sd`` or whose shape differs."""
+    import torch
+
+    mods = {n[: -len(".weight")] for n in base_sd if n.endswith(".weight")}
+    _, layers = component_layers(read_lora(path, None), mods)
+    out = dict(base_sd)
+    for m, l in layers.items():
+        w = base_sd[m + ".weight"]
+        if tuple(w.shape) != l.weight_shape():
+            raise CheckpointError(f"{path}: key {l.keys[0]!r}: B·A is {l.weight_shape()}, {m}.weight is {tuple(w.shape)}")
+        cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
+        out[m + ".weight"] = (w.to(cdt) + l.delta().to(device=w.device, dtype=cdt)).to(w.dtype)
+    return out
+
+
+ADAPTER = "neon"
+
+
+def attach_lora(model: Any, path: str | Any, scale: float = 1.0, adapter: str = ADAPTER) -> Any:
+    """Attach a LoRA file to ``model`` (any torch module whose module paths are the LoRA's) with
+    peft, unmerged, at ``scale``: forward uses W + scale·s·B·A. peft ``inject_adapter_in_model``
+    with one ``LoraConfig`` (target_modules = the LoRA's modules, rank_pattern / alpha_pattern per
+    module, alpha = scale·r so the file's s is kept exactly), ``set_peft_model_state_dict``, then
+    :func:`set_lora_scale`. Returns ``model`` (modified in place). CheckpointError for a module
+    the model lacks."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    names = {n for n, _ in model.named_modules()}
+    _, layers = component_layers(read_lora(path, None), names)
+    ranks = Counter(l.rank for l in layers.values())
+    r = ranks.most_common(1)[0][0]
+    cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(layers),
+                     rank_pattern={re.escape(m): l.rank for m, l in layers.items() if l.rank != r},
+                     alpha_pattern={re.escape(m): l.scale * l.rank for m, l in layers.items()})
+    inject_adapter_in_model(cfg, model, adapter_name=adapter)
+    sd = {}
+    for m, l in layers.items():
+        sd[f"{m}.lora_A.weight"] = l.A
+        sd[f"{m}.lora_B.weight"] = l.B
+    res = set_peft_model_state_dict(model, sd, adapter_name=adapter)
+    missing = [k for k in getattr(res, "unexpected_keys", []) or [] if "lora_" in k]
+    if missing:
+        raise CheckpointError(f"{path}: key {missing[0]!r} was not loaded into the model")
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer) and adapter in mod.scaling and name in layers:
+            mod._neon_s = float(layers[name].scale)  # the file's s, exactly (peft would compute alpha / r)
+    set_lora_scale(model, scale, adapter)
+    return model
+
+
+def set_lora_scale(model: Any, scale: float, adapter: str = ADAPTER) -> Any:
+    """Re-scale the attached LoRA: every peft ``LoraLayer`` of ``adapter`` gets scaling = scale·s
+    (s = the file's alpha/r), i.e. forward W + scale·s·B·A; no weight is merged. Returns ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    n = 0
+    for mod in model.modules():
+        if isinstance(mod, LoraLayer) and adapter in mod.scaling:
+            mod.scaling[adapter] = float(scale) * mod._neon_s
+            n += 1
+    if n == 0:
+        raise UsageError(f"set_lora_scale: the model has no LoRA adapter {adapter!r} (attach_lora first)")
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
 # writing a LoRA file
 
 

@@ -258,3 +258,74 @@ def test_bad_inputs_name_the_key_or_flag(setup, tmp_path):
     assert "--lora-format" in res.output
     invoke("merge", setup["pipe"], setup["lora"], "--w", W, "-o", tmp_path / "dry", "--dry-run", "-q")
     assert not (tmp_path / "dry").exists() and not (tmp_path / "x.safetensors").exists()
+
+
+FAMILY_FILE = os.path.join(os.path.dirname(__file__), "fixtures", "lorafam.py")
+
+
+def test_tune_w_rescales_the_adapter_instead_of_merging(tmp_path):
+    """A LoRA snapshot: tune-w scores θ_r with the adapter at scale −w (the family's load_with_lora
+    once, then set_lora_scale per candidate); a family without the hooks merges θ_r + s·B·A per w.
+    Both see the same metric at every w, choose the same w, and -o is θ_r − w·s·B·A."""
+    from neon_cli.family import get_family
+    from neon_cli.report import Report
+    from neon_cli.tune import run_tune_w
+
+    fam, plain = get_family(f"{FAMILY_FILE}:family"), get_family(f"{FAMILY_FILE}:plain")
+    torch.manual_seed(0)
+    base = tmp_path / "base.safetensors"
+    fam.save(fam.new(), str(base), {})
+    a, b = 0.5 * torch.randn(2, 16), 0.5 * torch.randn(16, 2)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"unet.proj.lora_A.weight": a, "unet.proj.lora_B.weight": b}, str(lora),
+              metadata={"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 3})})  # s = 3/2
+    runs = {}
+    for name in ("family", "plain"):
+        runs[name] = run_tune_w(f"{FAMILY_FILE}:{name}", base, [lora], bounds=(-1.0, 3.0), num_samples=64, max_evals=6,
+                                abandon_margin=None, require_improvement=False, write_anyway=True,
+                                output=tmp_path / f"{name}.safetensors", report=Report("tune-w"))
+    ev = {k: [(e["w"], e["value"]) for e in r["evaluations"] if e["model"] == "neon"] for k, r in runs.items()}
+    assert len(ev["family"]) >= 3 and len(ev["family"]) == len(ev["plain"])
+    for (w1, x), (w2, y) in zip(ev["family"], ev["plain"]):  # unmerged vs merged: float32 rounding apart
+        assert w1 == pytest.approx(w2, abs=1e-5) and x == pytest.approx(y, rel=1e-5)
+    assert fam.calls["load_with_lora"] == 1 and fam.calls["set_lora_scale"] == len(ev["family"]) - 1
+    w = runs["family"]["chosen"]["w"]
+    assert w == pytest.approx(runs["plain"]["chosen"]["w"], abs=1e-5)
+    w0 = load_file(str(base))["proj.weight"].double()
+    for name in ("family", "plain"):
+        w = runs[name]["chosen"]["w"]
+        _close(load_file(str(tmp_path / f"{name}.safetensors"))["proj.weight"], w0 - w * 1.5 * (b.double() @ a.double()), name)
+
+
+def test_diffusers_family_samples_the_rescaled_adapter_as_the_merged_unet(tmp_path):
+    """The ``diffusers`` family's hook: UNet2DModel + peft LoRA at scale −w samples the images of
+    the UNet merged by ``neon merge`` (θ_r − w·s·B·A)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from neon_cli.family import get_family
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4, attention_head_dim=8).eval()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=40)).save_pretrained(str(tmp_path / "base"))
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "to_v", "conv1"], init_lora_weights=False), unet)
+    sd = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
+    lora = tmp_path / "lora.safetensors"
+    save_file(sd, str(lora), metadata={"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 4})})
+    invoke("merge", tmp_path / "base", lora, "--w", W, "-o", tmp_path / "neon", "-q")
+    fam = get_family("diffusers")
+    settings = {"scheduler": "ddpm", "steps": 4, "eta": 0.0, "guidance": 1.0}
+    seeds = torch.arange(3)
+    merged = fam.sample(fam.load(str(tmp_path / "neon")), seeds, None, settings)
+    adapted = fam.load_with_lora(str(tmp_path / "base"), str(lora), 0.0)
+    plain = fam.sample(adapted, seeds, None, settings)  # scale 0: θ_r
+    assert torch.equal(plain, fam.sample(fam.load(str(tmp_path / "base")), seeds, None, settings))
+    assert (plain.int() - merged.int()).abs().max() > 8
+    fam.set_lora_scale(adapted, -W)
+    got = fam.sample(adapted, seeds, None, settings)
+    assert (got.int() - merged.int()).abs().max() <= 1  # uint8 images; unmerged vs merged rounding
