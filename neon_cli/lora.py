@@ -189,7 +189,7 @@ def _config_scale(cfg: Mapping[str, Any], module: str, rank: int, where: str) ->
     return alpha, alpha / (math.sqrt(rank) if rs else rank), rs
 
 
-def _split_component(key: str, fmt_hint: str) -> tuple[str, str]:
+def _split_component(key: str) -> tuple[str, str]:
     """(component, rest) for a diffusers/peft key."""
     if key.startswith("base_model.model."):
         return "unet", key[len("base_model.model."):]
@@ -270,9 +270,6 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
             if pre is None:
                 raise CheckpointError(f"{f}: key {k!r} is neither lora_unet_* nor lora_te*_* (kohya layout)")
             comp = KOHYA_PREFIXES[pre]
-            if pre == "lora_te1_" or (pre == "lora_te_" and modules is not None and "text_encoder" not in modules
-                                     and "text_encoder_2" in modules):
-                comp = "text_encoder"
             under, _, suffix = k[len(pre):].partition(".")
             kind = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}.get(suffix)
             if kind is None:
@@ -283,7 +280,7 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
             if mod is None:
                 raise CheckpointError(f"{f}: key {k!r}: no module {under!r} in the base's {comp} (after '_' -> '.')")
         else:
-            comp, rest = _split_component(k, fmt)
+            comp, rest = _split_component(k)
             got = _module_of(rest)
             if got is None:
                 raise CheckpointError(f"{f}: key {k!r} is not a LoRA factor (.lora_A.weight/.lora_B.weight, "
@@ -673,7 +670,7 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
     ``report.results``. Raises UsageError (bad flags/outputs), CheckpointError (unknown LoRA key,
     missing module, shape mismatch: the key named).
     """
-    from neon_cli.fsutil import check_outputs, sha256_path
+    from neon_cli.fsutil import check_outputs
     from neon_cli.merge import _check_w
     from neon_cli.checkpoint import parse_dtype
 
@@ -690,6 +687,9 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or directory")
     base_is_lora = is_lora(base_p)
+    if not is_lora(lora_p):
+        raise UsageError(f"{lora_p}: theta_s is not a LoRA (.safetensors with lora_A/lora_B or lora_down/lora_up keys), "
+                         f"but the base {base_p} is one: give two LoRAs, or a checkpoint pair")
     as_lora = as_lora or base_is_lora
     for o in outs:
         if as_lora and o.suffix != ".safetensors":
@@ -710,7 +710,7 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
         for c, m, l in lr.modules():
             if c in ls.layers and m in ls.layers[c] and l.weight_shape() != ls.layers[c][m].weight_shape():
                 raise CheckpointError(f"{lora_p}: key {ls.layers[c][m].keys[0]!r}: shape differs from the base LoRA's")
-        files, specs, comps = {}, {}, sorted(set(lr.layers) | set(ls.layers))
+        files, comps = {}, sorted(set(lr.layers) | set(ls.layers))
         results["formula"] = "W0 + (1+w) s_r B_r A_r - w s_s B_s A_s (cat LoRA, scale 1)"
     else:
         files, specs, ucfg = _base_modules(base_p)
@@ -728,6 +728,24 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
         results["outputs"] = [{"w": w, "path": str(o)} for w, o in zip(ws, outs)]
         results["seconds"] = round(time.perf_counter() - t0, 3)
         return results
+    import contextlib
+
+    from neon_cli.fsutil import exclusive_lock, lock_path, remove_stale_tmp
+
+    with contextlib.ExitStack() as stack:
+        for o in outs:
+            remove_stale_tmp(o)
+            stack.enter_context(exclusive_lock(o, f"-o {o}", folder=False))
+            stack.callback(lambda p=lock_path(o, False): p.unlink(missing_ok=True))
+        return _write_outputs(base_p, lora_p, ws, outs, files, comps, ls, lr if base_is_lora else None, as_lora, lora_format,
+                              odt, results, report, progress, t0)
+
+
+def _write_outputs(base_p: Path, lora_p: Path, ws: Sequence[float], outs: Sequence[Path], files: Mapping[str, Path],
+                   comps: Sequence[str], ls: Lora, lr: Lora | None, as_lora: bool, lora_format: str, odt: str | None,
+                   results: dict[str, Any], report: Any, progress: ProgressFn, t0: float) -> dict[str, Any]:
+    from neon_cli.fsutil import sha256_path
+
     prov = {"neon.formula": results["formula"], "neon.base": base_p.name, "neon.selftrained": lora_p.name,
             "neon.base_sha256": sha256_path(base_p), "neon.selftrained_sha256": sha256_path(lora_p)}
     if report is not None:
@@ -736,9 +754,10 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
     res_outs = []
     for w, o in zip(ws, outs):
         meta = {**prov, "neon.w": repr(float(w))}
-        if base_is_lora:
-            _write_lora_file(neon_cat(lr, ls, w), o, lora_format, comps, meta)
-            info: dict[str, Any] = {"rank": neon_cat(lr, ls, w).ranks()}
+        if lr is not None:
+            cat = neon_cat(lr, ls, w)
+            _write_lora_file(cat, o, lora_format, comps, meta)
+            info: dict[str, Any] = {"ranks": cat.ranks()}
         elif as_lora:
             _write_lora_file(negated(ls, w), o, lora_format, comps, meta)
             info = {}
