@@ -329,3 +329,29 @@ def test_diffusers_family_samples_the_rescaled_adapter_as_the_merged_unet(tmp_pa
     fam.set_lora_scale(adapted, -W)
     got = fam.sample(adapted, seeds, None, settings)
     assert (got.int() - merged.int()).abs().max() <= 1  # uint8 images; unmerged vs merged rounding
+
+
+def test_peft_folder_with_rank_alpha_patterns_and_rslora(setup, tmp_path):
+    """A peft ``save_pretrained`` folder (adapter_config.json: rank_pattern, alpha_pattern,
+    use_rslora): neon's scales are peft's own ``scaling``, and ``--w -1`` (θ_s itself) fused equals
+    peft's ``merge_and_unload``."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    torch.manual_seed(3)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v"], rank_pattern={"to_q": 2},
+                     alpha_pattern={"to_k": 3}, use_rslora=True, init_lora_weights=False)
+    model = get_peft_model(UNet2DConditionModel.from_pretrained(setup["pipe"] / "unet"), cfg)
+    model.save_pretrained(str(tmp_path / "peft"))
+    peft_scales = {n.removeprefix("base_model.model."): m.scaling["default"]
+                   for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    lora = read_lora(tmp_path / "peft")
+    assert lora.format == "peft" and set(lora.layers) == {"unet"}
+    assert {m: l.scale for m, l in lora.layers["unet"].items()} == pytest.approx(peft_scales, rel=1e-12)
+    assert {round(s, 6) for s in peft_scales.values()} == {round(8 / 2 ** 0.5, 6), round(3 / 2, 6), round(8 / 2, 6)}
+    theta_s = model.merge_and_unload().state_dict()
+    invoke("merge", setup["pipe"], tmp_path / "peft", "--w", -1, "-o", tmp_path / "ts", "-q")
+    got = load_file(str(tmp_path / "ts" / FILES["unet"]))
+    for k, t in got.items():
+        _close(t, theta_s[k], k)
