@@ -661,7 +661,9 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
             (``"diffusers"`` or ``"kohya"``; see :func:`lora_tensors`) instead of the fused folder.
         dtype: output dtype of the fused folder's floating tensors (default θ_r's); the merge is
             W + (B @ A)·(−w·s) in float32 (float64 for float64), cast once: diffusers'
-            ``fuse_lora(lora_scale=-w)`` (peft ``LoraLayer.merge``).
+            ``fuse_lora(lora_scale=-w)`` (peft ``LoraLayer.merge``), which for a float32 θ_r gives
+            the same values (tested); for a half-precision θ_r peft rounds the delta to the
+            weight's dtype before adding it (two roundings), neon rounds once.
         dry_run: check everything (formats, module names, shapes, outputs) and write nothing.
 
     Output: the fused pipeline folder (θ_r's folder, configs copied, each LoRA'd component's weights
