@@ -317,7 +317,7 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
             lay = LoraLayer(a, b, 1.0, None, False, (ka, kb))
         if modules is not None:
             if comp not in modules:
-                raise CheckpointError(f"{f}: key {ka!r}: the base has no component {comp!r} (has {', '.join(sorted(modules))})")
+                raise CheckpointError(f"{f}: key {ka!r}: the base has no component {comp!r} (has {', '.join(sorted(modules))}); give the pipeline folder")
             if mod not in modules[comp]:
                 raise CheckpointError(f"{f}: key {ka!r}: no module {mod!r} with a weight in the base's {comp}")
         lora.layers.setdefault(comp, {})[mod] = lay

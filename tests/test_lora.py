@@ -355,3 +355,13 @@ def test_peft_folder_with_rank_alpha_patterns_and_rslora(setup, tmp_path):
     got = load_file(str(tmp_path / "ts" / FILES["unet"]))
     for k, t in got.items():
         _close(t, theta_s[k], k)
+
+
+def test_several_w_write_one_lora_each(setup, tmp_path):
+    invoke("merge", setup["pipe"], setup["lora"], "--w", "0.5,2", "--as-lora", "-o", tmp_path / "n-{w}.safetensors", "-q")
+    a, b = load_file(str(tmp_path / "n-0.5.safetensors")), load_file(str(tmp_path / "n-2.safetensors"))
+    src = load_file(str(setup["lora"]))
+    k = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    assert torch.equal(a[k + ".lora_A.weight"], src[k + ".lora.down.weight"])
+    assert torch.equal(a[k + ".lora_B.weight"], -0.5 * src[k + ".lora.up.weight"])
+    assert torch.equal(b[k + ".lora_B.weight"], -2 * src[k + ".lora.up.weight"])
