@@ -63,7 +63,13 @@ _SUFFIXES = (
 )
 # diffusers' old attention-processor names -> module names (diffusers.utils.state_dict_utils UNET_TO_DIFFUSERS)
 _OLD_ATTN = {"to_q_lora": "to_q", "to_k_lora": "to_k", "to_v_lora": "to_v", "to_out_lora": "to_out.0"}
-_REFUSED = ("lora_magnitude_vector", "dora_scale", "hada_", "lokr_", ".diff", ".diff_b", "lora_mid")
+_REFUSED = ("lora_magnitude_vector", "dora_scale", ".hada_", ".lokr_", ".lora_mid.")
+_REFUSED_ENDS = (".diff", ".diff_b")
+
+
+def _refused(key: str) -> bool:
+    """DoRA / LyCORIS (LoHa, LoKr, Tucker mid, full diff) tensors: not a plain ΔW = s·B·A."""
+    return any(r in key for r in _REFUSED) or key.endswith(_REFUSED_ENDS)
 
 
 @dataclass
@@ -163,8 +169,7 @@ def is_lora(path: str | Any) -> bool:
                 buf.close()
     except CheckpointError:
         return False
-    return bool(names) and all(any(s in n for s, _ in _SUFFIXES) or n.endswith(".alpha") or any(r in n for r in _REFUSED)
-                               for n in names)
+    return bool(names) and all(any(s in n for s, _ in _SUFFIXES) or n.endswith(".alpha") or _refused(n) for n in names)
 
 
 def _pattern_value(patterns: Mapping[str, Any], module: str, default: Any) -> Any:
@@ -254,7 +259,7 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
         except ValueError:
             raise CheckpointError(f"{cfg_path}: not JSON") from None
     for k in tensors:
-        if any(r in k for r in _REFUSED):
+        if _refused(k):
             raise CheckpointError(f"{f}: key {k!r}: DoRA/LyCORIS (LoHa, LoKr, full diff) adapters are not a plain ΔW = s·B·A; "
                                   "only LoRA is supported")
     kohya = any(k.startswith(tuple(KOHYA_PREFIXES)) for k in tensors)

@@ -256,6 +256,11 @@ def test_bad_inputs_name_the_key_or_flag(setup, tmp_path):
     assert "--as-lora" in res.output and "not a LoRA" in res.output
     res = invoke("merge", setup["pipe"], setup["lora"], "--w", W, "--as-lora", "--lora-format", "lycoris", "-o", tmp_path / "x.safetensors", code=2)
     assert "--lora-format" in res.output
+    dora = dict(sd)
+    dora["unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"] = torch.ones(8)
+    save_file(dora, str(tmp_path / "dora.safetensors"))
+    res = invoke("merge", setup["pipe"], tmp_path / "dora.safetensors", "--w", W, "-o", tmp_path / "o", code=2)
+    assert "to_q.lora_magnitude_vector" in res.output and "DoRA" in res.output
     invoke("merge", setup["pipe"], setup["lora"], "--w", W, "-o", tmp_path / "dry", "--dry-run", "-q")
     assert not (tmp_path / "dry").exists() and not (tmp_path / "x.safetensors").exists()
 
