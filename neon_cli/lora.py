@@ -186,6 +186,8 @@ def _config_scale(cfg: Mapping[str, Any], module: str, rank: int, where: str) ->
     alpha_pattern, use_rslora); peft ``LoraLayer.update_layer``: scaling = alpha / r (alpha / sqrt(r))."""
     if cfg.get("use_dora"):
         raise CheckpointError(f"{where}: a DoRA adapter (use_dora) is not a linear ΔW = s·B·A; not supported")
+    if cfg.get("fan_in_fan_out"):
+        raise CheckpointError(f"{where}: fan_in_fan_out (Conv1D weights stored transposed) is not supported")
     r = int(_pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", rank)))
     alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", r)))
     if r != rank:
@@ -224,6 +226,22 @@ def _module_of(rest: str) -> tuple[str, str] | None:
 
 def _kohya_lookup(names: Collection[str] | None) -> dict[str, str]:
     return {} if names is None else {n.replace(".", "_"): n for n in names}
+
+
+#: sgm/LDM names of kohya's SDXL UNet -> diffusers' (after diffusers' block renumbering); the
+#: renames diffusers' ``_convert_unet_lora_key`` applies, written out as facts about the two layouts
+_SGM_RENAMES = (("input_blocks_", "down_blocks_"), ("middle_block_", "mid_block_"), ("output_blocks_", "up_blocks_"),
+                ("_in_layers_2", "_conv1"), ("_out_layers_3", "_conv2"), ("_emb_layers_1", "_time_emb_proj"),
+                ("_skip_connection", "_conv_shortcut"), ("_op", "_conv"))
+
+
+def _kohya_module(lookup: Mapping[str, str], under: str) -> str | None:
+    """The module of a kohya name (``'.'`` written ``'_'``): direct, else after the sgm renames."""
+    if under in lookup:
+        return lookup[under]
+    for a, b in _SGM_RENAMES:
+        under = under.replace(a, b) if not a.startswith("_") else (under[: -len(a)] + b if under.endswith(a) else under.replace(a + "_", b + "_"))
+    return lookup.get(under)
 
 
 def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = None,
@@ -267,7 +285,9 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
     if kohya and unet_config is not None and any("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in tensors):
         from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
 
-        tensors = _maybe_map_sgm_blocks_to_diffusers(tensors, dict(unet_config))
+        from types import SimpleNamespace
+
+        tensors = _maybe_map_sgm_blocks_to_diffusers(tensors, SimpleNamespace(**dict(unet_config)))
     parts: dict[tuple[str, str], dict[str, Any]] = {}
     for k, t in tensors.items():
         if kohya:
@@ -281,7 +301,7 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
                 raise CheckpointError(f"{f}: key {k!r}: unknown kohya suffix .{suffix} (expected .lora_down.weight, .lora_up.weight, .alpha)")
             if modules is None:
                 raise UsageError(f"{f}: a kohya LoRA names modules with '_' for '.'; the base model is needed to resolve {k!r}")
-            mod = _kohya_lookup(modules.get(comp)).get(under)
+            mod = _kohya_module(_kohya_lookup(modules.get(comp)), under)
             if mod is None:
                 raise CheckpointError(f"{f}: key {k!r}: no module {under!r} in the base's {comp} (after '_' -> '.')")
         else:

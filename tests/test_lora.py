@@ -96,13 +96,14 @@ def _weights(folder):
 class _Holder:
     """The LoRA half of a StableDiffusionPipeline (diffusers' own loader/fuser) over our two models."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, xl=False):
         from diffusers import UNet2DConditionModel
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
         from transformers import CLIPTextModel
 
-        class H(StableDiffusionLoraLoaderMixin):
+        class H(StableDiffusionXLLoraLoaderMixin if xl else StableDiffusionLoraLoaderMixin):
             hf_device_map = None
+            text_encoder_2 = None
 
             @property
             def components(self):
@@ -370,3 +371,26 @@ def test_several_w_write_one_lora_each(setup, tmp_path):
     assert torch.equal(a[k + ".lora_A.weight"], src[k + ".lora.down.weight"])
     assert torch.equal(a[k + ".lora_B.weight"], -0.5 * src[k + ".lora.up.weight"])
     assert torch.equal(b[k + ".lora_B.weight"], -2 * src[k + ".lora.up.weight"])
+
+
+def test_kohya_sdxl_block_names_read_as_diffusers_sdxl_loader_does(setup, tmp_path):
+    """kohya's SDXL files name sgm blocks (input_blocks_1_1, output_blocks_2_1, in_layers_2): neon maps
+    them (diffusers' block renumbering, then the sgm -> diffusers renames) to the modules diffusers'
+    StableDiffusionXLLoraLoaderMixin.load_lora_weights patches, with the same weights."""
+    torch.manual_seed(5)
+    sd = {}
+    for name, a, b in (("input_blocks_1_1_transformer_blocks_0_attn1_to_q", (2, 8), (8, 2)),
+                       ("output_blocks_2_1_proj_in", (2, 8, 1, 1), (8, 2, 1, 1)),
+                       ("input_blocks_1_0_in_layers_2", (2, 8, 3, 3), (8, 2, 1, 1))):
+        sd[f"lora_unet_{name}.lora_down.weight"] = torch.randn(a)
+        sd[f"lora_unet_{name}.lora_up.weight"] = torch.randn(b)
+        sd[f"lora_unet_{name}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(tmp_path / "sgm.safetensors"))
+    invoke("merge", setup["pipe"], tmp_path / "sgm.safetensors", "--w", -1, "-o", tmp_path / "ts", "-q")  # θ_s itself
+    got, base = _weights(tmp_path / "ts")["unet"], _weights(setup["pipe"])["unet"]
+    changed = sorted(k for k in got if not torch.equal(got[k], base[k]))
+    assert changed == ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+                       "down_blocks.0.resnets.0.conv1.weight", "up_blocks.1.attentions.0.proj_in.weight"]
+    ref = _Holder(setup["pipe"], xl=True).fused(tmp_path / "sgm.safetensors", 1.0)["unet"]
+    for k in got:
+        _close(got[k], ref[k], k)
