@@ -25,7 +25,9 @@ LoraLayer(A, B, scale)}}`` with A ``[r, in]`` (conv: ``[r, in, kh, kw]``), B ``[
 * kohya sd-scripts / A1111 (``lora_unet_<module with _>.lora_down.weight`` / ``.lora_up.weight`` /
   ``.alpha``; ``lora_te_``, ``lora_te1_``, ``lora_te2_`` for the text encoders): the module is found
   by matching the underscored name against the base model's module names; SDXL's sgm block names
-  (``input_blocks_4_1``) go through diffusers' ``_maybe_map_sgm_blocks_to_diffusers`` first.
+  (``input_blocks_4_1``, ``in_layers_2``) go through diffusers' ``_maybe_map_sgm_blocks_to_diffusers``
+  and the sgm -> diffusers renames (``input_blocks`` -> ``down_blocks``, ``in_layers_2`` -> ``conv1``, ...).
+  A module without ``.alpha`` has alpha = r (kohya's ``networks/lora.py`` default).
 
 Anything else (DoRA magnitudes, LoHa/LoKr, unknown keys) is refused with the key named. Torch is
 imported inside the functions that need it; this module imports without it.
