@@ -686,7 +686,8 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
         ws, outputs: one output per w.
         as_lora: write a LoRA with −w folded into B (:func:`negated`) in ``lora_format``
             (``"diffusers"`` or ``"kohya"``; see :func:`lora_tensors`) instead of the fused folder.
-        dtype: output dtype of the fused folder's floating tensors (default θ_r's); the merge is
+        dtype: output dtype of the floating tensors of the components the LoRA touches (default
+            θ_r's; the other components are copied as they are); the merge is
             W + (B @ A)·(−w·s) in float32 (float64 for float64), cast once: diffusers'
             ``fuse_lora(lora_scale=-w)`` (peft ``LoraLayer.merge``), which for a float32 θ_r gives
             the same values (tested); for a half-precision θ_r peft rounds the delta to the
