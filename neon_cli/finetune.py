@@ -62,8 +62,10 @@ def finetune(
 
     Every number is checked before any file is read; ``-o`` and ``--report`` may not be an input
     (:func:`neon_cli.fsutil.check_outputs`), and ``-o`` is locked for the run (a second run on it
-    is refused). The training state records the sha256 of the base model and of the synthetic set
-    (its manifest, which lists every shard's sha256) and is resumed only when both match; the
+    is refused). The training state records the sha256 of the base model and the content identity
+    of the synthetic set (:func:`neon_cli.identity.synthetic_set_sha256`: its manifest, which lists
+    every shard's sha256, without paths) and is resumed only when both match, wherever the files
+    lie (a state of an older neon, which hashed the manifest file, still resumes); the
     snapshots listed are the ones this run's ledger records (``train_state.pt``), never other
     files of ``-o``.
 
@@ -79,6 +81,7 @@ def finetune(
     from neon_cli.family import snapshot_name
     from neon_cli.fsutil import remove_stale_tmp_in
     from neon_cli.dataset import encoded_set, open_synthetic
+    from neon_cli.identity import synthetic_set_sha256
     from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, snapshot_points, train_loop
 
     # ---- numbers first: nothing is read or written for a value that cannot work ----
@@ -125,7 +128,10 @@ def finetune(
         run_on_main(remove_stale_tmp_in, out_dir)  # what a killed run left half-written
         base_sha = report.add_input("base", path)
         data = open_synthetic(data_dir)  # streamed from the shards: memory does not grow with |S|
-        data_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
+        manifest_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
+        # S by content (its manifest without paths): a moved S, or one re-made from the same base
+        # at another path, is the same S; states of older neon recorded the manifest file's sha256
+        data_sha = synthetic_set_sha256(data_dir)
         report.settings.update(train_config=cfg.__dict__, resolved_settings=settings)
         base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
         base_images = int(base_meta.get("train_images", 0) or 0)
@@ -160,7 +166,8 @@ def finetune(
 
         train_loop(family, model, data, None, cfg, state_path=out_dir / "train_state.pt",
                    on_snapshot=on_snapshot, progress=progress,
-                   provenance={"base_sha256": base_sha, "synthetic_set_sha256": data_sha}, snapshots=ledger)
+                   provenance={"base_sha256": base_sha, "synthetic_set_sha256": data_sha}, snapshots=ledger,
+                   legacy_provenance={"synthetic_set_sha256": manifest_sha})
         results = None
         if is_main():  # rank 0 made the snapshots and holds the ledger; it writes finetune.json
             results = _results(out_dir, ledger, cfg, len(data), base_images)

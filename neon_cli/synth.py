@@ -71,6 +71,7 @@ def synthesize(
     from neon_cli.evaluate import classes_of, seed_plan
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.fsutil import remove_stale_tmp_in
+    from neon_cli.identity import SETTINGS_SHA256, setting_hashes
     from neon_cli.tune.recorded import apply_recorded
 
     num = validate.positive_int("--num-images", num)
@@ -101,6 +102,9 @@ def synthesize(
             "labels": "(seed + i) % num_classes" if num_classes else None,
             "num_classes": num_classes,
         }
+        hashes = setting_hashes(family, settings)  # a setting naming a file (a VAE) is known by its content
+        if hashes:
+            plan[SETTINGS_SHA256] = hashes
         report.settings.update(resolved_settings=settings)
         run_on_main(_check_plan, out_dir, plan)
 
@@ -166,7 +170,11 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
         old = json.loads(f.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
-    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old.get(key) != plan.get(key)]
+    from neon_cli.identity import manifest_identity
+
+    # by content: the model's and any path setting's sha256, never their paths
+    old_id, new_id = manifest_identity(old), manifest_identity(plan)
+    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old_id.get(key) != new_id.get(key)]
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
         differs.append("model")
     if not differs:

@@ -136,6 +136,7 @@ def train_loop(
     progress: ProgressFn = null_progress,
     task: str = "finetune",
     provenance: dict[str, Any] | None = None,
+    legacy_provenance: dict[str, Any] | None = None,
     snapshots: list[Any] | None = None,
 ) -> torch.nn.Module:
     """Train ``model`` in place on (images uint8 [N, ...], labels int64 [N] or None) for cfg.budget images.
@@ -149,7 +150,8 @@ def train_loop(
     ``state_path``, a training state is saved atomically at each snapshot and, if present, loaded
     at the start (resume) when it belongs to the same run: the same config (budget and snapshot
     interval may differ) and the same ``provenance`` (e.g. ``{"base_sha256": ..,
-    "synthetic_set_sha256": ..}``, stored in the state). Returns the final weights (EMA or raw).
+    "synthetic_set_sha256": ..}``, stored in the state; ``legacy_provenance``: per key, the value an
+    older neon recorded for the same input, also accepted). Returns the final weights (EMA or raw).
 
     ``snapshots``: a list that receives what ``on_snapshot`` returns for each snapshot of this run,
     the ones of the resumed state first (the state keeps this ledger, so a resumed run knows its
@@ -176,7 +178,7 @@ def train_loop(
     ledger: list[Any] = []
     if state_path is not None and state_path.exists():
         state = _load_state(state_path, dev)
-        _check_resumable(state_path, state, cfg, provenance or {})
+        _check_resumable(state_path, state, cfg, provenance or {}, legacy_provenance or {})
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -278,14 +280,16 @@ def _load_state(path: Path, dev: Any) -> dict[str, Any]:
     return state
 
 
-def _check_resumable(path: Path, state: dict[str, Any], cfg: TrainConfig, provenance: dict[str, Any]) -> None:
-    """UsageError naming ``path`` and what differs unless the state is this run's."""
+def _check_resumable(path: Path, state: dict[str, Any], cfg: TrainConfig, provenance: dict[str, Any],
+                     legacy: dict[str, Any]) -> None:
+    """UsageError naming ``path`` and what differs unless the state is this run's (a provenance
+    value equal to ``legacy``'s, what an older neon recorded for the same input, is this run's)."""
     old_prov = state.get("provenance") or {}
     for key, value in provenance.items():
         if key not in old_prov:
             raise UsageError(f"{path}: training state without a recorded {key} (made by an older neon or another "
                              "tool); cannot tell whether it is this run's: use another -o or delete it")
-        if old_prov[key] != value:
+        if old_prov[key] != value and (key not in legacy or old_prov[key] != legacy[key]):
             raise UsageError(f"{path}: training state of another run: its {key} is {str(old_prov[key])[:12]}..., "
                              f"this run's {str(value)[:12]}...; use another -o or delete it")
     diff = _config_differences(state.get("config") or {}, asdict(cfg))
