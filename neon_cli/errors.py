@@ -70,3 +70,38 @@ class NoImprovement(NeonError):
 
     exit_code = 5
     status = "no_improvement"
+
+
+_ANSI = None
+
+
+def clean_line(text: str, limit: int = 300) -> str:
+    """``text`` as one plain line: terminal escapes (``\\x1b[1m``) removed, lines joined by a
+    space, runs of white space collapsed; longer than ``limit`` characters, cut at a word and
+    marked with an ellipsis (never mid-word)."""
+    import re
+
+    global _ANSI
+    if _ANSI is None:
+        _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+    line = " ".join(_ANSI.sub("", str(text)).split())
+    if len(line) > limit:
+        cut = line[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+        line = cut + " …"
+    return line
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """What went wrong in ``exc``, as one clean line (:func:`clean_line`) for a message that names
+    the file itself. torch's ``weights_only`` refusal ("Weights only load failed. ... two options,
+    ...") is reduced to its reason (``Unsupported global: GLOBAL torchcfm.models.models.MLP was not
+    an allowed global by default``); an empty message gives the exception's type."""
+    import re
+
+    text = str(exc)
+    if "Weights only load failed" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\.$|\n|$)", text)
+        reason = m.group(1) if m else "it holds objects other than tensors and plain containers"
+        return clean_line(f"torch.load(weights_only=True) refused it: {reason}", limit)
+    line = clean_line(text, limit)
+    return line or type(exc).__name__

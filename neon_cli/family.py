@@ -407,8 +407,15 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
                trust_pickle: bool = False, purpose: str = "sample") -> Any:
     """``family.load(path, ...)``, passing the keywords ``settings``, ``trust_pickle`` and
     ``purpose`` that the family's ``load`` declares (see :class:`Family`); older families take
-    the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU)."""
+    the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU).
+
+    An exception of the family's ``load`` that is not a :class:`~neon_cli.errors.NeonError` (nor
+    an OSError, MemoryError or interrupt, which the error boundary maps itself) becomes a
+    :class:`~neon_cli.errors.CheckpointError` naming the file, the family and the exception in
+    one clean line (torch's multi-line, escape-coloured messages included)."""
     import inspect
+
+    from neon_cli.errors import CheckpointError, NeonError, exception_line
 
     fn = family.load
     try:
@@ -418,16 +425,26 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     offered = {"settings": dict(settings or {}), "trust_pickle": bool(trust_pickle), "purpose": purpose}
     kwargs = {k: v for k, v in offered.items() if accepts_any or k in params}
-    return fn(str(path), **kwargs)
+    try:
+        return fn(str(path), **kwargs)
+    except (NeonError, OSError, MemoryError):
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            raise
+        raise CheckpointError(f"{path}: family {getattr(family, 'name', '?')!r} could not load it "
+                              f"({type(exc).__name__}: {exception_line(exc)})") from exc
 
 
-def snapshot_name(family: Any, images_seen: int) -> str:
+def snapshot_name(family: Any, images_seen: int, suffix: str | None = None) -> str:
     """File name of the fine-tuning snapshot after ``images_seen`` images: the family's own
-    ``snapshot_name`` if it has one, else ``theta_s-%09d`` + ``checkpoint_suffix``."""
+    ``snapshot_name`` if it has one, else ``theta_s-%09d`` + ``checkpoint_suffix`` (else
+    ``suffix``, what its ``save`` writes: :func:`neon_cli.finetune.saved_suffix`; else
+    ``.safetensors``)."""
     fn = getattr(family, "snapshot_name", None)
     if callable(fn):
         return str(fn(int(images_seen)))
-    return f"theta_s-{int(images_seen):09d}{getattr(family, 'checkpoint_suffix', '.safetensors')}"
+    return f"theta_s-{int(images_seen):09d}{getattr(family, 'checkpoint_suffix', suffix or '.safetensors')}"
 
 
 def plugin_version(name: str) -> dict[str, Any]:

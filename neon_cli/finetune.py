@@ -136,6 +136,7 @@ def finetune(
         base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
         base_images = int(base_meta.get("train_images", 0) or 0)
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
+        suffix = saved_suffix(family, model, out_dir)  # what its save writes, when it does not say
         if callable(getattr(family, "encode", None)) and callable(getattr(family, "encode_key", None)):
             from neon_cli.dist import device
 
@@ -146,7 +147,7 @@ def finetune(
         ledger: list[dict[str, Any]] = []
 
         def on_snapshot(seen: int, weights: Any) -> dict[str, Any]:
-            name = snapshot_name(family, seen)
+            name = snapshot_name(family, seen, suffix)
             if Path(name).name != name or name in ("", ".", ".."):
                 raise FamilyError(f"family {family.name!r}: snapshot_name({seen}) = {name!r} is not a plain file name")
             f = out_dir / name
@@ -202,3 +203,50 @@ def _results(out_dir: Path, ledger: list[dict[str, Any]], cfg: Any, num_syntheti
         "base_train_images": base_images or None,
         "budget_fraction": (cfg.budget / base_images) if base_images else None,
     }
+
+
+def sniff_suffix(path: Path) -> str:
+    """``".safetensors"`` (an 8-byte header length then ``{``), ``".pt"`` (a torch zip archive or a
+    legacy ``torch.save`` stream), ``".pkl"`` (another pickle), ``""`` (a folder, or bytes of no
+    format neon knows) for what ``path`` holds, read from its first bytes: the suffix its loaders
+    expect (torch >= 2.13's ``torch.load`` reads a ``.safetensors`` name as safetensors)."""
+    from neon_cli.checkpoint.legacy import MAGIC_PREFIX
+
+    if path.is_dir():
+        return ""
+    with open(path, "rb") as fh:
+        head = fh.read(len(MAGIC_PREFIX))
+    if len(head) >= 9 and head[8:9] == b"{":
+        return ".safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(MAGIC_PREFIX):
+        return ".pt"
+    if head[:1] == b"\x80":
+        return ".pkl"
+    return ""
+
+
+def saved_suffix(family: Any, model: Any, out_dir: Path) -> str | None:
+    """The suffix of the snapshots of a family that names neither (no ``snapshot_name``, no
+    ``checkpoint_suffix``): ``model`` saved once with the family's ``save`` into a temporary folder
+    in ``out_dir`` and sniffed (:func:`sniff_suffix`), so a family whose ``save`` writes a pickle
+    gets ``.pt``/``.pkl`` snapshots, not ``.safetensors`` that ``torch.load`` would read as
+    safetensors. None when the family names its snapshots itself. Raises FamilyError naming the
+    family when its ``save`` fails."""
+    import tempfile
+
+    from neon_cli.errors import NeonError
+
+    if callable(getattr(family, "snapshot_name", None)) or hasattr(family, "checkpoint_suffix"):
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".neon-probe-") as tmp:
+        probe = Path(tmp) / "probe"
+        try:
+            family.save(model, str(probe), {})
+        except NeonError:
+            raise
+        except Exception as exc:
+            from neon_cli.checkpoint.core import one_line
+
+            raise FamilyError(f"family {family.name!r}: save({probe.name}) failed ({one_line(exc)})") from None
+        return sniff_suffix(probe) if probe.exists() else ""

@@ -87,8 +87,10 @@ class TensorSpec:
 
 
 def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    """``exc`` as one clean line (:func:`neon_cli.errors.exception_line`)."""
+    from neon_cli.errors import exception_line
+
+    return exception_line(exc)
 
 
 #: Container keys searched for the state dict, most preferred first (EMA weights are what

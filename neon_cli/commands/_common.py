@@ -537,7 +537,9 @@ def as_neon_error(exc: BaseException) -> NeonError:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+    from neon_cli.errors import clean_line  # no terminal escapes from torch or a family in the error line
+
+    return clean_line(text, limit=4000)
 
 
 def _first_line(exc: BaseException) -> str:
