@@ -155,8 +155,15 @@ class Family(Protocol):
         snapshot_name(images_seen) -> str: file name of the fine-tuning snapshot after
             ``images_seen`` images, in the family's own convention (default
             ``theta_s-%09d`` + ``checkpoint_suffix``).
-        checkpoint_suffix: suffix of the snapshots ``neon finetune`` writes (default
-            ``".safetensors"``; ``""`` for families whose checkpoints are folders).
+        checkpoint_suffix: suffix of the snapshots ``neon finetune`` writes (``""`` for families
+            whose checkpoints are folders); without it, the suffix of what ``save`` writes
+            (``.safetensors``, ``.pt`` for a torch archive, ``.pkl`` for another pickle, sniffed
+            once per run: :func:`neon_cli.finetune.saved_suffix`).
+        scoring_files: which of the scoring commands' ``--detector`` / ``--ref-stats`` the family
+            uses (a tuple of ``"detector"``, ``"ref_stats"``); ``()`` makes ``eval`` / ``tune-w``
+            refuse both by name; without it neither is checked (:func:`neon_cli.scoring.check_family_scoring`).
+        check_scoring() -> None: raise a NeonError when what ``score`` needs (reference
+            statistics, a detector) is missing; called before the model loads or a sample is drawn.
         model_num_classes(path) -> int: classes of the model at ``path`` when they vary between
             models of the family (default: ``num_classes``).
         score_model(model, settings) -> dict[str, float]: exact metrics computed from the model

@@ -4,10 +4,12 @@ own recipe (paper Algorithm 1, step 2), snapshots named by images seen.
 Output directory::
 
     theta_s-000131072.safetensors   snapshot after 131,072 images seen (the family's native format;
-    ...                             the suffix is the family's ``checkpoint_suffix``, default .safetensors;
+    ...                             the suffix is the family's ``checkpoint_suffix``, else that of what
+                                    its ``save`` writes (:func:`saved_suffix`);
                                     a family's ``snapshot_name`` may name them its own way, e.g. VAR's
                                     ar-ckpt-images_131072.pth)
-    train_state.pt                  model, optimizer, EMA, images seen, the sha256 of the base and of S, and
+    train_state.pt                  model, optimizer, EMA, images seen, the sha256 of the base and S's content
+                                    identity (:func:`neon_cli.identity.synthetic_set_sha256`), and
                                     the ledger of snapshots written so far: a rerun of the same command resumes here
     finetune.json                   written last: the snapshots, their sha256 and the run's settings
     .neon.lock                      held while a run writes here (a second run on the folder is refused)
@@ -232,21 +234,24 @@ def saved_suffix(family: Any, model: Any, out_dir: Path) -> str | None:
     gets ``.pt``/``.pkl`` snapshots, not ``.safetensors`` that ``torch.load`` would read as
     safetensors. None when the family names its snapshots itself. Raises FamilyError naming the
     family when its ``save`` fails."""
-    import tempfile
+    import os
+    import shutil
 
-    from neon_cli.errors import NeonError
+    from neon_cli.errors import NeonError, exception_line
 
     if callable(getattr(family, "snapshot_name", None)) or hasattr(family, "checkpoint_suffix"):
         return None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".neon-probe-") as tmp:
-        probe = Path(tmp) / "probe"
+    # named like every temporary of a run (.NAME.tmp-PID): a killed run's is removed by the next
+    tmp = out_dir / f".suffix-probe.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        probe = tmp / "probe"
         try:
             family.save(model, str(probe), {})
         except NeonError:
             raise
         except Exception as exc:
-            from neon_cli.checkpoint.core import one_line
-
-            raise FamilyError(f"family {family.name!r}: save({probe.name}) failed ({one_line(exc)})") from None
+            raise FamilyError(f"family {family.name!r}: save() of a probe into {tmp} failed ({exception_line(exc)})") from None
         return sniff_suffix(probe) if probe.exists() else ""
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

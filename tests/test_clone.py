@@ -102,3 +102,12 @@ def test_readme_pyproject_docs_and_ci_agree_on_versions_and_install_commands():
                     assert not w.startswith(project["name"]), f"{name}: {line.strip()!r} installs {w} from an index"
                     if w.startswith(".["):
                         assert set(w[2:-1].split(",")) <= extras, f"{name}: {w} names an extra pyproject.toml lacks"
+
+
+def test_no_install_hint_names_the_package_on_an_index():
+    """Error hints and docs say where extras come from: the clone ('.[diffusers]'), not PyPI."""
+    name = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]
+    files = [*ROOT.glob("neon_cli/**/*.py"), *ROOT.glob("plugins/**/*.py"), *ROOT.glob("docs/*.md"), ROOT / "README.md"]
+    bad = [f"{f.relative_to(ROOT)}:{i}" for f in files for i, line in enumerate(f.read_text().splitlines(), 1)
+           if re.search(rf"pip install ['\"]?{re.escape(name)}\b", line)]
+    assert not bad, f"pip install {name}... fails (not on PyPI): {bad}"

@@ -65,7 +65,7 @@ def _check_plot_available(plot: Path | None) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError(f"--plot {plot}: matplotlib is not installed; pip install 'neon-cli[plot]' (or matplotlib)") from None
+        raise UsageError(f"--plot {plot}: matplotlib is not installed; pip install '.[plot]' from the neon clone (or matplotlib)") from None
 
 
 def run_tune_w(
