@@ -202,10 +202,12 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
         old = json.loads(f.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
-    from neon_cli.identity import manifest_identity
+    from neon_cli.identity import SETTINGS_SHA256, manifest_identity
 
-    # by content: the model's and any path setting's sha256, never their paths
-    old_id, new_id = manifest_identity(old), manifest_identity(plan)
+    # by content: the model's and any path setting's sha256, never their paths (a plan of an older
+    # neon, without the settings' sha256, is compared with this one's settings as given)
+    old_id = manifest_identity(old)
+    new_id = manifest_identity(plan if SETTINGS_SHA256 in old else {k: v for k, v in plan.items() if k != SETTINGS_SHA256})
     differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old_id.get(key) != new_id.get(key)]
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
         differs.append("model")

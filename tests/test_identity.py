@@ -141,3 +141,8 @@ def test_synth_plan_compares_a_path_setting_by_content(tmp_path, monkeypatch):
     other = {**new, "settings_sha256": {"vae": "ee"}}
     with pytest.raises(DataError, match="another settings"):
         synth_mod._check_plan(tmp_path, other)
+    # a plan.json of an older neon (no settings_sha256): its settings as given, as before
+    (tmp_path / "plan.json").write_text(json.dumps({k: v for k, v in old.items() if k != "settings_sha256"}))
+    synth_mod._check_plan(tmp_path, {**new, "settings": {"vae": "/old/vae"}})
+    with pytest.raises(DataError, match="another settings"):
+        synth_mod._check_plan(tmp_path, new)
