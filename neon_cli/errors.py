@@ -17,6 +17,8 @@ Exit codes (documented in README, relied on by scripts):
 
 from __future__ import annotations
 
+import errno
+
 
 class NeonError(Exception):
     """Base class. ``str(err)`` is a complete one-line message naming the file, key or flag."""
@@ -70,3 +72,25 @@ class NoImprovement(NeonError):
 
     exit_code = 5
     status = "no_improvement"
+
+
+#: OSError numbers meaning "the machine refused" (exit 3): no space, quota, read-only, permission,
+#: I/O error, too many open files, out of memory, file too large for the file system.
+RESOURCE_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EMFILE", "ENFILE", "ENOMEM", "EFBIG")
+    if hasattr(errno, n)
+)
+
+
+def from_os_error(exc: OSError, what: str, default: type[NeonError] = CheckpointError) -> NeonError:
+    """The typed error for an OSError met while reading or writing a file, one line:
+    ``WHAT (REASON)``, e.g. ``out/model.safetensors: cannot write (No space left on device)``.
+
+    :class:`ResourceError` (exit 3) for the errnos of :data:`RESOURCE_ERRNOS` (a full disk, a
+    read-only or unwritable folder, ...): the command was right, the machine refused; ``default``
+    (exit 2; CheckpointError unless given) for the others (a missing path, a folder where a file
+    was expected, ...), which are bad input. ``what`` names the file and the action.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    cls = ResourceError if exc.errno in RESOURCE_ERRNOS else default
+    return cls(f"{what} ({reason})")

@@ -164,7 +164,7 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(f.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
     differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old.get(key) != plan.get(key)]
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
