@@ -229,6 +229,12 @@ def exclusive_lock(target: str | os.PathLike[str], flag: str = "-o", *, folder: 
     or choose another path``) instead of mixing its files with the first run's. The lock file
     holds the owner's pid and host for that message; the kernel drops the lock when the process
     dies, so a killed run never blocks its rerun.
+
+    The lock file is removed when the block ends, after a clean run or a failed one, while the
+    lock is still held (so it is never a file another live run holds). A run that opened the file
+    just before it was removed finds, once it holds the lock, that the path no longer names the
+    file it locked (other inode, or none) and starts over on a fresh file, so two runs can never
+    both hold "the" lock. Only a run killed by SIGKILL leaves a lock file, which the next run reuses.
     """
     import fcntl
     import socket
@@ -236,16 +242,29 @@ def exclusive_lock(target: str | os.PathLike[str], flag: str = "-o", *, folder: 
     from neon_cli.errors import UsageError
 
     lp = lock_path(target, folder)
-    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise UsageError(f"{flag}: {target} is being written by another neon run ({owner}); "
                              "wait for it to finish or choose another path") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _identity(lp) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            break
+        os.close(fd)  # the holder before us removed the file we locked: lock the path's new file
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield lp
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        try:
+            if _identity(lp) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lp)  # still ours and still held: nobody else can be using it
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
