@@ -13,6 +13,8 @@ Exit codes (documented in README, relied on by scripts):
 * 5  ``neon tune-w`` found no candidate that beats the base model (or its confirmation
      contradicted the search); no ``-o`` written unless ``--write-anyway`` -- :class:`NoImprovement`
 * 130 interrupted (Ctrl-C); outputs are never left half-written
+* 143 terminated (SIGTERM, e.g. Slurm's time limit): handled like Ctrl-C; the report's ``status``
+     is ``interrupted`` for both
 """
 
 from __future__ import annotations

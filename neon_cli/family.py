@@ -407,8 +407,14 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
                trust_pickle: bool = False, purpose: str = "sample") -> Any:
     """``family.load(path, ...)``, passing the keywords ``settings``, ``trust_pickle`` and
     ``purpose`` that the family's ``load`` declares (see :class:`Family`); older families take
-    the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU)."""
+    the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU).
+
+    An OSError of ``load`` names the file: CheckpointError (exit 2) for a folder the family cannot
+    read as a checkpoint or an unreadable file, ResourceError (exit 3) for a permission or I/O
+    error (:func:`neon_cli.errors.from_os_error`)."""
     import inspect
+
+    from neon_cli.errors import CheckpointError, from_os_error
 
     fn = family.load
     try:
@@ -418,7 +424,13 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     offered = {"settings": dict(settings or {}), "trust_pickle": bool(trust_pickle), "purpose": purpose}
     kwargs = {k: v for k, v in offered.items() if accepts_any or k in params}
-    return fn(str(path), **kwargs)
+    try:
+        return fn(str(path), **kwargs)
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise CheckpointError(f"{path}: is a folder, not a checkpoint family {family.name!r} can read "
+                                  f"({exc.strerror or exc})") from None
+        raise from_os_error(exc, f"{path}: cannot read") from None
 
 
 def snapshot_name(family: Any, images_seen: int) -> str:

@@ -432,7 +432,11 @@ def run(
     code: the :class:`NeonError`'s own (1 threshold, 2 bad input, 3 :class:`ResourceError`, 4
     :class:`InternalError`); an OSError is 2 for a path that does not exist or has the wrong kind,
     else 3 (no space, read-only, permission), like MemoryError / CUDA out of memory; any other
-    exception is 4 (:func:`as_neon_error`). Ctrl-C is 130. ``NEON_DEBUG=1`` re-raises instead,
+    exception is 4 (:func:`as_neon_error`). Ctrl-C is 130 and SIGTERM 143 (:class:`Terminated`), both
+    with the report's ``status`` ``interrupted``. With ``--json`` a failure is also a JSON object on
+    stdout (``{"status", "exit_code", "error"}``). Results go to stdout through :func:`stdout_console`
+    (full width in a pipe); a stdout that cannot be written is exit 3 in one line
+    (:func:`_to_stdout`). ``NEON_DEBUG=1`` re-raises instead,
     for a traceback. Under torchrun the process group is initialised here (:mod:`neon_cli.dist`)
     and only rank 0 prints or writes (another rank prints an error only when it is its own:
     not a NeonError, which every rank raises alike).
@@ -501,6 +505,9 @@ def run(
         restore_sigterm()
         shutdown()
     if json_out:
+        warnings = rep.results.get("warnings") if isinstance(rep.results, dict) else None
+        for w in warnings if isinstance(warnings, list) else []:  # stderr in every mode (show() prints them otherwise)
+            console.print(f"[yellow]neon {command}: warning:[/yellow] {_escape(str(w))}", highlight=False, soft_wrap=True)
         _to_stdout(command, lambda: print(json.dumps(rep.results, indent=2, default=str)), rep, report)
     elif show is not None:
         _to_stdout(command, lambda: show(result, stdout_console()), rep, report)
