@@ -27,7 +27,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is
-    left as it was. The caller writes the file (or a directory) at the yielded path.
+    left as it was. The caller writes the file (or a directory) at the yielded path. A write that
+    failed because the disk is full or read-only (:func:`disk_refusal`: whatever library wrote it,
+    e.g. safetensors' "os error 28" or torch.save's "unexpected pos") is re-raised as
+    :class:`~neon_cli.errors.ResourceError` naming ``path`` (exit 3).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +41,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        refusal = disk_refusal(exc, path, tmp) if isinstance(exc, Exception) else None  # measured before the clean-up frees space
         if tmp.is_dir():
             import shutil
 
@@ -46,7 +50,54 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if refusal is not None:
+            raise refusal from None
         raise
+
+
+#: How write errors of libraries that do not raise OSError (safetensors' Rust writer, torch.save)
+#: spell a full or read-only disk.
+_DISK_MARKERS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
+                 "Read-only file system", "os error 30")
+
+
+def disk_refusal(exc: BaseException, path: Path, tmp: Path | None = None) -> Exception | None:
+    """The :class:`~neon_cli.errors.ResourceError` (exit 3, naming ``path``) for an exception raised
+    while ``path`` was written, when the cause is the machine: an OSError of
+    :data:`neon_cli.errors.RESOURCE_ERRNOS`, a message naming a full or read-only disk, or any
+    other write failure while the folder's file system has less than 64 KiB free (torch.save on a
+    full disk says only "unexpected pos ..."). None otherwise (a NeonError or another bug keeps
+    its own type; a ResourceError naming the temporary ``tmp`` is re-worded to name ``path``)."""
+    from neon_cli.errors import RESOURCE_ERRNOS, NeonError, ResourceError
+
+    if isinstance(exc, ResourceError) and tmp is not None and str(tmp) in str(exc):
+        return ResourceError(str(exc).replace(str(tmp), str(path)))
+    if isinstance(exc, NeonError):
+        return None
+    text = str(exc)
+    if isinstance(exc, OSError):
+        if exc.errno not in RESOURCE_ERRNOS:
+            return None
+        reason = exc.strerror or text
+    elif any(m in text for m in _DISK_MARKERS):
+        reason = next(m for m in _DISK_MARKERS if m in text)
+        reason = {"os error 28": "No space left on device", "os error 122": "Disk quota exceeded",
+                  "os error 30": "Read-only file system"}.get(reason, reason)
+    else:
+        import shutil
+
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            return None
+        if free >= 64 << 10:
+            return None
+        reason = f"No space left on device: {human_free(free)} free"
+    return ResourceError(f"{path}: cannot write ({reason})")
+
+
+def human_free(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:

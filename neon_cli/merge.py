@@ -1291,7 +1291,9 @@ def _check_disk(outs: list[Path], need_each: int) -> None:
     for parent, need in by_dir.values():
         free = shutil.disk_usage(parent).free
         if need > free:
-            raise UsageError(f"-o: not enough free disk space in {parent}: need {human_bytes(need)}, have {human_bytes(free)}")
+            from neon_cli.errors import ResourceError
+
+            raise ResourceError(f"-o: not enough free disk space in {parent}: need {human_bytes(need)}, have {human_bytes(free)}")
 
 
 def _combine(prs: list[_PairResult], nw: int) -> _PairResult:

@@ -74,7 +74,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Merge theta_Neon = theta_r - w (theta_s - theta_r) into a new checkpoint (any family).
 
-        Float32 arithmetic (float64 for float64), cast back to theta_r's dtype or --dtype. Copied from theta_r bit for bit: non-float tensors, tensors equal in both inputs, non-finite entries, BatchNorm running statistics and --exclude matches (paper App. C).
+        Float32 arithmetic (float64 for float64), cast back to theta_r's dtype or --dtype. Copied from theta_r bit for bit: non-float tensors, tensors equal in both inputs, non-finite entries, BatchNorm running statistics and --exclude matches (paper App. C). A merged value that becomes inf/NaN (a huge --w, an fp16 overflow) is refused, exit 2, naming the tensor, unless --allow-nonfinite.
 
         No code of either file runs: torch archives, legacy torch.save files and pickles (EDM .pkl, full-module torch.save, training states with argparse.Namespace) are read by an inert unpickler, and a .pt/.pkl output is theta_r's own file with only the merged tensor bytes replaced, so it loads in the original code exactly as theta_r did. Folders (sharded, diffusers pipelines with unet/, unet_ema/, scheduler/) are merged component by component and their configs copied.
 
