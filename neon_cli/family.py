@@ -417,12 +417,15 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
     the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU).
 
     An exception of the family's ``load`` that is not a :class:`~neon_cli.errors.NeonError` (nor
-    an OSError, MemoryError or interrupt, which the error boundary maps itself) becomes a
+    a MemoryError or interrupt, which the error boundary maps itself) becomes a
     :class:`~neon_cli.errors.CheckpointError` naming the file, the family and the exception in
-    one clean line (torch's multi-line, escape-coloured messages included)."""
+    one clean line (torch's multi-line, escape-coloured messages included). An OSError of ``load``
+    names the file: CheckpointError (exit 2) for a folder the family cannot read as a checkpoint or
+    an unreadable file, ResourceError (exit 3) for a permission or I/O error
+    (:func:`neon_cli.errors.from_os_error`)."""
     import inspect
 
-    from neon_cli.errors import CheckpointError, NeonError, exception_line
+    from neon_cli.errors import CheckpointError, NeonError, exception_line, from_os_error
 
     fn = family.load
     try:
@@ -434,7 +437,12 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
     kwargs = {k: v for k, v in offered.items() if accepts_any or k in params}
     try:
         return fn(str(path), **kwargs)
-    except (NeonError, OSError, MemoryError):
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise CheckpointError(f"{path}: is a folder, not a checkpoint family {family.name!r} can read "
+                                  f"({exc.strerror or exc})") from None
+        raise from_os_error(exc, f"{path}: cannot read") from None
+    except (NeonError, MemoryError):
         raise
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
