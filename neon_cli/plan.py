@@ -364,7 +364,7 @@ def file_write(role: str, path: Any, *, lock: bool = False) -> list[Entry]:
         return []
     p = Path(path)
     if str(path) == "":
-        return [Entry(role, Path(""))]
+        return []  # refused by name: see _build's empty
     out = [Entry(role, p), Entry(f"{role} temp", p.with_name(f".{p.name}.tmp-{os.getpid()}"), member_of=role)]
     if lock:
         out.append(Entry(f"{role} lock", p.with_name(f".{p.name}.lock"), member_of=role))
@@ -385,9 +385,12 @@ def folder_write(role: str, path: Any, names: Iterable[str] = ()) -> list[Entry]
     return out
 
 
-def _build(command: str, reads: list[Entry], writes: list[Entry], report: Any) -> Plan:
+def _build(command: str, reads: list[Entry], writes: list[Entry], report: Any, empty: Sequence[str] = ()) -> Plan:
+    """The plan; ``empty``: roles given an empty path besides those typer turned into ``.``
+    (:func:`empty_path_flags`), refused by name."""
     writes = writes + file_write("--report", report)
-    problems_ = tuple((f, f"{f}: empty path; give a path") for f in empty_path_flags())
+    flags = list(dict.fromkeys([*empty_path_flags(), *empty, *(["--report"] if report is not None and str(report) == "" else [])]))
+    problems_ = tuple((f, f"{f}: empty path; give a path") for f in flags)
     return Plan(command, tuple(_dedupe(reads)), tuple(_dedupe(writes)), problems_)
 
 
@@ -440,10 +443,11 @@ def merge_plan(*, base: Any, selftrained: Any, outputs: Sequence[Any], shard_siz
     if has_side:
         reads += read("base sidecar", side)
     writes: list[Entry] = []
-    for k, o in enumerate(outputs):
+    empty = []
+    for o in outputs:
         role = "-o" if len(outputs) == 1 else f"-o ({o})"
         if str(o) == "":
-            writes.append(Entry(role, Path("")))
+            empty.append(role)
             continue
         p = Path(o)
         if shard_size or p.suffix.lower() not in _CHECKPOINT_SUFFIXES:
@@ -452,7 +456,7 @@ def merge_plan(*, base: Any, selftrained: Any, outputs: Sequence[Any], shard_siz
             writes += file_write(role, p, lock=True)
             if has_side:
                 writes += file_write(f"{role} sidecar", Path(str(p) + ".json"))
-    return _build("merge", reads, writes, report)
+    return _build("merge", reads, writes, report, empty)
 
 
 def inspect_plan(*, checkpoint: Any, report: Any = None) -> Plan:
