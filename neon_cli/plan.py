@@ -120,13 +120,20 @@ class _Info:
     special: Optional[str]
 
 
-def _info(e: Entry) -> _Info:
+def _info(e: Entry, resolved_dirs: dict[str, Path] | None = None) -> _Info:
     try:
         st = os.stat(e.path)  # follows symlinks: a link to /dev/null is a device; never opens the file
     except (OSError, ValueError):
         st = None
+    text = str(e.path)
+    parent, name = os.path.split(text)
     try:
-        resolved = Path(os.path.abspath(e.path)).resolve()
+        if resolved_dirs is not None and name not in ("", ".", "..") and not os.path.islink(text):
+            if parent not in resolved_dirs:  # one resolve per folder, not per file (a folder of 50k images)
+                resolved_dirs[parent] = Path(parent or ".").resolve()
+            resolved = resolved_dirs[parent] / name
+        else:
+            resolved = Path(os.path.abspath(e.path)).resolve()
     except (OSError, RuntimeError):
         resolved = Path(os.path.abspath(e.path))
     return _Info(e, resolved, (st.st_dev, st.st_ino) if st else None,
@@ -139,8 +146,9 @@ def problems(plan: Plan) -> list[tuple[frozenset[str], str]]:
     Empty paths and special files first, then each write against every read and every other write.
     """
     out: list[tuple[frozenset[str], str]] = [(frozenset({r}), m) for r, m in plan.problems]
-    reads = [_info(e) for e in plan.reads]
-    writes = [_info(e) for e in sorted(plan.writes, key=lambda e: e.member_of is not None)]  # named paths first
+    dirs: dict[str, Path] = {}
+    reads = [_info(e, dirs) for e in plan.reads]
+    writes = [_info(e, dirs) for e in sorted(plan.writes, key=lambda e: e.member_of is not None)]  # named paths first
     for w in writes:
         if str(w.entry.path) == "":
             out.append((frozenset({w.entry.role}), f"{w.entry.role}: empty path; give a file name"))
@@ -158,13 +166,13 @@ def problems(plan: Plan) -> list[tuple[frozenset[str], str]]:
     by_path: dict[Path, list[_Info]] = {}
     by_ident: dict[tuple[int, int], list[_Info]] = {}
     folders: dict[Path, list[_Info]] = {}
+    read_ids = {id(i) for i in reads}
     for i in reads + writes:
         by_path.setdefault(i.resolved, []).append(i)
         if i.ident:
             by_ident.setdefault(i.ident, []).append(i)
-        if (i in reads and i.is_dir) or (i in writes and i.entry.folder):
+        if i.is_dir if id(i) in read_ids else i.entry.folder:
             folders.setdefault(i.resolved, []).append(i)
-    read_ids = {id(i) for i in reads}
     reported: set[tuple[int, int]] = set()
     for w in writes:
         if str(w.entry.path) == "":
