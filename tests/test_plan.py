@@ -478,3 +478,14 @@ def test_an_impossible_number_of_images_is_refused_up_front(tmp_path, monkeypatc
     (tmp_path / "S").mkdir()
     (tmp_path / "S" / "shard-00000.safetensors").write_bytes(b"x" * MIN_BYTES_PER_IMAGE)  # a resumed set's shards are room
     check_room(tmp_path / "S", 101)
+
+
+def test_a_family_file_named_by_a_setting_or_the_environment_is_protected(tmp_path, monkeypatch):
+    vae = _files(tmp_path, {"kl16.ckpt": b"vae"}) / "kl16.ckpt"
+    before = _sha(vae)
+    res = _neon("eval", "xar", "--model", tmp_path / "m.pth", "--set", f"vae={vae}", "--report", vae, "--dry-run", "-q")
+    assert "family file (vae)" in _refused(res, "eval", "--report")
+    monkeypatch.setenv("NEON_XAR_VAE", str(vae))
+    res = _neon("synth", "xar", "--model", tmp_path / "m.pth", "-n", "8", "-o", tmp_path / "S", "--report", vae, "--dry-run", "-q")
+    _refused(res, "synth", "--report")
+    assert _sha(vae) == before and not (tmp_path / "S").exists()
