@@ -30,6 +30,18 @@ from neon_cli.plan import Entry, Plan, check_plan, report_problem
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_click_group():
+    """Build the click group of ``app`` once for this module's hundreds of invocations (typer's
+    CliRunner rebuilds it from the signatures on every call, half of each refused run's time)."""
+    import typer.testing
+
+    group = typer.main.get_command(app)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(typer.testing, "_get_command", lambda a: group if a is app else typer.main.get_command(a))
+        yield
+
+
 def _sha(p: Path) -> str:
     """sha256 of a file's bytes (of a folder: of its files, neon_cli.fsutil.sha256_path)."""
     from neon_cli.fsutil import sha256_path
@@ -444,6 +456,7 @@ def test_every_output_flag_against_every_input_and_output_file(tree):
             assert (_sha(target) if existed else None) == before, (cmd, flag, target)
             assert target.exists() == existed, (cmd, flag, target)
             n += 1
+    print(f"{n} cases")
     assert n > 100  # the enumeration really ran (12 commands, their inputs and output files)
 
 
