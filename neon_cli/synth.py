@@ -77,7 +77,6 @@ def synthesize(
     shard_size = validate.positive_int("--shard-size", shard_size)
     batch = validate.positive_int("--batch", batch)
     seed = validate.seed("--seed", seed, count=num)
-    check_room(Path(out_dir), num)
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, model_path)
@@ -152,34 +151,6 @@ def synthesize(
         manifest = broadcast_object(manifest)
     report.results.update(num_images=num, shards_made=len(mine), out_dir=str(out_dir))
     return manifest
-
-
-#: Bytes every image of S takes in its shard at the least: its int64 seed and one byte of image.
-MIN_BYTES_PER_IMAGE = 9
-
-
-def check_room(out_dir: Path, num: int) -> None:
-    """Refuse ``--num-images`` that the disk of ``out_dir`` cannot hold even at
-    :data:`MIN_BYTES_PER_IMAGE` per image (shards already in ``out_dir`` count as room), before
-    anything is planned: ``-n 9223372036854775808`` would otherwise run silently for ever.
-
-    Raises UsageError naming ``--num-images``, the bytes needed and the bytes free (issue 22 item 2).
-    """
-    import shutil
-
-    probe = Path(out_dir).absolute()
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    try:
-        free = shutil.disk_usage(probe).free
-    except OSError:
-        return
-    if out_dir.is_dir():
-        free += sum(f.stat().st_size for f in out_dir.glob("shard-*.safetensors") if f.is_file())
-    need = int(num) * MIN_BYTES_PER_IMAGE
-    if need > free:
-        raise UsageError(f"--num-images: {num} images need at least {need:,} bytes ({MIN_BYTES_PER_IMAGE} per image: its "
-                         f"int64 seed and one byte of image), more than the {free:,} bytes free on {probe}")
 
 
 def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:

@@ -460,26 +460,6 @@ def test_every_output_flag_against_every_input_and_output_file(tree):
     assert n > 100  # the enumeration really ran (12 commands, their inputs and output files)
 
 
-def test_an_impossible_number_of_images_is_refused_up_front(tmp_path, monkeypatch):
-    res = _neon("synth", "digits", "-n", str(2**63), "-o", tmp_path / "S", "-q")
-    assert "bytes free" in _refused(res, "synth", "--num-images")
-    assert not (tmp_path / "S").exists()
-    # the bound is 9 bytes per image (int64 seed + 1 byte): exactly at the free space passes, one more image does not
-    import shutil
-    from collections import namedtuple
-
-    from neon_cli.synth import MIN_BYTES_PER_IMAGE, check_room
-
-    usage = namedtuple("usage", "total used free")
-    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(0, 0, 100 * MIN_BYTES_PER_IMAGE))
-    check_room(tmp_path / "S", 100)
-    with pytest.raises(UsageError, match="^--num-images: 101 images need at least 909 bytes"):
-        check_room(tmp_path / "S", 101)
-    (tmp_path / "S").mkdir()
-    (tmp_path / "S" / "shard-00000.safetensors").write_bytes(b"x" * MIN_BYTES_PER_IMAGE)  # a resumed set's shards are room
-    check_room(tmp_path / "S", 101)
-
-
 def test_a_family_file_named_by_a_setting_or_the_environment_is_protected(tmp_path, monkeypatch):
     vae = _files(tmp_path, {"kl16.ckpt": b"vae"}) / "kl16.ckpt"
     before = _sha(vae)
