@@ -56,8 +56,11 @@ def _show(res: dict[str, Any], console: Any) -> None:
             _show_one(r, console, "  ")
     else:
         _show_one(res, console, "")
+    from neon_cli.commands._common import _escape, _stderr_console
+
+    err = _stderr_console()  # warnings go to stderr in every mode
     for w in res.get("warnings") or []:
-        console.print(f"[red]warning:[/red] {w}", highlight=False)
+        err.print(f"[red]neon inspect: warning:[/red] {_escape(w)}", highlight=False, soft_wrap=True)
 
 
 def _show_one(res: dict[str, Any], console: Any, indent: str) -> None:

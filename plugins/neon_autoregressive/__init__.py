@@ -46,6 +46,7 @@ class AutoregressiveFamily:
     guidance = "guidance"
     num_classes = 10
     metrics = tuple(METRIC_INFO)
+    scoring_files = ()  # scored against its own reference: --detector / --ref-stats are refused
     metric_info = METRIC_INFO
     metric_aliases = METRIC_ALIASES
     #: the metrics' definition (neon_digits.METRIC_INFO); bump when it changes (tune-w cache key).

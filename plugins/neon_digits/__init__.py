@@ -62,6 +62,7 @@ class DigitsFamily:
     guidance = "guidance"
     num_classes = 10
     metrics = tuple(METRIC_INFO)
+    scoring_files = ()  # scored against its own reference: --detector / --ref-stats are refused
     metric_info = METRIC_INFO
     metric_aliases = METRIC_ALIASES
     train_defaults = {"batch": 256, "lr": 2e-4, "ema_halflife_images": None, "warmup_images": 0}
