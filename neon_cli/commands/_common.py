@@ -35,6 +35,7 @@ from neon_cli.errors import InternalError, NeonError, ResourceError, UsageError
 ReportOpt = typer.Option(None, "--report", help="Write a JSON report (schema neon.report/1) to this file.", dir_okay=False)
 JsonOpt = typer.Option(False, "--json", help="Print the results as JSON on stdout (progress goes to stderr).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress (bars or log lines).")
+DryRunOpt = typer.Option(False, "--dry-run", help="Check the paths the run would read and write and print them (--json: as JSON); do nothing else.")
 
 
 def _family_on_line(ctx: Any) -> Optional[str]:
@@ -365,6 +366,14 @@ class NeonCommand(TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         return _hide_flag_placeholders(super().get_params(ctx))
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        from neon_cli.plan import note_empty_paths
+
+        typed = list(args)
+        rest = super().parse_args(ctx, args)
+        note_empty_paths(self.params, ctx.params, typed)  # typer turns a Path option's '' into '.'
+        return rest
+
 
 class NeonGroup(TyperGroup):
     """The ``neon`` group: its own flags (``--version``, ``--install-completion``) without ``<bool>``."""
@@ -416,8 +425,20 @@ def run(
     json_out: bool = False,
     quiet: bool = False,
     show: Optional[Callable[[Any, Any], None]] = None,
+    plan: Optional[Callable[[], Any]] = None,
+    dry_run: bool = False,
+    dry_run_calls_fn: bool = False,
 ) -> Any:
     """Call ``fn(report=Report, progress=callback)``: the one error boundary of every command.
+
+    ``plan``: a builder of the command's :class:`neon_cli.plan.Plan` (every path it reads and
+    writes). Before ``fn`` runs the plan is checked (:func:`neon_cli.plan.check_plan`), and the
+    failure report is written only where the plan allows ``--report``
+    (:func:`neon_cli.plan.report_problem`): a report path that is an input, another output, a file
+    inside either, a device, FIFO or socket gets no report at all, and the error line says so.
+    ``dry_run`` (``--dry-run``): the plan goes into the results (``"plan": {"reads", "writes"}``,
+    printed with ``--json``) and ``fn`` is not called, unless ``dry_run_calls_fn`` (merge's own
+    header-only validation, whose results then carry the plan too).
 
     ``fn`` fills the report's inputs/outputs/results and returns its result. On success the
     report is written (if asked), results printed as JSON (``--json``) or by ``show(result,
@@ -454,14 +475,13 @@ def run(
         report, json_out, show = None, False, None
     restore_sigterm = _sigterm_as_interrupt()
     try:
-        try:
-            _check_report_path(report, settings)
-        except UsageError:
-            rep.refuse_path()  # not even the error report goes over an input
-            raise
+        plan_obj = _check_plan_first(rep, report, settings, plan)
         init_from_env()
         with _progress_renderer(command, fmt, enabled=main and not quiet) as progress:
-            result = fn(report=rep, progress=progress)
+            if dry_run and plan_obj is not None:
+                rep.results["plan"] = plan_obj.to_json()
+                rep.results.setdefault("dry_run", True)
+            result = fn(report=rep, progress=progress) if not dry_run or dry_run_calls_fn else rep.results
         if report:
             rep.write(report)
     except (typer.Exit, typer.Abort):
@@ -504,6 +524,8 @@ def run(
     finally:
         restore_sigterm()
         shutdown()
+    if dry_run and not dry_run_calls_fn and not json_out and main:
+        show = _show_plan
     if json_out:
         warnings = rep.results.get("warnings") if isinstance(rep.results, dict) else None
         for w in warnings if isinstance(warnings, list) else []:  # stderr in every mode (show() prints them otherwise)
@@ -645,6 +667,56 @@ def _write_error_report(rep: Any, report: Optional[Path], status: str, message: 
     except NeonError as exc:
         return f" ({exc})"
     return ""
+
+
+def _check_plan_first(rep: Any, report: Optional[Path], settings: dict[str, Any], plan: Optional[Callable[[], Any]]) -> Any:
+    """Build and check the command's plan before any work; returns it (None without a builder).
+
+    The report path is judged first: when the plan refuses it (or, without a plan, it names a
+    path of ``settings``), ``rep`` forgets it, so not even the failure report is written, and the
+    UsageError says so. Then any other refusal of the plan (or an error building it) is raised,
+    the failure report going to the allowed ``--report``.
+    """
+    if plan is None:
+        try:
+            _check_report_path(report, settings)
+        except UsageError as exc:
+            rep.refuse_path()  # not even the error report goes over an input
+            raise UsageError(f"{exc}; no report written") from None
+        return None
+    from neon_cli.plan import check_plan, report_problem
+
+    try:
+        plan_obj = plan()
+    except Exception as exc:
+        if report:
+            try:
+                _check_report_path(report, settings)
+            except UsageError as refused:
+                rep.refuse_path()
+                raise UsageError(f"{refused}; no report written") from None
+        raise exc
+    if report:
+        why = report_problem(plan_obj)
+        if why:
+            rep.refuse_path()
+            raise UsageError(f"{why}; no report written")
+    check_plan(plan_obj)
+    return plan_obj
+
+
+def _show_plan(results: dict[str, Any], console: Any) -> None:
+    """``--dry-run`` without ``--json``: what the run would read and write (a folder's files counted)."""
+    plan = results.get("plan") or {}
+    console.print("dry run: nothing read or written; the run would use:", highlight=False, markup=False)
+    for what in ("reads", "writes"):
+        entries = plan.get(what) or []
+        for e in entries:
+            if e["role"].endswith((" member", " temp", " lock")):
+                continue
+            inner = sum(1 for x in entries if x["role"] == f"{e['role']} member")
+            console.print(f"  {what[:-1]} {e['role']}: {e['path']}" + (f" ({inner} files)" if inner else ""),
+                          highlight=False, markup=False)
 
 
 def _check_report_path(report: Optional[Path], settings: dict[str, Any]) -> None:

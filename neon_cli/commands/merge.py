@@ -43,16 +43,6 @@ def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
     return [Path(pattern.replace("{w}", tok)) for tok in tokens]
 
 
-def report_target(report: Optional[Path], *inputs: Any) -> Optional[Path]:
-    """``report``, or None when it names one of ``inputs`` (then the command's own check refuses it
-    by name, and the error report is not written over the input)."""
-    if report is None:
-        return None
-    from neon_cli.fsutil import same_file
-
-    return None if any(i is not None and same_file(report, i) for i in inputs) else report
-
-
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_cmd(
@@ -132,7 +122,21 @@ def register(app: typer.Typer) -> None:
             )
 
         report_path = report
-        run("merge", fn, settings=settings, report=report_target(report, base, selftrained), json_out=json_out, quiet=quiet, show=_show)
+        run("merge", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show,
+            dry_run=dry_run, dry_run_calls_fn=True, plan=lambda: _plan(base, selftrained, w, output, shard_size, report_path))
+
+
+def _plan(base: Path, selftrained: Path, w: str, output: str, shard_size: Optional[str], report: Optional[Path]) -> Any:
+    """The merge's :func:`neon_cli.plan.merge_plan`: each output as ``{w}`` expands (the pattern as
+    typed when ``--w`` is malformed: the plan still guards ``--report``)."""
+    from neon_cli.errors import NeonError
+    from neon_cli.plan import merge_plan
+
+    try:
+        outs: list[Any] = output_paths(output, [t for t, _ in parse_weights(w)]) if output != "" else [""]
+    except NeonError:
+        outs = [output]
+    return merge_plan(base=base, selftrained=selftrained, outputs=outs, shard_size=shard_size, report=report)
 
 
 def _show(res: dict[str, Any], console: Any) -> None:
