@@ -20,7 +20,7 @@ import os
 import pytest
 
 if any(importlib.util.find_spec(m) is None for m in ("diffusers", "peft", "transformers")) and not os.environ.get("CI"):
-    pytest.skip("diffusers, peft and transformers are needed (pip install 'neon-cli[lora]')", allow_module_level=True)
+    pytest.skip("diffusers, peft and transformers are needed (pip install '.[lora]')", allow_module_level=True)
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
