@@ -606,7 +606,7 @@ def _write_lora_file(lora: Lora, out: Path, fmt: str, comps: Collection[str], ex
 
 
 def _write_fused(base: Path, files: Mapping[str, Path], lora: Lora, factor: float, out: Path, odt: str | None,
-                 extra_meta: Mapping[str, str], progress: ProgressFn) -> dict[str, Any]:
+                 extra_meta: Mapping[str, str], progress: ProgressFn, allow_nonfinite: bool = False) -> dict[str, Any]:
     """θ_r's folder with each LoRA'd component's weights replaced by W + factor·s·B·A (float32, cast once)."""
     import torch
 
@@ -642,6 +642,12 @@ def _write_fused(base: Path, files: Mapping[str, Path], lora: Lora, factor: floa
                             cdt = torch.float64 if w0.dtype == torch.float64 else torch.float32
                             d = mods[mod].delta(factor).to(cdt)
                             res = (w0.to(cdt) + d).to(to_torch_dtype(spec.dtype))
+                            bad = int((~torch.isfinite(res) & torch.isfinite(w0)).sum())
+                            if bad and not allow_nonfinite:
+                                raise UsageError(f"-o {out}: {comp} {spec.name}: {bad} merged value(s) are not finite in "
+                                                 f"{spec.dtype} (w={-factor:g}); try --dtype float32, a smaller --w, or "
+                                                 "--allow-nonfinite to write them anyway")
+                            stats["nonfinite"] = stats.get("nonfinite", 0) + bad
                             stats["fused"] += 1
                             stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
                             writer.write(spec.name, res)
@@ -674,7 +680,7 @@ def _write_fused(base: Path, files: Mapping[str, Path], lora: Lora, factor: floa
 def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outputs: Sequence[str | Any], *,
                as_lora: bool = False, lora_format: str = "diffusers", dtype: Any = None, dry_run: bool = False,
                report: Any = None, progress: ProgressFn = null_progress,
-               report_path: str | Any | None = None) -> dict[str, Any]:
+               report_path: str | Any | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
     """``neon merge BASE LORA --w W``: Neon with θ_s = θ_r + s·B·A (exact; paper Alg. 1, last step).
 
     Args:
@@ -693,6 +699,8 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
             the same values (tested); for a half-precision θ_r peft rounds the delta to the
             weight's dtype before adding it (two roundings), neon rounds once.
         dry_run: check everything (formats, module names, shapes, outputs) and write nothing.
+        allow_nonfinite: write a fused weight with new inf/NaN elements (default: UsageError naming
+            the tensor, as ``neon merge``; nothing is left behind).
 
     Output: the fused pipeline folder (θ_r's folder, configs copied, each LoRA'd component's weights
     rewritten as safetensors, the header carrying ``neon.*`` provenance) or a ``.safetensors`` LoRA.
@@ -768,12 +776,13 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
             stack.enter_context(exclusive_lock(o, f"-o {o}", folder=False))
             stack.callback(lambda p=lock_path(o, False): p.unlink(missing_ok=True))
         return _write_outputs(base_p, lora_p, ws, outs, files, comps, ls, lr if base_is_lora else None, as_lora, lora_format,
-                              odt, results, report, progress, t0)
+                              odt, results, report, progress, t0, allow_nonfinite)
 
 
 def _write_outputs(base_p: Path, lora_p: Path, ws: Sequence[float], outs: Sequence[Path], files: Mapping[str, Path],
                    comps: Sequence[str], ls: Lora, lr: Lora | None, as_lora: bool, lora_format: str, odt: str | None,
-                   results: dict[str, Any], report: Any, progress: ProgressFn, t0: float) -> dict[str, Any]:
+                   results: dict[str, Any], report: Any, progress: ProgressFn, t0: float,
+                   allow_nonfinite: bool = False) -> dict[str, Any]:
     from neon_cli.fsutil import sha256_path
 
     prov = {"neon.formula": results["formula"], "neon.base": base_p.name, "neon.selftrained": lora_p.name,
@@ -792,7 +801,7 @@ def _write_outputs(base_p: Path, lora_p: Path, ws: Sequence[float], outs: Sequen
             _write_lora_file(negated(ls, w), o, lora_format, comps, meta)
             info = {}
         else:
-            info = _write_fused(base_p, files, ls, -float(w), o, odt, meta, progress)
+            info = _write_fused(base_p, files, ls, -float(w), o, odt, meta, progress, allow_nonfinite)
         if report is not None:
             report.add_output("merged", o)
         res_outs.append({"w": w, "path": str(o), **info})

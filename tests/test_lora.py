@@ -394,3 +394,18 @@ def test_kohya_sdxl_block_names_read_as_diffusers_sdxl_loader_does(setup, tmp_pa
     ref = _Holder(setup["pipe"], xl=True).fused(tmp_path / "sgm.safetensors", 1.0)["unet"]
     for k in got:
         _close(got[k], ref[k], k)
+
+
+def test_fused_result_not_finite_in_half_precision_is_refused(setup, tmp_path):
+    """As ``neon merge``: a fused weight that overflows the output dtype is refused naming the tensor
+    (nothing written) unless --allow-nonfinite."""
+    sd = load_file(str(setup["lora"]))
+    k = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight"
+    sd[k] = torch.full_like(sd[k], 1e4)
+    save_file(sd, str(tmp_path / "big.safetensors"))
+    res = invoke("merge", setup["pipe"], tmp_path / "big.safetensors", "--w", 100, "--dtype", "float16", "-o", tmp_path / "o", code=2)
+    assert "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight" in res.output and not (tmp_path / "o").exists()
+    invoke("merge", setup["pipe"], tmp_path / "big.safetensors", "--w", 100, "--dtype", "float16", "-o", tmp_path / "o",
+           "--allow-nonfinite", "-q")
+    got = load_file(str(tmp_path / "o" / FILES["unet"]))["mid_block.attentions.0.transformer_blocks.0.attn1.to_q.weight"]
+    assert got.dtype == torch.float16 and not torch.isfinite(got).all()

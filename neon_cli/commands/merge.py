@@ -121,7 +121,8 @@ def register(app: typer.Typer) -> None:
                     if val:
                         raise UsageError(f"{flag}: not used when theta_s is a LoRA ({selftrained})")
                 return merge_lora(base, selftrained, [v for _, v in weights], outs, as_lora=as_lora, lora_format=lora_format,
-                                  dtype=dtype, dry_run=dry_run, report=report, progress=progress, report_path=report_path)
+                                  dtype=dtype, dry_run=dry_run, report=report, progress=progress, report_path=report_path,
+                                  allow_nonfinite=allow_nonfinite)
             if as_lora:
                 from neon_cli.errors import UsageError
 
