@@ -180,8 +180,12 @@ def problems(plan: Plan) -> list[tuple[frozenset[str], str]]:
         others = [o for o in by_path.get(w.resolved, []) + (by_ident.get(w.ident, []) if w.ident else []) if o is not w]
         for o in others:
             if id(o) in read_ids:
-                what = (f"a file of the input {o.entry.member_of}" if o.entry.member_of and str(o.entry.path) == str(w.entry.path)
-                        else f"the input {o.entry.label()}")
+                if o.entry.member_of and str(o.entry.path) == str(w.entry.path):
+                    what = f"a file of the input {o.entry.member_of}"
+                elif not o.entry.member_of and str(o.entry.path) != str(w.entry.path):
+                    what = f"the input {o.entry.role} ({o.entry.path})"  # another spelling, a link: name both paths
+                else:
+                    what = f"the input {o.entry.label()}"
                 msg = f"{w.entry.role}: {w.entry.path} is also {what}; choose another path (inputs are never overwritten)"
             else:
                 pair = (min(id(o), id(w)), max(id(o), id(w)))
