@@ -479,11 +479,16 @@ def inspect_plan(*, checkpoint: Any, report: Any = None) -> Plan:
 def tune_plan(*, family: str, base: Any, selftrained: Sequence[Any], output: Any = None, cache: Any = None,
               plot: Any = None, control: Any = None, detector: Any = None, ref_stats: Any = None,
               set_pairs: Sequence[str] = (), report: Any = None) -> Plan:
-    """``neon tune-w``: reads ``--base``/default, every ``--selftrained`` match, ``--control`` when it
-    is a checkpoint, detector, reference statistics and the family's files; writes ``-o`` (lock),
-    ``--cache`` (lock), ``--plot`` and the report."""
+    """``neon tune-w``: reads ``--base``/default, every ``--selftrained`` match (with ``--control``
+    also the ``finetune.json`` beside it: the recipe), ``--control`` when it is a checkpoint, the
+    detector, reference statistics and the family's files; writes ``-o`` (lock), ``--cache``
+    (lock), ``--plot`` and the report."""
     fam = load_family(family)
     reads = model_reads(fam, base, "--base") + glob_reads("--selftrained", selftrained)
+    if control is not None and str(control) != "":  # the control's recipe: finetune.json beside each snapshot
+        for e in [e for e in reads if e.role == "--selftrained"]:
+            reads += read("--selftrained recipe (finetune.json)", e.path.parent / "finetune.json") \
+                if (e.path.parent / "finetune.json").exists() else []
     if control is not None and str(control) not in ("", "real"):
         reads += read("--control", control)
     reads += scoring_reads(detector, ref_stats) + family_reads(fam, set_pairs)

@@ -469,3 +469,12 @@ def test_a_family_file_named_by_a_setting_or_the_environment_is_protected(tmp_pa
     res = _neon("synth", "xar", "--model", tmp_path / "m.pth", "-n", "8", "-o", tmp_path / "S", "--report", vae, "--dry-run", "-q")
     _refused(res, "synth", "--report")
     assert _sha(vae) == before and not (tmp_path / "S").exists()
+
+
+def test_tune_control_reads_the_recipe_beside_the_snapshot(tree):
+    ft = _files(tree["OUTDIR"].parent / "ft", {"theta_s-000000064.safetensors": b"snap", "finetune.json": b'{"config": {}}'})
+    before = _sha(ft / "finetune.json")
+    res = _neon("tune-w", "digits", "-s", ft / "theta_s-000000064.safetensors", "--control", "real", "--report", ft / "finetune.json",
+                "-q")
+    assert "recipe" in _refused(res, "tune-w", "--report")
+    assert _sha(ft / "finetune.json") == before
