@@ -317,11 +317,11 @@ def test_dry_run_prints_the_plan_for_every_command_and_does_nothing(tree, tmp_pa
         ["manifest.json", "shard-00000.safetensors", "theta_s-000000032.safetensors", "finetune.json", "train_state.pt",
          "model.safetensors.index.json"])
     # merge keeps its own dry-run fields beside the plan (real checkpoints: it validates headers)
-    import torch
-    from safetensors.torch import save_file
+    import numpy as np
+    from safetensors.numpy import save_file
 
-    save_file({"w": torch.ones(3)}, str(tmp_path / "r.safetensors"))
-    save_file({"w": torch.zeros(3)}, str(tmp_path / "s.safetensors"))
+    save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "r.safetensors"))
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "s.safetensors"))
     res = _neon("merge", tmp_path / "r.safetensors", tmp_path / "s.safetensors", "--w", "1", "-o", tmp_path / "n.safetensors",
                 "--dry-run", "--json", "-q")
     data = json.loads(res.stdout)
