@@ -522,10 +522,11 @@ def export_plan(*, data: Any, out: Any, report: Any = None) -> Plan:
 
 
 def demo_plan(*, family: str, base: Any, out: Any, report: Any = None) -> Plan:
-    """``neon demo``: reads ``--base``/default and the family's files; writes ``-o`` (S, theta_s, the
+    """``neon demo``: reads ``--base``/default, the family's files and ``$NEON_INCEPTION`` /
+    ``$NEON_REF_STATS`` (an image family scores with them); writes ``-o`` (S, theta_s, the
     control, the merged model, caches: every file already there on a rerun) and the report."""
     fam = load_family(family)
-    return _build("demo", model_reads(fam, base, "--base") + family_reads(fam), folder_write("-o", out), report)
+    return _build("demo", model_reads(fam, base, "--base") + family_reads(fam) + scoring_reads(), folder_write("-o", out), report)
 
 
 def align_plan(*, family: str, base: Any, selftrained: Any = None, synthetic: Any = None, real: Any = None,
