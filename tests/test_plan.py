@@ -478,3 +478,29 @@ def test_tune_control_reads_the_recipe_beside_the_snapshot(tree):
                 "-q")
     assert "recipe" in _refused(res, "tune-w", "--report")
     assert _sha(ft / "finetune.json") == before
+
+
+def test_every_output_flag_against_the_embedded_default_and_family_files_and_devices(shipped, tree):
+    """The family commands with --base/--model left out: every output-ish flag on the embedded
+    default and the family's classifier (a folder -o on the folder holding them), and every file
+    output on /dev/null and a symlink to it: refused by the flag, bytes unchanged."""
+    os.symlink("/dev/null", tree["OUTDIR"].parent / "null")
+    devices = [Path("/dev/null"), tree["OUTDIR"].parent / "null"]
+    templates = _templates(tree)
+    drop = {"--model", "--base"}
+    n = 0
+    for (cmd, flag), kind in sorted(PATH_PARAMS.items()):
+        if kind != "out" or cmd not in ("synth", "finetune", "tune-w", "eval", "demo", "align"):
+            continue
+        args = templates[cmd]
+        args = [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
+        folder = cmd in FOLDER_OUT and flag == "--out"
+        targets = [shipped[0].parent] if folder else [*shipped, *devices]
+        for target in targets:
+            before = _sha(target)
+            res = _neon(*_with(args, flag, target), "--dry-run", "-q")
+            _refused(res, cmd, "-o" if flag == "--out" else flag)
+            assert _sha(target) == before, (cmd, flag, target)
+            n += 1
+    assert Path("/dev/null").is_char_device() and os.path.islink(devices[1])
+    assert n > 30  # 6 commands, their output flags, 4 targets each (1 for a folder -o)
