@@ -504,3 +504,13 @@ def test_every_output_flag_against_the_embedded_default_and_family_files_and_dev
             n += 1
     assert Path("/dev/null").is_char_device() and os.path.islink(devices[1])
     assert n > 30  # 6 commands, their output flags, 4 targets each (1 for a folder -o)
+
+
+def test_an_allowed_report_still_records_the_refusal_of_another_output(tree):
+    before = _sha(tree["CK"])
+    res = _neon("merge", tree["CK"], tree["CK2"], "--w", "1", "-o", tree["CK"] / "x.safetensors", "--report", tree["REPORT"], "-q")
+    line = _refused(res, "merge", "-o")
+    assert "inside the input base" in line and "no report written" not in line
+    data = json.loads(tree["REPORT"].read_text())
+    assert data["status"] == "error" and data["error"].startswith("-o: ")
+    assert _sha(tree["CK"]) == before and not (tree["CK"] / "x.safetensors").exists()
