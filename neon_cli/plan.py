@@ -180,8 +180,12 @@ def problems(plan: Plan) -> list[tuple[frozenset[str], str]]:
         others = [o for o in by_path.get(w.resolved, []) + (by_ident.get(w.ident, []) if w.ident else []) if o is not w]
         for o in others:
             if id(o) in read_ids:
-                what = (f"a file of the input {o.entry.member_of}" if o.entry.member_of and str(o.entry.path) == str(w.entry.path)
-                        else f"the input {o.entry.label()}")
+                if o.entry.member_of and str(o.entry.path) == str(w.entry.path):
+                    what = f"a file of the input {o.entry.member_of}"
+                elif not o.entry.member_of and str(o.entry.path) != str(w.entry.path):
+                    what = f"the input {o.entry.role} ({o.entry.path})"  # another spelling, a link: name both paths
+                else:
+                    what = f"the input {o.entry.label()}"
                 msg = f"{w.entry.role}: {w.entry.path} is also {what}; choose another path (inputs are never overwritten)"
             else:
                 pair = (min(id(o), id(w)), max(id(o), id(w)))
@@ -475,11 +479,16 @@ def inspect_plan(*, checkpoint: Any, report: Any = None) -> Plan:
 def tune_plan(*, family: str, base: Any, selftrained: Sequence[Any], output: Any = None, cache: Any = None,
               plot: Any = None, control: Any = None, detector: Any = None, ref_stats: Any = None,
               set_pairs: Sequence[str] = (), report: Any = None) -> Plan:
-    """``neon tune-w``: reads ``--base``/default, every ``--selftrained`` match, ``--control`` when it
-    is a checkpoint, detector, reference statistics and the family's files; writes ``-o`` (lock),
-    ``--cache`` (lock), ``--plot`` and the report."""
+    """``neon tune-w``: reads ``--base``/default, every ``--selftrained`` match (with ``--control``
+    also the ``finetune.json`` beside it: the recipe), ``--control`` when it is a checkpoint, the
+    detector, reference statistics and the family's files; writes ``-o`` (lock), ``--cache``
+    (lock), ``--plot`` and the report."""
     fam = load_family(family)
     reads = model_reads(fam, base, "--base") + glob_reads("--selftrained", selftrained)
+    if control is not None and str(control) != "":  # the control's recipe: finetune.json beside each snapshot
+        for e in [e for e in reads if e.role == "--selftrained"]:
+            reads += read("--selftrained recipe (finetune.json)", e.path.parent / "finetune.json") \
+                if (e.path.parent / "finetune.json").exists() else []
     if control is not None and str(control) not in ("", "real"):
         reads += read("--control", control)
     reads += scoring_reads(detector, ref_stats) + family_reads(fam, set_pairs)
@@ -513,10 +522,11 @@ def export_plan(*, data: Any, out: Any, report: Any = None) -> Plan:
 
 
 def demo_plan(*, family: str, base: Any, out: Any, report: Any = None) -> Plan:
-    """``neon demo``: reads ``--base``/default and the family's files; writes ``-o`` (S, theta_s, the
+    """``neon demo``: reads ``--base``/default, the family's files and ``$NEON_INCEPTION`` /
+    ``$NEON_REF_STATS`` (an image family scores with them); writes ``-o`` (S, theta_s, the
     control, the merged model, caches: every file already there on a rerun) and the report."""
     fam = load_family(family)
-    return _build("demo", model_reads(fam, base, "--base") + family_reads(fam), folder_write("-o", out), report)
+    return _build("demo", model_reads(fam, base, "--base") + family_reads(fam) + scoring_reads(), folder_write("-o", out), report)
 
 
 def align_plan(*, family: str, base: Any, selftrained: Any = None, synthetic: Any = None, real: Any = None,

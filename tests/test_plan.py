@@ -317,11 +317,11 @@ def test_dry_run_prints_the_plan_for_every_command_and_does_nothing(tree, tmp_pa
         ["manifest.json", "shard-00000.safetensors", "theta_s-000000032.safetensors", "finetune.json", "train_state.pt",
          "model.safetensors.index.json"])
     # merge keeps its own dry-run fields beside the plan (real checkpoints: it validates headers)
-    import torch
-    from safetensors.torch import save_file
+    import numpy as np
+    from safetensors.numpy import save_file
 
-    save_file({"w": torch.ones(3)}, str(tmp_path / "r.safetensors"))
-    save_file({"w": torch.zeros(3)}, str(tmp_path / "s.safetensors"))
+    save_file({"w": np.ones(3, np.float32)}, str(tmp_path / "r.safetensors"))
+    save_file({"w": np.zeros(3, np.float32)}, str(tmp_path / "s.safetensors"))
     res = _neon("merge", tmp_path / "r.safetensors", tmp_path / "s.safetensors", "--w", "1", "-o", tmp_path / "n.safetensors",
                 "--dry-run", "--json", "-q")
     data = json.loads(res.stdout)
@@ -469,3 +469,48 @@ def test_a_family_file_named_by_a_setting_or_the_environment_is_protected(tmp_pa
     res = _neon("synth", "xar", "--model", tmp_path / "m.pth", "-n", "8", "-o", tmp_path / "S", "--report", vae, "--dry-run", "-q")
     _refused(res, "synth", "--report")
     assert _sha(vae) == before and not (tmp_path / "S").exists()
+
+
+def test_tune_control_reads_the_recipe_beside_the_snapshot(tree):
+    ft = _files(tree["OUTDIR"].parent / "ft", {"theta_s-000000064.safetensors": b"snap", "finetune.json": b'{"config": {}}'})
+    before = _sha(ft / "finetune.json")
+    res = _neon("tune-w", "digits", "-s", ft / "theta_s-000000064.safetensors", "--control", "real", "--report", ft / "finetune.json",
+                "-q")
+    assert "recipe" in _refused(res, "tune-w", "--report")
+    assert _sha(ft / "finetune.json") == before
+
+
+def test_every_output_flag_against_the_embedded_default_and_family_files_and_devices(shipped, tree):
+    """The family commands with --base/--model left out: every output-ish flag on the embedded
+    default and the family's classifier (a folder -o on the folder holding them), and every file
+    output on /dev/null and a symlink to it: refused by the flag, bytes unchanged."""
+    os.symlink("/dev/null", tree["OUTDIR"].parent / "null")
+    devices = [Path("/dev/null"), tree["OUTDIR"].parent / "null"]
+    templates = _templates(tree)
+    drop = {"--model", "--base"}
+    n = 0
+    for (cmd, flag), kind in sorted(PATH_PARAMS.items()):
+        if kind != "out" or cmd not in ("synth", "finetune", "tune-w", "eval", "demo", "align"):
+            continue
+        args = templates[cmd]
+        args = [a for i, a in enumerate(args) if a not in drop and (i == 0 or args[i - 1] not in drop)]
+        folder = cmd in FOLDER_OUT and flag == "--out"
+        targets = [shipped[0].parent] if folder else [*shipped, *devices]
+        for target in targets:
+            before = _sha(target)
+            res = _neon(*_with(args, flag, target), "--dry-run", "-q")
+            _refused(res, cmd, "-o" if flag == "--out" else flag)
+            assert _sha(target) == before, (cmd, flag, target)
+            n += 1
+    assert Path("/dev/null").is_char_device() and os.path.islink(devices[1])
+    assert n > 30  # 6 commands, their output flags, 4 targets each (1 for a folder -o)
+
+
+def test_an_allowed_report_still_records_the_refusal_of_another_output(tree):
+    before = _sha(tree["CK"])
+    res = _neon("merge", tree["CK"], tree["CK2"], "--w", "1", "-o", tree["CK"] / "x.safetensors", "--report", tree["REPORT"], "-q")
+    line = _refused(res, "merge", "-o")
+    assert "inside the input base" in line and "no report written" not in line
+    data = json.loads(tree["REPORT"].read_text())
+    assert data["status"] == "error" and data["error"].startswith("-o: ")
+    assert _sha(tree["CK"]) == before and not (tree["CK"] / "x.safetensors").exists()

@@ -187,6 +187,9 @@ def _show(res: dict[str, Any], console: Any) -> None:
                       f"{res['output_bytes_each'] / 1e6:.1f} MB; nothing written", highlight=False)
         for o in res["outputs"]:
             console.print(f"  w={o['w']:g} -> {o['path']}", highlight=False)
+        plan = res.get("plan") or {}
+        console.print(f"plan: reads {len(plan.get('reads', []))} path(s), writes {len(plan.get('writes', []))} "
+                      "(--dry-run --json lists them with their roles)", highlight=False)
         return
     prec = res.get("precision", {})
     table = Table(title=f"neon merge ({res.get('seconds', 0):.2f} s)", title_justify="left")
