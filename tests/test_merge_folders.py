@@ -238,7 +238,7 @@ def test_unwritable_output_is_one_line_error(tmp_path, monkeypatch):
     (tmp_path / "ro").mkdir()
     from neon_cli.errors import ResourceError
 
-    with pytest.raises(ResourceError, match=r"-o: cannot write .*ro/.*Permission denied"):  # exit 3: the machine refused
+    with pytest.raises(ResourceError, match=r"ro/o\.safetensors: cannot write \(Permission denied\)"):  # exit 3: the machine refused
         merge_checkpoints(b, f, [1.0], [tmp_path / "ro" / "o.safetensors"], report=rep())
     assert [p.name for p in (tmp_path / "ro").iterdir()] == []
 
