@@ -174,18 +174,25 @@ def test_a_writer_on_a_full_disk_is_a_resource_error(tmp_path, monkeypatch):
     wr.abort()
 
 
-@pytest.mark.parametrize("args", [["plugins"], ["merge", "{r}", "{s}", "--w", "1", "-o", "{o}", "--json", "-q"]])
-def test_a_full_stdout_is_one_line_and_exit_3(args, pair, tmp_path):
-    if not os.path.exists("/dev/full"):
+@pytest.mark.parametrize("how,args,reason", [
+    ("full", ["plugins"], "No space left on device"),
+    ("full", ["merge", "{r}", "{s}", "--w", "1", "-o", "{o}", "--json", "-q"], "No space left on device"),
+    ("closed", ["merge", "{r}", "{s}", "--w", "1", "-o", "{o}", "-q"], "stdout is closed"),
+])
+def test_a_full_or_closed_stdout_is_one_line_and_exit_3(how, args, reason, pair, tmp_path):
+    if how == "full" and not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
     r, s = pair
     argv = [a.format(r=r, s=s, o=tmp_path / "o.safetensors") for a in args]
-    with open("/dev/full", "w") as full:
-        p = subprocess.run([sys.executable, "-m", "neon_cli", *argv, "--report", str(tmp_path / "rep.json")], stdout=full,
-                           stderr=subprocess.PIPE, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "neon_cli", *argv, "--report", str(tmp_path / "rep.json")]
+    if how == "closed":  # the shell starts neon with file descriptor 1 closed (`>&-`)
+        p = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *cmd], stderr=subprocess.PIPE, text=True, timeout=300)
+    else:
+        with open("/dev/full", "w") as full:
+            p = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=300)
     assert p.returncode == 3, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert lines == [f"neon {argv[0]}: error: cannot write the results to stdout (No space left on device)"], p.stderr
+    assert lines == [f"neon {argv[0]}: error: cannot write the results to stdout ({reason})"], p.stderr
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert rep["status"] == "error" and "stdout" in rep["error"]
 
