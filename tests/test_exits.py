@@ -349,6 +349,8 @@ def test_json_errors_are_an_object_on_stdout(pair, tmp_path):
     res = _invoke("merge", tmp_path / "nosuch.safetensors", pair[1], "--w", "1", "-o", tmp_path / "o.safetensors", "--json")
     line = _error(res, "merge", 2)
     assert json.loads(res.stdout) == {"status": "error", "exit_code": 2, "error": line.split("error: ", 1)[1]}
+    res = _invoke("synth", "toy", "-n", "abc", "-o", tmp_path / "S", "--json")  # refused by the flag parser itself
+    assert res.exit_code == 2 and json.loads(res.stdout)["error"].startswith("Invalid value for '--num-images'")
     res = _invoke("merge", *pair, "--w", "nan", "-o", tmp_path / "o.safetensors")  # without --json: stdout stays empty
     assert res.exit_code == 2 and res.stdout == ""
 
