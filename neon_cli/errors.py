@@ -13,9 +13,13 @@ Exit codes (documented in README, relied on by scripts):
 * 5  ``neon tune-w`` found no candidate that beats the base model (or its confirmation
      contradicted the search); no ``-o`` written unless ``--write-anyway`` -- :class:`NoImprovement`
 * 130 interrupted (Ctrl-C); outputs are never left half-written
+* 143 terminated (SIGTERM, e.g. Slurm's time limit): handled like Ctrl-C; the report's ``status``
+     is ``interrupted`` for both
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class NeonError(Exception):
@@ -105,3 +109,25 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
         return clean_line(f"torch.load(weights_only=True) refused it: {reason}", limit)
     line = clean_line(text, limit)
     return line or type(exc).__name__
+
+
+#: OSError numbers meaning "the machine refused" (exit 3): no space, quota, read-only, permission,
+#: I/O error, too many open files, out of memory, file too large for the file system.
+RESOURCE_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EMFILE", "ENFILE", "ENOMEM", "EFBIG")
+    if hasattr(errno, n)
+)
+
+
+def from_os_error(exc: OSError, what: str, default: type[NeonError] = CheckpointError) -> NeonError:
+    """The typed error for an OSError met while reading or writing a file, one line:
+    ``WHAT (REASON)``, e.g. ``out/model.safetensors: cannot write (No space left on device)``.
+
+    :class:`ResourceError` (exit 3) for the errnos of :data:`RESOURCE_ERRNOS` (a full disk, a
+    read-only or unwritable folder, ...): the command was right, the machine refused; ``default``
+    (exit 2; CheckpointError unless given) for the others (a missing path, a folder where a file
+    was expected, ...), which are bad input. ``what`` names the file and the action.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    cls = ResourceError if exc.errno in RESOURCE_ERRNOS else default
+    return cls(f"{what} ({reason})")

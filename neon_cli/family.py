@@ -184,6 +184,11 @@ class Family(Protocol):
             in ``metrics`` only under some configuration (e.g. ``fid`` only with a detector).
             ``neon plugins --json`` lists it; a family without it gets "(no definition given by
             the family)" per metric (:func:`metric_definitions`).
+        files_read(settings) -> [(role, path)]: files the family loads that the user did not name
+            on the command line (a shipped classifier, a VAE from a setting or an environment
+            variable); ``settings`` are the resolved settings. Default: none
+            (:func:`files_read`). Each command's output plan (:mod:`neon_cli.plan`) protects them:
+            no ``--report``/``-o`` may replace them, and a FIFO or device among them is refused.
         metric_aliases: ``{old_name: name}``: deprecated metric names still accepted where a user
             names a metric (``--metric``, ``--max-metric``, ``--max-fid``), resolved by
             :func:`resolve_metric` with a one-line note; reports use the new name only.
@@ -417,12 +422,15 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
     the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU).
 
     An exception of the family's ``load`` that is not a :class:`~neon_cli.errors.NeonError` (nor
-    an OSError, MemoryError or interrupt, which the error boundary maps itself) becomes a
+    a MemoryError or interrupt, which the error boundary maps itself) becomes a
     :class:`~neon_cli.errors.CheckpointError` naming the file, the family and the exception in
-    one clean line (torch's multi-line, escape-coloured messages included)."""
+    one clean line (torch's multi-line, escape-coloured messages included). An OSError of ``load``
+    names the file: CheckpointError (exit 2) for a folder the family cannot read as a checkpoint or
+    an unreadable file, ResourceError (exit 3) for a permission or I/O error
+    (:func:`neon_cli.errors.from_os_error`)."""
     import inspect
 
-    from neon_cli.errors import CheckpointError, NeonError, exception_line
+    from neon_cli.errors import CheckpointError, NeonError, exception_line, from_os_error
 
     fn = family.load
     try:
@@ -434,7 +442,12 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
     kwargs = {k: v for k, v in offered.items() if accepts_any or k in params}
     try:
         return fn(str(path), **kwargs)
-    except (NeonError, OSError, MemoryError):
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise CheckpointError(f"{path}: is a folder, not a checkpoint family {family.name!r} can read "
+                                  f"({exc.strerror or exc})") from None
+        raise from_os_error(exc, f"{path}: cannot read") from None
+    except (NeonError, MemoryError):
         raise
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":
@@ -452,6 +465,22 @@ def snapshot_name(family: Any, images_seen: int, suffix: str | None = None) -> s
     if callable(fn):
         return str(fn(int(images_seen)))
     return f"theta_s-{int(images_seen):09d}{getattr(family, 'checkpoint_suffix', suffix or '.safetensors')}"
+
+
+def files_read(family: Any, settings: Mapping[str, Any] | None = None) -> list[tuple[str, Path]]:
+    """``family.files_read(settings)`` as ``[(role, Path)]``, or [] for a family without the hook.
+
+    The files a family loads beyond the checkpoints the user names (see :class:`Family`); entries
+    that are None or empty are dropped. Used by :mod:`neon_cli.plan` (issue 22 item 1).
+    """
+    fn = getattr(family, "files_read", None)
+    if not callable(fn):
+        return []
+    out = []
+    for role, path in fn(dict(settings or {})) or ():
+        if path is not None and str(path) != "":
+            out.append((str(role), Path(path)))
+    return out
 
 
 def plugin_version(name: str) -> dict[str, Any]:

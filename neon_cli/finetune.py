@@ -82,7 +82,7 @@ def finetune(
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.family import snapshot_name
     from neon_cli.fsutil import remove_stale_tmp_in
-    from neon_cli.dataset import encoded_set, open_synthetic
+    from neon_cli.dataset import check_family, encoded_set, open_synthetic, read_manifest
     from neon_cli.identity import synthetic_set_sha256
     from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, snapshot_points, train_loop
 
@@ -126,6 +126,7 @@ def finetune(
     report.check_outputs({"--model": path, "--data": data_dir}, {"-o": out_dir})
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o: {out_dir} exists and is not a directory")
+    check_family(read_manifest(Path(data_dir)), family, data_dir)  # S of another family: refused before any work
     with main_rank_lock(out_dir, "-o", folder=True):
         run_on_main(remove_stale_tmp_in, out_dir)  # what a killed run left half-written
         base_sha = report.add_input("base", path)

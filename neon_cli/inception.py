@@ -347,7 +347,7 @@ class SynthSource:
         try:
             manifest = json.loads(mf.read_text())
             self._shards = [(self.path / s["file"], int(s["start"]), int(s["count"])) for s in manifest["shards"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise DataError(f"{mf}: not a readable neon synth manifest ({type(exc).__name__}: {exc})") from None
         for f, _, _ in self._shards:
             if not f.is_file():

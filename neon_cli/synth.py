@@ -200,7 +200,7 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(f.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
     from neon_cli.identity import SETTINGS_SHA256, manifest_identity
 

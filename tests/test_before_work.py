@@ -49,8 +49,9 @@ def test_inspect_reports_the_globals_and_warning_of_every_shard(tmp_path):
     merged = {g["name"]: g["count"] for g in data["globals"]}
     assert merged["torch._utils._rebuild_tensor_v2"] == 2  # one tensor per shard, summed
     assert data["weights"]["tensors"] == 2 and not marker.exists()
-    human = invoke("inspect", tmp_path / "m", "-q").stdout
-    assert "warning: this file would run os.system on load (shard pytorch_model-00002-of-00002.bin)" in human
+    human = invoke("inspect", tmp_path / "m", "-q")  # warnings go to stderr in every mode (issue 22 item 5)
+    assert "warning: this file would run os.system on load (shard pytorch_model-00002-of-00002.bin)" in human.stderr
+    assert "warning:" not in human.stdout
 
 
 def test_inspect_key_that_names_nothing_is_an_error(tmp_path):

@@ -214,7 +214,8 @@ class Checkpoint:
     def close(self) -> None:
         for m in self._maps.values():
             try:
-                m.close()
+                if hasattr(m, "close"):  # b"" for an empty file
+                    m.close()
             except (BufferError, ValueError):
                 pass  # a view is still alive; the mapping goes with it
         self._maps.clear()

@@ -96,6 +96,12 @@ class AutoregressiveFamily:
 
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
 
+    def files_read(self, settings: Any) -> list[tuple[str, Path]]:
+        """The digits family's shipped classifier that ``score`` loads (not named on the command line)."""
+        from neon_digits import WEIGHTS as DIGITS_WEIGHTS
+
+        return [("classifier", DIGITS_WEIGHTS / "classifier.safetensors")]
+
     def score(self, images: Any, labels: Any) -> dict[str, float]:
         """The digits family's metrics of uint8 samples [N, 1, 8, 8] (neon_digits.io.DigitsScorer)."""
         if self._scorer is None:

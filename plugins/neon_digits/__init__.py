@@ -128,6 +128,10 @@ class DigitsFamily:
         return images[order], labels[order]
 
     # -- metrics -------------------------------------------------------------------------------
+    def files_read(self, settings: Any) -> list[tuple[str, Path]]:
+        """The shipped classifier that ``score`` loads (not named on the command line)."""
+        return [("classifier", WEIGHTS / "classifier.safetensors")]
+
     def score(self, images: Any, labels: Any) -> dict[str, float]:
         """Metrics of uint8 samples [N, 1, 8, 8] (with their int64 labels [N]) against the real digits."""
         if self._scorer is None:
