@@ -11,7 +11,9 @@ Layout of the output directory::
     manifest.json             written last: plan + every shard's sha256 (schema neon.synth/1)
 
 Image i (0-based) uses seed ``seed + i`` and, for class-conditional families, label
-``(seed + i) % num_classes``. Shard k holds images ``k*shard_size .. (k+1)*shard_size - 1`` and is
+``(seed + i) % num_classes`` (``--labels balanced``), or the seed and label of another protocol
+(``--labels edm|var|xar``: the paper systems' own, :mod:`neon_cli.labels`), recorded in the plan
+and manifest (``label_protocol``); a rerun with another protocol is refused like another seed. Shard k holds images ``k*shard_size .. (k+1)*shard_size - 1`` and is
 sampled in batches aligned to its start, so the batch composition, and therefore every image bit,
 does not depend on which process or how many ranks made it. Each shard is written under a
 temporary name and renamed when complete, so after an interruption a rerun of the same command
@@ -48,6 +50,7 @@ def synthesize(
     shard_size: int = 1000,
     batch: int = 500,
     trust_pickle: bool = False,
+    labels: str | None = None,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
@@ -58,7 +61,8 @@ def synthesize(
     ``--shard-size``, ``--batch`` >= 1; seeds ``seed .. seed + num - 1`` within 0 .. 2**63 - 1;
     ``--set`` values finite and in range), and ``-o`` / ``--report`` may not be the model
     (:func:`neon_cli.fsutil.check_outputs`). ``out_dir`` is locked for the run (a second run on it
-    is refused with a one-line error); ``plan.json`` is written only once the model has loaded,
+    is refused with a one-line error); ``labels`` is the class-label protocol (``--labels``, None:
+    ``balanced``; :func:`neon_cli.labels.check`); ``plan.json`` is written only once the model has loaded,
     and a plan of a run that made no shard yet is replaced, so a failed run never blocks its fix.
     Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
     ``out_dir`` holds shards of a different plan (another model, settings or seeds).
@@ -68,7 +72,8 @@ def synthesize(
 
     from neon_cli import validate
     from neon_cli.dist import barrier, broadcast_object, device, main_rank_lock, rank_world, run_on_main
-    from neon_cli.evaluate import classes_of, seed_plan
+    from neon_cli import labels as label_protocols
+    from neon_cli.evaluate import classes_of
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.fsutil import remove_stale_tmp_in
     from neon_cli.tune.recorded import apply_recorded
@@ -77,6 +82,7 @@ def synthesize(
     shard_size = validate.positive_int("--shard-size", shard_size)
     batch = validate.positive_int("--batch", batch)
     seed = validate.seed("--seed", seed, count=num)
+    label_protocols.check(labels, 0, 0)  # the name, before anything is read
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, model_path)
@@ -90,6 +96,7 @@ def synthesize(
         run_on_main(remove_stale_tmp_in, out_dir)  # partial shards of a killed run: under the lock no live run owns one
         model_sha = report.add_input("model", path)
         num_classes = classes_of(family, path)
+        label_plan = label_protocols.check(labels, num, num_classes, family, seed=seed)
         plan = {
             "schema": SCHEMA,
             "family": family.name,
@@ -98,10 +105,12 @@ def synthesize(
             "seed": seed,
             "num": num,
             "shard_size": shard_size,
-            "labels": "(seed + i) % num_classes" if num_classes else None,
+            "labels": label_plan.text(),
+            "label_protocol": label_plan.protocol,
             "num_classes": num_classes,
         }
         report.settings.update(resolved_settings=settings)
+        report.results["labels"] = label_plan.protocol
         run_on_main(_check_plan, out_dir, plan)
 
         shards = [(k, k * shard_size, min(shard_size, num - k * shard_size)) for k in range((num + shard_size - 1) // shard_size)]
@@ -120,9 +129,9 @@ def synthesize(
         total_imgs = num
         progress("synth", done_imgs, total_imgs, unit="img")
         for k, start, count in mine:
-            seeds, labels = seed_plan(family, seed + start, count, num_classes)
+            seeds, labels = label_protocols.plan_tensors(label_plan, family, model, start, count)
             chunks = []
-            with torch.inference_mode():
+            with torch.inference_mode(), label_protocols.active(label_plan):
                 for i in range(0, count, batch):
                     lab = labels[i:i + batch] if labels is not None else None
                     chunks.append(family.sample(model, seeds[i:i + batch], lab, settings))
@@ -167,6 +176,8 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     except (OSError, ValueError) as exc:
         raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
     differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old.get(key) != plan.get(key)]
+    if old.get("label_protocol", "balanced") != plan.get("label_protocol", "balanced"):  # plans before --labels: balanced
+        differs.append("label_protocol")
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
         differs.append("model")
     if not differs:

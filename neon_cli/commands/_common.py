@@ -113,6 +113,19 @@ RefStatsOpt = typer.Option(
     help="Reference statistics .npz (mu, sigma) for FID (default: $NEON_REF_STATS).")
 
 
+def complete_labels(incomplete: str) -> list[tuple[str, str]]:
+    from neon_cli.labels import PROTOCOLS, SOURCES
+
+    return [(p, _short(SOURCES[p])) for p in PROTOCOLS if p.startswith(incomplete)]
+
+
+LabelsOpt = typer.Option(
+    "balanced", "--labels", autocompletion=complete_labels,
+    help="Class-label protocol of the seed plan: balanced (label = seed % classes), or a paper system's own: "
+         "edm (EDM generate.py's per-seed draw), var (VAR generate_dataset.py: class order, seed restarts per class), "
+         "xar (xAR eval.py: labels sorted by class).")
+
+
 def complete_family(incomplete: str) -> list[str]:
     """Shell completion for FAMILY: entry-point names, without importing any plugin."""
     from neon_cli.family import family_names
