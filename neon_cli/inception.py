@@ -745,6 +745,63 @@ class InceptionFID:
         return out
 
 
+class PixelFeatures:
+    """The "detector" of pixel statistics: uint8 images [n, C, H, W] -> float64 [n, C*H*W] in [0, 1],
+    channel-major (the NCHW layout flattened), as the image families' ``pixel_fid`` reads them
+    (:func:`neon_diffusers.scoring.pixel_features`)."""
+
+    sha256 = None
+    path = None
+
+    def __init__(self) -> None:
+        self.feature_dim: int | None = None
+
+    def features(self, images: Any) -> Any:
+        import torch
+
+        x = torch.as_tensor(np.ascontiguousarray(images))
+        out = x.reshape(x.shape[0], -1).to(torch.float64) / 255.0
+        self.feature_dim = int(out.shape[1])
+        return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo; None where unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+#: float64 D x D matrices held at once while pixel statistics are accumulated and written
+#: (the running scatter, a batch's update, the finalised covariance)
+PIXEL_COV_COPIES = 3
+
+
+def check_pixel_size(dim: int, shape: Sequence[int], where: str, memory: int | None = None) -> int:
+    """Refuse pixel statistics whose D x D float64 covariance (D = C*H*W) would not fit.
+
+    Needs :data:`PIXEL_COV_COPIES` covariances in ``memory`` (default :func:`available_memory`).
+    Returns the covariance's size in bytes. Raises ResourceError naming ``where``, the image
+    shape, D and the covariance's size (a 64x64x3 image: D = 12288, 12288^2 float64 = 1.2 GB).
+    """
+    from neon_cli.errors import ResourceError
+
+    cov = int(dim) * int(dim) * 8
+    memory = available_memory() if memory is None else memory
+    if memory is not None and PIXEL_COV_COPIES * cov > memory:
+        dims = "x".join(str(int(s)) for s in shape)
+        raise ResourceError(f"{where}: pixel statistics of {dims} images need a {dim}x{dim} float64 covariance of "
+                            f"{cov / 1e9:.2f} GB ({PIXEL_COV_COPIES} copies while computing: {PIXEL_COV_COPIES * cov / 1e9:.2f} GB), "
+                            f"more than the {memory / 1e9:.2f} GB of memory available; use smaller images or the "
+                            f"Inception statistics (--detector)")
+    return cov
+
+
 def ref_stats(
     images: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -753,6 +810,7 @@ def ref_stats(
     batch: int = 64,
     device: str | None = None,
     keep_features: bool = False,
+    pixels: bool = False,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
@@ -765,8 +823,16 @@ def ref_stats(
     results ``num_images``, ``feature_dim``, ``image_source``, ``detector_sha256``,
     ``stats_sha256``, ``world_size``. Returns those results.
 
-    Raises UsageError (no detector, bad flags, ``out`` equal to the input), DataError (bad images),
-    CheckpointError (unloadable detector).
+    ``pixels`` (``--pixels``): no detector; the statistics are of the raw pixels
+    (:class:`PixelFeatures`: ``mu`` [C*H*W], ``sigma`` [C*H*W, C*H*W] float64, values in [0, 1],
+    channel-major), the reference of the image families' ``pixel_fid``; sizes whose covariance would
+    not fit in memory are refused first (:func:`check_pixel_size`); a detector given (or
+    ``$NEON_INCEPTION``) is not used; ``detector_sha256`` is None and
+    ``kind`` is ``"pixels"`` (else ``"inception"``).
+
+    Raises UsageError (no detector, bad flags, ``out`` equal to the input, ``--pixels`` with
+    ``--keep-features``), DataError (bad images), CheckpointError (unloadable
+    detector), ResourceError (``--pixels`` covariance too large).
     """
     from neon_cli.fsutil import sha256_file
     from neon_cli.metrics import save_stats
@@ -776,12 +842,18 @@ def ref_stats(
     _check_batch(batch)
     if out.suffix.lower() != ".npz":
         raise UsageError(f"-o: {out}: the statistics file must end in .npz")
-    report.check_outputs({"--images": src_path, "--detector": detector_path(detector)}, {"-o": out})
-    det = load_detector(detector, device)
+    if pixels and keep_features:
+        raise UsageError("--pixels: --keep-features stores Inception features; pixel statistics keep none")
+    report.check_outputs({"--images": src_path, "--detector": None if pixels else detector_path(detector)}, {"-o": out})
+    det = PixelFeatures() if pixels else load_detector(detector, device)
     source = open_images(src_path)
     if len(source) < 2:
         raise DataError(f"{src_path}: need at least 2 images for a covariance, found {len(source)}")
-    report.add_input("detector", det.path, sha256=det.sha256)
+    if pixels:
+        shape = source.read(0, 1).shape[1:]
+        check_pixel_size(int(np.prod(shape)), shape, f"--pixels {src_path}")
+    else:
+        report.add_input("detector", det.path, sha256=det.sha256)
     report.add_input("images", src_path)
     mu, sigma, feats = compute_stats(det, source, batch=batch, progress=progress, keep_features=keep_features)
     dist, rank, world = _dist()
@@ -790,6 +862,7 @@ def ref_stats(
         "feature_dim": int(mu.shape[0]),
         "image_source": source.kind,
         "detector_sha256": det.sha256,
+        "kind": "pixels" if pixels else "inception",
         "world_size": world,
     }
     if rank == 0:

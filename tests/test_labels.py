@@ -11,7 +11,7 @@ import torch
 
 from neon_cli import labels as L
 from neon_cli.errors import UsageError
-from tests.cli_helpers import invoke
+from cli_helpers import invoke
 
 
 def _generate_dataset_order(seed: int, per_class: int, classes: int) -> list[tuple[int, int]]:

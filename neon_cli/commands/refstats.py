@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(64, "--batch", help="Images per detector call."),
         device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
         keep_features: bool = typer.Option(False, "--keep-features", help="Also store the features [N, 2048] (float32) for precision/recall."),
+        pixels: bool = typer.Option(False, "--pixels", help="Statistics of the raw pixels (C*H*W values in [0, 1]) instead of Inception features: the reference of pixel_fid; no detector. Refused when the (C*H*W)^2 float64 covariance would not fit in memory."),
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -41,20 +42,25 @@ def register(app: typer.Typer) -> None:
             export NEON_INCEPTION=~/models/inception-2015-12-05.pt
             neon ref-stats --images cifar10.npz -o cifar10-32x32.npz
             neon ref-stats --images synth/ -o s.npz --keep-features
+            neon ref-stats --images cifar10.npz -o cifar10-pixels.npz --pixels
         """
         from neon_cli.inception import ref_stats
 
         run(
             "ref-stats",
             lambda report, progress: ref_stats(images, out, detector=detector, batch=batch, device=device,
-                                               keep_features=keep_features, report=report, progress=progress),
-            settings=dict(images=images, out=out, detector=detector, batch=batch, device=device, keep_features=keep_features),
+                                               keep_features=keep_features, pixels=pixels, report=report, progress=progress),
+            settings=dict(images=images, out=out, detector=detector, batch=batch, device=device, keep_features=keep_features,
+                          pixels=pixels),
             report=report, json_out=json_out, quiet=quiet,
             show=_show,
         )
 
 
 def _show(results, console) -> None:
+    if results.get("kind") == "pixels":
+        console.print(f"wrote {results['stats']}: {results['num_images']} images, {results['feature_dim']} pixel values each")
+        return
     console.print(
         f"wrote {results['stats']}: {results['num_images']} images, {results['feature_dim']}-d features "
         f"(detector sha256 {results['detector_sha256'][:12]}...)"
