@@ -113,6 +113,12 @@ RefStatsOpt = typer.Option(
     help="Reference statistics .npz (mu, sigma) for FID (default: $NEON_REF_STATS).")
 
 
+DetectorTrustOpt = typer.Option(
+    False, "--trust-pickle",
+    help="Let a pickled detector (EDM's / StyleGAN3's inception-2015-12-05.pkl) run the code stored in it when it holds "
+         "no TorchScript archive (one inside loads without running anything). Only for files you trust.")
+
+
 def complete_labels(incomplete: str) -> list[tuple[str, str]]:
     from neon_cli.labels import PROTOCOLS, SOURCES
 
