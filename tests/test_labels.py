@@ -163,3 +163,18 @@ def test_evaluator_and_tune_cache_key_carry_the_protocol():
         Evaluator(fam, resolve_settings(fam), 21, labels="xar", num_classes=10)
     assert "labels" not in static_key(fam, "1", batch=8)
     assert static_key(fam, "1", batch=8, labels="xar")["labels"] == "xar"
+
+
+def test_tune_w_refuses_a_confirmation_plan_the_protocol_cannot_split(tmp_path):
+    """--labels xar needs --confirm-samples to be a multiple of the classes too, checked before any evaluation."""
+    import shutil
+    from pathlib import Path
+
+    import neon_digits
+
+    snap = tmp_path / "theta_s.safetensors"
+    shutil.copy(Path(neon_digits.__file__).parent / "weights" / "base.safetensors", snap)
+    res = invoke("tune-w", "digits", "-s", snap, "--labels", "xar", "-n", 20, "--confirm-samples", 15,
+                 "--cache", tmp_path / "c.jsonl", "-q", code=2)
+    assert "--labels xar: --confirm-samples 15 is not a multiple of the model's 10 classes" in res.output
+    assert not (tmp_path / "c.jsonl").exists() or not (tmp_path / "c.jsonl").read_text().strip()  # nothing evaluated

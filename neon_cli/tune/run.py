@@ -254,6 +254,10 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
                   store=EvalCache(cache if is_main() else None), trust_pickle=trust_pickle, report=report,
                   progress=progress)
     ctx.evaluator = ctx.evaluator_for(plan.num_samples, plan.seed)
+    if plan.confirm_samples:  # the confirmation's plan too, before any evaluation
+        from neon_cli.labels import check as check_labels
+
+        check_labels(plan.labels, plan.confirm_samples, ctx.num_classes, family, num_flag="--confirm-samples")
     return ctx
 
 
