@@ -161,8 +161,7 @@ class Evaluator:
         self.progress = progress
         nc = family.num_classes if num_classes is None else num_classes
         self.label_plan = label_protocols.check(labels, num_samples, int(nc or 0), family, seed=seed, num_flag=samples_flag)
-        self.seeds, self.labels = label_protocols.plan_tensors(self.label_plan, family, None) \
-            if self.label_plan.protocol != "edm" else seed_plan(family, seed, num_samples, 0)
+        self.seeds, self.labels = label_protocols.plan_tensors(self.label_plan, family, None)  # edm: labels drawn later
         self._draw_labels = self.label_plan.protocol == "edm" and bool(nc)
 
     def _plan_labels(self, model: Any) -> None:
@@ -238,10 +237,9 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     """
     from neon_cli import validate
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.labels import check as check_labels
     from neon_cli.scoring import scoring_files
     from neon_cli.tune.recorded import apply_recorded
-
-    from neon_cli.labels import check as check_labels
 
     check_plan_numbers(num_samples, seed, batch)
     protocol = check_labels(labels, 0, 0).protocol

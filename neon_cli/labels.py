@@ -140,13 +140,16 @@ def check(protocol: str | None, num: int, num_classes: int, family: Any = None, 
 def plan_tensors(plan: LabelPlan, family: Any, model: Any, start: int = 0, count: int | None = None):
     """(seeds int64 [n], labels int64 [n] or None) of images ``start .. start + count - 1``, as torch tensors.
 
-    For ``edm`` the labels come from ``family.draw_labels(model, seeds)`` (the model on its sampling device).
+    For ``edm`` the labels come from ``family.draw_labels(model, seeds)`` (the model on its sampling
+    device); with ``model`` None they are left None (to be drawn once a model is there).
     """
     import torch
 
     seeds, labels = plan.seeds_labels(start, count)
     s = torch.tensor(seeds, dtype=torch.int64)
     if plan.protocol == "edm" and plan.num_classes:
+        if model is None:
+            return s, None
         lab = torch.as_tensor(family.draw_labels(model, s), dtype=torch.int64).cpu()
         return s, lab
     return s, (torch.tensor(labels, dtype=torch.int64) if labels is not None else None)

@@ -13,9 +13,9 @@ Layout of the output directory::
 Image i (0-based) uses seed ``seed + i`` and, for class-conditional families, label
 ``(seed + i) % num_classes`` (``--labels balanced``), or the seed and label of another protocol
 (``--labels edm|var|xar``: the paper systems' own, :mod:`neon_cli.labels`), recorded in the plan
-and manifest (``label_protocol``); a rerun with another protocol is refused like another seed. Shard k holds images ``k*shard_size .. (k+1)*shard_size - 1`` and is
-sampled in batches aligned to its start, so the batch composition, and therefore every image bit,
-does not depend on which process or how many ranks made it. Each shard is written under a
+and manifest (``label_protocol``); a rerun with another protocol is refused like another seed.
+Shard k holds images ``k*shard_size .. (k+1)*shard_size - 1`` and is sampled in batches aligned
+to its start, so the batch composition, and therefore every image bit, does not depend on which process or how many ranks made it. Each shard is written under a
 temporary name and renamed when complete, so after an interruption a rerun of the same command
 makes only the missing shards. Under torchrun, shard k is made by rank ``k % world_size`` and rank 0
 writes the manifest after a barrier. While a run writes, ``.neon.lock`` in the directory is held
@@ -70,9 +70,9 @@ def synthesize(
     import torch
     from safetensors.torch import save_file
 
+    from neon_cli import labels as label_protocols
     from neon_cli import validate
     from neon_cli.dist import barrier, broadcast_object, device, main_rank_lock, rank_world, run_on_main
-    from neon_cli import labels as label_protocols
     from neon_cli.evaluate import classes_of
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.fsutil import remove_stale_tmp_in
