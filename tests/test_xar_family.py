@@ -334,6 +334,6 @@ def test_flow_steps_below_what_xars_sampler_runs_are_refused(fam):
     """xAR's euler_maruyama_sampler needs num_steps >= 3 (2 re-fills the KV cache in its last step,
     1 leaves its loop index unbound): refused by name before any model is loaded."""
     for bad in ("2", "1"):
-        with pytest.raises(UsageError, match="flow_steps"):
+        with pytest.raises(FamilyError, match=f"--set flow_steps: {bad} is below the minimum 3"):
             resolve_settings(fam, [f"flow_steps={bad}"])
     assert resolve_settings(fam, ["flow_steps=3"])["flow_steps"] == 3
