@@ -37,6 +37,10 @@ the end; nothing produced by VAR's code is kept), then checks:
    ``--num_images 1`` with the default batch 64, ``seed_block=1``).
 
 Prints one line per check and exits 1 if any fails. Runs in about a minute on 2 CPU cores.
+
+Measured (FoundationVision/VAR 78b95394, SinaAlemohammad/Neon 76496c3f, torch 2.13.0+cpu, a shared
+2-core machine): all 23 checks pass; item 4: 0 of 40 and 0 of 10 (label, g_seed, position, B)
+differ, and neon's images equal generate_dataset.py's PNGs (max |diff| 0).
 """
 
 from __future__ import annotations

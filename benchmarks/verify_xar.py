@@ -33,7 +33,8 @@ kept), then checks:
 4. labels (issue 24): ``--labels xar`` equals the labels xAR's own ``engine_xar.evaluate`` (``eval.py``)
    hands ``sample_tokens`` (run with a recording stand-in model; 2,000 and 5,000 images of 1,000
    classes), and with ``--neon-repo`` the Neon repository's ``xAR/calculate_fid.py``
-   ``prepare_labels``. ``--only-labels`` runs this check alone.
+   ``prepare_labels``. ``--only-labels`` runs this check alone. Measured (OliverRensu/xAR 121e9c93,
+   SinaAlemohammad/Neon 76496c3f): 0 of 2,000 and 0 of 5,000 labels differ from either (23 s).
 
 On CPU, xAR's ``.cuda()`` calls are made no-ops while its code runs
 (:func:`neon_cli.repo.cuda_calls_on_cpu`, as the family does), ``flash_attn`` (imported, unused)
