@@ -34,7 +34,12 @@ folder (``--workdir``, default a temporary one; never inside the project), and c
    clone) also the images of the paper's evaluator, ``edm/cal_metrics_all.py``'s
    ``generate_images(net, seeds, 64, None, ...)``.
 
-``--checks`` runs a subset (comma-separated: formulas, sampling, loss, files, labels).
+``--checks`` runs a subset (comma-separated: formulas, sampling, loss, files, labels). Measured
+(``--checks labels --neon-repo``, NVlabs/edm 008a4e53, SinaAlemohammad/Neon 76496c3f, torch
+2.13.0+cpu): for DDPM++/EDM and ADM/VP (10 classes), 0 of 1,000 and 0 of 16 (around 2**32) labels
+differ from ``StackedRandomGenerator``'s; images with those labels equal ``generate.py`` without
+``--class`` and ``cal_metrics_all.generate_images`` (max |diff| 0; 8 seeds x 18 steps for generate.py
+and DDPM++ vs the paper's evaluator, 4 seeds x 6 steps for all four).
 
 Prints one line per check with its figure, then ``ALL OK`` or the failures (exit 1).
 
