@@ -774,11 +774,12 @@ def compute_stats(
     start, stop = rank_slice(len(source), rank, world)
     acc = StatsAccumulator()
     done, total = 0, stop - start
-    progress("inception", 0, total, unit="img")
+    task = getattr(detector, "task", "inception")
+    progress(task, 0, total, unit="img")
     for images in _iter_batches(source, start, stop, batch):
         acc.update(detector.features(images).numpy())
         done += images.shape[0]
-        progress("inception", done, total, unit="img")
+        progress(task, done, total, unit="img")
     if dist is not None and world > 1:
         states: list[Any] = [None] * world
         dist.all_gather_object(states, acc.state())
@@ -858,6 +859,7 @@ class PixelFeatures:
 
     sha256 = None
     path = None
+    task = "pixels"  # the progress task name (the Inception detector's is "inception")
 
     def __init__(self) -> None:
         self.feature_dim: int | None = None
