@@ -140,14 +140,15 @@ def test_edm_protocol_draws_from_each_seeds_generator():
 
 def test_synth_records_and_enforces_the_protocol(tmp_path):
     out = tmp_path / "S"
-    invoke("synth", "digits", "-n", 20, "-o", out, "--labels", "xar", "--shard-size", 8, "-q")
+    invoke("synth", "digits", "-n", 10, "--seed", 3, "-o", out, "--labels", "xar", "--shard-size", 4, "--batch", 4, "-q")
     man = json.loads((out / "manifest.json").read_text())
     assert man["label_protocol"] == "xar" and man["labels"].startswith("xar:")
     from safetensors.torch import load_file
 
-    got = torch.cat([load_file(str(out / f"shard-{k:05d}.safetensors"))["labels"] for k in range(3)])
-    assert got.tolist() == np.arange(10).repeat(2).tolist()
-    res = invoke("synth", "digits", "-n", 20, "-o", out, "--shard-size", 8, "-q", code=2)
+    shards = [load_file(str(out / f"shard-{k:05d}.safetensors")) for k in range(3)]
+    assert torch.cat([d["labels"] for d in shards]).tolist() == list(range(10))  # sorted; balanced would be 3..9, 0..2
+    assert torch.cat([d["seeds"] for d in shards]).tolist() == list(range(3, 13))
+    res = invoke("synth", "digits", "-n", 10, "--seed", 3, "-o", out, "--shard-size", 4, "--batch", 4, "-q", code=2)
     assert "another label_protocol ('xar' != 'balanced')" in res.output
 
 
