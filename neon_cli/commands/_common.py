@@ -115,6 +115,25 @@ RefStatsOpt = typer.Option(
     help="Reference statistics .npz (mu, sigma) for FID (default: $NEON_REF_STATS).")
 
 
+DetectorTrustOpt = typer.Option(
+    False, "--trust-pickle",
+    help="Let a pickled detector (EDM's / StyleGAN3's inception-2015-12-05.pkl) run the code stored in it when it holds "
+         "no TorchScript archive (one inside loads without running anything). Only for files you trust.")
+
+
+def complete_labels(incomplete: str) -> list[tuple[str, str]]:
+    from neon_cli.labels import PROTOCOLS, SOURCES
+
+    return [(p, _short(SOURCES[p])) for p in PROTOCOLS if p.startswith(incomplete)]
+
+
+LabelsOpt = typer.Option(
+    "balanced", "--labels", autocompletion=complete_labels,
+    help="Class-label protocol of the seed plan: balanced (label = seed % classes), or a paper system's own: "
+         "edm (EDM generate.py's per-seed draw), var (VAR generate_dataset.py: class order, seed restarts per class), "
+         "xar (xAR eval.py: labels sorted by class).")
+
+
 def complete_family(incomplete: str) -> list[str]:
     """Shell completion for FAMILY: entry-point names, without importing any plugin."""
     from neon_cli.family import family_names
