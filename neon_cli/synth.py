@@ -89,7 +89,7 @@ def synthesize(
     with main_rank_lock(out_dir, "-o", folder=True):
         run_on_main(remove_stale_tmp_in, out_dir)  # partial shards of a killed run: under the lock no live run owns one
         model_sha = report.add_input("model", path)
-        num_classes = classes_of(family, path)
+        num_classes = classes_of(family, path, settings)
         plan = {
             "schema": SCHEMA,
             "family": family.name,
@@ -101,6 +101,9 @@ def synthesize(
             "labels": "(seed + i) % num_classes" if num_classes else None,
             "num_classes": num_classes,
         }
+        conditioning = getattr(family, "synth_conditioning", None)
+        if callable(conditioning):  # what the labels index, kept with S (t2i: the prompts)
+            plan["conditioning"] = conditioning(settings)
         report.settings.update(resolved_settings=settings)
         run_on_main(_check_plan, out_dir, plan)
 
@@ -166,7 +169,7 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
         old = json.loads(f.read_text())
     except (OSError, ValueError) as exc:
         raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
-    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old.get(key) != plan.get(key)]
+    differs = [key for key in ("family", "settings", "seed", "shard_size", "num", "conditioning") if old.get(key) != plan.get(key)]
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
         differs.append("model")
     if not differs:
