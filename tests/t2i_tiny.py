@@ -19,7 +19,7 @@ def write_tokenizer_files(folder: Path) -> None:
     (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")
 
 
-def build_sd(folder: Path, *, seed: int = 0, prediction_type: str = "epsilon", size: int = 16) -> Path:
+def build_sd(folder: Path, *, seed: int = 0, prediction_type: str = "epsilon", size: int = 8) -> Path:
     """Save a tiny ``StableDiffusionPipeline`` (random weights, seeded) at ``folder``; returns it."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -49,7 +49,7 @@ def build_sd(folder: Path, *, seed: int = 0, prediction_type: str = "epsilon", s
     return Path(folder)
 
 
-def build_sdxl(folder: Path, *, seed: int = 0, size: int = 16) -> Path:
+def build_sdxl(folder: Path, *, seed: int = 0, size: int = 8) -> Path:
     """Save a tiny ``StableDiffusionXLPipeline`` (two text encoders, ``text_time`` conditioning) at
     ``folder``; the sizes follow diffusers' own SDXL pipeline tests (cross-attention 32 + 32,
     pooled 32 + 6 x 8 time ids)."""

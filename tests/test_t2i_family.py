@@ -1,6 +1,6 @@
 """The ``t2i`` family on a tiny Stable Diffusion pipeline built here from configs with random weights
 (``tests/t2i_tiny.py``: UNet2DConditionModel, CLIPTextModel + CLIPTokenizer from a vocabulary written
-by the test, AutoencoderKL, DDIM scheduler; 16x16 images).
+by the test, AutoencoderKL, DDIM scheduler; 8x8 images).
 
 Reference libraries: diffusers (the pipeline's own call for sampling, ``from_pretrained`` /
 ``load_lora_weights`` / ``fuse_lora`` for what neon writes), the training script's formulas
@@ -89,7 +89,7 @@ def test_synth_is_the_pipeline_call_and_keeps_prompts(work):
                generator=[torch.Generator().manual_seed(i) for i in range(4)], num_inference_steps=3, guidance_scale=3.0,
                output_type="np").images
     ref = torch.from_numpy((out * 255).round().astype(np.uint8)).permute(0, 3, 1, 2)
-    assert shard["images"].shape == (6, 3, 16, 16) and shard["images"].dtype == torch.uint8
+    assert shard["images"].shape == (6, 3, 8, 8) and shard["images"].dtype == torch.uint8
     assert torch.equal(shard["images"][:4], ref)
 
 
@@ -122,7 +122,7 @@ def test_loss_is_train_text_to_image(work, prediction):
     model.pipe.scheduler = DDIMScheduler.from_config(model.pipe.scheduler.config, prediction_type=prediction)
     prompts = [{"prompt": t, "negative_prompt": ""} for t in ("a red cat", "the blue dog", "a green tree")]
     family.use_synthetic_set(model, {"conditioning": {"kind": "prompts", "prompts": prompts}})
-    images = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    images = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
     labels = torch.tensor([2, 0, 1])
     moments = family.encode(model, images)
     got = family.loss(model, moments, labels, torch.Generator().manual_seed(7))
@@ -160,7 +160,7 @@ def test_full_finetune_merge_reload(work, tmp_path):
     for k in r:
         torch.testing.assert_close(n[k], r[k] - 1.5 * (s[k] - r[k]))
     out = merged(prompt="a yellow bird", generator=torch.Generator().manual_seed(0), num_inference_steps=2, output_type="np").images
-    assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+    assert out.shape == (1, 8, 8, 3) and np.isfinite(out).all()
 
 
 def test_lora_finetune_is_a_diffusers_lora(work, tmp_path):
@@ -248,3 +248,50 @@ def test_tune_w_on_eval_prompts(work, tmp_path, monkeypatch):
     r, s, n = _unet_sd(work / "sd"), _unet_sd(snap), _unet_sd(tmp_path / "neon")
     k = "conv_in.weight"
     torch.testing.assert_close(n[k], r[k] - w * (s[k] - r[k]))
+
+
+def test_sdxl_sample_and_loss(tmp_path):
+    """SDXL: the pipeline's call, and train_text_to_image_sdxl.py's conditioning (penultimate hidden
+    states of both encoders concatenated, text_encoder_2's pooled output, time ids (H, W, 0, 0, H, W))."""
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from t2i_tiny import build_sdxl
+    from neon_t2i import family
+
+    build_sdxl(tmp_path / "xl")
+    (tmp_path / "p.txt").write_text("a red cat\nthe dog\n")
+    settings = {"prompts": str(tmp_path / "p.txt"), "steps": 2, "guidance": 3.0, "resolution": 0, "dtype": "float32"}
+    model = family.load(str(tmp_path / "xl"), settings=settings)
+    got = family.sample(model, torch.arange(3), torch.arange(3) % 2, settings)
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "xl"))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt=["a red cat", "the dog", "a red cat"], generator=[torch.Generator().manual_seed(i) for i in range(3)],
+               num_inference_steps=2, guidance_scale=3.0, output_type="np").images
+    assert torch.equal(got, torch.from_numpy((ref * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
+
+    train = family.load(str(tmp_path / "xl"), settings={}, purpose="train")
+    family.use_synthetic_set(train, {"conditioning": {"kind": "prompts", "prompts": family.prompts(settings)}})
+    labels = torch.tensor([1, 0, 1])
+    loss = family.loss(train, got, labels, torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        p = train.pipe
+        latents = DiagonalGaussianDistribution(p.vae.encode(got.float() / 127.5 - 1).latent_dist.parameters).sample(generator=gen)
+        latents = latents * p.vae.config.scaling_factor
+        texts = [["a red cat", "the dog"][i] for i in labels]
+        embeds = []
+        for tok, enc in ((p.tokenizer, p.text_encoder), (p.tokenizer_2, p.text_encoder_2)):
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            out = enc(ids, output_hidden_states=True)
+            embeds.append(out.hidden_states[-2])
+            pooled = out[0]
+        sched = DDPMScheduler.from_config(p.scheduler.config)
+        noise = randn_tensor(latents.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (3,), generator=gen)
+        time_ids = torch.tensor([[8, 8, 0, 0, 8, 8]] * 3, dtype=torch.float32)
+        pred = train.unet(sched.add_noise(latents, noise, t), t, torch.cat(embeds, -1),
+                          added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+    torch.testing.assert_close(loss.detach(), F.mse_loss(pred, noise), rtol=1e-5, atol=1e-6)
