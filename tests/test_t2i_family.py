@@ -106,6 +106,8 @@ def test_export_imagefolder(work, tmp_path):
     png = np.asarray(Image.open(tmp_path / "folder" / "00000005.png"))
     assert np.array_equal(png, images[5].permute(1, 2, 0).numpy())
     invoke("export", work / "S", "--format", "imagefolder", "-o", tmp_path / "folder", code=2)  # never overwritten
+    res = invoke("synth", "t2i", "--model", work / "sd", "-n", 2, "-o", tmp_path / "S2", code=2)  # no prompt file
+    assert "--set prompts" in res.output and not (tmp_path / "S2" / "plan.json").exists()
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])

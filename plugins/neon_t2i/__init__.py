@@ -88,9 +88,10 @@ class T2IFamily(ImageScoring):
         return read_prompts(settings["prompts"])
 
     def model_num_classes(self, path: str, settings: Mapping[str, Any] | None = None) -> int:
-        """P, the number of prompts of ``--set prompts`` (labels are prompt indices); 0 without."""
-        settings = settings or {}
-        return len(self.prompts(settings)) if settings.get("prompts") else 0
+        """P, the number of prompts of ``--set prompts`` (labels are prompt indices). Called by the
+        core before sampling (synth, eval, tune-w), so a missing or bad prompt file is refused
+        (UsageError naming ``--set prompts``) before the pipeline is loaded."""
+        return len(self.prompts(settings or {}))
 
     def synth_conditioning(self, settings: Mapping[str, Any]) -> dict[str, Any]:
         """What S's labels index, kept in its manifest: ``{"prompts": [{prompt, negative_prompt}],
