@@ -246,6 +246,8 @@ def test_tune_w_on_eval_prompts(work, tmp_path, monkeypatch):
     assert rep["status"] == ("ok" if res["improved"] else "no_improvement")
     assert res["metric"] == "pixel_fid" and all({"pixel_fid", "clip_score"} <= set(e["metrics"]) for e in res["evaluations"] if "metrics" in e)
     assert any(e["gamma"] != res["evaluations"][0]["gamma"] for e in res["evaluations"])  # gamma is searched
+    best = res["baselines"]["best"]  # the headline's base: theta_r at its own best gamma in the box
+    assert best["gamma_bounds"] == [1.5, 4.0] and best["value"] <= res["baselines"]["default"]["value"]
     w = res["chosen"]["w"]
     r, s, n = _unet_sd(work / "sd"), _unet_sd(snap), _unet_sd(tmp_path / "neon")
     k = "conv_in.weight"
