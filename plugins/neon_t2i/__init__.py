@@ -108,6 +108,13 @@ class T2IFamily(ImageScoring):
             raise UsageError("--data: the synthetic set has no prompts in its manifest (make it with 'neon synth t2i --set prompts=FILE')")
         object.__setattr__(model, "train_prompts", list(cond["prompts"]))
 
+    def files_read(self, settings: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """Files read beside the checkpoints: the prompt file, a LoRA's base pipeline and the CLIP
+        folder of ``$NEON_CLIP`` (protected from ``-o`` / ``--report`` by every command's plan)."""
+        settings = settings or {}
+        out = [(name, settings.get(name)) for name in ("prompts", "lora_base") if settings.get(name)]
+        return out + ([("clip", os.environ[CLIP_ENV])] if os.environ.get(CLIP_ENV) else [])
+
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, purpose: str = "sample") -> Any:
         """:class:`neon_t2i.pipeline.T2IModel` (state dict = the UNet's) in eval mode on CPU; see
