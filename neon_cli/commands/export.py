@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     def export_(
         data: Path = typer.Argument(..., help="Synthetic set directory made by 'neon synth'.", file_okay=False),
         fmt: str = typer.Option("edm-zip", "--format", "-f", help="Layout: edm-zip (EDM/StyleGAN dataset_tool.py: PNGs + dataset.json) or imagefolder (PNGs + metadata.jsonl with prompts, and kohya .txt captions)."),
-        out: Path = typer.Option(..., "--out", "-o", help="File to write (.zip), or the folder (imagefolder)."),
+        out: Path = typer.Option(..., "--out", "-o", help="File to write (.zip), or the folder (imagefolder; must not exist).", dir_okay=False),
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
