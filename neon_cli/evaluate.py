@@ -19,13 +19,21 @@ from neon_cli.errors import ThresholdExceeded, UsageError
 from neon_cli.progress import ProgressFn, null_progress
 
 
-def classes_of(family: Any, path: Any = None) -> int:
+def classes_of(family: Any, path: Any = None, settings: Mapping[str, Any] | None = None) -> int:
     """Number of classes of the model at ``path``: the family's optional ``model_num_classes(path)``
     (families whose models differ, e.g. diffusers UNets with or without class embeddings), else
-    ``family.num_classes``."""
+    ``family.num_classes``. A ``model_num_classes`` that declares the keyword ``settings`` gets the
+    command's resolved settings (the ``t2i`` family: the number of prompts of ``--set prompts=FILE``,
+    labels being prompt indices)."""
     fn = getattr(family, "model_num_classes", None)
     if fn is not None and path is not None:
-        return int(fn(str(path)))
+        import inspect
+
+        try:
+            takes = "settings" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes = False
+        return int(fn(str(path), settings=dict(settings or {})) if takes else fn(str(path)))
     return int(family.num_classes or 0)
 
 
@@ -257,7 +265,7 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
         check_metric_names(family, family_name, limits, progress)  # inside: a family's metrics may depend on the detector
         check_family_scoring(family, family_name, detector, ref_stats)  # before the model loads or a sample is drawn
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
-        ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path),
+        ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path, settings),
                        labels=protocol)
         metrics = ev.score_model(model)
     report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, scoring=scoring, labels=protocol)

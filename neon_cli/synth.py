@@ -128,7 +128,7 @@ def synthesize(
     with main_rank_lock(out_dir, "-o", folder=True):
         run_on_main(remove_stale_tmp_in, out_dir)  # partial shards of a killed run: under the lock no live run owns one
         model_sha = report.add_input("model", path)
-        num_classes = classes_of(family, path)
+        num_classes = classes_of(family, path, settings)
         label_plan = label_protocols.check(labels, num, num_classes, family, seed=seed)
         plan = {
             "schema": SCHEMA,
@@ -142,6 +142,9 @@ def synthesize(
             "label_protocol": label_plan.protocol,
             "num_classes": num_classes,
         }
+        conditioning = getattr(family, "synth_conditioning", None)
+        if callable(conditioning):  # what the labels index, kept with S (t2i: the prompts)
+            plan["conditioning"] = conditioning(settings)
         hashes = setting_hashes(family, settings)  # a setting naming a file (a VAE) is known by its content
         if hashes:
             plan[SETTINGS_SHA256] = hashes
@@ -217,7 +220,7 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     # neon, without the settings' sha256, is compared with this one's settings as given)
     old_id = manifest_identity(old)
     new_id = manifest_identity(plan if SETTINGS_SHA256 in old else {k: v for k, v in plan.items() if k != SETTINGS_SHA256})
-    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old_id.get(key) != new_id.get(key)]
+    differs = [key for key in ("family", "settings", "seed", "shard_size", "num", "conditioning") if old_id.get(key) != new_id.get(key)]
     if old.get("label_protocol", "balanced") != plan.get("label_protocol", "balanced"):  # plans before --labels: balanced
         differs.append("label_protocol")
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:

@@ -251,7 +251,7 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
     fam_version = report.family.get("version") if isinstance(report.family, dict) else None
     ctx = Context(family=family, family_name=family_name, plan=plan, base=base, snaps=snaps, base_sha=base_sha,
                   snap_shas=snap_shas, settings=settings, guidance=guidance, metric=metric, model=model,
-                  base_sd=model.state_dict(), num_classes=classes_of(family, base),
+                  base_sd=model.state_dict(), num_classes=classes_of(family, base, settings),
                   static=static_key(family, fam_version, batch=plan.batch, scoring=scoring, labels=plan.labels),
                   store=EvalCache(cache if is_main() else None), trust_pickle=trust_pickle, report=report,
                   progress=progress)
