@@ -1,7 +1,7 @@
 """The ``t2i`` family: a local diffusers text-to-image pipeline folder (``StableDiffusionPipeline``,
 ``StableDiffusionXLPipeline``; the class read from ``model_index.json``), sampled from prompts with
 the pipeline's own scheduler and fine-tuned as diffusers' ``train_text_to_image.py`` /
-``train_text_to_image_lora.py`` do. Optional extra ``pip install 'neon-cli[t2i]'``.
+``train_text_to_image_lora.py`` do. Optional extra ``pip install '.[t2i]'`` (from the clone).
 
 This module imports no torch, diffusers, transformers or peft; the methods import them when called.
 
@@ -36,7 +36,7 @@ from neon_cli.errors import FamilyError, UsageError
 from neon_cli.family import Metric, Setting
 from neon_diffusers.scoring import METRIC_INFO, ImageScoring, metric_names
 
-INSTALL_HINT = "pip install 'neon-cli[t2i]' (diffusers, transformers, peft); see README 'Neon on your Stable Diffusion model'"
+INSTALL_HINT = "pip install '.[t2i]' from the neon clone (diffusers, transformers, peft); see README 'Neon on your Stable Diffusion model'"
 CLIP_ENV = "NEON_CLIP"  # neon_t2i.clip.ENV, repeated so that listing metrics imports nothing heavy
 
 
