@@ -3,8 +3,12 @@ against the spread of the metric over independent seed blocks, and the paired di
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+
+from tune_fakes import fam  # noqa: F401  (the fake family fixture)
 
 from neon_cli.metrics import (balanced_groups, combine_differences, feature_stats, frechet_distance,
                               frechet_replicates, jackknife, paired_difference)
@@ -126,3 +130,70 @@ def test_eval_reports_se_gates_on_min_max_and_se(tmp_path):
     assert invoke(args + near).exit_code == 1  # passed on the value ...
     assert invoke(args + near + ["--gate-se", "1"]).exit_code == 0  # ... but within one standard error
     assert invoke(args + ["--max-metric", f"w2={w2 - 3 * se}", "--gate-se", "2"]).exit_code == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# tune-w's stage 2 on the fake family (issue 23, item 2)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_stage2_extends_until_budget_and_noise_is_exit_5(fam, monkeypatch):
+    """On the fresh seeds every merge is 0.1 % better than the base, but the jackknife replicates
+    are noisy (SE ~ 100x the difference): nothing is resolved, so stage 2 adds blocks of fresh seeds
+    until --max-images, then says 'inside the noise' (NoImprovement, exit 5), with the images of
+    every stage counted."""
+    import itertools
+
+    import torch
+
+    from neon_cli.errors import NoImprovement
+    from neon_cli.report import Report
+    from neon_cli.tune import run_tune_w
+    from tune_fakes import THETA_R
+
+    real, calls = fam.score, itertools.count()
+
+    def score(images, labels):
+        if len(images) > 32:  # the search (64 seeds) and its replicates: the real metric
+            return real(images, labels)
+        z = images.reshape(len(images), 24).contiguous().view(torch.float64)
+        base = bool(torch.allclose(z.mean(0)[:2], torch.tensor(THETA_R, dtype=torch.float64), atol=0.05))
+        dist = 1.0 if base else 0.999
+        if len(images) < 32:  # a replicate
+            dist += 0.05 * float(np.random.default_rng(next(calls)).normal())
+        return {"dist": dist, "recall": math.exp(-dist)}
+
+    monkeypatch.setattr(fam, "score", score)
+    rep = Report("t", argv=[])
+    with pytest.raises(NoImprovement, match="inside the noise"):
+        run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], num_samples=64, seed=0, confirm_samples=32,
+                   keep=2, max_images=300, report=rep)
+    conf = rep.results["confirmation"]
+    assert conf["blocks"] == 3 and conf["images"] == 3 * 3 * 32  # 2 candidates + the base; 3 blocks of 96 fit in 300
+    assert conf["seeds"] == [64, 64 + 3 * 32 - 1] and not conf["resolved_vs_base"] and not conf["contradicts"]
+    assert conf["vs_base"]["diff"] == pytest.approx(-0.001) and conf["vs_base"]["se"] > 0.01
+    assert rep.results["improved"] is False and rep.results["resolution"]["inside_noise"] is True
+    img = rep.results["images"]
+    assert img["confirmation"] == 288 and img["total"] == img["search"] + img["base"] + 288
+
+
+def test_image_families_replicates_equal_the_generic_jackknife(tmp_path, monkeypatch):
+    """The image families' one-pass jackknife (pixel_fid here; Inception FID takes the same
+    frechet_replicates path) equals scoring every leave-one-group-out subset again."""
+    import torch
+
+    from neon_cli.metrics import save_stats, score_with_jackknife
+    from neon_diffusers.scoring import ImageScorer, pixel_features
+
+    rng = np.random.default_rng(0)
+    ref = torch.from_numpy(rng.integers(0, 256, (200, 3, 4, 4), dtype=np.uint8))
+    save_stats(tmp_path / "ref.npz", *feature_stats(pixel_features(ref)))
+    monkeypatch.setenv("NEON_REF_STATS", str(tmp_path / "ref.npz"))
+    monkeypatch.delenv("NEON_INCEPTION", raising=False)
+    images = torch.from_numpy(rng.integers(0, 200, (120, 3, 4, 4), dtype=np.uint8))
+    groups = balanced_groups(120, 10)
+    scorer = ImageScorer()
+    fast_full, fast = scorer.jackknife(images, None, groups)
+    slow_full, slow = score_with_jackknife(scorer, images, None, groups)
+    assert fast_full["pixel_fid"] == pytest.approx(slow_full["pixel_fid"], rel=1e-12)
+    assert np.allclose(fast["pixel_fid"], slow["pixel_fid"], rtol=1e-8)
