@@ -114,7 +114,7 @@ def register(app: typer.Typer) -> None:
 
         With --gamma: w at the default gamma first (so never worse than the w-only search), then a quadratic surface in (w, ln gamma) around it (paper App. C), refined until the fit says the optimum is resolved: 9 evaluations, up to 15 when it is not.
 
-        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. When no candidate beats the base, no -o is written (unless --write-anyway) and the exit code is 5.
+        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. Stage 2 (default on) re-scores the search's --keep best candidates and the base on blocks of fresh seeds, paired (the same seeds), until the winner is resolved (95% interval of the difference excludes 0) or --max-images is spent, and chooses on those; every value has a standard error (<metric>_se). When no candidate beats the base beyond the noise, no -o is written (unless --write-anyway) and the exit code is 5.
 
         Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search. The chosen settings (gamma, ...) are recorded in -o's metadata, and eval / synth / demo sample with them.
 
