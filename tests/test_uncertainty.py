@@ -15,6 +15,8 @@ from neon_cli.metrics import (balanced_groups, combine_differences, feature_stat
 
 K = 10
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: fastest single-threaded
+
 
 def _balanced_features(rng, n, shift=0.0, d=6):
     """Features of a class-balanced plan: row i belongs to class i % K, classes far apart (so an
