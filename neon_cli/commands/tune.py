@@ -170,7 +170,10 @@ def _show(results, console) -> None:
         t.add_row(Path(s["path"]).name, str(s["n_evals"]), _f(b["w"]), _f(b["gamma"]), _f(b["value"], 5), status)
     console.print(t)
     g = f", gamma = {chosen['gamma']:.4g}" if chosen.get("gamma") is not None else ""
-    console.print(f"chosen: {Path(chosen['path']).name}, w = {chosen['w']:.4g}{g}: {metric} = {chosen['value']:.5g}")
+    unc = (f" ± {chosen['se']:.2g}" if isinstance(chosen.get("se"), float) else "") + \
+        (f" (bias-corrected {chosen['bias_corrected']:.4g})" if isinstance(chosen.get("bias_corrected"), float) else "")
+    console.print(f"chosen: {Path(chosen['path']).name}, w = {chosen['w']:.4g}{g}: {metric} = {chosen['value']:.5g}{unc} "
+                  f"on the search seeds ({results.get('num_samples')} per evaluation)")
     bl, gain = results.get("baselines") or {}, results.get("gain") or {}
     for key, what in (("default", "at its default settings"), ("best", "at its own best gamma")):
         b = bl.get(key)

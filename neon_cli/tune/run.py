@@ -396,7 +396,21 @@ def summarize(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict
     results["beats_base"] = ctx.better(results["chosen"]["value"], best_base["value"])
     win_row = scorer.measure(found.best, win.w, win_gamma, ctx.evaluator, "search")  # from memory
     results["search_vs_base"] = _paired_over(ctx, {0: [win_row], 1: [best_base]}, 0, 1)
+    for out, row in ((results["chosen"], win_row), (results["best_base"], best_base)):
+        out.update(_uncertainty(ctx, row))
     results["gain"] = _gains(ctx, results["chosen"]["value"], results["baselines"])
+
+
+def _uncertainty(ctx: Context, row: Mapping[str, Any]) -> dict[str, Any]:
+    """``se`` and ``bias_corrected`` (jackknife; labelled: for comparing values taken at different N)
+    of a log row's objective, on its own seeds; None where the row has no replicates."""
+    from neon_cli.metrics import jackknife
+
+    v = float(row["metrics"][ctx.metric])
+    if not row.get("jackknife"):
+        return {"se": row["metrics"].get(f"{ctx.metric}_se"), "bias_corrected": None}
+    jk = jackknife(v, row["jackknife"])
+    return {"se": jk["se"], "bias_corrected": jk["bias_corrected"]}
 
 
 def _relative(ctx: Context, base_value: float, neon_value: float) -> float | None:
