@@ -32,7 +32,9 @@ seeds; as ``neon demo``), or ``2`` for configs marked ``@2``. Every evaluation i
 
 Which configs chose the defaults: ``T1`` and ``T2`` (the design constants of
 ``neon_cli/tune/joint.py`` were set looking at them); ``H1``-``H4`` played no part.
-Measured figures: README, "Tuning w and gamma".
+Measured figures: README, "Tuning w and gamma". These gaps are on the search's own seeds (one
+block); the regret of each method against a truth over many disjoint blocks is
+``benchmarks/tune_regret.py`` (issue 23).
 """
 
 from __future__ import annotations

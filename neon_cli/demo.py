@@ -9,8 +9,10 @@ following the paper's protocol (Sec. 4: every model at its FID-optimal inference
    and recipe;
 5. tune-w: (w, gamma) jointly (w at S's gamma first, then the quadratic surface), the control's
    own best gamma, merge -> ``OUT/neon.safetensors``;
-6. confirmation on a larger, disjoint seed range: the base at its default settings, the base at
-   its best gamma, the control and Neon; the headline gain is against the base at its best.
+6. confirmation on a larger, disjoint seed range (tune-w's stage 2 with ``keep=1``, one block):
+   the base at its default settings, the base at its best gamma, the control and Neon; the
+   headline gain is against the base at its best, with the standard error of the paired
+   difference (same seeds) and whether it is resolved.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class _Pipeline:
         neon_path = self.out / "neon.safetensors"
         tuned = self.step("tune-w", lambda **k: run_tune_w(
             self.family_name, self.base, [ft["final"]], bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
-            num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, cache=self.cache,
+            num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, keep=1, cache=self.cache,
             max_evals=self.max_evals, output=neon_path, control=ctl, require_improvement=False, write_anyway=True, **k))
         return self._results(tuned, gamma_s, ft, neon_path, ctl)
 
@@ -177,6 +179,8 @@ class _Pipeline:
             "gain_vs_best": 1 - neon[m] / base_best[m] if base_best.get(m) else None,
             "gain_vs_default": 1 - neon[m] / base_default[m] if base_default.get(m) else None,
             "gain_control_vs_best": 1 - control_m[m] / base_best[m] if control_m and base_best.get(m) else None,
+            "vs_base": conf.get("vs_base") or tuned.get("search_vs_base"),
+            "resolved": bool((conf.get("resolved_vs_base") if conf else (tuned.get("search_vs_base") or {}).get("resolved"))),
             "improved": tuned["improved"], "search_evaluations": sum(s["n_evals"] for s in tuned["snapshots"]),
             "evaluations": tuned["n_evals"],
             "paths": {"synthetic_set": str(self.out / "S"), "selftrained": ft["final"], "control": ctl,

@@ -11,6 +11,7 @@ label of another ``--labels`` protocol (:mod:`neon_cli.labels`: EDM's, VAR's, xA
 from __future__ import annotations
 
 import copy
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -93,8 +94,12 @@ def check_plan_numbers(num_samples: Any, seed: Any, batch: Any, *, samples_flag:
     return n, validate.seed("--seed", seed, count=n), validate.positive_int("--batch", batch)
 
 
-def parse_thresholds(max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = ()) -> dict[str, tuple[float, str]]:
-    """``--max-fid X`` and ``--max-metric METRIC=X`` as ``{metric: (X, flag)}``; every X must be finite.
+def parse_thresholds(max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = (),
+                     min_metric: list[str] | tuple[str, ...] = ()) -> dict[str, tuple[float, str]]:
+    """``--max-fid X``, ``--max-metric METRIC=X`` and ``--min-metric METRIC=X`` as ``{metric: (X, flag)}``
+    (the flag says the side: a ``--min-metric`` gate fails below X); every X must be finite.
+    One metric may carry both a minimum and a maximum: the minimum is then keyed ``METRIC`` under
+    ``(X, "--min-metric METRIC")`` in a second entry named ``METRIC<min``.
 
     Raises UsageError naming the flag (``--max-fid: must be a finite number, got nan``; a gate at
     NaN or infinity could never fail).
@@ -104,12 +109,42 @@ def parse_thresholds(max_fid: float | None = None, max_metric: list[str] | tuple
     out: dict[str, tuple[float, str]] = {}
     if max_fid is not None:
         out["fid"] = (validate.finite("--max-fid", max_fid), "--max-fid")
-    for item in max_metric or ():
-        name, sep, value = str(item).partition("=")
-        name = name.strip()
-        if not sep or not name:
-            raise UsageError(f"--max-metric {item!r}: expected METRIC=NUMBER")
-        out[name] = (validate.finite(f"--max-metric {name}", value.strip()), f"--max-metric {name}")
+    for opt, items in (("--max-metric", max_metric), ("--min-metric", min_metric)):
+        for item in items or ():
+            name, sep, value = str(item).partition("=")
+            name = name.strip()
+            if not sep or not name:
+                raise UsageError(f"{opt} {item!r}: expected METRIC=NUMBER")
+            key = name if opt == "--max-metric" else f"{name}<min"
+            out[key] = (validate.finite(f"{opt} {name}", value.strip()), f"{opt} {name}")
+    return out
+
+
+def _metric_of(key: str) -> str:
+    return key[:-4] if key.endswith("<min") else key
+
+
+def check_thresholds(metrics: Mapping[str, float], limits: Mapping[str, tuple[float, str]], gate_se: float = 0.0
+                     ) -> dict[str, dict[str, Any]]:
+    """Every threshold of ``limits`` (:func:`parse_thresholds`) that ``metrics`` exceed.
+
+    ``--max-metric M=X`` is exceeded when ``M - gate_se * M_se > X``; ``--min-metric M=X`` when
+    ``M + gate_se * M_se < X`` (``gate_se`` = ``--gate-se K``: fail only when the threshold is passed
+    by more than K standard errors; 0: on the value alone). A metric without an SE is gated on its value.
+    Returns ``{metric: {"value", "se", "max" | "min", "flag"}}`` (empty: all pass).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for key, (limit, flag) in limits.items():
+        name = _metric_of(key)
+        value = float(metrics[name])
+        se = metrics.get(f"{name}_se")
+        margin = gate_se * float(se) if gate_se and se is not None and math.isfinite(float(se)) else 0.0
+        if key.endswith("<min"):
+            if value + margin < limit:
+                out.setdefault(name, {"value": value, "se": se, "flag": flag})["min"] = limit
+        elif value - margin > limit:
+            entry = out.setdefault(name, {"value": value, "se": se, "flag": flag})
+            entry["max"], entry["flag"] = limit, flag
     return out
 
 
@@ -127,14 +162,16 @@ def check_metric_names(family: Any, family_name: str, limits: dict[str, tuple[fl
     from neon_cli.family import resolve_metric
 
     for old in list(limits):
-        new = resolve_metric(family, old, limits[old][1], progress, "eval")
-        if new != old:
-            limits[new] = limits.pop(old)
+        base, suffix = _metric_of(old), old[len(_metric_of(old)):]
+        new = resolve_metric(family, base, limits[old][1], progress, "eval")
+        if new != base:
+            limits[new + suffix] = limits.pop(old)
     names = list(getattr(family, "metrics", None) or [])
     if not names:
         return
-    known = set(names) | {"seconds"}
-    for name, (_, flag) in limits.items():
+    known = set(names)
+    for key, (_, flag) in limits.items():
+        name = _metric_of(key)
         if name not in known:
             raise UsageError(f"{flag}: family {family_name!r} reports no metric {name!r} (its metrics: {', '.join(names)})")
 
@@ -171,6 +208,7 @@ class Evaluator:
         self.label_plan = label_protocols.check(labels, num_samples, int(nc or 0), family, seed=seed, num_flag=samples_flag)
         self.seeds, self.labels = label_protocols.plan_tensors(self.label_plan, family, None)  # edm: labels drawn later
         self._draw_labels = self.label_plan.protocol == "edm" and bool(nc)
+        self.num_classes = int(nc or 0) if (self.labels is not None or self._draw_labels) else 0
 
     def _plan_labels(self, model: Any) -> None:
         """``--labels edm``: the labels drawn from each seed's generator on the model's device, once."""
@@ -181,12 +219,30 @@ class Evaluator:
             self._draw_labels = False
 
     def score_model(self, model: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
-        """Metrics of ``model`` (``family.score``) plus ``seconds``; ``overrides`` updates settings (e.g. gamma).
+        """Metrics of ``model`` (``family.score``), each with ``<name>_se`` (its standard error,
+        :meth:`score_model_jk`), plus ``seconds``; ``overrides`` updates settings (e.g. gamma)."""
+        metrics, _ = self.score_model_jk(model, overrides)
+        return metrics
+
+    def score_model_jk(self, model: Any, overrides: Mapping[str, Any] | None = None
+                       ) -> tuple[dict[str, float], dict[str, list[float]] | None]:
+        """``(metrics, replicates)``: the family's metrics with ``<name>_se`` and ``seconds``, and
+        each metric's jackknife replicates (``{name: [G values]}``, None for exact metrics).
+
+        The standard error is the class-balanced delete-a-group jackknife
+        (:func:`neon_cli.metrics.balanced_groups`, :func:`neon_cli.metrics.jackknife`): G = 10
+        contiguous seed blocks, each a multiple of the number of classes. The family's optional
+        ``score_jackknife(images, labels, groups)`` computes the replicates from one feature pass;
+        otherwise ``family.score`` runs once per group (:func:`neon_cli.metrics.score_with_jackknife`).
+        Paired comparisons of two candidates on the same seeds use the replicates
+        (:func:`neon_cli.metrics.paired_difference`).
 
         A family with the optional method ``score_model(model, settings) -> dict`` (exact metrics
         computed from the model itself, e.g. the ``gaussian`` family's closed forms) is scored by it
-        instead of sampling the seed plan: no sampling noise, and the seed plan is unused.
+        instead of sampling the seed plan: no sampling noise (every SE is 0), and the seed plan is unused.
         """
+        from neon_cli.metrics import balanced_groups, score_with_jackknife, stratified_groups, with_uncertainty
+
         t0 = time.perf_counter()
         settings = {**self.settings, **(overrides or {})}
         if hasattr(model, "to"):
@@ -195,9 +251,9 @@ class Evaluator:
             model = model.to(device())
         exact = getattr(self.family, "score_model", None)
         if callable(exact):  # deterministic, so every rank computes the same values itself
-            metrics = {k: float(v) for k, v in exact(model, settings).items()}
+            metrics, _ = with_uncertainty({k: float(v) for k, v in exact(model, settings).items()}, None)
             metrics["seconds"] = round(time.perf_counter() - t0, 3)
-            return metrics
+            return metrics, None
         from neon_cli.labels import active
 
         self._plan_labels(model)
@@ -208,33 +264,69 @@ class Evaluator:
         # every rank holds all the images and calls score, so a scorer that splits its own work across
         # ranks (the Inception detector's all-gather) has every rank taking part; rank 0's numbers are
         # broadcast, so every rank takes the same decisions from identical values
-        metrics = broadcast_object({k: float(v) for k, v in self.family.score(images, self.labels).items()})
+        if self.label_plan.protocol == "balanced" or self.labels is None:
+            groups = balanced_groups(self.num_samples, self.num_classes)
+        else:  # a paper system's label order (edm: drawn; var/xar: sorted by class): stratify on the labels
+            groups = stratified_groups(self.labels.tolist())
+        fast = getattr(self.family, "score_jackknife", None)
+        if not groups:
+            full, reps = {k: float(v) for k, v in self.family.score(images, self.labels).items()}, {}
+        elif callable(fast):
+            full, reps = fast(images, self.labels, groups)
+        else:
+            full, reps = score_with_jackknife(self.family.score, images, self.labels, groups)
+        full, reps = broadcast_object(({k: float(v) for k, v in full.items()},
+                                       {k: [float(x) for x in v] for k, v in reps.items()}))
+        metrics, _ = with_uncertainty(full, reps)
+        for k in full:  # no groups (too few images): the SE is unknown, not 0
+            metrics.setdefault(f"{k}_se", float("nan"))
         metrics["seconds"] = round(time.perf_counter() - t0, 3)
-        return metrics
+        return metrics, reps
 
     def score_merge(self, model: Any, base_sd: Mapping[str, Any], selftrained_sd: Mapping[str, Any], w: float,
                     overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Score theta_r - w (theta_s - theta_r) merged in memory into a copy of ``model``'s structure."""
+        return self.score_merge_jk(model, base_sd, selftrained_sd, w, overrides)[0]
+
+    def score_merge_jk(self, model: Any, base_sd: Mapping[str, Any], selftrained_sd: Mapping[str, Any], w: float,
+                       overrides: Mapping[str, Any] | None = None) -> tuple[dict[str, float], dict[str, list[float]] | None]:
+        """:meth:`score_merge` with the jackknife replicates (as :meth:`score_model_jk`)."""
         from neon_cli.merge import merge_state_dicts
 
         merged = merge_state_dicts(base_sd, selftrained_sd, w)
         candidate = copy.deepcopy(model)
         candidate.load_state_dict(merged)
         candidate.eval()
-        return self.score_model(candidate, overrides)
+        return self.score_model_jk(candidate, overrides)
+
+
+#: ``neon eval``'s default first seed: disjoint from synth's (0, 1, ...) and from every seed a
+#: default ``neon tune-w`` run samples (10,000,000 onwards: search, then the confirmation blocks),
+#: so a check after tuning scores fresh seeds, not the ones the choice was made on.
+EVAL_SEED = 20_000_000
 
 
 def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str], num_samples: int, seed: int,
              batch: int, thresholds: Mapping[str, Any] | None = None, report: Any, progress: ProgressFn = null_progress,
              trust_pickle: bool = False, detector: Path | None = None, ref_stats: Path | None = None,
              max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = (),
-             labels: str | None = None) -> dict[str, float]:
-    """``neon eval``: metrics of one checkpoint on the seed plan; raises ThresholdExceeded past a threshold.
+             labels: str | None = None, min_metric: list[str] | tuple[str, ...] = (), gate_se: float = 0.0
+             ) -> dict[str, float]:
+    """``neon eval``: metrics of one checkpoint on the seed plan, each with its standard error;
+    raises ThresholdExceeded past a threshold.
 
-    Thresholds: ``max_fid`` (``--max-fid``), ``max_metric`` (``--max-metric METRIC=X``, see
-    :func:`parse_thresholds`) and ``thresholds`` (a mapping metric -> maximum, for library use); a
-    metric above its maximum raises :class:`ThresholdExceeded` (exit 1) after the results are
-    recorded in ``report``. Numbers are checked before any file is read (:func:`check_plan_numbers`,
+    Metrics: the family's, plus ``<name>_se`` for each (class-balanced delete-a-group jackknife,
+    :meth:`Evaluator.score_model_jk`); ``report.results["bias_corrected"]`` holds the jackknife's
+    bias-corrected values (Quenouille; for comparing numbers taken at different N) and
+    ``report.results["seconds"]`` the time (timings are not metrics).
+
+    Thresholds: ``max_fid`` (``--max-fid``), ``max_metric`` (``--max-metric METRIC=X``: fail above X),
+    ``min_metric`` (``--min-metric METRIC=X``: fail below X, for higher-is-better metrics such as
+    precision), see :func:`parse_thresholds`, and ``thresholds`` (a mapping metric -> maximum, for
+    library use). ``gate_se`` (``--gate-se K``, >= 0): fail only when a threshold is passed by more
+    than K standard errors (:func:`check_thresholds`). Every threshold passed is named in the
+    :class:`ThresholdExceeded` message (exit 1) and in ``report.results["exceeded"]``, after the
+    results are recorded. Numbers are checked before any file is read (:func:`check_plan_numbers`,
     finite thresholds), threshold metric names before the model is loaded
     (:func:`check_metric_names`), and ``--report`` may not be an input. ``model_path`` None means the family's
     embedded default checkpoint. ``detector`` / ``ref_stats`` (``--detector`` / ``--ref-stats``)
@@ -244,14 +336,16 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     recorded as ``report.results["labels"]``.
     """
     from neon_cli import validate
-    from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version
     from neon_cli.labels import check as check_labels
+    from neon_cli.metrics import with_uncertainty
     from neon_cli.scoring import check_family_scoring, scoring_files
     from neon_cli.tune.recorded import apply_recorded
 
     check_plan_numbers(num_samples, seed, batch)
     protocol = check_labels(labels, 0, 0).protocol
-    limits = parse_thresholds(max_fid, max_metric)
+    limits = parse_thresholds(max_fid, max_metric, min_metric)
+    gate_se = validate.finite("--gate-se", gate_se, low=0.0)
     for name, value in (thresholds or {}).items():
         limits[name] = (validate.finite(f"--max-metric {name}", value), f"--max-metric {name}")
     family = get_family(family_name)
@@ -267,12 +361,26 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
         ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path, settings),
                        labels=protocol)
-        metrics = ev.score_model(model)
-    report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, scoring=scoring, labels=protocol)
-    for name, (limit, flag) in limits.items():
-        if name not in metrics:
-            raise UsageError(f"{flag}: family {family_name!r} reports no metric {name!r}")
-        if metrics[name] > limit:
-            report.results["exceeded"] = {name: {"value": metrics[name], "max": limit}}
-            raise ThresholdExceeded(f"{name} = {metrics[name]:.4g} exceeds {flag} {limit:g}")
+        metrics, reps = ev.score_model_jk(model)
+    seconds = metrics.pop("seconds", None)
+    _, corrected = with_uncertainty({k: v for k, v in metrics.items() if not k.endswith("_se")}, reps)
+    report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, seeds=[seed, seed + num_samples - 1],
+                          bias_corrected=corrected if reps else None, seconds=seconds, scoring=scoring, labels=protocol,
+                          uncertainty="class-balanced delete-a-group jackknife, 10 groups" if reps else "exact (no sampling)")
+    for key, (_, flag) in limits.items():
+        if _metric_of(key) not in metrics:
+            raise UsageError(f"{flag}: family {family_name!r} reports no metric {_metric_of(key)!r}")
+    exceeded = check_thresholds(metrics, limits, gate_se)
+    if exceeded:
+        report.results["exceeded"] = exceeded
+        parts = []
+        for name, e in exceeded.items():
+            se = f" +- {e['se']:.2g}" if e.get("se") is not None and gate_se else ""
+            sides = ([f"exceeds --max-metric {name} {e['max']:g}"] if "max" in e else []) + \
+                ([f"is below --min-metric {name} {e['min']:g}"] if "min" in e else [])
+            if "max" in e and e["flag"] == "--max-fid":
+                sides[0] = f"exceeds --max-fid {e['max']:g}"
+            parts.append(f"{name} = {e['value']:.4g}{se} {' and '.join(sides)}")
+        tail = f" by more than {gate_se:g} standard errors" if gate_se else ""
+        raise ThresholdExceeded("; ".join(parts) + tail)
     return metrics

@@ -851,6 +851,29 @@ class InceptionFID:
             out.update(prdc(self.real_features, feats, k=self.k))
         return out
 
+    def score_jackknife(self, images: Any, groups: Any, progress: ProgressFn = null_progress
+                        ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """:meth:`score` and each metric's leave-one-group-out values (``groups``: index arrays,
+        :func:`neon_cli.metrics.balanced_groups`) from **one** pass of the detector: the FID's by
+        :func:`neon_cli.metrics.frechet_replicates` (symmetric eigenproblems, no extra sqrtm), P/R/D/C
+        with the reals' k-NN radii computed once. Returns ``(metrics, {metric: [G values]})``."""
+        from neon_cli.metrics import frechet_replicates, knn_radii, prdc
+
+        feats = compute_features(self.detector, images, self.batch, progress)
+        if feats.shape[1] != self.mu.shape[0]:
+            raise DataError(f"{self.ref_path}: statistics are {self.mu.shape[0]}-d but the detector gives {feats.shape[1]}-d features")
+        full, reps = frechet_replicates(feats, self.mu, self.sigma, groups)
+        out: dict[str, float] = {"fid": full}
+        jk: dict[str, list[float]] = {"fid": reps}
+        if self.real_features is not None:
+            radii = knn_radii(np.asarray(self.real_features, dtype=np.float64), self.k)
+            out.update(prdc(self.real_features, feats, k=self.k, real_radii=radii))
+            n = len(feats)
+            for idx in groups:
+                for k, v in prdc(self.real_features, feats[np.setdiff1d(np.arange(n), idx)], k=self.k, real_radii=radii).items():
+                    jk.setdefault(k, []).append(v)
+        return out, jk
+
 
 class PixelFeatures:
     """The "detector" of pixel statistics: uint8 images [n, C, H, W] -> float64 [n, C*H*W] in [0, 1],

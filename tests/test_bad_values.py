@@ -43,6 +43,7 @@ EXTRA_BAD: dict[tuple[str, str], list[str]] = {
     ("eval", "--seed"): [str(2**63 - 1)],
     ("eval", "--batch"): ["0"],
     ("eval", "--max-fid"): [],
+    ("eval", "--gate-se"): ["-1"],
     ("align", "--num-real"): ["0"],
     ("align", "--real-seed"): [str(2**63 - 1)],
     ("align", "--batch"): ["0"],
@@ -61,6 +62,8 @@ EXTRA_BAD: dict[tuple[str, str], list[str]] = {
     ("tune-w", "--num-samples"): ["0", "1"],
     ("tune-w", "--seed"): [str(2**63 - 1)],
     ("tune-w", "--confirm-samples"): ["1"],
+    ("tune-w", "--keep"): ["0"],
+    ("tune-w", "--max-images"): ["-1"],
     ("tune-w", "--batch"): ["0"],
     ("tune-w", "--abandon-margin"): ["-0.5"],
     ("tune-w", "--base-gamma"): [],
@@ -85,6 +88,7 @@ STRING_BAD: list[tuple[str, str, list[str]]] = [
     ("merge", "--w", ["nan", "inf", "0.5,nan"]),
     ("merge", "--shard-size", ["0", "-1GB", "nanGB"]),
     ("eval", "--max-metric", ["fd_digits=nan", "fd_digits=inf", "fd_digits"]),
+    ("eval", "--min-metric", ["precision=nan", "precision=-inf", "precision"]),
     *[(cmd, "--set", ["guidance=nan", "guidance=inf", "guidance=-inf"]) for cmd in ("synth", "finetune", "eval", "tune-w", "align")],
 ]
 

@@ -104,6 +104,16 @@ def test_fid_equals_the_closed_form(mean_detector, tmp_path):
     assert out["fid"] == pytest.approx(expected, abs=1e-6, rel=1e-6)
     assert out["a"] == {"path": str(tmp_path / "a.npy"), "kind": "npy", "num_images": 30}
     assert out["feature_dim"] == 3 and out["detector_sha256"] == hashlib.sha256(mean_detector.read_bytes()).hexdigest()
+    # standard error: each image side's delete-a-group jackknife (10 contiguous groups) against the
+    # other side's statistics, by the closed form on the subsets, variances added
+    var = 0.0
+    for fx, fy in ((va / 255.0, vb / 255.0), (vb / 255.0, va / 255.0)):
+        n = len(fx)
+        size = n // 10
+        bounds = [i * size for i in range(10)] + [n]
+        reps = [closed_form_fid(np.delete(fx, np.arange(bounds[g], bounds[g + 1]), axis=0), fy) for g in range(10)]
+        var += 9 / 10 * float(((np.array(reps) - np.mean(reps)) ** 2).sum())
+    assert out["fid_se"] == pytest.approx(np.sqrt(var), rel=1e-5)
     # symmetric, zero against itself
     res = _fid(tmp_path / "b.npy", tmp_path / "a.npy", "--detector", mean_detector, "--json", "-q")
     assert json.loads(res.stdout)["fid"] == pytest.approx(expected, abs=1e-6, rel=1e-6)

@@ -415,7 +415,9 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     assert res["mode"] == "brent" and res["metric"] == "dist" and res["direction"] == "min"
     ev = res["evaluations"]
     n_search = res["snapshots"][0]["n_evals"]
-    assert n_search <= 12 and len(ev) == n_search + 3 and res["n_evals"] == len(ev)
+    # + the base on the search seeds, + stage 2 (one block here): the 3 best search points and the base
+    assert n_search <= 12 and len(ev) == n_search + 1 + 3 + 1 and res["n_evals"] == len(ev)
+    assert res["images"]["confirmation"] == 4 * 128 and res["images"]["search"] == n_search * 64
     # theta_r itself (w = 0) is scored first on the search seeds, and the chosen w beats it
     assert res["base"]["w"] == 0.0 and res["base"]["value"] == ev[0]["value"]
     assert res["baselines"]["default"]["value"] == ev[0]["value"] and res["baselines"]["best"] is None  # no gamma box
@@ -425,7 +427,7 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
         assert {"w", "gamma", "snapshot", "metrics", "seconds", "cached", "phase", "value", "seed", "num_samples"} <= set(e)
         assert e["cached"] is False and e["value"] == e["metrics"]["dist"]
         assert e["gamma"] == 1.8  # the family's default guidance, held fixed
-    assert [e["phase"] for e in ev] == ["base"] + ["brent"] * n_search + ["confirm", "confirm-base"]
+    assert [e["phase"] for e in ev] == ["base"] + ["brent"] * n_search + ["confirm"] * 3 + ["confirm-base"]
     # every search evaluation used the same seeds (common random numbers)
     search_calls = fam.seen[1:n_search + 1]
     assert all(torch.equal(s[0], torch.arange(0, 64)) for s in fam.seen[:n_search + 1])  # base and search: same seeds

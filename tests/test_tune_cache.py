@@ -173,7 +173,8 @@ def test_non_zero_ranks_neither_read_nor_write_the_cache_and_follow_rank_0(fam, 
 
     def broadcast(obj, src=0):  # rank 0 (another node) says: miss, for every candidate
         decisions.append(obj)
-        return None if len(decisions) % 2 else {"dist": 0.5, "recall": 0.6}  # cache decision, then metrics
+        # cache decision, then the metrics and their jackknife replicates
+        return None if len(decisions) % 2 else ({"dist": 0.5, "recall": 0.6}, {})
 
     monkeypatch.setattr(dist, "is_main", lambda: False)
     monkeypatch.setattr(dist, "broadcast_object", broadcast)

@@ -212,7 +212,7 @@ def test_confirmation_contradicting_the_search_is_no_improvement(fam, monkeypatc
 
     monkeypatch.setattr(fam, "score", score)
     rep = Report("t", argv=[])
-    with pytest.raises(NoImprovement, match="confirmation on 96 new seeds contradicts the search"):
+    with pytest.raises(NoImprovement, match="confirmation on 1 block.s. of 96 fresh seeds contradicts the search"):
         run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], num_samples=32, confirm_samples=96, report=rep)
     assert rep.results["beats_base"] is True and rep.results["confirmation"]["contradicts"] is True
 

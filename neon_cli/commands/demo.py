@@ -79,7 +79,8 @@ def _show(r, console) -> None:
     cols.append(("neon", f"Neon w {r['w']:.3g}, γ{_g(r['gamma'])}"))
     from rich.table import Column
 
-    names = [k for k in r["neon"] if k != "seconds" and all(k in (r[c[0]] or {}) for c in cols)]  # the family's order
+    names = [k for k in r["neon"] if k != "seconds" and not k.endswith("_se")
+             and all(k in (r[c[0]] or {}) for c in cols)]  # the family's order
     metric = Column("metric", no_wrap=True, min_width=max([len("metric"), *map(len, names)]))  # never "class_accura…"
     t = Table(metric, *[c[1] for c in cols], title=f"Neon on the embedded default ({r['confirm_samples']} samples, disjoint seeds)")
     for k in names:
@@ -96,12 +97,20 @@ def _show(r, console) -> None:
         v = r.get(key)
         return "" if v is None else f"{100 * abs(v):.1f}% {'lower' if v >= 0 else 'HIGHER'} than {against}"
 
-    console.print(f"Neon {m} {r['neon'][m]:.4g}: {gain('gain_vs_best', 'the base at its best γ')} "
-                  f"({r['base_best'][m]:.4g}; the headline), {gain('gain_vs_default', 'the base at its default γ')} "
+    def pm(row: str) -> str:
+        se = (r.get(row) or {}).get(f"{m}_se")
+        return "" if se is None else f" ± {se:.2g}"
+
+    console.print(f"Neon {m} {r['neon'][m]:.4g}{pm('neon')}: {gain('gain_vs_best', 'the base at its best γ')} "
+                  f"({r['base_best'][m]:.4g}{pm('base_best')}; the headline), {gain('gain_vs_default', 'the base at its default γ')} "
                   f"({r['base_default'][m]:.4g})")
+    d = r.get("vs_base")
+    if d:
+        console.print(f"paired on the same seeds: Neon - base at its best γ = {d['diff']:.3g} ± {d['se']:.2g} (SE), 95% "
+                      f"[{d['ci'][0]:.3g}, {d['ci'][1]:.3g}]: " + ("resolved" if r.get("resolved") else "NOT resolved (inside the noise)"))
     if r.get("control"):
         console.print(f"the same budget on {r['num_real']} real images: {m} {r['control'][m]:.4g} "
                       f"({gain('gain_control_vs_best', 'the base at its best γ')})")
     if not r.get("improved"):
-        console.print("[bold red]Neon did not beat the base at its best settings on the search seeds or the confirmation")
+        console.print("[bold red]Neon did not beat the base at its best settings beyond the noise (search seeds or confirmation)")
     console.print(f"Neon model: {r['paths']['neon']}")

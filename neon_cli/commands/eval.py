@@ -18,12 +18,15 @@ def register(app: typer.Typer) -> None:
         model: Optional[Path] = typer.Option(None, "--model", help="Checkpoint to score (default: the family's embedded one)."),
         set_: Optional[List[str]] = SetOpt,
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images sampled and scored."),
-        seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
+        seed: int = typer.Option(20_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ... and from every seed a default tune-w run samples, so a check after tuning uses fresh seeds)."),
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size."),
         labels: str = LabelsOpt,
         max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid (Inception FID) exceeds this; same as --max-metric fid=X. For digits, a deprecated alias of --max-metric fd_digits=X."),
         max_metric: Optional[List[str]] = typer.Option(
             None, "--max-metric", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable), e.g. --max-metric pixel_fid=0.1."),
+        min_metric: Optional[List[str]] = typer.Option(
+            None, "--min-metric", metavar="METRIC=X", help="Exit 1 if METRIC is below X (repeatable; for higher-is-better metrics), e.g. --min-metric precision=0.9."),
+        gate_se: float = typer.Option(0.0, "--gate-se", metavar="K", help="Fail a threshold only when it is passed by more than K standard errors (0: on the value alone)."),
         detector: Optional[Path] = DetectorOpt,
         ref_stats: Optional[Path] = RefStatsOpt,
         trust_pickle: bool = TrustOpt,
@@ -34,7 +37,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Score a checkpoint with its family's metrics (FID, precision/recall k=5, ...).
 
-        Exits 1 when a threshold is exceeded, so CI can gate on it. Each family's metric names, with a one-line definition and direction, are listed by 'neon plugins --json'.
+        Every metric comes with its standard error (<metric>_se: a class-balanced jackknife over 10 seed blocks). Exits 1 when a threshold is exceeded (every one passed is named), so CI can gate on it; --gate-se K fails only beyond K standard errors. Each family's metric names, with a one-line definition and direction, are listed by 'neon plugins --json'.
 
         Example:
 
@@ -48,10 +51,10 @@ def register(app: typer.Typer) -> None:
             "eval",
             lambda report, progress: evaluate(family, model, set_pairs=set_ or [], num_samples=num_samples, seed=seed,
                                               batch=batch, max_fid=max_fid, max_metric=max_metric or [],
-                                              trust_pickle=trust_pickle, detector=detector, ref_stats=ref_stats,
-                                              labels=labels, report=report, progress=progress),
+                                              min_metric=min_metric or [], gate_se=gate_se, trust_pickle=trust_pickle, detector=detector,
+                                              ref_stats=ref_stats, labels=labels, report=report, progress=progress),
             settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, batch=batch, labels=labels,
-                          max_fid=max_fid, max_metric=max_metric or [], detector=detector, ref_stats=ref_stats,
+                          max_fid=max_fid, max_metric=max_metric or [], min_metric=min_metric or [], gate_se=gate_se, detector=detector, ref_stats=ref_stats,
                           trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
             plan=lambda: eval_plan(family=family, model=model, detector=detector, ref_stats=ref_stats, set_pairs=set_ or [],
@@ -63,7 +66,10 @@ def register(app: typer.Typer) -> None:
 def _show(metrics, console) -> None:
     from rich.table import Table
 
-    t = Table("metric", "value")
+    t = Table("metric", "value", "± SE")
     for k, v in metrics.items():
-        t.add_row(k, f"{v:.5g}")
+        if k.endswith("_se"):
+            continue
+        se = metrics.get(f"{k}_se")
+        t.add_row(k, f"{v:.5g}", "" if se is None else f"{se:.2g}")
     console.print(t)

@@ -68,7 +68,9 @@ def _show(results: dict[str, Any], console: Any) -> None:
             return f"statistics {s['path']}"
         return f"{s['num_images']} images ({s['kind']}) {s['path']}"
 
-    console.print(f"FID {results['fid']:.6g}   A: {side(results['a'])}   B: {side(results['b'])}", highlight=False, markup=False,
+    se = results.get("fid_se")
+    pm = f" ± {se:.2g} (SE)" if se is not None else ""
+    console.print(f"FID {results['fid']:.6g}{pm}   A: {side(results['a'])}   B: {side(results['b'])}", highlight=False, markup=False,
                   soft_wrap=True)
     if "precision" in results:
         console.print("  ".join(f"{k} {results[k]:.4f}" for k in ("precision", "recall", "density", "coverage"))

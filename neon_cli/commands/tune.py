@@ -37,7 +37,14 @@ GammaScaleOpt = typer.Option(
 SeedOpt = typer.Option(
     10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...).")
 ConfirmOpt = typer.Option(
-    0, "--confirm-samples", help="Re-score the winner and the base on this many new, disjoint seeds.")
+    None, "--confirm-samples", show_default="--num-samples",
+    help="Stage 2: re-score the search's --keep best candidates and the base on blocks of this many fresh seeds, adding "
+         "blocks until the winner is resolved (95% interval of the paired difference excludes 0) or --max-images is "
+         "spent, and choose on those (0: no stage 2; the verdict is then taken on the search seeds).")
+KeepOpt = typer.Option(3, "--keep", help="Candidates of the search re-scored in stage 2 (best first; the base is added).")
+MaxImagesOpt = typer.Option(
+    None, "--max-images", show_default="10 x --num-samples",
+    help="Most images stage 2 samples (whole blocks; at least one block is scored).")
 AbandonOpt = typer.Option(
     0.02, "--abandon-margin",
     help="Drop a snapshot whose best is this fraction worse than the best so far and whose quadratic prediction cannot "
@@ -82,7 +89,9 @@ def register(app: typer.Typer) -> None:
         metric: Optional[str] = typer.Option(None, "--metric", help="Metric to optimise (default: the family's first: fd_digits for digits, fid for image families given a detector; see 'neon plugins --json')."),
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images per evaluation (the same seeds for every candidate)."),
         seed: int = SeedOpt,
-        confirm_samples: int = ConfirmOpt,
+        confirm_samples: Optional[int] = ConfirmOpt,
+        keep: int = KeepOpt,
+        max_images: Optional[int] = MaxImagesOpt,
         set_: Optional[List[str]] = SetOpt,
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size (does not change the images)."),
         abandon_margin: float = AbandonOpt,
@@ -108,7 +117,7 @@ def register(app: typer.Typer) -> None:
 
         With --gamma: w at the default gamma first (so never worse than the w-only search), then a quadratic surface in (w, ln gamma) around it (paper App. C), refined until the fit says the optimum is resolved: 9 evaluations, up to 15 when it is not.
 
-        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. When no candidate beats the base, no -o is written (unless --write-anyway) and the exit code is 5.
+        The base is measured at its default settings and, with --gamma or --base-gamma, at its own best gamma (same search budget and seeds); gains are given against both, the headline against the best. Stage 2 (default on) re-scores the search's --keep best candidates and the base on blocks of fresh seeds, paired (the same seeds), until the winner is resolved (95% interval of the difference excludes 0) or --max-images is spent, and chooses on those; every value has a standard error (<metric>_se). When no candidate beats the base beyond the noise, no -o is written (unless --write-anyway) and the exit code is 5.
 
         Every candidate is scored on the same seeds (common random numbers); --cache makes reruns free and resumes an interrupted search. The chosen settings (gamma, ...) are recorded in -o's metadata, and eval / synth / demo sample with them.
 
@@ -126,10 +135,16 @@ def register(app: typer.Typer) -> None:
         items = list(selftrained or []) + list(extra or [])
         from neon_cli.plan import tune_plan
         from neon_cli.tune import run_tune_w
+        from neon_cli.tune.run import STAGE2_IMAGES_FACTOR
+
+        if confirm_samples is None:
+            confirm_samples = num_samples
+        if max_images is None and isinstance(num_samples, int):
+            max_images = STAGE2_IMAGES_FACTOR * num_samples
 
         opts = dict(bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, base_gamma=tuple(base_gamma) if base_gamma else None,
                     tune_base=tune_base, joint=joint, xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine,
-                    gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples,
+                    gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, keep=keep, max_images=max_images,
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
                     detector=detector, ref_stats=ref_stats, labels=labels)
@@ -163,7 +178,10 @@ def _show(results, console) -> None:
         t.add_row(Path(s["path"]).name, str(s["n_evals"]), _f(b["w"]), _f(b["gamma"]), _f(b["value"], 5), status)
     console.print(t)
     g = f", gamma = {chosen['gamma']:.4g}" if chosen.get("gamma") is not None else ""
-    console.print(f"chosen: {Path(chosen['path']).name}, w = {chosen['w']:.4g}{g}: {metric} = {chosen['value']:.5g}")
+    unc = (f" ± {chosen['se']:.2g}" if isinstance(chosen.get("se"), float) else "") + \
+        (f" (bias-corrected {chosen['bias_corrected']:.4g})" if isinstance(chosen.get("bias_corrected"), float) else "")
+    console.print(f"chosen: {Path(chosen['path']).name}, w = {chosen['w']:.4g}{g}: {metric} = {chosen['value']:.5g}{unc} "
+                  f"on the search seeds ({results.get('num_samples')} per evaluation)")
     bl, gain = results.get("baselines") or {}, results.get("gain") or {}
     for key, what in (("default", "at its default settings"), ("best", "at its own best gamma")):
         b = bl.get(key)
@@ -188,16 +206,29 @@ def _show(results, console) -> None:
                           f"measured {_f(r['measured'], 5)}")
     conf = results.get("confirmation")
     if conf:
-        ct = Table(title=f"confirmation on {conf['num_samples']} new seeds ({conf['seeds'][0]}..{conf['seeds'][1]})")
-        ct.add_column("model")
-        ct.add_column(metric)
-        ct.add_row("base, default settings", _f(conf["base_default"][metric], 5))
-        if conf.get("base_best") is not None:
-            ct.add_row("base, its best gamma", _f(conf["base_best"][metric], 5))
+        ct = Table(title=f"stage 2: {conf['blocks']} block(s) of {conf['num_samples']} fresh seeds "
+                         f"({conf['seeds'][0]}..{conf['seeds'][1]}), {conf['images']} images")
+        for col in ("candidate", f"{metric} (mean)", "± SE", "bias-corrected", "blocks"):
+            ct.add_column(col)
+        for c in conf["candidates"]:
+            name = "base" if c["model"] == "base" else f"{Path(c['snapshot']).name} w={_f(c['w'])}"
+            name += f" gamma={_f(c['gamma'])}" if c.get("gamma") is not None else ""
+            ct.add_row(name + (" (dropped)" if c["dropped"] else ""), _f(c["value"], 5), _f(c["se"], 2),
+                       _f(c["bias_corrected"], 5), str(c["blocks"]))
         if (results.get("control") or {}).get("confirmation"):
-            ct.add_row("control", _f(results["control"]["confirmation"][metric], 5))
-        ct.add_row("neon", _f(conf["neon"][metric], 5))
+            ct.add_row("control (first block)", _f(results["control"]["confirmation"][metric], 5), "", "", "1")
         console.print(ct)
+        d = conf["vs_base"]
+        what = "the best base (its own best gamma)" if conf.get("strongest_base_is_searched") else \
+            "the base (no base gamma search: at the chosen and default gamma, not its best)"
+        console.print(f"neon - base: {d['diff']:.4g} ± {d['se']:.2g} (95% [{d['ci'][0]:.4g}, {d['ci'][1]:.4g}]): "
+                      + ("resolved" if conf["resolved_vs_base"] else "NOT resolved (inside the noise)")
+                      + (f"; vs runner-up: {'resolved' if conf['resolved_vs_runner_up'] else 'not resolved'}"
+                         if conf.get("resolved_vs_runner_up") is not None else ""))
         if conf.get("relative_improvement") is not None:
-            console.print(f"relative improvement over the best base: {100 * conf['relative_improvement']:.1f}% "
+            console.print(f"relative improvement over {what}: {100 * conf['relative_improvement']:.1f}% "
                           f"(over the base at its default settings: {100 * conf['relative_improvement_vs_default']:.1f}%)")
+    images = results.get("images")
+    if images:
+        console.print(f"images sampled: search {images['search']}, base {images['base']}, stage 2 {images['confirmation']}"
+                      + (f", control {images['control']}" if images.get("control") else "") + f"; total {images['total']}")

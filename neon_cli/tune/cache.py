@@ -121,12 +121,17 @@ class EvalCache:
         value = rec["metrics"].get(metric)
         return rec if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    def put(self, key: Mapping[str, Any], metrics: Mapping[str, float], seconds: float) -> dict[str, Any]:
-        """Record an evaluation (appended to the file at once when there is one)."""
+    def put(self, key: Mapping[str, Any], metrics: Mapping[str, float], seconds: float,
+            jackknife: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Record an evaluation (appended to the file at once when there is one). ``jackknife``:
+        ``{metric: [G leave-one-group-out values]}`` (:mod:`neon_cli.metrics`), kept for paired
+        comparisons on the same seeds; None: not recorded (exact metrics store ``{}``)."""
         import datetime as _dt
 
         rec = {"key": dict(key), "metrics": {k: float(v) for k, v in metrics.items()}, "seconds": float(seconds),
                "at": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+        if jackknife is not None:
+            rec["jackknife"] = {k: [float(x) for x in v] for k, v in jackknife.items()}
         self._records[_canon(rec["key"])] = rec
         from neon_cli.dist import is_main
 

@@ -46,6 +46,8 @@ class Plan:
     control: str | None
     control_samples: int | None
     labels: str = "balanced"
+    keep: int = 3
+    max_images: int | None = None
 
     @property
     def per_snapshot(self) -> int:
@@ -69,8 +71,8 @@ def _box(flag: str, box: Any) -> tuple[float, float]:
 
 def check_flags(*, bounds: Any, gamma: Any, base_gamma: Any, xtol: Any, max_evals: Any, rounds: Any, refine: Any,
                 gamma_scale: str, joint: str, num_samples: Any, seed: Any, confirm_samples: Any, batch: Any,
-                abandon_margin: Any, plot_points: Any, control: str | None, control_samples: Any,
-                labels: str | None = None) -> Plan:
+                abandon_margin: Any, plot_points: Any, control: str | None, control_samples: Any, keep: Any = 3,
+                max_images: Any = None, labels: str | None = None) -> Plan:
     """Every tune-w number and choice checked, each error naming its flag (UsageError)."""
     from neon_cli.labels import check as check_labels
 
@@ -89,7 +91,12 @@ def check_flags(*, bounds: Any, gamma: Any, base_gamma: Any, xtol: Any, max_eval
     confirm_samples = validate.integer("--confirm-samples", confirm_samples, low=0)
     if confirm_samples == 1:
         raise UsageError("--confirm-samples: must be 0 (no confirmation) or >= 2 (a Fréchet distance needs 2), got 1")
-    seed = validate.seed("--seed", seed, num_samples + confirm_samples)
+    keep = validate.positive_int("--keep", keep)
+    if max_images is not None:
+        max_images = validate.integer("--max-images", max_images, low=0)
+    # the confirmation samples blocks of fresh seeds after the search's, up to its image budget
+    span = confirm_samples * max(1, (max_images or 0) // max(confirm_samples, 1)) if confirm_samples else 0
+    seed = validate.seed("--seed", seed, num_samples + span)
     batch = validate.positive_int("--batch", batch)
     plot_points = validate.integer("--plot-points", plot_points, low=0)
     if abandon_margin is not None:
@@ -117,4 +124,4 @@ def check_flags(*, bounds: Any, gamma: Any, base_gamma: Any, xtol: Any, max_eval
                 refine=refine, gamma_scale=scales.get("--gamma", gamma_scale),
                 base_gamma_scale=scales.get("--base-gamma", gamma_scale), joint=joint, num_samples=num_samples, seed=seed,
                 confirm_samples=confirm_samples, batch=batch, abandon_margin=abandon_margin, plot_points=plot_points,
-                control=control, control_samples=control_samples, labels=labels)
+                control=control, control_samples=control_samples, keep=keep, max_images=max_images, labels=labels)

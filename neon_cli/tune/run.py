@@ -27,6 +27,11 @@ from neon_cli.tune.scorer import Context, Scorer
 from neon_cli.tune.snapshots import SnapshotSearch, search_snapshots
 
 
+#: ``neon tune-w``'s default stage-2 budget, in units of ``--num-samples``: with the default
+#: ``--keep 3`` and the base at two gammas, two blocks of fresh seeds (README, "Tuning w and gamma").
+STAGE2_IMAGES_FACTOR = 10
+
+
 def _natural_key(p: Path) -> list[Any]:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(p))]
 
@@ -74,8 +79,8 @@ def run_tune_w(
     base_gamma: tuple[float, float] | None = None, tune_base: bool | None = None, joint: str = "line",
     line_gamma: float | None = None, xtol: float = 0.05, max_evals: int | None = None, rounds: int = 1,
     refine: int = REFINE_DEFAULT, gamma_scale: str = "auto", metric: str | None = None, num_samples: int = 2000,
-    seed: int = 10_000_000, confirm_samples: int = 0, set_pairs: Sequence[str] = (), batch: int = 1000,
-    cache: Path | None = None, output: Path | None = None, plot: Path | None = None, plot_points: int = 9,
+    seed: int = 10_000_000, confirm_samples: int = 0, keep: int = 3, max_images: int | None = None,
+    set_pairs: Sequence[str] = (), batch: int = 1000, cache: Path | None = None, output: Path | None = None, plot: Path | None = None, plot_points: int = 9,
     abandon_margin: float | None = 0.02, control: str | None = None, control_samples: int | None = None,
     write_anyway: bool = False, require_improvement: bool = True, trust_pickle: bool = False,
     detector: Path | None = None, ref_stats: Path | None = None, report_path: Path | None = None,
@@ -99,7 +104,12 @@ def run_tune_w(
         line_gamma: the gamma of the joint search's w line (default: the settings' gamma; ``neon
             demo`` passes the gamma S was synthesized at).
         metric: one of ``family.metrics`` (default the first); higher-is-better names are maximised.
-        num_samples, seed, confirm_samples: the seed plans (confirmation on the next, disjoint seeds).
+        num_samples, seed, confirm_samples: the seed plans: the search on ``seed ..``; stage 2
+            (:func:`confirm`) on blocks of ``confirm_samples`` fresh seeds after them (0: no stage 2,
+            the verdict is taken on the search seeds).
+        keep, max_images: stage 2 re-scores the search's ``keep`` best candidates and the base, adding
+            blocks until the choice is resolved or ``max_images`` (stage 2's images) would be passed;
+            None: one block.
         set_pairs: ``--set KEY=VALUE``; on top of the settings recorded in ``base``'s metadata.
         batch: sampling batch size. cache: JSON-lines evaluation cache. output: merged best (only
             when it beats the base, or ``write_anyway``). plot, plot_points: PNG; evaluations along w
@@ -124,7 +134,7 @@ def run_tune_w(
                        max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale, joint=joint,
                        num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, batch=batch,
                        abandon_margin=abandon_margin, plot_points=plot_points, control=control,
-                       control_samples=control_samples, labels=labels)
+                       control_samples=control_samples, keep=keep, max_images=max_images, labels=labels)
     report.results["labels"] = plan.labels
     outputs = {"-o": output, "--cache": cache, "--plot": plot, "--report": report_path}
     with scoring_files(detector, ref_stats) as scoring:
@@ -196,7 +206,7 @@ def _locks(cache: Path | None, output: Path | None):
 def _steps(ctx: Context, output: Path | None, plot: Path | None, cache: Path | None, write_anyway: bool) -> dict[str, Any]:
     plan = ctx.plan
     n_models = 1 + (1 if plan.control else 0)
-    scorer = Scorer(ctx, total=plan.per_snapshot * (len(ctx.snaps) + n_models) + (3 if plan.confirm_samples else 0))
+    scorer = Scorer(ctx, total=plan.per_snapshot * (len(ctx.snaps) + n_models) + ((plan.keep + 2) if plan.confirm_samples else 0))
     results = ctx.report.results
     results["baselines"] = measure_baselines(ctx, scorer)
     found = search(ctx, scorer)
@@ -207,12 +217,29 @@ def _steps(ctx: Context, output: Path | None, plot: Path | None, cache: Path | N
     verdict(ctx, results)
     write_outputs(ctx, scorer, found, results, output, plot, write_anyway)
     log = scorer.log
+    results["images"] = images_by_stage(log)
     results.update(evaluations=log, n_evals=len(log), n_cached=sum(r["cached"] for r in log),
                    eval_seconds=round(sum(r["seconds"] for r in log if not r["cached"]), 3),
                    cache={"path": str(cache), "records": len(ctx.store), "skipped_lines": ctx.store.skipped_lines}
                    if cache else None)
     ctx.progress("tune-w", len(log), len(log))
     return results
+
+
+def images_by_stage(log: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Images each stage's evaluations stand for (a cached evaluation counts: it was sampled once),
+    by phase group: ``search`` (the merges' searches), ``base`` (the base and its gamma search),
+    ``confirmation`` (stage 2, with its bases), ``control``, ``plot``; ``total``; and
+    ``sampled_now`` (not from the cache)."""
+    out = {"search": 0, "base": 0, "confirmation": 0, "control": 0, "plot": 0}
+    for r in log:
+        ph = r["phase"]
+        key = ("confirmation" if ph.startswith("confirm") and ph != "confirm-control" else "control" if "control" in ph
+               else "base" if ph.startswith("base") else "plot" if ph == "plot" else "search")
+        out[key] += int(r["num_samples"])
+    out["total"] = sum(out.values())
+    out["sampled_now"] = sum(int(r["num_samples"]) for r in log if not r["cached"])
+    return out
 
 
 def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | None, plan: Plan, *, metric: str | None,
@@ -374,9 +401,26 @@ def summarize(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict
     results["base"] = {"w": 0.0, "gamma": base_gamma, "value": float(base_metrics[ctx.metric]), "metrics": base_metrics}
     bases = scorer.rows("base", "base-gamma")
     best_base = min(bases, key=lambda row: sign * row["value"])
-    results["best_base"] = {"gamma": best_base["gamma"], "value": best_base["value"]}
+    results["best_base"] = {"gamma": best_base["gamma"], "value": best_base["value"],
+                            "searched": results["baselines"].get("best") is not None}
     results["beats_base"] = ctx.better(results["chosen"]["value"], best_base["value"])
+    win_row = scorer.measure(found.best, win.w, win_gamma, ctx.evaluator, "search")  # from memory
+    results["search_vs_base"] = _paired_over(ctx, {0: [win_row], 1: [best_base]}, 0, 1)
+    for out, row in ((results["chosen"], win_row), (results["best_base"], best_base)):
+        out.update(_uncertainty(ctx, row))
     results["gain"] = _gains(ctx, results["chosen"]["value"], results["baselines"])
+
+
+def _uncertainty(ctx: Context, row: Mapping[str, Any]) -> dict[str, Any]:
+    """``se`` and ``bias_corrected`` (jackknife; labelled: for comparing values taken at different N)
+    of a log row's objective, on its own seeds; None where the row has no replicates."""
+    from neon_cli.metrics import jackknife
+
+    v = float(row["metrics"][ctx.metric])
+    if not row.get("jackknife"):
+        return {"se": row["metrics"].get(f"{ctx.metric}_se"), "bias_corrected": None}
+    jk = jackknife(v, row["jackknife"])
+    return {"se": jk["se"], "bias_corrected": jk["bias_corrected"]}
 
 
 def _relative(ctx: Context, base_value: float, neon_value: float) -> float | None:
@@ -390,31 +434,175 @@ def _gains(ctx: Context, neon_value: float, baselines: Mapping[str, Any]) -> dic
             "vs_best": _relative(ctx, best["value"], neon_value) if best else None}
 
 
+def _candidates(ctx: Context, scorer: Scorer, results: Mapping[str, Any]) -> list[tuple[Any, float, float | None]]:
+    """The confirmation's candidates: the search's ``plan.keep`` best distinct (snapshot, w, gamma),
+    best first (the chosen one first), then the base at its best gamma (without a base gamma
+    search: at the chosen gamma) and at its default settings."""
+    sign, ch = ctx.sign, results["chosen"]
+    index = {str(p): i for i, p in enumerate(ctx.snaps)}
+    ev = ctx.evaluator
+    rows = sorted((r for r in scorer.log if r["model"] == "neon" and r["seed"] == ev.seed and r["num_samples"] == ev.num_samples
+                   and r["phase"] != "plot"), key=lambda r: sign * r["value"])
+    out: list[tuple[Any, float, float | None]] = [(ch["snapshot"], float(ch["w"]), ch["gamma"])]
+    for r in rows:
+        if len(out) >= ctx.plan.keep:
+            break
+        c = (index[r["snapshot"]], float(r["w"]), r["gamma"] if ctx.plan.gamma else ch["gamma"])
+        if all((c[0], _rkey(c[1]), _rkey(c[2])) != (o[0], _rkey(o[1]), _rkey(o[2])) for o in out):
+            out.append(c)
+    best = results["baselines"].get("best")
+    for g in dict.fromkeys([best["gamma"] if best else ch["gamma"], ctx.default_gamma]):
+        out.append(("base", 0.0, g))
+    return out
+
+
+def _label(ctx: Context, c: tuple[Any, float, float | None]) -> str:
+    who, w, g = c
+    name = "base" if who == "base" else f"{ctx.snaps[who].name} w={w:.4g}"
+    return name + (f" gamma={g:.4g}" if g is not None else "")
+
+
+def _pair(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> tuple[float, float]:
+    """(a - b, its SE) of two log rows on the same seeds: the jackknife of the difference; exact
+    metrics (no replicates) give SE 0."""
+    from neon_cli.metrics import paired_difference
+
+    va, vb = float(a["metrics"][metric]), float(b["metrics"][metric])
+    if not a.get("jackknife") or not b.get("jackknife"):
+        return va - vb, 0.0 if f"{metric}_se" in a["metrics"] and not a["metrics"][f"{metric}_se"] else float("nan")
+    d = paired_difference(va, a["jackknife"], vb, b["jackknife"])
+    return d["diff"], d["se"]
+
+
 def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
-    """Re-score the winner and the base (at its default and at its best gamma, or without a base
-    gamma search at the chosen gamma) on ``confirm_samples`` new seeds; ``relative_improvement``
-    is against the better of those bases (``base_strongest``)."""
-    plan = ctx.plan
+    """Stage 2 (issue 23): re-score the search's best ``plan.keep`` candidates and the base (at its
+    best gamma, or at the chosen gamma without a base gamma search, and at its default settings) on
+    blocks of ``confirm_samples`` fresh seeds after the search's (block j: seeds ``seed +
+    num_samples + j*B ..``), and choose on those.
+
+    After each block, each candidate's value is its mean over the blocks it was scored on; the
+    leader is the best mean; every other candidate is compared with it *paired* (same seeds: the
+    mean of the per-block differences, each with its jackknife SE, :func:`neon_cli.metrics.combine_differences`)
+    and "resolved" when the 95 % interval of the difference excludes 0. A self-trained candidate
+    resolved worse is dropped; blocks are added until the leader is resolved against every
+    candidate left (the runner-up and the bases) or the next block would pass ``plan.max_images``
+    (None: one block). ``results["chosen"]`` becomes the leader when it is a merge; a base leader,
+    or a leader not resolved against the strongest base, is "no improvement" (exit 5).
+    """
+    from neon_cli.metrics import Z95, combine_differences, jackknife
+
+    plan, sign, m = ctx.plan, ctx.sign, ctx.metric
     if not plan.confirm_samples:
         results["confirmation"] = None
         return
-    cseed = plan.seed + plan.num_samples
-    cev = ctx.evaluator_for(plan.confirm_samples, cseed)
-    ch = results["chosen"]
-    neon_m = scorer(found.best, ch["w"], ch["gamma"], cev, "confirm")
+    B, cseed = plan.confirm_samples, plan.seed + plan.num_samples
+    cands = _candidates(ctx, scorer, results)
+    alive = list(range(len(cands)))
+    rows: dict[int, list[dict[str, Any]]] = {i: [] for i in alive}
+    dropped: dict[int, dict[str, Any]] = {}
+    images, blocks = 0, 0
+    budget = plan.max_images
+    comparisons: dict[int, dict[str, Any]] = {}
+    leader = 0
+    while True:
+        ev = ctx.evaluator_for(B, cseed + blocks * B)
+        for i in alive:
+            who, w, g = cands[i]
+            phase = "confirm" if who != "base" else "confirm-base"
+            rows[i].append(scorer.measure(who, w, g, ev, phase))
+            images += B
+        blocks += 1
+
+        def mean(i: int) -> float:
+            return sum(float(r["metrics"][m]) for r in rows[i]) / len(rows[i])
+
+        leader = min(alive, key=lambda i: sign * mean(i))
+        comparisons = {}
+        for i in alive:
+            if i == leader:
+                continue
+            k = len(rows[i])  # every alive candidate has every block so far
+            per = [_pair(rows[i][j], rows[leader][j], m) for j in range(k)]
+            comparisons[i] = {**combine_differences(per), "against": _label(ctx, cands[i])}
+        for i, c in list(comparisons.items()):
+            if cands[i][0] != "base" and c["resolved"]:
+                alive.remove(i)
+                dropped[i] = {**c, "after_blocks": blocks}
+        unresolved = [i for i, c in comparisons.items() if not c["resolved"] and i in alive]
+        nxt = len(alive) * B
+        if not unresolved or budget is None or images + nxt > budget:
+            break
+    comparisons.update(dropped)
+
+    def summary(i: int) -> dict[str, Any]:
+        r = rows[i]
+        vals = [float(x["metrics"][m]) for x in r]
+        ses = [float(x["metrics"].get(f"{m}_se", float("nan"))) for x in r]
+        bcs = [jackknife(float(x["metrics"][m]), x["jackknife"])["bias_corrected"] if x.get("jackknife") else float(x["metrics"][m])
+               for x in r]
+        who, w, g = cands[i]
+        return {"model": "base" if who == "base" else "neon", "snapshot": None if who == "base" else str(ctx.snaps[who]),
+                "w": w, "gamma": g, "value": sum(vals) / len(vals), "se": (sum(x * x for x in ses) ** 0.5) / len(ses),
+                "bias_corrected": sum(bcs) / len(bcs), "blocks": len(r), "dropped": i in dropped}
+
+    def mean_metrics(i: int) -> dict[str, float]:
+        keys = rows[i][0]["metrics"].keys()
+        out = {k: sum(float(x["metrics"][k]) for x in rows[i]) / len(rows[i]) for k in keys if not k.endswith("_se")}
+        for k in keys:
+            if k.endswith("_se"):
+                out[k] = (sum(float(x["metrics"][k]) ** 2 for x in rows[i]) ** 0.5) / len(rows[i])
+        return out
+
+    base_idx = [i for i, c in enumerate(cands) if c[0] == "base"]
+    neon_idx = [i for i, c in enumerate(cands) if c[0] != "base"]
+    strongest = min(base_idx, key=lambda i: sign * summary(i)["value"])
+    live = [i for i in neon_idx if i not in dropped] or neon_idx  # all dropped: a base led, resolved
+    best_neon = min(live, key=lambda i: sign * summary(i)["value"])
+    vs_base = _paired_over(ctx, rows, best_neon, strongest)
+    runners = [i for i in neon_idx if i != best_neon]
+    runner = min(runners, key=lambda i: sign * summary(i)["value"]) if runners else None
+    vs_runner = _paired_over(ctx, rows, runner, best_neon) if runner is not None else None
+    neon_wins = bool(sign * vs_base["diff"] < 0)
     best = results["baselines"].get("best")
-    gammas = list(dict.fromkeys([best["gamma"] if best else ch["gamma"], ctx.default_gamma]))
-    base_m = {g: scorer("base", 0.0, g, cev, "confirm-base") for g in gammas}
-    strongest = min(base_m.values(), key=lambda m: ctx.sign * m[ctx.metric])
-    m = ctx.metric
+    g_best = best["gamma"] if best else results["chosen"]["gamma"]
+    by_gamma = {cands[i][2]: i for i in base_idx}
+    who, w, g = cands[best_neon]
+    if best_neon != 0:  # the fresh seeds chose another candidate than the search's best
+        row = scorer.measure(who, w, g, ctx.evaluator, "search")  # measured in the search: from memory
+        results["search_choice"] = dict(results["chosen"])
+        results["chosen"] = {"snapshot": who, "path": str(ctx.snaps[who]), "sha256": ctx.snap_shas[who], "w": w,
+                             "gamma": g, "value": float(row["metrics"][m]), "metrics": row["metrics"]}
+        results["gain"] = _gains(ctx, results["chosen"]["value"], results["baselines"])
+    # "value"/"metrics": on the search seeds (comparable with "baselines"); stage 2's mean beside them
+    results["chosen"].update(chosen_on="stage 2" , confirmed_value=summary(best_neon)["value"],
+                             confirmed_se=summary(best_neon)["se"])
     results["confirmation"] = {
-        "seed": cseed, "num_samples": plan.confirm_samples, "seeds": [cseed, cseed + plan.confirm_samples - 1],
-        "neon": neon_m, "base": base_m[gammas[0]], "base_default": base_m[ctx.default_gamma],
-        "base_best": base_m[best["gamma"]] if best else None, "base_strongest": strongest,
-        "relative_improvement": _relative(ctx, strongest[m], neon_m[m]),
-        "relative_improvement_vs_default": _relative(ctx, base_m[ctx.default_gamma][m], neon_m[m]),
-        "contradicts": not ctx.better(neon_m[m], strongest[m]),
+        "seed": cseed, "num_samples": B, "seeds": [cseed, cseed + blocks * B - 1], "blocks": blocks, "images": images,
+        "max_images": budget, "keep": plan.keep, "z": Z95,
+        "candidates": [summary(i) for i in range(len(cands))],
+        "comparisons": [{"candidate": _label(ctx, cands[i]), **c} for i, c in sorted(comparisons.items())],
+        "vs_base": vs_base, "vs_runner_up": vs_runner,
+        "resolved_vs_base": bool(vs_base["resolved"]) and neon_wins,
+        "resolved_vs_runner_up": None if vs_runner is None else bool(vs_runner["resolved"]),
+        "neon": mean_metrics(best_neon), "base": mean_metrics(by_gamma[g_best]),
+        "base_default": mean_metrics(by_gamma[ctx.default_gamma]),
+        "base_best": mean_metrics(by_gamma[best["gamma"]]) if best else None,
+        "base_strongest": mean_metrics(strongest),
+        "relative_improvement": _relative(ctx, summary(strongest)["value"], summary(best_neon)["value"]),
+        "relative_improvement_vs_default": _relative(ctx, summary(by_gamma[ctx.default_gamma])["value"],
+                                                     summary(best_neon)["value"]),
+        "strongest_base_is_searched": best is not None,
+        "contradicts": not neon_wins,
     }
+
+
+def _paired_over(ctx: Context, rows: Mapping[int, list[dict[str, Any]]], a: int, b: int) -> dict[str, Any]:
+    """``a - b`` (metric units; negative: a is better for a minimised metric) over the blocks both
+    were scored on, paired per block (:func:`_pair`, :func:`neon_cli.metrics.combine_differences`)."""
+    from neon_cli.metrics import combine_differences
+
+    k = min(len(rows[a]), len(rows[b]))
+    return combine_differences([_pair(rows[a][j], rows[b][j], ctx.metric) for j in range(k)])
 
 
 def control(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
@@ -451,23 +639,42 @@ def control(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
 
 
 def verdict(ctx: Context, results: dict[str, Any]) -> None:
-    """``improved``: Neon beats every base measured on the search seeds and the confirmation (if
-    any) agrees."""
+    """``improved``: with a confirmation, the candidate chosen on the fresh seeds is a merge whose
+    paired difference from the strongest base there is resolved (its 95 % interval excludes 0) in
+    Neon's favour; without one, the search's winner beats every base measured on the search seeds
+    and its paired difference from the best of them is resolved. An improvement inside the noise
+    is no improvement (exit 5). ``resolved``: what was decided, in words, for the report."""
     conf = results.get("confirmation")
-    results["improved"] = bool(results["beats_base"] and not (conf and conf["contradicts"]))
+    if conf:
+        results["improved"] = bool(conf["resolved_vs_base"])
+        where = f"on {conf['blocks']} block(s) of {conf['num_samples']} fresh seeds"
+        d = conf["vs_base"]
+    else:
+        d = results["search_vs_base"]
+        results["improved"] = bool(results["beats_base"] and d["resolved"])
+        where = "on the search seeds (no confirmation: --confirm-samples 0)"
+    results["resolution"] = {"where": where, "vs_base": d, "improved": results["improved"],
+                             "inside_noise": bool(not d["resolved"])}
 
 
 def _no_improvement_message(ctx: Context, results: Mapping[str, Any], output: Path | None, write_anyway: bool) -> str:
     m, ch, bb = ctx.metric, results["chosen"], results["best_base"]
     g = f", gamma = {ch['gamma']:.4g}" if ch.get("gamma") is not None else ""
-    if not results["beats_base"]:
+    conf = results.get("confirmation")
+    d = (conf or {}).get("vs_base") or results.get("search_vs_base") or {}
+    if conf and not conf["contradicts"] and not conf["resolved_vs_base"] or (not conf and results["beats_base"] and not d.get("resolved", True)):
+        what = (f"the improvement over the base is inside the noise: {m} difference {d['diff']:.4g} +- {d['se']:.2g} (SE), "
+                f"95% interval [{d['ci'][0]:.4g}, {d['ci'][1]:.4g}] includes 0 "
+                + (f"on {conf['blocks']} block(s) of {conf['num_samples']} fresh seeds (--max-images {conf['max_images']})"
+                   if conf else "on the search seeds"))
+    elif not results["beats_base"] and not conf:
         what = (f"no candidate beats the base: the best, w = {ch['w']:.4g}{g}, has {m} {ch['value']:.5g} against the "
                 f"base's {bb['value']:.5g}" + (f" (gamma = {bb['gamma']:.4g})" if bb.get("gamma") is not None else "")
                 + " on the search seeds")
     else:
         c = results["confirmation"]
-        what = (f"the confirmation on {c['num_samples']} new seeds contradicts the search: neon {m} "
-                f"{c['neon'][m]:.5g}, base {c['base_strongest'][m]:.5g}")
+        what = (f"the confirmation on {c['blocks']} block(s) of {c['num_samples']} fresh seeds contradicts the search: "
+                f"no candidate beats the base there (neon {m} {c['neon'][m]:.5g}, base {c['base_strongest'][m]:.5g})")
     tail = f"; {output} written anyway (--write-anyway)" if output and write_anyway else \
         ("; no -o written (--write-anyway writes it)" if output else "")
     return what + tail
@@ -517,7 +724,8 @@ def write_outputs(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: 
         from neon_cli.merge import merge_state_dicts
 
         best_model = copy.deepcopy(ctx.model)
-        best_model.load_state_dict(merge_state_dicts(ctx.base_sd, ctx.selftrained_sd(found.best), results["chosen"]["w"]))
+        best_model.load_state_dict(merge_state_dicts(ctx.base_sd, ctx.selftrained_sd(results["chosen"]["snapshot"]),
+                                                     results["chosen"]["w"]))
         best_model.eval()
         md = _metadata(ctx, results)
         if is_main():  # every rank chose the same point (metrics are broadcast from rank 0); one writes
@@ -533,7 +741,7 @@ def write_outputs(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: 
         n = ctx.plan.plot_points
         ch = results["chosen"]
         for k in range(n):  # every rank samples (collectives); rank 0 draws
-            scorer(found.best, lo + (hi - lo) * k / max(n - 1, 1), ch["gamma"], ctx.evaluator, "plot")
+            scorer(ch["snapshot"], lo + (hi - lo) * k / max(n - 1, 1), ch["gamma"], ctx.evaluator, "plot")
         results["evaluations"] = scorer.log
         if is_main():
             plot_search(plot, results)

@@ -146,6 +146,12 @@ class Scorer:
                               guidance=ctx.guidance, seed=ev.seed, num_samples=ev.num_samples)
 
     def __call__(self, who: Any, w: float, gamma: float | None, ev: Any, phase: str) -> dict[str, float]:
+        return self.measure(who, w, gamma, ev, phase)["metrics"]
+
+    def measure(self, who: Any, w: float, gamma: float | None, ev: Any, phase: str) -> dict[str, Any]:
+        """As ``__call__``, but the log row itself: ``metrics`` and ``jackknife`` (the objective's
+        leave-one-group-out values, ``[]`` for exact metrics) for paired comparisons. A cached
+        record without them is measured again."""
         ctx = self.ctx
         settings, overrides = dict(ctx.settings), {}
         if ctx.guidance and gamma is not None:
@@ -153,13 +159,14 @@ class Scorer:
         key = self.key(who, w, settings, ev)
         seen = self._rows.get(_canon(key))
         if seen is not None:
-            return seen["metrics"]
-        metrics, seconds, cached = self._measure(who, w, overrides, ev, key)
+            return seen
+        metrics, jk, seconds, cached = self._measure(who, w, overrides, ev, key)
         row = {
             "index": len(self.log), "model": who if isinstance(who, str) else "neon",
             "snapshot": str(ctx.snaps[who]) if isinstance(who, int) else None, "w": float(key["w"]),
             "gamma": key["gamma"], "phase": phase, "round": 0, "value": float(metrics[ctx.metric]),
             "metrics": metrics, "seconds": seconds, "cached": cached, "seed": ev.seed, "num_samples": ev.num_samples,
+            "jackknife": jk,
         }
         self.log.append(row)
         self._rows[_canon(key)] = row
@@ -169,30 +176,35 @@ class Scorer:
             **({"gamma": round(float(key["gamma"]), 4)} if key["gamma"] is not None else {}),
             ctx.metric: float(metrics[ctx.metric]), "s": round(seconds, 2), **({"cached": True} if cached else {}),
         })
-        return metrics
+        return row
 
     def _measure(self, who: Any, w: float, overrides: Mapping[str, Any], ev: Any,
-                 key: Mapping[str, Any]) -> tuple[dict[str, float], float, bool]:
+                 key: Mapping[str, Any]) -> tuple[dict[str, float], list[float], float, bool]:
         from neon_cli.dist import broadcast_object, is_main
 
         ctx = self.ctx
-        hit = broadcast_object(ctx.store.get(key, ctx.metric) if is_main() else None)
+        hit = ctx.store.get(key, ctx.metric) if is_main() else None
+        if hit is not None and ctx.metric not in (hit.get("jackknife") or {}) and hit["metrics"].get(f"{ctx.metric}_se") != 0.0:
+            hit = None  # recorded without this metric's replicates (before standard errors): measure again
+        hit = broadcast_object(hit)
         if hit is not None:
-            return dict(hit["metrics"]), float(hit.get("seconds", 0.0)), True
+            jk = (hit.get("jackknife") or {}).get(ctx.metric, [])
+            return dict(hit["metrics"]), list(jk), float(hit.get("seconds", 0.0)), True
         lora_model = ctx.lora_model(who, w) if isinstance(who, int) else None
         if lora_model is not None:  # LoRA snapshot: the adapter at scale -w, nothing merged
-            metrics = ev.score_model(lora_model, overrides)
+            metrics, reps = ev.score_model_jk(lora_model, overrides)
         elif isinstance(who, int):
-            metrics = ev.score_merge(ctx.model, ctx.base_sd, ctx.selftrained_sd(who), w, overrides)
+            metrics, reps = ev.score_merge_jk(ctx.model, ctx.base_sd, ctx.selftrained_sd(who), w, overrides)
         elif who == "base":
-            metrics = ev.score_model(ctx.model, overrides)
+            metrics, reps = ev.score_model_jk(ctx.model, overrides)
         else:
-            metrics = ev.score_model(ctx.models[who][1], overrides)
+            metrics, reps = ev.score_model_jk(ctx.models[who][1], overrides)
         seconds = float(metrics.pop("seconds", 0.0))
         if ctx.metric not in metrics:
             raise UsageError(f"--metric {ctx.metric}: family {ctx.family_name!r} returned only {', '.join(metrics)}")
-        ctx.store.put(key, metrics, seconds)
-        return metrics, seconds, False
+        jk = list((reps or {}).get(ctx.metric, []))
+        ctx.store.put(key, metrics, seconds, reps or {})
+        return metrics, jk, seconds, False
 
     def rows(self, *phases: str) -> list[dict[str, Any]]:
         return [r for r in self.log if r["phase"] in phases]

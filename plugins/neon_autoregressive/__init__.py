@@ -111,6 +111,15 @@ class AutoregressiveFamily:
             self._scorer = DigitsScorer(DIGITS_WEIGHTS / "classifier.safetensors")
         return self._scorer(images, labels)
 
+    def score_jackknife(self, images: Any, labels: Any, groups: Any):
+        """``score`` plus each metric's jackknife replicates (:meth:`neon_digits.io.DigitsScorer.score_jackknife`)."""
+        if self._scorer is None:
+            from neon_digits import WEIGHTS as DIGITS_WEIGHTS
+            from neon_digits.io import DigitsScorer
+
+            self._scorer = DigitsScorer(DIGITS_WEIGHTS / "classifier.safetensors")
+        return self._scorer.score_jackknife(images, labels, groups)
+
     def real_samples(self, model: Any, n: int, seed: int):
         """Up to n of the 197 held-out real digits (uint8 [n, 1, 8, 8], int64 labels [n]), in an
         order drawn from ``seed``; never trained on by the shipped base."""

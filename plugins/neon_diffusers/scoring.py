@@ -128,6 +128,9 @@ class ImageScorer:
 
     def __call__(self, images: Any, labels: Any = None) -> dict[str, float]:
         """``{"fid", ...}`` or ``{"pixel_fid"}`` of ``images`` (labels are not used)."""
+        return self._configured()(images)
+
+    def _configured(self) -> Any:
         from neon_cli.inception import detector_path
 
         det = detector_path()
@@ -135,7 +138,11 @@ class ImageScorer:
         key = (str(det or ""), str(ref))
         if key != self._key:
             self._scorer, self._key = self._make(det, ref), key
-        return self._scorer(images)
+        return self._scorer
+
+    def jackknife(self, images: Any, labels: Any, groups: Any) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """The metrics of :meth:`__call__` and their leave-one-group-out values, features computed once."""
+        return self._configured().jackknife(images, groups)
 
     def _make(self, det: Path | None, ref: Path) -> Any:
         from neon_cli.fsutil import sha256_file
@@ -150,6 +157,7 @@ class ImageScorer:
             def inception(images: Any) -> dict[str, float]:
                 return {k: float(v) for k, v in fid.score(images).items()}
 
+            inception.jackknife = fid.score_jackknife  # type: ignore[attr-defined]  # one detector pass
             return inception
 
         mu, sigma = load_stats(ref)
@@ -163,6 +171,16 @@ class ImageScorer:
                                 f"{feats.shape[1]} pixel values{hint}")
             return {"pixel_fid": float(frechet_distance(*feature_stats(feats), mu, sigma))}
 
+        def pixels_jackknife(images: Any, groups: Any) -> tuple[dict[str, float], dict[str, list[float]]]:
+            from neon_cli.metrics import frechet_replicates
+
+            feats = pixel_features(images)
+            if feats.shape[1] != mu.shape[0]:
+                return pixels(images), {}  # its error message
+            full, reps = frechet_replicates(feats, mu, sigma, groups)
+            return {"pixel_fid": full}, {"pixel_fid": reps}
+
+        pixels.jackknife = pixels_jackknife  # type: ignore[attr-defined]
         return pixels
 
 
@@ -205,3 +223,9 @@ class ImageScoring:
         if self._scorer is None:
             self._scorer = ImageScorer()
         return self._scorer(images, labels)
+
+    def score_jackknife(self, images: Any, labels: Any, groups: Any) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """``score`` plus each metric's jackknife replicates from one feature pass (the Evaluator's SEs)."""
+        if self._scorer is None:
+            self._scorer = ImageScorer()
+        return self._scorer.jackknife(images, labels, groups)

@@ -140,5 +140,14 @@ class DigitsFamily:
             self._scorer = DigitsScorer(WEIGHTS / "classifier.safetensors")
         return self._scorer(images, labels)
 
+    def score_jackknife(self, images: Any, labels: Any, groups: Any):
+        """``score`` plus each metric's leave-one-group-out values (:meth:`neon_digits.io.DigitsScorer.score_jackknife`),
+        for the Evaluator's standard errors; the classifier runs once."""
+        if self._scorer is None:
+            from neon_digits.io import DigitsScorer
+
+            self._scorer = DigitsScorer(WEIGHTS / "classifier.safetensors")
+        return self._scorer.score_jackknife(images, labels, groups)
+
 
 family = DigitsFamily()

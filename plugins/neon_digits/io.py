@@ -71,3 +71,35 @@ class DigitsScorer:
         if labels is not None:
             out["class_accuracy"] = float((logits.argmax(1) == labels).double().mean())
         return {k: float(v) for k, v in out.items()}
+
+    def score_jackknife(self, images: torch.Tensor, labels: torch.Tensor | None, groups: Any
+                        ) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """The metrics of :meth:`__call__` and their leave-one-group-out values (``groups``: index
+        arrays, :func:`neon_cli.metrics.balanced_groups`), from one pass of the classifier: the
+        Fréchet distances by :func:`neon_cli.metrics.frechet_replicates`, precision/recall/density/
+        coverage with the reals' k-NN radii computed once. Returns ``(metrics, {metric: [G values]})``."""
+        import numpy as np
+
+        from neon_cli.metrics import frechet_replicates, knn_radii, prdc
+
+        with torch.no_grad():
+            feats, logits = self.net(images)
+        f = feats.double().numpy()
+        pix = images.reshape(-1, 64).double().numpy() / 255.0
+        fd, fd_r = frechet_replicates(f, *self.real_stats, groups)
+        pf, pf_r = frechet_replicates(pix, *self.real_pix_stats, groups)
+        if getattr(self, "_real_radii", None) is None:
+            self._real_radii = knn_radii(self.real_feats, 5)
+        full: dict[str, float] = {"fd_digits": fd, "pixel_fid": pf, **prdc(self.real_feats, f, k=5, real_radii=self._real_radii)}
+        reps: dict[str, list[float]] = {"fd_digits": fd_r, "pixel_fid": pf_r}
+        hit = None if labels is None else (logits.argmax(1) == labels).double().numpy()
+        if hit is not None:
+            full["class_accuracy"] = float(hit.mean())
+        n = len(f)
+        for idx in groups:
+            keep = np.setdiff1d(np.arange(n), idx)
+            for k, v in prdc(self.real_feats, f[keep], k=5, real_radii=self._real_radii).items():
+                reps.setdefault(k, []).append(v)
+            if hit is not None:
+                reps.setdefault("class_accuracy", []).append(float(hit[keep].mean()))
+        return {k: float(v) for k, v in full.items()}, reps

@@ -1,0 +1,253 @@
+"""Hand-run benchmark: regret of tune-w's choices against a truth, over many search seed blocks (issue 23, item 3).
+
+For each theta_s of ``--configs`` (made here: synth at gamma_S, finetune; resumable) and each of
+``--blocks`` disjoint search seed blocks, every method of ``--methods`` chooses a point on that
+block's seeds alone; each chosen point is then scored on ``--truth-samples`` fresh seeds shared by
+all (the "truth": common random numbers, never used by any search). The truth's optimum is the best
+truth value of every chosen point and of the same search run on the truth seeds (``--truth-search``).
+
+    regret = (truth(chosen) - truth(best)) / truth(best)            (per cent)
+
+Methods (``NAME@N``: N samples per evaluation):
+
+* ``paper``: the paper's protocol: the w sweep (0.25 steps, early stop) at every gamma of a 0.25
+  grid, then +-0.1 in 0.05 steps, at 10,000 samples per point (w only for families without guidance);
+* ``brent@N``: Brent over w at gamma_S (``neon tune-w`` without ``--gamma``, no stage 2);
+* ``joint@N``: the (w, gamma) search (``neon tune-w --gamma``; no stage 2, no base gamma search);
+* ``default``: ``neon tune-w``'s defaults (the base's own gamma search, the joint search at
+  ``--num-samples 2000``, stage 2 with ``--keep 3`` on blocks of 2,000 fresh seeds up to
+  ``--max-images 20000``) through :func:`neon_cli.tune.run_tune_w` itself.
+
+Every evaluation goes to ``WORKDIR/evals.jsonl`` (tune-w's cache format), the theta_s to
+``WORKDIR/NAME/``, so a rerun resumes where the last one stopped. Printed: per theta_s and method,
+regret and images per block; then per method the mean / median / 90th percentile of the regret
+over every (theta_s, block), and the mean images sampled (the default's also as a fraction of the
+paper protocol's). Run it under ``nohup`` with one thread per process; it is hours of CPU on digits.
+
+    python benchmarks/tune_regret.py --family gaussian-ddpm --workdir W --configs G1:1000:0.02:0 G2:500:0.05:1 --blocks 5
+    python benchmarks/tune_regret.py --workdir W --quick      # 2 digits theta_s x 2 blocks, a 10k truth
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+DIGITS_CONFIGS = ["T1:4000:0.03:0", "T2:4000:0.10:0", "H1:1000:0.03:1", "H2:16000:0.05:2", "H3:2000:0.01:3",
+                  "R1:500:0.02:4", "R2:8000:0.03:5", "R3:2000:0.05:6@2.5", "R4:1000:0.10:7@1.5"]
+GAUSS_CONFIGS = ["G1:1000:0.02:0", "G2:500:0.05:1", "G3:2000:0.01:2", "G4:250:0.03:3", "G5:1000:0.10:4"]
+DEFAULT_METHODS = ["paper", "brent@1000", "brent@2000", "brent@5000", "joint@1000", "joint@2000", "joint@5000", "default"]
+SEARCH_SEED0 = 30_000_000  # blocks of 1,000,000 seeds each: search, then stage 2 inside the block
+TRUTH_SEED = 90_000_000
+
+
+def _quiet(*_a, **_k):
+    return None
+
+
+class Regret:
+    def __init__(self, args):
+        from neon_cli.family import get_family
+        from tune import Bench  # benchmarks/tune.py: cache-backed evaluations of (theta_s, w, gamma)
+
+        self.args = args
+        self.family = get_family(args.family)
+        self.guidance = getattr(self.family, "guidance", None)
+        bargs = argparse.Namespace(family=args.family, workdir=args.workdir, batch=args.batch, metric=args.metric,
+                                   num_samples=args.truth_samples, seed=TRUTH_SEED)
+        self.bench = Bench(bargs)
+        self.cache = args.workdir / "evals.jsonl"
+
+    def truth(self, snap, w: float, g: float | None) -> float:
+        g = self._g(g)
+        if self.guidance is None:
+            return self._truth_nog(snap, w)
+        return float(self.bench.metrics(snap, w, g, n=self.args.truth_samples, seed=TRUTH_SEED)[self.args.metric])
+
+    def _g(self, g):
+        return None if self.guidance is None else float(g)
+
+    def _truth_nog(self, snap, w):
+        from neon_cli.tune import evaluation_key
+
+        b = self.bench
+        key = evaluation_key(b.static, model=b.base_sha, selftrained=snap["sha256"], w=w, settings=dict(b.settings),
+                             guidance=None, seed=TRUTH_SEED, num_samples=self.args.truth_samples)
+        hit = b.cache.get(key, self.args.metric)
+        if hit is None:
+            ev = b.evaluator(self.args.truth_samples, TRUTH_SEED)
+            m = ev.score_merge(b.model, b.base_sd, snap["sd"], w)
+            hit = b.cache.put(key, m, m.pop("seconds"))
+        return float(hit["metrics"][self.args.metric])
+
+    def run_tune(self, snap, seed: int, **kw) -> tuple[float, float | None, int]:
+        """(w, gamma, images) chosen by run_tune_w on seeds from ``seed``."""
+        from neon_cli.errors import NoImprovement
+        from neon_cli.report import Report
+        from neon_cli.tune import run_tune_w
+
+        rep = Report("tune-w", argv=[])
+        try:
+            res = run_tune_w(self.args.family, None, [snap["path"]], seed=seed, cache=self.cache, batch=self.args.batch,
+                             metric=self.args.metric, report=rep, progress=_quiet, require_improvement=False, **kw)
+        except NoImprovement:
+            res = rep.results
+        ch = res["chosen"]
+        return float(ch["w"]), ch.get("gamma"), int(res["images"]["total"])
+
+    def method(self, name: str, snap, block: int) -> tuple[float, float | None, int]:
+        seed = SEARCH_SEED0 + 1_000_000 * block
+        g_s = snap["gamma_S"]
+        box = tuple(self.args.gamma) if self.guidance else None
+        pin = [f"{self.guidance}={g_s!r}"] if self.guidance else []
+        if name == "default":
+            return self.run_tune(snap, seed, gamma=box, num_samples=2000, confirm_samples=2000, keep=3, max_images=20000)
+        if name == "paper":
+            from tune import PAPER_SAMPLES, paper_sweep_2d, paper_sweep_w
+
+            if self.guidance is None:
+                f = lambda w: self._search_nog(snap, w, seed)  # noqa: E731
+                w, asked = paper_sweep_w(f, *self.args.bounds, self.args.sweep_stop)
+                return w, None, len(asked) * PAPER_SAMPLES
+            f2 = lambda w, g: float(self.bench.metrics(snap, w, g, n=PAPER_SAMPLES, seed=seed)[self.args.metric])  # noqa: E731
+            (w, g), asked = paper_sweep_2d(f2, tuple(self.args.bounds), box, self.args.sweep_stop)
+            return w, g, len(asked) * PAPER_SAMPLES
+        kind, n = name.split("@")
+        if kind == "brent":
+            return self.run_tune(snap, seed, num_samples=int(n), confirm_samples=0, tune_base=False, set_pairs=pin)
+        if kind == "joint":
+            if box is None:
+                raise SystemExit(f"{name}: family {self.args.family} has no guidance to search")
+            return self.run_tune(snap, seed, gamma=box, line_gamma=g_s, num_samples=int(n), confirm_samples=0,
+                                 tune_base=False)
+        raise SystemExit(f"unknown method {name}")
+
+    def _search_nog(self, snap, w, seed):
+        from neon_cli.tune import evaluation_key
+        from tune import PAPER_SAMPLES
+
+        b = self.bench
+        key = evaluation_key(b.static, model=b.base_sha, selftrained=snap["sha256"], w=w, settings=dict(b.settings),
+                             guidance=None, seed=seed, num_samples=PAPER_SAMPLES)
+        hit = b.cache.get(key, self.args.metric)
+        if hit is None:
+            ev = b.evaluator(PAPER_SAMPLES, seed)
+            m = ev.score_merge(b.model, b.base_sd, snap["sd"], w)
+            hit = b.cache.put(key, m, m.pop("seconds"))
+        return float(hit["metrics"][self.args.metric])
+
+    def truth_search(self, snap) -> list[tuple[float, float | None]]:
+        """The search run on the truth seeds (its points' truth values are exact truth)."""
+        from neon_cli.tune import brent_search, joint_search
+
+        if self.guidance is None:
+            r = brent_search(lambda w: self.truth(snap, w, None), tuple(self.args.bounds), xtol=0.02, max_evals=14)
+            return [(e.w, None) for e in r.evaluations]
+        r = joint_search(lambda w, g: self.truth(snap, w, g), tuple(self.args.bounds), tuple(self.args.gamma),
+                         gamma0=snap["gamma_S"])
+        return [(e.w, e.gamma) for e in r.evaluations]
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = math.floor(k), math.ceil(k)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--family", default="digits")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-regret-work"))
+    ap.add_argument("--configs", nargs="*", default=None, help="NAME:|S|:BUDGET_FRACTION:SEED[@GAMMA_S]")
+    ap.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
+    ap.add_argument("--blocks", type=int, default=5, help="disjoint search seed blocks per theta_s")
+    ap.add_argument("--truth-samples", type=int, default=20_000)
+    ap.add_argument("--no-truth-search", action="store_true", help="truth optimum = best chosen point only")
+    ap.add_argument("--metric", default=None, help="default: the family's first metric")
+    ap.add_argument("--batch", type=int, default=1000)
+    ap.add_argument("--bounds", type=float, nargs=2, default=(0.0, 3.0))
+    ap.add_argument("--gamma", type=float, nargs=2, default=(1.0, 4.0))
+    ap.add_argument("--sweep-stop", type=float, default=0.03)
+    ap.add_argument("--quick", action="store_true", help="2 theta_s x 2 blocks, truth 10k, methods brent@1000 joint@1000 default")
+    args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    from neon_cli.family import get_family
+
+    fam = get_family(args.family)
+    args.metric = args.metric or list(fam.metrics)[0]
+    if args.configs is None:
+        args.configs = DIGITS_CONFIGS if args.family == "digits" else GAUSS_CONFIGS
+    if args.quick:
+        args.configs, args.blocks, args.truth_samples = args.configs[:2], 2, 10_000
+        args.methods = ["brent@1000", "joint@1000", "default"] if fam.guidance else ["brent@1000", "default"]
+    if not fam.guidance:
+        args.methods = [m for m in args.methods if not m.startswith("joint")]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    r = Regret(args)
+    t0 = time.perf_counter()
+    g_star = r.bench.gamma_s() if fam.guidance else None
+    out: dict[str, list[tuple[float, int]]] = {m: [] for m in args.methods}
+    for spec in args.configs:
+        name, num, frac, seed = spec.split("@")[0].split(":")
+        g_s = float(spec.split("@")[1]) if "@" in spec else g_star
+        snap = r.bench.selftrained(name, int(num), float(frac), int(seed), g_s) if fam.guidance else \
+            _selftrained_nog(r, name, int(num), float(frac), int(seed))
+        chosen = {(m, b): r.method(m, snap, b) for b in range(args.blocks) for m in args.methods}
+        pts = {(round(w, 9), None if g is None else round(g, 9)) for w, g, _ in chosen.values()}
+        if not args.no_truth_search:
+            pts |= {(round(w, 9), None if g is None else round(g, 9)) for w, g in r.truth_search(snap)}
+        truths = {p: r.truth(snap, *p) for p in pts}
+        best = min(truths.values())
+        print(f"\n{name}: |S| = {num}, budget {100 * float(frac):g}%, seed {seed}"
+              + (f", gamma_S {g_s:.4g}" if g_s else "") + f"; truth on {args.truth_samples} seeds: best {best:.5g}", flush=True)
+        for m in args.methods:
+            regs = []
+            for b in range(args.blocks):
+                w, g, imgs = chosen[(m, b)]
+                reg = 100 * (truths[(round(w, 9), None if g is None else round(g, 9))] - best) / abs(best)
+                regs.append(reg)
+                out[m].append((reg, imgs))
+            print(f"  {m:12} regret % per block: {' '.join(f'{x:6.2f}' for x in regs)}   images/block "
+                  f"{statistics.mean(chosen[(m, b)][2] for b in range(args.blocks)):.0f}", flush=True)
+    print(f"\nsummary over {len(args.configs)} theta_s x {args.blocks} blocks ({args.family}, {args.metric}, "
+          f"truth {args.truth_samples} seeds)")
+    paper_imgs = statistics.mean(i for _, i in out["paper"]) if out.get("paper") else None
+    for m, rows in out.items():
+        regs = [x for x, _ in rows]
+        imgs = statistics.mean(i for _, i in rows)
+        frac = f"  ({imgs / paper_imgs:.2f} of paper's)" if paper_imgs else ""
+        print(f"  {m:12} regret mean {statistics.mean(regs):6.2f}%  median {statistics.median(regs):6.2f}%  "
+              f"p90 {_pct(regs, 0.9):6.2f}%  max {max(regs):6.2f}%   images {imgs:9.0f}{frac}")
+    print(f"wall {time.perf_counter() - t0:.0f} s; cache {r.cache}")
+
+
+def _selftrained_nog(r: Regret, name: str, num: int, frac: float, seed: int) -> dict:
+    """theta_s of a family without guidance: synth at its default settings, then finetune."""
+    from neon_cli.finetune import finetune
+    from neon_cli.fsutil import sha256_path
+    from neon_cli.report import Report
+    from neon_cli.synth import synthesize
+
+    fam = r.family
+    d = r.args.workdir / name
+    budget = int(round(frac * int(fam.read_metadata(str(r.bench.base))["train_images"])))
+    if not (d / "S" / "manifest.json").exists():
+        synthesize(fam.name, None, num=num, out_dir=d / "S", seed=seed, set_pairs=[], report=Report("synth", argv=[]))
+    res = finetune(fam.name, None, d / "S", budget=budget, lr=None, out_dir=d / "ft", seed=seed,
+                   report=Report("finetune", argv=[]))
+    path = Path(res["final"])
+    return {"name": name, "num": num, "budget": budget, "frac": frac, "seed": seed, "gamma_S": None, "path": path,
+            "sha256": sha256_path(path), "sd": fam.load(str(path)).state_dict()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
