@@ -189,21 +189,42 @@ class T2IFamily(ImageScoring):
 
     def score(self, images: Any, labels: Any) -> dict[str, float]:
         """The image metrics (if configured) and ``clip_score`` (with ``$NEON_CLIP``) of the last sampled prompts."""
-        names = self.metrics
         out: dict[str, float] = {}
-        if any(n != "clip_score" for n in names):
+        if any(n != "clip_score" for n in self.metrics):
             out.update(ImageScoring.score(self, images, labels))
-        if "clip_score" in names:
-            from neon_t2i.clip import ClipScorer, clip_path
-
-            path = clip_path()
-            if self._clip is None or self._clip.path != str(path):
-                self._clip = ClipScorer(path)
-            if self._prompts is None or labels is None:
-                raise UsageError("clip_score: no prompts (--set prompts=FILE)")
-            texts = [self._prompts[int(v) % len(self._prompts)]["prompt"] for v in labels.tolist()]
-            out["clip_score"] = self._clip(images, texts)
+        if "clip_score" in self.metrics:
+            out["clip_score"] = float(self._clip_per_image(images, labels).mean())
         return out
 
+    def score_jackknife(self, images: Any, labels: Any, groups: Any) -> tuple[dict[str, float], dict[str, list[float]]]:
+        """:meth:`score` plus each metric's delete-a-group jackknife replicates (the Evaluator's
+        standard errors): the image metrics' from one feature pass (:class:`ImageScoring`),
+        ``clip_score``'s as the mean of the per-image scores left when each group is deleted."""
+        import numpy as np
+
+        full: dict[str, float] = {}
+        reps: dict[str, list[float]] = {}
+        if any(n != "clip_score" for n in self.metrics):
+            full, reps = ImageScoring.score_jackknife(self, images, labels, groups)
+        if "clip_score" in self.metrics:
+            per = np.asarray(self._clip_per_image(images, labels), dtype=np.float64)
+            full["clip_score"] = float(per.mean())
+            reps["clip_score"] = [float(np.delete(per, np.asarray(g)).mean()) for g in groups]
+        return full, reps
+
+    def _clip_per_image(self, images: Any, labels: Any) -> Any:
+        """Per-image CLIP scores (numpy, shape [N]) of ``images`` against their prompts (label i ->
+        prompt i mod P of the last sampled prompts). Raises UsageError without prompts."""
+        import numpy as np
+
+        from neon_t2i.clip import ClipScorer, clip_path
+
+        path = clip_path()
+        if self._clip is None or self._clip.path != str(path):
+            self._clip = ClipScorer(path)
+        if self._prompts is None or labels is None:
+            raise UsageError("clip_score: no prompts (--set prompts=FILE)")
+        texts = [self._prompts[int(v) % len(self._prompts)]["prompt"] for v in labels.tolist()]
+        return np.asarray(self._clip.per_image(images, texts))
 
 family = T2IFamily()
