@@ -22,7 +22,12 @@ def test_paper_recipes_are_the_scripts_numbers():
     assert (train["lr"], train["batch"]) == (4e-6, 256) and st == {"precond": "edm", "augment": 0.15, "dropout": 0.05}
     assert recipe_plan(edm, "default", None) == ("default", dict(edm.train_defaults), {})
     _, train, st = recipe_plan(var, "paper-d36", None)
-    assert (train["lr"], train["batch"], train["warmup_images"]) == (1e-6, 24, "budget") and st == {"fp16": 1}
+    assert (train["lr"], train["batch"], train["warmup_images"]) == (1e-6, 24, "budget") and st == {"fp16": 1, "twd": 0.0}
+    assert recipe_plan(var, "paper-d16", None)[1:] == ({**var.train_defaults}, {"fp16": 1, "twd": 0.0})  # AdamW ran with wd 0
+    imm = get_family("imm")  # im256.yaml: lr 1e-6 with no ramp, batch 512, EMA beta 0.9999 per step of 512
+    _, train, _ = recipe_plan(imm, "paper", None)
+    assert (train["lr"], train["batch"], train["warmup_images"]) == (1e-6, 512, 0)
+    assert 0.5 ** (512 / train["ema_halflife_images"]) == pytest.approx(0.9999, abs=1e-9)
     _, train, _ = recipe_plan(xar, "paper-b", None)
     # 256 = --batch_size 32 x 8 GPUs; lr = blr * 256 / 256; EMA 0.9999 per step: half-life 256 ln 0.5 / ln 0.9999 images
     assert (train["lr"], train["batch"], train["warmup_images"]) == (1e-6, 256, "epochs:250")

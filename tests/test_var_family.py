@@ -311,7 +311,7 @@ def test_synth_finetune_tunew_merge_eval(fam, ckpts, stand_in, tmp_path, monkeyp
     finetune("var", ckpts[0], S, budget=8, lr=1e-3, batch=8, out_dir=tmp_path / "ft2", set_pairs=pairs, report=rep2,
              recipe="paper-d36")
     assert rep2.settings["recipe"] == "paper-d36" and rep2.settings["train_config"]["warmup"] == 8
-    assert rep2.settings["resolved_settings"]["fp16"] == 1
+    assert rep2.settings["resolved_settings"]["fp16"] == 1 and rep2.settings["resolved_settings"]["twd"] == 0.0
     assert rep2.settings["encoded"]["shards_encoded"] == 0  # the tokens are computed once
     assert os.stat(Path(enc["folder"]) / "shard-00000.safetensors").st_mtime_ns == stamp
 

@@ -73,16 +73,18 @@ class VarFamily(ImageScoring):
     train_defaults = {"batch": 768, "lr": 1e-5, "ema_halflife_images": None, "warmup_images": "budget"}
     #: ``--recipe paper``: the Neon repository's VAR/VAR_imagenet_256/run_var_imagenet_256.sh (d16: train.py --bs=768
     #: --fp16=1 --target_lr 1e-5, lr = target * images_seen / total_images) and VAR_imagenet_512/run_var_imagenet_512.sh
-    #: (d36: --bs=24 --fp16=1 --target_lr 1e-6); ``paper`` picks by the checkpoint's depth.
+    #: (d36: --bs=24 --fp16=1 --target_lr 1e-6); both ran AdamW with weight decay 0 (train.py: weight_decay=0, and
+    #: lr_wd_annealing, which would set VAR's --twd, is never called); ``paper`` picks by the checkpoint's depth.
     recipes = {
         "paper-d16": {"about": "run_var_imagenet_256.sh: --depth=16 --bs=768 --fp16=1 --target_lr 1e-5, linear ramp over "
-                               "--total_images (the whole run), no EMA (the same as --recipe default)",
+                               "--total_images (the whole run), no EMA; weight decay 0 (its train.py builds AdamW with "
+                               "weight_decay=0 and never calls lr_wd_annealing)",
                       "train": {"batch": 768, "lr": 1e-5, "warmup_images": "budget", "ema_halflife_images": None},
-                      "settings": {"fp16": 1}},
+                      "settings": {"fp16": 1, "twd": 0.0}},
         "paper-d36": {"about": "run_var_imagenet_512.sh: --depth=36 --bs=24 --fp16=1 --target_lr 1e-6, linear ramp over "
-                               "--total_images (the whole run), no EMA",
+                               "--total_images (the whole run), no EMA; weight decay 0 (as paper-d16)",
                       "train": {"batch": 24, "lr": 1e-6, "warmup_images": "budget", "ema_halflife_images": None},
-                      "settings": {"fp16": 1}},
+                      "settings": {"fp16": 1, "twd": 0.0}},
     }
 
     def resolve_recipe(self, name: str, path: str) -> str:
