@@ -166,6 +166,10 @@ def main() -> int:
                     help="a lumalabs/imm clone: check 4 then fine-tunes a pickle made by its code (in a subprocess)")
     args = ap.parse_args()
     t0 = time.time()
+    # diffusers' AutoencoderKL imports transformers' image processors, which compare torchvision's version: load it
+    # before a torchvision stand-in (for timm) exists, which has no version
+    import diffusers.models.autoencoders.autoencoder_kl  # noqa: F401
+
     stubbed = stub_torchvision_if_broken()
     torch.compile = lambda model=None, *a, **k: model if model is not None else (lambda m: m)  # CPU: no inductor
     repo = args.repo.resolve()
