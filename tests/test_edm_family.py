@@ -575,6 +575,9 @@ def test_recipe_paper_finetunes_edmprecond_merges_into_vp_base_and_warns(fam, pk
     base = write_pkl(tmp_path / "vp-cond.pkl", networks.VPPrecond(8, 3, label_dim=4, augment_dim=9, **TINY))
     Sdir = tmp_path / "S"
     neon("synth", "edm", "--model", base, "-n", "8", "-o", str(Sdir), "--set", "num_steps=2", "--trust-pickle", "-q")
+    checkouts = json.loads((Sdir / "manifest.json").read_text())["checkouts"]  # the official code that made S
+    assert set(checkouts) == {"edm"} and checkouts["edm"]["path"] == str(REPO.resolve())
+    assert set(checkouts["edm"]) == {"path", "commit", "dirty", "toplevel"}
     out = neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "16", "--recipe", "paper", "-o", str(tmp_path / "x"),
                "--trust-pickle", "-q", code=2)
     assert "--recipe paper" in out and "paper-cifar10" in out and "8x8" in out  # the paper ran 32x32 / 64x64 only
@@ -582,7 +585,7 @@ def test_recipe_paper_finetunes_edmprecond_merges_into_vp_base_and_warns(fam, pk
                "--trust-pickle", "-q", code=2)
     assert "--recipe nope" in out and "paper-ffhq" in out
     ft = tmp_path / "ft"
-    neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "1000", "--batch", "8", "--recipe", "paper-ffhq",
+    neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "1000", "--batch", "500", "--recipe", "paper-ffhq",
          "--set", "augment=0", "-o", str(ft), "--trust-pickle", "-q", "--report", str(tmp_path / "ft.json"))
     rep = json.loads((tmp_path / "ft.json").read_text())
     cfg, res = rep["settings"]["train_config"], rep["results"]
@@ -605,3 +608,12 @@ def test_recipe_paper_finetunes_edmprecond_merges_into_vp_base_and_warns(fam, pk
     assert not any("dropout" in w for w in warns)  # a training-only argument is no mismatch
     with open(merged, "rb") as fh:
         assert type(pickle.load(fh)["ema"]).__name__ == "VPPrecond"
+    from neon_diffusers.scoring import write_pixel_stats
+
+    write_pixel_stats(Sdir, tmp_path / "px.npz")
+    neon("tune-w", "edm", "--base", base, "--selftrained", str(snap), "--num-samples", "4", "--max-evals", "2",
+         "--set", "num_steps=2", "--ref-stats", str(tmp_path / "px.npz"), "--trust-pickle", "-q",
+         "--report", str(tmp_path / "t.json"), code=(0, 5))
+    warns = json.loads((tmp_path / "t.json").read_text())["results"]["warnings"]
+    assert warns == ["network-snapshot-000001.pkl: preconditioning differs: theta_r is VPPrecond, theta_s is EDMPrecond "
+                     "(theta_s was trained with another parameterisation; the merge is sampled with theta_r's)"]

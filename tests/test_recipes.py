@@ -49,3 +49,33 @@ def test_warmup_forms_and_short_budget_warning():
     assert short_budget_warnings(cfg, "x") == []
     cfg.budget, cfg.warmup = 49_999, 0
     assert "EMA half-life (500000 images)" in short_budget_warnings(cfg, "x")[0]
+
+
+def test_checkout_provenance_is_gits_commit_and_dirty_state(tmp_path):
+    import subprocess
+
+    from neon_cli.repo import git_state
+
+    assert git_state(tmp_path) == {"path": str(tmp_path), "commit": None, "dirty": None, "toplevel": None}  # not a work tree
+    repo = tmp_path / "edm"
+    (repo / "training").mkdir(parents=True)
+    (repo / "training" / "loss.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.email=t@t", "-c", "user.name=t"]
+    subprocess.run(git + ["init", "-q"], check=True)
+    subprocess.run(git + ["add", "-A"], check=True)
+    subprocess.run(git + ["commit", "-qm", "c"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert git_state(repo) == {"path": str(repo), "commit": head, "dirty": False, "toplevel": str(repo.resolve())}
+    (repo / "training" / "loss.py").write_text("x = 2\n")
+    assert git_state(repo)["dirty"] is True and git_state(repo / "training")["commit"] == head
+
+
+def test_mismatch_lines_name_class_loss_settings_and_kwargs():
+    from neon_cli.mismatch import compare
+
+    r = {"class": "IMMPrecond", "init_kwargs": {"T": 0.994, "dropout": 0.0}, "loss": "IMMLoss", "loss_state": {"a": 2, "k": 12}}
+    assert compare(r, dict(r)) == [] and compare(r, None) == []
+    s = {**r, "init_kwargs": {"T": 0.99, "dropout": 0.1}, "loss_state": {"a": 1, "k": 12}}
+    assert compare(r, s) == ["training loss settings differ (IMMLoss): a 2 vs 1",
+                             "network configuration (init_kwargs) differs: T 0.994 vs 0.99"]  # dropout is training-only
+    assert compare(r, {**r, "loss": "EDMLoss"}) == ["training loss differs: theta_r's loss_fn is IMMLoss, theta_s's is EDMLoss"]
