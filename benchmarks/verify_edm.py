@@ -291,6 +291,10 @@ def check_paper_protocol(edm, fam, pkls: dict[str, Path]) -> None:
         err = abs(float(n.detach()) - float(e.detach()))
         perr = max(float((a.detach() - b.detach()).abs().max()) for a, b in zip(ours.parameters(), theirs.parameters()))
         moved = max(float((a.detach() - b).abs().max()) for a, b in zip(theirs.parameters(), pickle.load(open(pkl, "rb"))["ema"].parameters()))
+        vp_keys = {k: tuple(v.shape) for k, v in pickle.load(open(pkl, "rb"))["ema"].state_dict().items()}
+        check(f"paper protocol {name}: EDMPrecond has the VP network's tensors (merges into the VP base)",
+              {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == vp_keys == {k: tuple(v.shape) for k, v in ours.state_dict().items()},
+              f"{len(vp_keys)} parameters and buffers, the same names and shapes in EDM's EDMPrecond, neon's and the VP pickle")
         check(f"paper protocol {name}", type(ours).__name__ == "EDMPrecond" and err <= 1e-6 * max(1.0, abs(float(e.detach()))) and perr <= 1e-7,
               f"EDMPrecond from the VP pickle: loss neon {float(n):.6f} vs train.py {float(e):.6f} (|diff| {err:.2g}); after one "
               f"Adam step parameters max |diff| {perr:.2g} (the step moved them up to {moved:.2g})")

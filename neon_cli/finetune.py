@@ -102,8 +102,9 @@ def finetune(
     ``lr``/``batch``/``warmup``/``ema_halflife`` default to the recipe's (``ema_halflife`` 0: no
     EMA): ``recipe`` ``"default"`` is the family's ``train_defaults``, another name one of the
     family's ``recipes`` (e.g. ``"paper"``: the Neon paper's own scripts, see :func:`recipe_plan`),
-    whose settings are defaults that ``--set`` overrides. ``set_pairs`` (``--set KEY=VALUE``) resolve against the family's
-    settings and its optional ``train_settings``; they and ``trust_pickle`` reach the family's
+    whose settings are defaults that ``--set`` overrides. ``set_pairs`` (``--set KEY=VALUE``)
+    resolve against the family's settings and its optional ``train_settings``; they and
+    ``trust_pickle`` reach the family's
     ``load`` (purpose ``"train"``, see :func:`neon_cli.family.load_model`).
 
     Every number is checked before any file is read; ``-o`` and ``--report`` may not be an input
@@ -113,8 +114,11 @@ def finetune(
     snapshots listed are the ones this run's ledger records (``train_state.pt``), never other
     files of ``-o``.
 
-    Returns ``{"snapshots": [{"path", "images_seen", "sha256"}], ...}`` (also in ``finetune.json``
-    and ``report.results``). Raises UsageError for bad numbers/paths or another run's state,
+    Returns ``{"snapshots": [{"path", "images_seen", "sha256"}], "recipe", "warnings" (short-budget
+    lines, :func:`short_budget_warnings`), "checkouts" (official code used: path, commit, dirty;
+    :func:`neon_cli.repo.provenance`), "precision" (what the fine-tune ran in, from the family's
+    optional ``precision(model)``; None without it), ...}`` (also in ``finetune.json`` and
+    ``report.results``). Raises UsageError for bad numbers/paths or another run's state,
     DataError for an incomplete synthetic set, CheckpointError for an unreadable model or state.
     """
     import torch
