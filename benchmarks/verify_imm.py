@@ -81,6 +81,21 @@ print("has sample_eta_t:", hasattr(net, "sample_eta_t"))
 '''
 
 
+def tiny_train_config(repo, work) -> tuple[Path, dict]:
+    """The checkout's ``configs/im256.yaml`` with its ``network`` block (DiT-XL/2) set to the tiny
+    verification network: neon builds the training network from it, as the training loop does."""
+    import yaml
+
+    from neon_imm import checkout
+
+    base = checkout.read_config(repo, "im256.yaml", "im256.yaml", "train_config")[0]
+    iface = ("img_resolution", "img_channels", "label_dim")
+    cfg = {**base, "network": {"class_name": "training.preconds.IMMPrecond",
+                               **{k: v for k, v in NET.items() if k not in iface}, "mixed_precision": "fp16"}}
+    (work / "im256-tiny.yaml").write_text(yaml.safe_dump(cfg))
+    return work / "im256-tiny.yaml", cfg
+
+
 def paper_protocol(args, work, repo, fam, pairs, dnnlib, misc, encoder) -> None:
     """4. ``neon finetune imm --recipe paper`` against the Neon repository's ``training_loop.py``
     on one batch: its network (``construct_class_by_name(**config.network, **interface_kwargs)``,
@@ -91,8 +106,6 @@ def paper_protocol(args, work, repo, fam, pairs, dnnlib, misc, encoder) -> None:
     lumalabs/imm's code in a subprocess (its IMMPrecond source, pickled in the file, lacks the
     training methods), which is what failed before neon rebuilt the network from the checkout."""
     import subprocess
-
-    import yaml
 
     from neon_cli.family import load_model, resolve_settings
     from neon_cli.finetune import recipe_plan
@@ -107,16 +120,9 @@ def paper_protocol(args, work, repo, fam, pairs, dnnlib, misc, encoder) -> None:
             check("lumalabs/imm made the pickle", False, r.stderr.strip().splitlines()[-1][:200])
             return
         print(f"INFO  lumalabs/imm pickle: {r.stdout.strip()}")
-    cfg = checkout_config = None
-    from neon_imm import checkout
-
-    checkout_config = checkout.read_config(repo, "im256.yaml", "im256.yaml", "train_config")[0]
-    iface = ("img_resolution", "img_channels", "label_dim")
-    cfg = {**checkout_config, "network": {"class_name": "training.preconds.IMMPrecond",
-                                          **{k: v for k, v in NET.items() if k not in iface}, "mixed_precision": "fp16"}}
-    (work / "im256-tiny.yaml").write_text(yaml.safe_dump(cfg))
+    tiny, cfg = tiny_train_config(repo, work)
     name, train_defaults, recipe_settings = recipe_plan(fam, "paper", pkl)
-    s = resolve_settings(fam, pairs, {**recipe_settings, "train_config": str(work / "im256-tiny.yaml")}, train=True)
+    s = resolve_settings(fam, pairs, {**recipe_settings, "train_config": str(tiny)}, train=True)
     ours = load_model(fam, pkl, settings=s, trust_pickle=True, purpose="train").train()
     with open(pkl, "rb") as fh:
         data = pickle.load(fh)
@@ -254,7 +260,8 @@ def main() -> int:
             print("no training/loss.py: loss and fine-tune checks need the Neon repository's imm/ folder")
         else:
             # 2. loss ----------------------------------------------------------------------------
-            train = load_model(fam, work / "imm-verify.pkl", settings=resolve_settings(fam, pairs, train=True),
+            tiny, _ = tiny_train_config(repo, work)  # neon trains the network built from the config (its DiT-XL/2: tiny here)
+            train = load_model(fam, work / "imm-verify.pkl", settings=resolve_settings(fam, [*pairs, f"train_config={tiny}"], train=True),
                                trust_pickle=True, purpose="train").train()
             images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
             lab = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
@@ -304,6 +311,7 @@ def main() -> int:
                           "--trust-pickle", "--set", "num_steps=8", *sets)
             assert rc == 0, out
             rc, out = cli("finetune", "imm", "--model", work / "imm-verify.pkl", "--data", work / "S", "--budget", 1000, "--batch", 500,
+                          "--set", f"train_config={tiny}",
                           "--lr", 1e-4, "-o", work / "ft", "--trust-pickle", *sets)
             assert rc == 0, out
             snap = work / "ft" / "network-snapshot-000001.pkl"
