@@ -68,6 +68,9 @@ NET = dict(img_resolution=4, img_channels=4, label_dim=1000, model_type="DiT", p
 
 LUMA_PICKLE = r'''
 import pickle, sys, torch
+sys.path.insert(0, sys.argv[4])
+from verify_xar import stub_torchvision_if_broken  # timm (imported by IMM's DiT) imports torchvision
+stub_torchvision_if_broken()
 sys.path.insert(0, sys.argv[1])
 from training.preconds import IMMPrecond
 assert not any(m.startswith("neon") for m in sys.modules)
@@ -114,7 +117,8 @@ def paper_protocol(args, work, repo, fam, pairs, dnnlib, misc, encoder) -> None:
     pkl = work / "imm-verify.pkl"
     if args.lumalabs is not None:
         pkl = work / "luma.pkl"
-        r = subprocess.run([sys.executable, "-c", LUMA_PICKLE, str(args.lumalabs.resolve()), str(pkl), repr(NET)],
+        r = subprocess.run([sys.executable, "-c", LUMA_PICKLE, str(args.lumalabs.resolve()), str(pkl), repr(NET),
+                            str(Path(__file__).resolve().parent)],
                            capture_output=True, text=True)
         if r.returncode:
             check("lumalabs/imm made the pickle", False, r.stderr.strip().splitlines()[-1][:200])

@@ -225,7 +225,7 @@ def finetune(
         if is_main():  # rank 0 made the snapshots and holds the ledger; it writes finetune.json
             results = _results(out_dir, ledger, cfg, len(data), base_images)
             precision = family.precision(model) if callable(getattr(family, "precision", None)) else None
-            results.update(recipe=recipe_name, warnings=warnings, checkouts=provenance(), precision=precision)
+            results.update(recipe=recipe_name, warnings=warnings, checkouts=provenance([family.name]), precision=precision)
             write_json(out_dir / "finetune.json", {"schema": "neon.finetune/1", "config": cfg.__dict__, "recipe": recipe_name,
                                                    "base": {"path": str(path), "sha256": base_sha},
                                                    "synthetic_set": {"path": str(data_dir), "sha256": data_sha},

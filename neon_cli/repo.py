@@ -90,9 +90,11 @@ def git_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
-def provenance() -> dict[str, dict[str, Any]]:
-    """:func:`git_state` of every checkout this process used, by family name ({} if none)."""
-    return {name: git_state(path) for name, path in sorted(USED.items())}
+def provenance(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`git_state` of the checkouts this process used, by family name ({} if none); only
+    those of ``names`` when given (a command reports its own family's, even when an earlier
+    command in the same process, e.g. a test, used another)."""
+    return {name: git_state(path) for name, path in sorted(USED.items()) if names is None or name in names}
 
 
 def find_repo(family_name: str, settings: Mapping[str, Any] | None, *, markers: Sequence[str],

@@ -105,8 +105,9 @@ class Report:
         if self.family:
             versions["family"] = self.family
         repo_mod = sys.modules.get("neon_cli.repo")  # imported only by families that use an official checkout
-        if repo_mod is not None and repo_mod.USED:
-            versions["checkouts"] = repo_mod.provenance()  # path, commit and dirty state of each checkout used
+        name = self.family.get("name") if isinstance(self.family, dict) else None
+        if repo_mod is not None and name in repo_mod.USED:
+            versions["checkouts"] = repo_mod.provenance([name])  # path, commit and dirty state of the family's checkout
         return {
             "schema": SCHEMA,
             "command": self.command,

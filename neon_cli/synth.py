@@ -149,7 +149,7 @@ def synthesize(
             manifest["image_dtype"] = str(first["images"].dtype).replace("torch.", "")
             from neon_cli.repo import provenance
 
-            manifest["checkouts"] = provenance() or None  # official code the family ran: path, commit, dirty state
+            manifest["checkouts"] = provenance([family.name]) or None  # official code the family ran: path, commit, dirty state
             write_json(out_dir / "manifest.json", manifest)
             report.add_output("synthetic_set", out_dir / "manifest.json")
         manifest = broadcast_object(manifest)
