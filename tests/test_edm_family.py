@@ -595,6 +595,7 @@ def test_recipe_paper_finetunes_edmprecond_merges_into_vp_base_and_warns(fam, pk
     assert rep["settings"]["resolved_settings"]["augment"] == 0.0  # --set wins over the recipe's 0.15
     assert len(res["warnings"]) == 2 and "lr warm-up" in res["warnings"][0] and "EMA half-life" in res["warnings"][1]
     assert rep["versions"]["checkouts"]["edm"]["path"] == str(REPO.resolve())
+    assert res["precision"] == "fp32" and res["checkouts"] == rep["versions"]["checkouts"]
     snap = ft / "network-snapshot-000001.pkl"
     with open(snap, "rb") as fh:
         data = pickle.load(fh)

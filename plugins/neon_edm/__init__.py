@@ -168,6 +168,11 @@ class EDMFamily(ImageScoring):
 
         return loss(model, images, labels, generator)
 
+    def precision(self, model: Any) -> str:
+        """``fp32``: the network is rebuilt with ``use_fp16=False`` (train.py's ``--fp16`` default)."""
+        inner = getattr(model, "module", model)
+        return "fp16 (use_fp16)" if getattr(inner, "use_fp16", False) else "fp32"
+
     def make_optimizer(self, params: Any, lr: float) -> Any:
         """Adam (0.9, 0.999), eps 1e-8, non-finite gradients replaced first, as EDM's training loop."""
         from neon_edm.training import make_optimizer

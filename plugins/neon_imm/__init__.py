@@ -129,6 +129,11 @@ class IMMFamily(ImageScoring):
 
         return loss(model, images, labels, generator)
 
+    def precision(self, model: Any) -> str:
+        """``fp32``: the loss runs with the network's mixed precision off (neon's loop has no
+        GradScaler; IMM's own step uses fp16 autocast on CUDA), :mod:`neon_imm.training`."""
+        return "fp32 (IMM's fp16 autocast + GradScaler not used: neon's loop has no loss scaler)"
+
     def make_optimizer(self, params: Any, lr: float) -> Any:
         """AdamW (0.9, 0.999), eps 1e-8, no weight decay (im256.yaml)."""
         from neon_imm.training import make_optimizer

@@ -166,6 +166,11 @@ class XARFamily(ImageScoring):
 
         return loss(model, images, labels, generator)
 
+    def precision(self, model: Any) -> str:
+        """``fp32``: the loss is computed in float32 (train_new.py's fp16 autocast + GradScaler is
+        not used: neon's loop has no loss scaler), :mod:`neon_xar.training`."""
+        return "fp32 (train_new.py's fp16 autocast + GradScaler not used: neon's loop has no loss scaler)"
+
     def make_optimizer(self, params: Any, lr: float) -> Any:
         """AdamW (0.9, 0.96), weight decay 0.02 on matrices, gradient clipping 1.0 (train_new.py)."""
         from neon_xar.training import make_optimizer
