@@ -24,7 +24,8 @@ kept), then checks:
    ``AdamW(misc.add_weight_decay(model, 0.02), betas=(0.9, 0.96))`` after ``clip_grad_norm_(1.0)``
    (what ``NativeScalerWithGradNormCount`` does with its scaler off, as on CPU);
 4. paper protocol (``--recipe paper``): :func:`paper_protocol` (the Neon repository's
-   ``train_new.py`` lr schedule and one step; give ``--repo .../Neon/xAR``);
+   ``train_new.py`` lr schedule and one step; give ``--repo .../Neon/xAR``; ``--only-paper`` runs
+   checks 2 and 4 alone);
 3. files: a ``main_mar.py``-style checkpoint ``{model, model_ema, optimizer, epoch, scaler, args:
    Namespace}`` loads without ``--trust-pickle``; ``neon finetune`` snapshots load as the Neon
    repository's ``calculate_fid.py`` loads them (``torch.load(weights_only=True)``,
@@ -189,6 +190,8 @@ def main() -> int:
     ap.add_argument("--flow-steps", type=int, default=4)
     ap.add_argument("--block", type=int, default=2, help="seed_block (images per official batch)")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one, deleted)")
+    ap.add_argument("--only-paper", action="store_true",
+                    help="skip the sampling and file checks (1, 3): the loss checks (2) and the paper protocol (4) only")
     args = ap.parse_args()
     t0 = time.time()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -225,7 +228,7 @@ def main() -> int:
         fam_vae = net._neon_xar.vae
         real_decode = fam_vae.decode
         fam_vae.decode = lambda z: (TOKENS["neon"].append(z.clone()), real_decode(z))[1]
-        for cfg in (1.0, 2.7):
+        for cfg in () if args.only_paper else (1.0, 2.7):
             for rounding in ("truncate", "round"):
                 ss = {**s, "cfg": cfg, "rounding": rounding}
                 TOKENS["neon"].clear(), TOKENS["official"].clear()
@@ -275,6 +278,9 @@ def main() -> int:
         d = max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
         check("optimiser step == AdamW(add_weight_decay) + clip 1.0", d == 0.0, f"max |diff| = {d:.3g}")
         paper_protocol(fam, train, cached, labels, vae_mod, util_misc)
+        if args.only_paper:
+            print(f"{sum(ok for _, ok, _ in RESULTS)}/{len(RESULTS)} checks passed in {time.time() - t0:.0f} s")
+            return 1 if any(not ok for _, ok, _ in RESULTS) else 0
         # 3. files -------------------------------------------------------------------------------
         ema = {k: (v + 0.01 if v.is_floating_point() and torch.isfinite(v).all() else v) for k, v in model.state_dict().items()}
         torch.save({"model": model.state_dict(), "model_ema": ema, "optimizer": {}, "epoch": 1, "scaler": {},
