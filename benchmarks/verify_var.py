@@ -28,6 +28,9 @@ the end; nothing produced by VAR's code is kept), then checks:
 
 4. paper protocol: :func:`check_paper_protocol` (``--recipe paper``'s lr, weight decay 0 and one
    step against the Neon repository's ``train.py``; give ``--repo .../Neon/VAR/VAR_imagenet_256``).
+   Measured (a ``git archive`` of SinaAlemohammad/Neon 76496c3 ``VAR/VAR_imagenet_256``, committed
+   into a scratch git repository for its ``arg_util``; torch 2.13.0+cpu): lr 5e-6 in both, loss
+   |diff| 0, parameters max |diff| 0 after one step (moved up to 5.0e-6); all 20 checks passed.
 
 Prints one line per check and exits 1 if any fails. Runs in about a minute on 2 CPU cores.
 """
