@@ -75,6 +75,10 @@ def _header(path: Path) -> tuple[dict[str, Any], int, int]:
             if n > size - 8 or n > 100 << 20:
                 raise ValueError(f"header length {n} does not fit a {size}-byte file")
             header = json.loads(fh.read(n))
+            if not isinstance(header, dict):
+                raise ValueError("header is not a JSON object")
+    except RecursionError:
+        raise DataError(f"--data: {path}: unreadable shard (header is JSON nested too deep)") from None
     except (OSError, ValueError) as exc:
         raise DataError(f"--data: {path}: unreadable shard ({exc})") from None
     return header, 8 + n, size
@@ -309,12 +313,27 @@ def read_manifest(data_dir: Path) -> dict[str, Any]:
         raise DataError(f"--data: {data_dir} has no manifest.json{hint}")
     try:
         manifest = json.loads(mf.read_text())
+    except RecursionError:
+        raise DataError(f"--data: {mf}: unreadable (JSON nested too deep)") from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"--data: {mf}: unreadable ({exc})") from None
+        what = "empty file, 0 bytes" if mf.is_file() and mf.stat().st_size == 0 else exc
+        raise DataError(f"--data: {mf}: unreadable ({what})") from None
     if not isinstance(manifest, dict) or manifest.get("schema") != SYNTH_SCHEMA:
         schema = manifest.get("schema") if isinstance(manifest, dict) else None
         raise DataError(f"--data: {mf} is not a neon synthetic-set manifest (schema {schema!r})")
     return manifest
+
+
+def check_family(manifest: Mapping[str, Any], family: Any, data_dir: str | os.PathLike[str], flag: str = "--data") -> None:
+    """Refuse a synthetic set made by another family (its manifest's ``family``, written by ``neon
+    synth`` as the family's ``name``): DataError naming the folder and both families, before any
+    sample is read (training digits on a gaussian set would otherwise fail deep inside the model).
+    A manifest without ``family`` is accepted."""
+    made_by = manifest.get("family")
+    name = getattr(family, "name", None)
+    if made_by and name and made_by != name:
+        raise DataError(f"{flag}: {data_dir} is a synthetic set of family {made_by!r} (its manifest.json), "
+                        f"not of {name!r}; give a set made by 'neon synth {name} ...'")
 
 
 def _shard_files(data_dir: Path, manifest: Mapping[str, Any]) -> list[tuple[Path, int, int]]:

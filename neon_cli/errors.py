@@ -13,9 +13,13 @@ Exit codes (documented in README, relied on by scripts):
 * 5  ``neon tune-w`` found no candidate that beats the base model (or its confirmation
      contradicted the search); no ``-o`` written unless ``--write-anyway`` -- :class:`NoImprovement`
 * 130 interrupted (Ctrl-C); outputs are never left half-written
+* 143 terminated (SIGTERM, e.g. Slurm's time limit): handled like Ctrl-C; the report's ``status``
+     is ``interrupted`` for both
 """
 
 from __future__ import annotations
+
+import errno
 
 
 class NeonError(Exception):
@@ -70,3 +74,60 @@ class NoImprovement(NeonError):
 
     exit_code = 5
     status = "no_improvement"
+
+
+_ANSI = None
+
+
+def clean_line(text: str, limit: int = 300) -> str:
+    """``text`` as one plain line: terminal escapes (``\\x1b[1m``) removed, lines joined by a
+    space, runs of white space collapsed; longer than ``limit`` characters, cut at a word and
+    marked with an ellipsis (never mid-word)."""
+    import re
+
+    global _ANSI
+    if _ANSI is None:
+        _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]")
+    line = " ".join(_ANSI.sub("", str(text)).split())
+    if len(line) > limit:
+        cut = line[:limit].rsplit(" ", 1)[0].rstrip(",;:")
+        line = cut + " …"
+    return line
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """What went wrong in ``exc``, as one clean line (:func:`clean_line`) for a message that names
+    the file itself. torch's ``weights_only`` refusal ("Weights only load failed. ... two options,
+    ...") is reduced to its reason (``Unsupported global: GLOBAL torchcfm.models.models.MLP was not
+    an allowed global by default``); an empty message gives the exception's type."""
+    import re
+
+    text = str(exc)
+    if "Weights only load failed" in text:
+        m = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\.$|\n|$)", text)
+        reason = m.group(1) if m else "it holds objects other than tensors and plain containers"
+        return clean_line(f"torch.load(weights_only=True) refused it: {reason}", limit)
+    line = clean_line(text, limit)
+    return line or type(exc).__name__
+
+
+#: OSError numbers meaning "the machine refused" (exit 3): no space, quota, read-only, permission,
+#: I/O error, too many open files, out of memory, file too large for the file system.
+RESOURCE_ERRNOS = frozenset(
+    getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EIO", "EMFILE", "ENFILE", "ENOMEM", "EFBIG")
+    if hasattr(errno, n)
+)
+
+
+def from_os_error(exc: OSError, what: str, default: type[NeonError] = CheckpointError) -> NeonError:
+    """The typed error for an OSError met while reading or writing a file, one line:
+    ``WHAT (REASON)``, e.g. ``out/model.safetensors: cannot write (No space left on device)``.
+
+    :class:`ResourceError` (exit 3) for the errnos of :data:`RESOURCE_ERRNOS` (a full disk, a
+    read-only or unwritable folder, ...): the command was right, the machine refused; ``default``
+    (exit 2; CheckpointError unless given) for the others (a missing path, a folder where a file
+    was expected, ...), which are bad input. ``what`` names the file and the action.
+    """
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    cls = ResourceError if exc.errno in RESOURCE_ERRNOS else default
+    return cls(f"{what} ({reason})")

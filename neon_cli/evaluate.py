@@ -212,7 +212,7 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     """
     from neon_cli import validate
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
-    from neon_cli.scoring import scoring_files
+    from neon_cli.scoring import check_family_scoring, scoring_files
     from neon_cli.tune.recorded import apply_recorded
 
     check_plan_numbers(num_samples, seed, batch)
@@ -228,6 +228,7 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     report.add_input("model", path)
     with scoring_files(detector, ref_stats) as scoring:
         check_metric_names(family, family_name, limits, progress)  # inside: a family's metrics may depend on the detector
+        check_family_scoring(family, family_name, detector, ref_stats)  # before the model loads or a sample is drawn
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
         ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
         metrics = ev.score_model(model)

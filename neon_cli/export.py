@@ -92,7 +92,12 @@ def export(data_dir: str | Path, out: str | Path, *, fmt: str = "edm-zip", repor
         import PIL.Image as pil
     except ImportError:
         raise UsageError("export --format edm-zip writes PNG files: install Pillow (pip install pillow)") from None
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+    except (ValueError, RecursionError) as exc:  # empty, truncated or nested too deep
+        raise DataError(f"DATA: {mf}: not a readable neon synth manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"DATA: {mf}: not a neon synth manifest (a JSON {type(manifest).__name__}, not an object)")
     source = SynthSource(data_dir)
     n = len(source)
     shape = manifest.get("image_shape") or []

@@ -159,8 +159,15 @@ class Family(Protocol):
         snapshot_name(images_seen) -> str: file name of the fine-tuning snapshot after
             ``images_seen`` images, in the family's own convention (default
             ``theta_s-%09d`` + ``checkpoint_suffix``).
-        checkpoint_suffix: suffix of the snapshots ``neon finetune`` writes (default
-            ``".safetensors"``; ``""`` for families whose checkpoints are folders).
+        checkpoint_suffix: suffix of the snapshots ``neon finetune`` writes (``""`` for families
+            whose checkpoints are folders); without it, the suffix of what ``save`` writes
+            (``.safetensors``, ``.pt`` for a torch archive, ``.pkl`` for another pickle, sniffed
+            once per run: :func:`neon_cli.finetune.saved_suffix`).
+        scoring_files: which of the scoring commands' ``--detector`` / ``--ref-stats`` the family
+            uses (a tuple of ``"detector"``, ``"ref_stats"``); ``()`` makes ``eval`` / ``tune-w``
+            refuse both by name; without it neither is checked (:func:`neon_cli.scoring.check_family_scoring`).
+        check_scoring() -> None: raise a NeonError when what ``score`` needs (reference
+            statistics, a detector) is missing; called before the model loads or a sample is drawn.
         model_num_classes(path) -> int: classes of the model at ``path`` when they vary between
             models of the family (default: ``num_classes``).
         score_model(model, settings) -> dict[str, float]: exact metrics computed from the model
@@ -181,6 +188,11 @@ class Family(Protocol):
             in ``metrics`` only under some configuration (e.g. ``fid`` only with a detector).
             ``neon plugins --json`` lists it; a family without it gets "(no definition given by
             the family)" per metric (:func:`metric_definitions`).
+        files_read(settings) -> [(role, path)]: files the family loads that the user did not name
+            on the command line (a shipped classifier, a VAE from a setting or an environment
+            variable); ``settings`` are the resolved settings. Default: none
+            (:func:`files_read`). Each command's output plan (:mod:`neon_cli.plan`) protects them:
+            no ``--report``/``-o`` may replace them, and a FIFO or device among them is refused.
         metric_aliases: ``{old_name: name}``: deprecated metric names still accepted where a user
             names a metric (``--metric``, ``--max-metric``, ``--max-fid``), resolved by
             :func:`resolve_metric` with a one-line note; reports use the new name only.
@@ -412,8 +424,18 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
                trust_pickle: bool = False, purpose: str = "sample") -> Any:
     """``family.load(path, ...)``, passing the keywords ``settings``, ``trust_pickle`` and
     ``purpose`` that the family's ``load`` declares (see :class:`Family`); older families take
-    the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU)."""
+    the path alone. Returns what ``load`` returns (a ``torch.nn.Module`` in eval mode, on CPU).
+
+    An exception of the family's ``load`` that is not a :class:`~neon_cli.errors.NeonError` (nor
+    a MemoryError or interrupt, which the error boundary maps itself) becomes a
+    :class:`~neon_cli.errors.CheckpointError` naming the file, the family and the exception in
+    one clean line (torch's multi-line, escape-coloured messages included). An OSError of ``load``
+    names the file: CheckpointError (exit 2) for a folder the family cannot read as a checkpoint or
+    an unreadable file, ResourceError (exit 3) for a permission or I/O error
+    (:func:`neon_cli.errors.from_os_error`)."""
     import inspect
+
+    from neon_cli.errors import CheckpointError, NeonError, exception_line, from_os_error
 
     fn = family.load
     try:
@@ -423,16 +445,47 @@ def load_model(family: Any, path: str | os.PathLike[str], *, settings: Mapping[s
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     offered = {"settings": dict(settings or {}), "trust_pickle": bool(trust_pickle), "purpose": purpose}
     kwargs = {k: v for k, v in offered.items() if accepts_any or k in params}
-    return fn(str(path), **kwargs)
+    try:
+        return fn(str(path), **kwargs)
+    except OSError as exc:
+        if Path(path).is_dir():
+            raise CheckpointError(f"{path}: is a folder, not a checkpoint family {family.name!r} can read "
+                                  f"({exc.strerror or exc})") from None
+        raise from_os_error(exc, f"{path}: cannot read") from None
+    except (NeonError, MemoryError):
+        raise
+    except Exception as exc:
+        if type(exc).__name__ == "OutOfMemoryError":
+            raise
+        raise CheckpointError(f"{path}: family {getattr(family, 'name', '?')!r} could not load it "
+                              f"({type(exc).__name__}: {exception_line(exc)})") from exc
 
 
-def snapshot_name(family: Any, images_seen: int) -> str:
+def snapshot_name(family: Any, images_seen: int, suffix: str | None = None) -> str:
     """File name of the fine-tuning snapshot after ``images_seen`` images: the family's own
-    ``snapshot_name`` if it has one, else ``theta_s-%09d`` + ``checkpoint_suffix``."""
+    ``snapshot_name`` if it has one, else ``theta_s-%09d`` + ``checkpoint_suffix`` (else
+    ``suffix``, what its ``save`` writes: :func:`neon_cli.finetune.saved_suffix`; else
+    ``.safetensors``)."""
     fn = getattr(family, "snapshot_name", None)
     if callable(fn):
         return str(fn(int(images_seen)))
-    return f"theta_s-{int(images_seen):09d}{getattr(family, 'checkpoint_suffix', '.safetensors')}"
+    return f"theta_s-{int(images_seen):09d}{getattr(family, 'checkpoint_suffix', suffix or '.safetensors')}"
+
+
+def files_read(family: Any, settings: Mapping[str, Any] | None = None) -> list[tuple[str, Path]]:
+    """``family.files_read(settings)`` as ``[(role, Path)]``, or [] for a family without the hook.
+
+    The files a family loads beyond the checkpoints the user names (see :class:`Family`); entries
+    that are None or empty are dropped. Used by :mod:`neon_cli.plan` (issue 22 item 1).
+    """
+    fn = getattr(family, "files_read", None)
+    if not callable(fn):
+        return []
+    out = []
+    for role, path in fn(dict(settings or {})) or ():
+        if path is not None and str(path) != "":
+            out.append((str(role), Path(path)))
+    return out
 
 
 def plugin_version(name: str) -> dict[str, Any]:

@@ -4,10 +4,12 @@ own recipe (paper Algorithm 1, step 2), snapshots named by images seen.
 Output directory::
 
     theta_s-000131072.safetensors   snapshot after 131,072 images seen (the family's native format;
-    ...                             the suffix is the family's ``checkpoint_suffix``, default .safetensors;
+    ...                             the suffix is the family's ``checkpoint_suffix``, else that of what
+                                    its ``save`` writes (:func:`saved_suffix`);
                                     a family's ``snapshot_name`` may name them its own way, e.g. VAR's
                                     ar-ckpt-images_131072.pth)
-    train_state.pt                  model, optimizer, EMA, images seen, the sha256 of the base and of S, and
+    train_state.pt                  model, optimizer, EMA, images seen, the sha256 of the base and S's content
+                                    identity (:func:`neon_cli.identity.synthetic_set_sha256`), and
                                     the ledger of snapshots written so far: a rerun of the same command resumes here
     finetune.json                   written last: the snapshots, their sha256 and the run's settings
     .neon.lock                      held while a run writes here (a second run on the folder is refused)
@@ -109,8 +111,10 @@ def finetune(
 
     Every number is checked before any file is read; ``-o`` and ``--report`` may not be an input
     (:func:`neon_cli.fsutil.check_outputs`), and ``-o`` is locked for the run (a second run on it
-    is refused). The training state records the sha256 of the base model and of the synthetic set
-    (its manifest, which lists every shard's sha256) and is resumed only when both match; the
+    is refused). The training state records the sha256 of the base model and the content identity
+    of the synthetic set (:func:`neon_cli.identity.synthetic_set_sha256`: its manifest, which lists
+    every shard's sha256, without paths) and is resumed only when both match, wherever the files
+    lie (a state of an older neon, which hashed the manifest file, still resumes); the
     snapshots listed are the ones this run's ledger records (``train_state.pt``), never other
     files of ``-o``.
 
@@ -129,7 +133,8 @@ def finetune(
     from neon_cli.family import snapshot_name
     from neon_cli.fsutil import remove_stale_tmp_in
     from neon_cli.repo import provenance
-    from neon_cli.dataset import encoded_set, open_synthetic
+    from neon_cli.dataset import check_family, encoded_set, open_synthetic, read_manifest
+    from neon_cli.identity import synthetic_set_sha256
     from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, snapshot_points, train_loop
 
     # ---- numbers first: nothing is read or written for a value that cannot work ----
@@ -175,11 +180,15 @@ def finetune(
     report.check_outputs({"--model": path, "--data": data_dir}, {"-o": out_dir})
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"-o: {out_dir} exists and is not a directory")
+    check_family(read_manifest(Path(data_dir)), family, data_dir)  # S of another family: refused before any work
     with main_rank_lock(out_dir, "-o", folder=True):
         run_on_main(remove_stale_tmp_in, out_dir)  # what a killed run left half-written
         base_sha = report.add_input("base", path)
         data = open_synthetic(data_dir)  # streamed from the shards: memory does not grow with |S|
-        data_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
+        manifest_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
+        # S by content (its manifest without paths): a moved S, or one re-made from the same base
+        # at another path, is the same S; states of older neon recorded the manifest file's sha256
+        data_sha = synthetic_set_sha256(data_dir)
         if str(warmup_spec).startswith("epochs:"):  # xAR's --warmup_epochs: passes over S
             cfg.warmup = _default_warmup(warmup_spec, budget, len(data))
             cfg.check()
@@ -190,6 +199,7 @@ def finetune(
         base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
         base_images = int(base_meta.get("train_images", 0) or 0)
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
+        suffix = saved_suffix(family, model, out_dir)  # what its save writes, when it does not say
         if callable(getattr(family, "encode", None)) and callable(getattr(family, "encode_key", None)):
             from neon_cli.dist import device
 
@@ -200,7 +210,7 @@ def finetune(
         ledger: list[dict[str, Any]] = []
 
         def on_snapshot(seen: int, weights: Any) -> dict[str, Any]:
-            name = snapshot_name(family, seen)
+            name = snapshot_name(family, seen, suffix)
             if Path(name).name != name or name in ("", ".", ".."):
                 raise FamilyError(f"family {family.name!r}: snapshot_name({seen}) = {name!r} is not a plain file name")
             f = out_dir / name
@@ -220,7 +230,8 @@ def finetune(
 
         train_loop(family, model, data, None, cfg, state_path=out_dir / "train_state.pt",
                    on_snapshot=on_snapshot, progress=progress,
-                   provenance={"base_sha256": base_sha, "synthetic_set_sha256": data_sha}, snapshots=ledger)
+                   provenance={"base_sha256": base_sha, "synthetic_set_sha256": data_sha}, snapshots=ledger,
+                   legacy_provenance={"synthetic_set_sha256": manifest_sha})
         results = None
         if is_main():  # rank 0 made the snapshots and holds the ledger; it writes finetune.json
             results = _results(out_dir, ledger, cfg, len(data), base_images)
@@ -257,3 +268,53 @@ def _results(out_dir: Path, ledger: list[dict[str, Any]], cfg: Any, num_syntheti
         "base_train_images": base_images or None,
         "budget_fraction": (cfg.budget / base_images) if base_images else None,
     }
+
+
+def sniff_suffix(path: Path) -> str:
+    """``".safetensors"`` (an 8-byte header length then ``{``), ``".pt"`` (a torch zip archive or a
+    legacy ``torch.save`` stream), ``".pkl"`` (another pickle), ``""`` (a folder, or bytes of no
+    format neon knows) for what ``path`` holds, read from its first bytes: the suffix its loaders
+    expect (torch >= 2.13's ``torch.load`` reads a ``.safetensors`` name as safetensors)."""
+    from neon_cli.checkpoint.legacy import MAGIC_PREFIX
+
+    if path.is_dir():
+        return ""
+    with open(path, "rb") as fh:
+        head = fh.read(len(MAGIC_PREFIX))
+    if len(head) >= 9 and head[8:9] == b"{":
+        return ".safetensors"
+    if head.startswith(b"PK\x03\x04") or head.startswith(MAGIC_PREFIX):
+        return ".pt"
+    if head[:1] == b"\x80":
+        return ".pkl"
+    return ""
+
+
+def saved_suffix(family: Any, model: Any, out_dir: Path) -> str | None:
+    """The suffix of the snapshots of a family that names neither (no ``snapshot_name``, no
+    ``checkpoint_suffix``): ``model`` saved once with the family's ``save`` into a temporary folder
+    in ``out_dir`` and sniffed (:func:`sniff_suffix`), so a family whose ``save`` writes a pickle
+    gets ``.pt``/``.pkl`` snapshots, not ``.safetensors`` that ``torch.load`` would read as
+    safetensors. None when the family names its snapshots itself. Raises FamilyError naming the
+    family when its ``save`` fails."""
+    import os
+    import shutil
+
+    from neon_cli.errors import NeonError, exception_line
+
+    if callable(getattr(family, "snapshot_name", None)) or hasattr(family, "checkpoint_suffix"):
+        return None
+    # named like every temporary of a run (.NAME.tmp-PID): a killed run's is removed by the next
+    tmp = out_dir / f".suffix-probe.tmp-{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        probe = tmp / "probe"
+        try:
+            family.save(model, str(probe), {})
+        except NeonError:
+            raise
+        except Exception as exc:
+            raise FamilyError(f"family {family.name!r}: save() of a probe into {tmp} failed ({exception_line(exc)})") from None
+        return sniff_suffix(probe) if probe.exists() else ""
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -27,7 +27,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it onto ``path`` if the block succeeds.
 
     On any exception (including KeyboardInterrupt) the temporary file is removed and ``path`` is
-    left as it was. The caller writes the file (or a directory) at the yielded path.
+    left as it was. The caller writes the file (or a directory) at the yielded path. A write that
+    failed because the disk is full or read-only (:func:`disk_refusal`: whatever library wrote it,
+    e.g. safetensors' "os error 28" or torch.save's "unexpected pos") is re-raised as
+    :class:`~neon_cli.errors.ResourceError` naming ``path`` (exit 3).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +41,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        refusal = disk_refusal(exc, path, tmp) if isinstance(exc, Exception) else None  # measured before the clean-up frees space
         if tmp.is_dir():
             import shutil
 
@@ -46,7 +50,54 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if refusal is not None:
+            raise refusal from None
         raise
+
+
+#: How write errors of libraries that do not raise OSError (safetensors' Rust writer, torch.save)
+#: spell a full or read-only disk.
+_DISK_MARKERS = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
+                 "Read-only file system", "os error 30")
+
+
+def disk_refusal(exc: BaseException, path: Path, tmp: Path | None = None) -> Exception | None:
+    """The :class:`~neon_cli.errors.ResourceError` (exit 3, naming ``path``) for an exception raised
+    while ``path`` was written, when the cause is the machine: an OSError of
+    :data:`neon_cli.errors.RESOURCE_ERRNOS`, a message naming a full or read-only disk, or any
+    other write failure while the folder's file system has less than 64 KiB free (torch.save on a
+    full disk says only "unexpected pos ..."). None otherwise (a NeonError or another bug keeps
+    its own type; a ResourceError naming the temporary ``tmp`` is re-worded to name ``path``)."""
+    from neon_cli.errors import RESOURCE_ERRNOS, NeonError, ResourceError
+
+    if isinstance(exc, ResourceError) and tmp is not None and str(tmp) in str(exc):
+        return ResourceError(str(exc).replace(str(tmp), str(path)))
+    if isinstance(exc, NeonError):
+        return None
+    text = str(exc)
+    if isinstance(exc, OSError):
+        if exc.errno not in RESOURCE_ERRNOS:
+            return None
+        reason = exc.strerror or text
+    elif any(m in text for m in _DISK_MARKERS):
+        reason = next(m for m in _DISK_MARKERS if m in text)
+        reason = {"os error 28": "No space left on device", "os error 122": "Disk quota exceeded",
+                  "os error 30": "Read-only file system"}.get(reason, reason)
+    else:
+        import shutil
+
+        try:
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            return None
+        if free >= 64 << 10:
+            return None
+        reason = f"No space left on device: {human_free(free)} free"
+    return ResourceError(f"{path}: cannot write ({reason})")
+
+
+def human_free(n: int) -> str:
+    return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
@@ -229,6 +280,12 @@ def exclusive_lock(target: str | os.PathLike[str], flag: str = "-o", *, folder: 
     or choose another path``) instead of mixing its files with the first run's. The lock file
     holds the owner's pid and host for that message; the kernel drops the lock when the process
     dies, so a killed run never blocks its rerun.
+
+    The lock file is removed when the block ends, after a clean run or a failed one, while the
+    lock is still held (so it is never a file another live run holds). A run that opened the file
+    just before it was removed finds, once it holds the lock, that the path no longer names the
+    file it locked (other inode, or none) and starts over on a fresh file, so two runs can never
+    both hold "the" lock. Only a run killed by SIGKILL leaves a lock file, which the next run reuses.
     """
     import fcntl
     import socket
@@ -236,16 +293,29 @@ def exclusive_lock(target: str | os.PathLike[str], flag: str = "-o", *, folder: 
     from neon_cli.errors import UsageError
 
     lp = lock_path(target, folder)
-    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise UsageError(f"{flag}: {target} is being written by another neon run ({owner}); "
                              "wait for it to finish or choose another path") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        if _identity(lp) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+            break
+        os.close(fd)  # the holder before us removed the file we locked: lock the path's new file
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         yield lp
     finally:
-        os.close(fd)  # closing the descriptor releases the lock
+        try:
+            if _identity(lp) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lp)  # still ours and still held: nobody else can be using it
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock

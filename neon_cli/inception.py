@@ -31,7 +31,7 @@ from typing import Any, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from neon_cli.errors import CheckpointError, DataError, UsageError
+from neon_cli.errors import CheckpointError, DataError, UsageError, exception_line
 from neon_cli.progress import ProgressFn, null_progress
 
 ENV_VAR = "NEON_INCEPTION"
@@ -139,7 +139,7 @@ class InceptionDetector:
             with torch.no_grad():
                 out = self.module(x, return_features=True)
         except (RuntimeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = exception_line(exc)
             raise CheckpointError(f"{self.path}: detector call detector(images, return_features=True) failed: {first}") from None
         if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -219,7 +219,7 @@ def load_detector(path: str | os.PathLike[str] | None = None, device: str | None
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(p), map_location=dev)
     except Exception as exc:  # RuntimeError from the TorchScript loader, ValueError, ...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = exception_line(exc)
         raise CheckpointError(f"{p}: torch.jit.load failed ({first})") from None
     module.eval()
     return InceptionDetector(module, p, sha256_file(p), dev)
@@ -347,7 +347,7 @@ class SynthSource:
         try:
             manifest = json.loads(mf.read_text())
             self._shards = [(self.path / s["file"], int(s["start"]), int(s["count"])) for s in manifest["shards"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
             raise DataError(f"{mf}: not a readable neon synth manifest ({type(exc).__name__}: {exc})") from None
         for f, _, _ in self._shards:
             if not f.is_file():

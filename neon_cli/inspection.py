@@ -205,6 +205,15 @@ def _inspect_one(p: Path, key: str | None) -> dict[str, Any]:
                                        for n, s in list(ck.specs.items())[:MAX_ENTRIES * 4]}}
             res["weights"] = {"key": ck.key, "prefix": ck.prefix, "tensors": len(ck.specs), "bytes": ck.total_bytes(), "alternatives": []}
             res["globals"], res["warnings"] = [], []
+            parts = getattr(ck, "bin_parts", None) or []  # pytorch_model.bin.index.json: each shard is a pickle
+            if parts:
+                res["globals"], _ = classify_globals(ck.globals)
+                res["shards"] = {}
+                for part in parts:
+                    name = Path(part.path).name
+                    gl, warns = classify_globals(part.globals)
+                    res["shards"][name] = {"globals": gl, "warnings": warns}
+                    res["warnings"] += [f"{w} (shard {name})" for w in warns]
         return res
     from neon_cli.checkpoint.torchfile import read_container
 
@@ -221,6 +230,8 @@ def _inspect_one(p: Path, key: str | None) -> dict[str, Any]:
             res["weights"] = {"key": where, "alternatives": alts, "tensors": len(tensors), "notes": notes,
                               "bytes": sum(v.numel * _isize(v.dtype) for v in tensors.values() if hasattr(v, "numel"))}
         except CheckpointError as exc:
+            if key is not None:  # --key names nothing there: an error (exit 2), not "no weights found"
+                raise
             res["weights"] = None
             res["weights_error"] = str(exc)
         res["globals"], res["warnings"] = classify_globals(parsed.globals)

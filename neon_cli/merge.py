@@ -238,7 +238,7 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 class _Stats:
     """Accumulators for one merged tensor (over its row blocks)."""
 
-    __slots__ = ("numel", "n_equal", "n_nonfinite_in", "dd", "rr", "num", "n_nonfinite_out", "all_equal")
+    __slots__ = ("numel", "n_equal", "n_nonfinite_in", "dd", "rr", "num", "n_nonfinite_out", "n_cast_only", "all_equal")
 
     def __init__(self, nw: int):
         self.numel = 0
@@ -248,6 +248,9 @@ class _Stats:
         self.rr = 0.0
         self.num = [0.0] * nw
         self.n_nonfinite_out = [0] * nw
+        #: per w, how many of the non-finite results were finite in the compute dtype (float32):
+        #: they overflowed only when cast to the output dtype (fp16 / bf16), so --dtype float32 helps
+        self.n_cast_only = [0] * nw
         self.all_equal = True
 
 
@@ -332,11 +335,14 @@ def _merge_block(r: np.ndarray, s: np.ndarray, dtype: str, ws: Sequence[float], 
         if st is not None:
             diff = np.subtract(back, r32, out=back)  # the update realised after rounding
             num = float(np.dot(diff, d))
-            if not math.isfinite(num):
+            if not math.isfinite(num):  # rare: only a block with a non-finite result pays for this
                 bad = ~np.isfinite(diff)
-                st.n_nonfinite_out[k] += int(bad.sum())
                 diff[bad] = 0.0
                 num = float(np.dot(diff, d))
+                if nf is not None:
+                    bad &= ~nf  # entries kept from θ_r (non-finite in an input) are not new results
+                st.n_nonfinite_out[k] += int(bad.sum())
+                st.n_cast_only[k] += int(np.isfinite(o[bad]).sum())
             st.num[k] += num
         outs.append(oc.reshape(shape))
     return outs
@@ -688,10 +694,15 @@ def _pair_outputs(rk: Checkpoint, kind: str, shard_size: int | None, items: list
 
 def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[float], targets: list[Path], kind: str,
                 provenance: dict[str, str], shard_size: int | None, progress: ProgressFn, sampler: _RssSampler, chunk: int,
-                io: Any, stack: contextlib.ExitStack, task: str = "merge") -> tuple[_PairResult, list[dict[str, Any]]]:
+                io: Any, stack: contextlib.ExitStack, task: str = "merge",
+                allow_nonfinite: bool = False) -> tuple[_PairResult, list[dict[str, Any]]]:
     """Write the merged weights of one pair to ``targets`` (one per w: a file, or for ``sharded``
     a folder that gets the shards and the index). Returns the statistics and, per w, what was
-    written: ``{"files": {path: sha256 or None}, "bytes": n, "index": path or None}``."""
+    written: ``{"files": {path: sha256 or None}, "bytes": n, "index": path or None}``.
+
+    Unless ``allow_nonfinite``, the first merged tensor with a new non-finite element (finite in
+    both inputs, inf/NaN in the result: a huge ``w``, or an fp16 overflow) raises UsageError
+    naming it (:func:`_nonfinite_error`); the caller's clean-up removes every partial output."""
     res = _PairResult(items=items, nonfinite_out=[{} for _ in ws])
     files = _pair_outputs(rk, kind, shard_size, items)
     written: list[dict[str, Any]] = [{"writers": [], "index": None, "digests": {}} for _ in ws]
@@ -768,6 +779,8 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
                 for k in range(len(ws)):
                     if st.n_nonfinite_out[k]:
                         res.nonfinite_out[k][it.raw] = st.n_nonfinite_out[k]
+                        if not allow_nonfinite:
+                            raise _nonfinite_error(it, ws[k], st.n_nonfinite_out[k], st.n_cast_only[k])
             else:
                 res.copied.setdefault(it.reason, []).append(it.raw)
                 compare = it.reason not in ("only_in_base", "outside_key")
@@ -806,6 +819,21 @@ def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[flo
             idx.write_text(json.dumps(index_json(weight_map, total_size, extra), indent=2) + "\n")
             written[k]["index"] = idx
     return res, written
+
+
+def _nonfinite_error(it: Any, w: float, n_bad: int, n_cast_only: int) -> UsageError:
+    """The refusal of a merge whose result is not finite, naming the first such tensor, with a
+    dtype that would help only when one would: when every bad element was finite in the compute
+    dtype (float32) and overflowed in the cast to a half-precision output, ``--dtype float32``;
+    when the arithmetic itself overflowed (``|w (θ_r - θ_s)|`` beyond the compute dtype's range), no
+    dtype (the weight is the problem)."""
+    cdt = _compute_dtype(it.spec.dtype, it.out_dtype)
+    where = f"tensor {it.raw!r}: theta_r - w (theta_s - theta_r) at w={_w_text(w)} gives {n_bad} non-finite value(s) (inf/nan)"
+    if n_cast_only == n_bad and it.out_dtype != cdt:
+        hint = f"they overflow {it.out_dtype}, the output dtype; --dtype {cdt} keeps them finite"
+    else:
+        hint = f"w (theta_r - theta_s) exceeds the range of {cdt}; no output dtype helps: check --w"
+    return UsageError(f"{where}; {hint}; --allow-nonfinite writes the model anyway (nothing written)")
 
 
 def _finish_flat_pt(path: Path, rf: _RawTensorFile, items: list[_Item]) -> None:
@@ -862,13 +890,16 @@ def _sidecar(path: Path) -> Path:
 
 def merge_checkpoints(*args: Any, **kwargs: Any) -> dict[str, Any]:
     """See :func:`_merge_checkpoints` (the documented signature); an OS error while writing an
-    output (read-only folder, full disk, a path under a file) becomes a one-line UsageError naming
-    the output, and nothing is left behind."""
+    output becomes a one-line error naming the output, and nothing is left behind: ResourceError
+    (exit 3) for a full disk, a read-only or unwritable folder; UsageError (exit 2) for a path
+    that cannot be one (a path under a file, ...)."""
+    from neon_cli.errors import from_os_error
+
     try:
         return _merge_checkpoints(*args, **kwargs)
     except OSError as exc:
         where = exc.filename or (kwargs.get("outputs") or (args[3] if len(args) > 3 else ["?"]))[0]
-        raise UsageError(f"-o: cannot write {where}: {exc.strerror or exc}") from None
+        raise from_os_error(exc, f"-o: cannot write {where}", UsageError) from None
 
 
 def _merge_checkpoints(
@@ -890,6 +921,7 @@ def _merge_checkpoints(
     chunk_elements: int = CHUNK_ELEMENTS,
     threads: int | None = 1,
     report_path: str | os.PathLike[str] | None = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Stream θ_Neon = θ_r − w (θ_s − θ_r) from two checkpoints into one output per w; no code
     of either file runs (any encoding).
@@ -925,8 +957,10 @@ def _merge_checkpoints(
     ``tensors``, ``precision``, ``nonfinite_kept``, ``nonfinite_results``, ``outputs``, ``layout``,
     ``key``, ``prefix``, ``components``, ``not_copied``, ``warnings``, ``seconds``,
     ``peak_rss_anon_bytes``, ``max_rss_bytes``).
+    ``allow_nonfinite``: write a result with new inf/NaN elements (default: refused, see below).
     Raises UsageError (bad w/outputs, an output that is an input or another output, an output
-    being written by another run, not enough disk) and CheckpointError (unreadable/truncated
+    being written by another run, not enough disk, a merged tensor that is not finite: named,
+    with ``--dtype float32`` suggested only for an overflow of a half-precision output) and CheckpointError (unreadable/truncated
     input, key/shape/dtype mismatch naming the key); on any error no output is left behind.
     Source: paper Algorithm 1, App. C; issues 3, 12 and 13.
     """
@@ -1064,7 +1098,7 @@ def _merge_checkpoints(
             else:
                 targets = list(tmps)
             pr, wr = _merge_pair(rk, sk, items, ws, targets, pkind, provenance, shard_size, progress, sampler, chunk_elements,
-                                 io, stack, task="merge" if comp == "." else f"merge {comp}")
+                                 io, stack, task="merge" if comp == "." else f"merge {comp}", allow_nonfinite=allow_nonfinite)
             results_pairs.append(pr)
             written_all.append(wr)
         if folder_mode:
@@ -1260,7 +1294,9 @@ def _check_disk(outs: list[Path], need_each: int) -> None:
     for parent, need in by_dir.values():
         free = shutil.disk_usage(parent).free
         if need > free:
-            raise UsageError(f"-o: not enough free disk space in {parent}: need {human_bytes(need)}, have {human_bytes(free)}")
+            from neon_cli.errors import ResourceError
+
+            raise ResourceError(f"-o: not enough free disk space in {parent}: need {human_bytes(need)}, have {human_bytes(free)}")
 
 
 def _combine(prs: list[_PairResult], nw: int) -> _PairResult:

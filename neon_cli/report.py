@@ -14,7 +14,7 @@ Schema ``neon.report/1`` (keys always present)::
       "outputs": [{"role": "merged", "path": "...", "sha256": "..."}],
       "settings": {...},                       # every option that affects the result
       "results": {...},                        # command-specific numbers (documented per command)
-      "status": "ok" | "threshold_exceeded" | "no_improvement" | "error",
+      "status": "ok" | "threshold_exceeded" | "no_improvement" | "interrupted" | "error",
       "error": null | "one-line message"
     }
 

@@ -46,6 +46,28 @@ def scoring_files(detector: str | os.PathLike[str] | None = None,
                 os.environ[k] = v
 
 
+_WHAT = {"detector": "an Inception detector", "ref_stats": "reference statistics"}
+
+
+def check_family_scoring(family: Any, family_name: str, detector: Any = None, ref_stats: Any = None) -> None:
+    """Before the first sample, inside :func:`scoring_files`: refuse ``--detector`` /
+    ``--ref-stats`` for a family that declares it does not use them (``scoring_files``, a tuple of
+    ``"detector"`` / ``"ref_stats"``; ``()`` for families that score with their own reference,
+    e.g. digits' classifier; a family without the attribute is not checked), then run the
+    family's optional ``check_scoring()`` (the image families: statistics named and readable).
+    Raises UsageError naming the flag and the family."""
+    uses = getattr(family, "scoring_files", None)
+    if uses is not None:
+        for flag, key, value in (("--detector", "detector", detector), ("--ref-stats", "ref_stats", ref_stats)):
+            if value is not None and str(value) != "" and key not in uses:
+                metrics = ", ".join(getattr(family, "metrics", ()) or ()) or "none"
+                raise UsageError(f"{flag}: family {family_name!r} does not use {_WHAT[key]} (it scores "
+                                 f"{metrics} against its own reference); leave {flag} out")
+    check = getattr(family, "check_scoring", None)
+    if callable(check):
+        check()
+
+
 def provenance() -> dict[str, Any]:
     """``{"detector": {"path", "sha256"} | None, "ref_stats": {...} | None}`` of the files the
     environment names now (a named file that does not exist gets ``"sha256": None``)."""

@@ -34,8 +34,38 @@ from neon_cli.progress import ProgressFn, null_progress
 SCHEMA = "neon.synth/1"
 
 
+#: what one image of S takes on disk at the very least: its int64 seed and one byte of image
+MIN_BYTES_PER_IMAGE = 9
+#: more shards than this is a --shard-size mistake (the shard list is held in memory)
+MAX_SHARDS = 1_000_000
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
+
+
+def check_size(num: int, shard_size: int, out_dir: Path) -> None:
+    """Refuse, before any work, a set that cannot be made: more bytes than the file system of
+    ``out_dir`` has free, counting :data:`MIN_BYTES_PER_IMAGE` per image less what ``out_dir``
+    already holds (a resumed run) (ResourceError naming ``--num-images`` and the folder), or more
+    than :data:`MAX_SHARDS` shards (UsageError naming ``--shard-size``)."""
+    import shutil
+
+    from neon_cli.errors import ResourceError
+
+    where = Path(out_dir).absolute()
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    have = sum(f.stat().st_size for f in Path(out_dir).glob("shard-*.safetensors")) if Path(out_dir).is_dir() else 0
+    need = num * MIN_BYTES_PER_IMAGE - have
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ResourceError(f"--num-images {num}: S needs at least {need:,} bytes ({MIN_BYTES_PER_IMAGE} per image: "
+                            f"its int64 seed and a byte of image), more than the {free:,} bytes free on {where}")
+    shards = -(-num // shard_size)
+    if shards > MAX_SHARDS:
+        raise UsageError(f"--num-images {num} with --shard-size {shard_size}: {shards:,} shards, more than "
+                         f"{MAX_SHARDS:,}; give a larger --shard-size")
 
 
 def synthesize(
@@ -57,7 +87,8 @@ def synthesize(
     ``trust_pickle``: passed to the family's ``load`` (``--trust-pickle``; see
     :func:`neon_cli.family.load_model`). Before any work: every number is checked (``--num-images``,
     ``--shard-size``, ``--batch`` >= 1; seeds ``seed .. seed + num - 1`` within 0 .. 2**63 - 1;
-    ``--set`` values finite and in range), and ``-o`` / ``--report`` may not be the model
+    ``--set`` values finite and in range; a size the disk or the shard list cannot hold,
+    :func:`check_size`), and ``-o`` / ``--report`` may not be the model
     (:func:`neon_cli.fsutil.check_outputs`). ``out_dir`` is locked for the run (a second run on it
     is refused with a one-line error); ``plan.json`` is written only once the model has loaded,
     and a plan of a run that made no shard yet is replaced, so a failed run never blocks its fix.
@@ -72,12 +103,14 @@ def synthesize(
     from neon_cli.evaluate import classes_of, seed_plan
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.fsutil import remove_stale_tmp_in
+    from neon_cli.identity import SETTINGS_SHA256, setting_hashes
     from neon_cli.tune.recorded import apply_recorded
 
     num = validate.positive_int("--num-images", num)
     shard_size = validate.positive_int("--shard-size", shard_size)
     batch = validate.positive_int("--batch", batch)
     seed = validate.seed("--seed", seed, count=num)
+    check_size(num, shard_size, Path(out_dir))  # before the family loads or anything is sampled
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, model_path)
@@ -102,6 +135,9 @@ def synthesize(
             "labels": "(seed + i) % num_classes" if num_classes else None,
             "num_classes": num_classes,
         }
+        hashes = setting_hashes(family, settings)  # a setting naming a file (a VAE) is known by its content
+        if hashes:
+            plan[SETTINGS_SHA256] = hashes
         report.settings.update(resolved_settings=settings)
         run_on_main(_check_plan, out_dir, plan)
 
@@ -168,9 +204,15 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(f.read_text())
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise DataError(f"-o: {f} is not readable JSON ({exc}); delete it or use a new -o directory") from None
-    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old.get(key) != plan.get(key)]
+    from neon_cli.identity import SETTINGS_SHA256, manifest_identity
+
+    # by content: the model's and any path setting's sha256, never their paths (a plan of an older
+    # neon, without the settings' sha256, is compared with this one's settings as given)
+    old_id = manifest_identity(old)
+    new_id = manifest_identity(plan if SETTINGS_SHA256 in old else {k: v for k, v in plan.items() if k != SETTINGS_SHA256})
+    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old_id.get(key) != new_id.get(key)]
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
         differs.append("model")
     if not differs:

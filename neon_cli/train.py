@@ -28,6 +28,7 @@ continue exactly where the last state left off.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -136,6 +137,7 @@ def train_loop(
     progress: ProgressFn = null_progress,
     task: str = "finetune",
     provenance: dict[str, Any] | None = None,
+    legacy_provenance: dict[str, Any] | None = None,
     snapshots: list[Any] | None = None,
 ) -> torch.nn.Module:
     """Train ``model`` in place on (images uint8 [N, ...], labels int64 [N] or None) for cfg.budget images.
@@ -149,7 +151,8 @@ def train_loop(
     ``state_path``, a training state is saved atomically at each snapshot and, if present, loaded
     at the start (resume) when it belongs to the same run: the same config (budget and snapshot
     interval may differ) and the same ``provenance`` (e.g. ``{"base_sha256": ..,
-    "synthetic_set_sha256": ..}``, stored in the state). Returns the final weights (EMA or raw).
+    "synthetic_set_sha256": ..}``, stored in the state; ``legacy_provenance``: per key, the value an
+    older neon recorded for the same input, also accepted). Returns the final weights (EMA or raw).
 
     ``snapshots``: a list that receives what ``on_snapshot`` returns for each snapshot of this run,
     the ones of the resumed state first (the state keeps this ledger, so a resumed run knows its
@@ -176,7 +179,7 @@ def train_loop(
     ledger: list[Any] = []
     if state_path is not None and state_path.exists():
         state = _load_state(state_path, dev)
-        _check_resumable(state_path, state, cfg, provenance or {})
+        _check_resumable(state_path, state, cfg, provenance or {}, legacy_provenance or {})
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
@@ -231,9 +234,12 @@ def train_loop(
                     pe.lerp_(pm.detach(), 1 - beta)
                 for be, bm in zip(ema.buffers(), model.buffers()):
                     be.copy_(bm)
-        progress(task, seen, cfg.budget, unit="img", loss=float(loss.detach()))
+        loss_value = float(loss.detach())
+        _check_finite_loss(loss_value, seen, step, cfg, ledger, world, dev)
+        progress(task, seen, cfg.budget, unit="img", loss=loss_value)
         if seen >= next_save:
             weights = (ema if ema is not None else model)
+            _check_finite_weights(model, ema, seen, cfg, ledger)  # never a NaN snapshot or training state
             if is_main():  # only rank 0 writes; the weights are identical on every rank
                 if on_snapshot is not None:
                     model.eval()
@@ -249,6 +255,43 @@ def train_loop(
             next_save = _next_mark(seen, cfg.save_every, cfg.budget)
     model.eval()
     return ema if ema is not None else model
+
+
+def _last_kept(ledger: list[Any]) -> str:
+    last = next((r for r in reversed(ledger) if isinstance(r, dict) and r.get("file")), None)
+    return f"the last snapshot, {last['file']}, is kept" if last else "no snapshot was written"
+
+
+def _check_finite_loss(value: float, seen: int, step: int, cfg: TrainConfig, ledger: list[Any], world: int, dev: Any) -> None:
+    """UsageError at the first step whose loss is inf/NaN (on any rank: under torch.distributed
+    the flag is all-reduced, so every rank stops at the same step), naming the step, the images
+    seen and ``--lr``, the flag that most likely caused it. Nothing of this step is written: the
+    snapshots and training state on disk are the last finite ones."""
+    bad = not math.isfinite(value)
+    if world > 1:
+        import torch.distributed as tdist
+
+        flag = torch.tensor([1.0 if bad else 0.0], device=dev)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        bad = bool(flag.item() > 0)
+    if bad:
+        raise UsageError(f"the loss became non-finite ({value}) at step {step} ({seen} images seen); "
+                         f"--lr {cfg.lr:g} is most likely too high (try a smaller --lr); {_last_kept(ledger)}; "
+                         "nothing of this step was written")
+
+
+def _check_finite_weights(model: Any, ema: Any, seen: int, cfg: TrainConfig, ledger: list[Any]) -> None:
+    """UsageError, before a snapshot or training state is written, when a weight of the model (or
+    its EMA) is inf/NaN although the loss was finite: one ``isfinite`` pass over the parameters per
+    snapshot (weights are identical on every rank, so every rank decides alike)."""
+    for net in (model, ema):
+        if net is None:
+            continue
+        for name, p in net.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all()):
+                raise UsageError(f"weight {name!r} became non-finite at {seen} images seen; "
+                                 f"--lr {cfg.lr:g} is most likely too high (try a smaller --lr); {_last_kept(ledger)}; "
+                                 "no snapshot of these weights was written")
 
 
 #: Config fields a resumed run may change: a state can be continued to a larger budget, with
@@ -278,14 +321,16 @@ def _load_state(path: Path, dev: Any) -> dict[str, Any]:
     return state
 
 
-def _check_resumable(path: Path, state: dict[str, Any], cfg: TrainConfig, provenance: dict[str, Any]) -> None:
-    """UsageError naming ``path`` and what differs unless the state is this run's."""
+def _check_resumable(path: Path, state: dict[str, Any], cfg: TrainConfig, provenance: dict[str, Any],
+                     legacy: dict[str, Any]) -> None:
+    """UsageError naming ``path`` and what differs unless the state is this run's (a provenance
+    value equal to ``legacy``'s, what an older neon recorded for the same input, is this run's)."""
     old_prov = state.get("provenance") or {}
     for key, value in provenance.items():
         if key not in old_prov:
             raise UsageError(f"{path}: training state without a recorded {key} (made by an older neon or another "
                              "tool); cannot tell whether it is this run's: use another -o or delete it")
-        if old_prov[key] != value:
+        if old_prov[key] != value and (key not in legacy or old_prov[key] != legacy[key]):
             raise UsageError(f"{path}: training state of another run: its {key} is {str(old_prov[key])[:12]}..., "
                              f"this run's {str(value)[:12]}...; use another -o or delete it")
     diff = _config_differences(state.get("config") or {}, asdict(cfg))

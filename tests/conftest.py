@@ -12,6 +12,31 @@ from pathlib import Path
 import pytest
 
 TOYFAM = Path(__file__).resolve().parent / "fixtures" / "toyfam"
+#: third-party checkpoints kept beside the checkout, never in it (see that folder's README)
+SHARED_FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "real"
+#: set (to 1) by .ci/run: a missing SHARED_FIXTURES then fails the tests that need it instead of skipping them
+REQUIRE_FIXTURES = "NEON_REQUIRE_FIXTURES"
+
+
+def shared_fixture(*parts: str) -> Path:
+    """The path of a third-party fixture under ``../shared/fixtures/real/`` (beside the checkout).
+
+    When the file is absent the calling test is skipped with a reason naming the folder, or fails
+    when ``$NEON_REQUIRE_FIXTURES`` is set (CI sets it, so these tests always run there)."""
+    path = SHARED_FIXTURES.joinpath(*parts)
+    if not path.exists():
+        why = (f"needs the third-party fixture {path} (the folder {SHARED_FIXTURES} beside the checkout "
+               f"is absent or incomplete)")
+        if os.environ.get(REQUIRE_FIXTURES, "") not in ("", "0"):
+            pytest.fail(f"{why}; ${REQUIRE_FIXTURES} is set, so it must be there", pytrace=False)
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture
+def real_fixture():
+    """``real_fixture("torchcfm-2d", "x.pt")``: :func:`shared_fixture` for a test (skip or fail when absent)."""
+    return shared_fixture
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from neon_cli.commands import app
 
+from cli_helpers import run_guarded
+
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["synth", "finetune", "merge", "inspect", "tune-w", "eval", "fid", "demo", "align", "ref-stats", "plugins"]
@@ -179,7 +181,7 @@ def _complete(shell: str, line: str) -> tuple[str, str]:
         env.update(_TYPER_COMPLETE_ARGS=line, _TYPER_COMPLETE_FISH_ACTION="get-args")
     code = ("import sys\nfrom neon_cli.commands import main\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
             "sys.stderr.write('TORCH' if 'torch' in sys.modules else 'NOTORCH')")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    res = run_guarded([sys.executable, "-c", code], f"shell completion of {line!r}", capture_output=True, text=True, env=env)
     return res.stdout, res.stderr
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 if importlib.util.find_spec("diffusers") is None and not os.environ.get("CI"):
-    pytest.skip("diffusers not installed (pip install 'neon-cli[diffusers]')", allow_module_level=True)
+    pytest.skip("diffusers not installed (pip install '.[diffusers]')", allow_module_level=True)
 
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 from diffusers.training_utils import EMAModel  # noqa: E402

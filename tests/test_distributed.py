@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cli_helpers import hang_guard, run_guarded
+
 pytestmark = pytest.mark.slow
 
 
@@ -62,12 +64,14 @@ def test_ddp_finetune_matches_single_process(toyfam, toy_base, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def _kill_when(cmd: list[str], path: Path, timeout: float = 120.0) -> None:
+def _kill_when(cmd: list[str], path: Path) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    t0 = time.time()
+    t0, limit = time.time(), hang_guard()
     while not path.exists():
         assert proc.poll() is None, "finished before it could be killed"
-        assert time.time() - t0 < timeout
+        if time.time() - t0 > limit:
+            proc.kill()
+            pytest.fail(f"{path} not written within the hang guard of {limit:.0f} s (NEON_TEST_TIMEOUT raises it)")
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -155,13 +159,13 @@ def test_eval_of_an_inception_scored_family_on_two_ranks_equals_one(tmp_path):
     fam.save(fam.new(), str(tmp_path / "m.safetensors"), {})
     args = ["eval", spec, "--model", str(tmp_path / "m.safetensors"), "--num-samples", "90", "--batch", "20",
             "--detector", str(det), "--ref-stats", str(tmp_path / "ref.npz"), "-q"]
-    subprocess.run(_neon(*args, "--report", str(tmp_path / "one.json")), check=True, capture_output=True, timeout=120)
+    run_guarded(_neon(*args, "--report", str(tmp_path / "one.json")), "neon eval (one process)", check=True,
+                capture_output=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neon_cli", *args,
            "--report", str(tmp_path / "two.json")]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=150)
-    except subprocess.TimeoutExpired:
-        pytest.fail("eval under torchrun hung: rank 0 scored alone while the detector waited for the other rank")
+    # a hang here is the bug this test is for (rank 0 scoring alone while the detector waits for rank 1)
+    res = run_guarded(cmd, "eval under torchrun (2 ranks)", default=1200.0, capture_output=True, text=True,
+                      env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
     one = json.loads((tmp_path / "one.json").read_text())["results"]
     two = json.loads((tmp_path / "two.json").read_text())["results"]

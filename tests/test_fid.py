@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -22,6 +21,8 @@ import torch
 from typer.testing import CliRunner
 
 from neon_cli.commands import app
+
+from cli_helpers import run_guarded
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
 runner = CliRunner()
@@ -255,8 +256,8 @@ def test_fid_under_torchrun_equals_one_process(conv_detector, tmp_path, monkeypa
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = runner.invoke(app, args)
     assert one.exit_code == 0, one.output
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neon_cli", *args],
-                         cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    two = run_guarded([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "neon_cli", *args],
+                      "neon fid under torchrun", cwd=tmp_path, capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
     r1, r2 = json.loads(one.stdout), json.loads(two.stdout)
     assert r2["world_size"] == 2

@@ -26,9 +26,6 @@ from neon_cli.fsutil import sha256_path
 from neon_cli.merge import f32_to_bf16, merge_checkpoints, merge_state_dicts
 from neon_cli.report import Report
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real"
-CFM = REAL / "torchcfm-2d"
-MNIST = REAL / "mnist-ddpm"
 runner = CliRunner()
 W = 1.6
 
@@ -42,9 +39,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(iv)
 
 
-def test_real_fixtures_are_there():
-    # CI has ../shared next to the checkout; these tests must run, never skip
-    assert (CFM / "gaussian-moons_cfm_v1.pt").is_file() and (MNIST / "ddpm_mnist_starter.pth").is_file()
+@pytest.fixture
+def cfm(real_fixture) -> Path:
+    """torchcfm's 2-D notebook checkpoints in ../shared/fixtures/real (skipped without them, failed
+    under $NEON_REQUIRE_FIXTURES, which CI's .ci/run sets)."""
+    return real_fixture("torchcfm-2d")
+
+
+@pytest.fixture
+def mnist(real_fixture) -> Path:
+    return real_fixture("mnist-ddpm")
+
+
+def test_real_fixtures_are_there(cfm, mnist):
+    assert (cfm / "gaussian-moons_cfm_v1.pt").is_file() and (mnist / "ddpm_mnist_starter.pth").is_file()
 
 
 # ---------------------------------------------------------------------------------- torchcfm full-module pickles
@@ -62,8 +70,8 @@ def _load_full(path: Path) -> torch.nn.Module:
     (("8gaussian-moons_cfm_v1.pt", "8gaussian-moons_otcfm_v1.pt"), False),  # torchcfm.models.models.MLP
     (("8gaussian-moons_rect_1_v1.pt", "8gaussian-moons_rect_2_v1.pt"), True),  # __main__.MLP (no such class anywhere)
 ])
-def test_torchcfm_full_module_pickles_merge_and_load_in_torch(tmp_path, monkeypatch, pair, main):
-    base, ft = CFM / pair[0], CFM / pair[1]
+def test_torchcfm_full_module_pickles_merge_and_load_in_torch(tmp_path, monkeypatch, pair, main, cfm):
+    base, ft = cfm / pair[0], cfm / pair[1]
     with open_checkpoint(base) as ck:
         assert ck.names() == [f"net.{i}.{p}" for i in (0, 2, 4, 6) for p in ("weight", "bias")]
         assert ("__main__", "MLP") in ck.globals if main else ("torchcfm.models.models", "MLP") in ck.globals
@@ -89,8 +97,8 @@ def test_torchcfm_full_module_pickles_merge_and_load_in_torch(tmp_path, monkeypa
 # ---------------------------------------------------------------------------------- MNIST DDPM state dicts
 
 
-def test_mnist_ddpm_buffers_copied_and_real_shape_mismatch(tmp_path):
-    a, b = MNIST / "ddpm_mnist_starter.pth", MNIST / "ddpm_mnist_augmentation.pth"
+def test_mnist_ddpm_buffers_copied_and_real_shape_mismatch(tmp_path, mnist):
+    a, b = mnist / "ddpm_mnist_starter.pth", mnist / "ddpm_mnist_augmentation.pth"
     out = tmp_path / "neon.pth"
     res = merge_checkpoints(a, b, [1.0], [out], report=rep())
     assert set(res["copied_names"]["equal"]) == {"beta_t", "alpha_t", "gt.frequencies"}
@@ -101,7 +109,7 @@ def test_mnist_ddpm_buffers_copied_and_real_shape_mismatch(tmp_path):
     assert all(torch.equal(o[k], want[k]) for k in want)
     before = sha256_path(a)
     with pytest.raises(CheckpointError, match=r"key 'gt\.blocks\.0\.net\.1\.weight': shape \[16, 28, 28\] in .* but \[28, 28\] in .*vishalj99"):
-        merge_checkpoints(a, MNIST / "vishalj99_ddpm_mnist.pth", [1.0], [tmp_path / "x.pth"], report=rep())
+        merge_checkpoints(a, mnist / "vishalj99_ddpm_mnist.pth", [1.0], [tmp_path / "x.pth"], report=rep())
     assert not (tmp_path / "x.pth").exists() and sha256_path(a) == before
 
 
@@ -340,7 +348,7 @@ def _zip_with_short_storage(data: bytes) -> bytes:
     return buf.getvalue()
 
 
-def test_flat_dict_with_step_and_key_through_module_attribute(tmp_path):
+def test_flat_dict_with_step_and_key_through_module_attribute(tmp_path, cfm):
     torch.save({"w": torch.ones(3), "b": torch.zeros(2), "step": 1200, "epoch": 3}, tmp_path / "r.pt")
     torch.save({"w": torch.full((3,), 2.0), "b": torch.zeros(2), "step": 1400, "epoch": 4}, tmp_path / "s.pt")
     res = merge_checkpoints(tmp_path / "r.pt", tmp_path / "s.pt", [1.0], [tmp_path / "o.pt"], report=rep())
@@ -348,12 +356,12 @@ def test_flat_dict_with_step_and_key_through_module_attribute(tmp_path):
     out = torch.load(tmp_path / "o.pt", weights_only=True)
     assert out["step"] == 1200 and torch.equal(out["w"], torch.zeros(3))  # 1 - 1 * (2 - 1)
     # --key through a module's attribute (the torchcfm MLP's `net`), checked before any work
-    with open_checkpoint(CFM / "8gaussian-moons_cfm_v1.pt", key="net") as ck:
+    with open_checkpoint(cfm / "8gaussian-moons_cfm_v1.pt", key="net") as ck:
         assert ck.names()[:2] == ["0.weight", "0.bias"]
-    with open_checkpoint(CFM / "8gaussian-moons_cfm_v1.pt", key="net.2") as ck:
+    with open_checkpoint(cfm / "8gaussian-moons_cfm_v1.pt", key="net.2") as ck:
         assert ck.names() == ["weight", "bias"]
     with pytest.raises(CheckpointError, match=r"--key nope: no entry 'nope' under the top level \(found: .*net"):
-        merge_checkpoints(CFM / "8gaussian-moons_cfm_v1.pt", CFM / "8gaussian-moons_otcfm_v1.pt", [1.0], [tmp_path / "k.pt"],
+        merge_checkpoints(cfm / "8gaussian-moons_cfm_v1.pt", cfm / "8gaussian-moons_otcfm_v1.pt", [1.0], [tmp_path / "k.pt"],
                           key="nope", report=rep())
 
 

@@ -7,7 +7,6 @@ import io
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,8 @@ from typer.testing import CliRunner
 
 from neon_cli.commands import app
 from neon_cli.commands._common import LineProgress
+
+from cli_helpers import run_guarded
 
 runner = CliRunner()
 TS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ"
@@ -83,8 +84,8 @@ def test_a_real_run_piped_writes_whole_records(tmp_path):
     cmds = [["synth", "digits", "--num-images", "96", "--batch", "16", "--shard-size", "32", "-o", "S"],
             ["finetune", "digits", "--data", "S", "--budget", "64", "--batch", "16", "--save-every", "32", "-o", "ft"]]
     for argv in cmds:
-        res = subprocess.run([sys.executable, "-m", "neon_cli", *argv], cwd=tmp_path, capture_output=True, text=True, env=env,
-                             timeout=300)
+        res = run_guarded([sys.executable, "-m", "neon_cli", *argv], f"neon {argv[0]}", cwd=tmp_path, capture_output=True,
+                          text=True, env=env)
         assert res.returncode == 0, res.stderr
         lines = res.stderr.splitlines()
         assert lines and lines[0].strip(), repr(res.stderr[:200])

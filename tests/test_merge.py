@@ -279,7 +279,8 @@ def test_fp16_overflow_reported_as_nonfinite_result(tmp_path):
     s = torch.tensor([50000.0, 1.5, 29984.0], dtype=torch.float16)
     save_file({"x": r}, str(tmp_path / "r.safetensors"))
     save_file({"x": s}, str(tmp_path / "s.safetensors"))
-    res = merge_checkpoints(tmp_path / "r.safetensors", tmp_path / "s.safetensors", [W], [tmp_path / "o.safetensors"], report=rep())
+    res = merge_checkpoints(tmp_path / "r.safetensors", tmp_path / "s.safetensors", [W], [tmp_path / "o.safetensors"], report=rep(),
+                            allow_nonfinite=True)
     o = load_file(str(tmp_path / "o.safetensors"))["x"]
     assert o[0].item() == float("inf") and o[2].item() == 30032.0
     assert res["nonfinite_results"] == [{"w": W, "tensors": {"x": 1}}]

@@ -149,9 +149,9 @@ def test_suggests_float32_when_bf16_loses_the_update(tmp_path):
     rp, sp, _, _ = _pair(tmp_path, dtype=torch.bfloat16, rel=1e-3)
     res = runner.invoke(app, ["merge", str(rp), str(sp), "--w", "1.6", "-o", str(tmp_path / "o.safetensors"), "-q"])
     assert res.exit_code == 0, res.output
-    assert "--dtype float32" in res.stdout.replace("\n", " ")
+    assert "--dtype float32" in res.stderr.replace("\n", " ")
     res = runner.invoke(app, ["merge", str(rp), str(sp), "--w", "1.6", "-o", str(tmp_path / "o32.safetensors"), "--dtype", "float32", "-q"])
-    assert res.exit_code == 0 and "--dtype float32" not in res.stdout.replace("\n", " ")
+    assert res.exit_code == 0 and "--dtype float32" not in (res.stdout + res.stderr).replace("\n", " ")
     assert load_file(str(tmp_path / "o32.safetensors"))["net.0.weight"].dtype == torch.float32
 
 

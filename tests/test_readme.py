@@ -28,11 +28,12 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from cli_helpers import run_guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -152,8 +153,8 @@ def test_readme_run_blocks_run_from_a_temporary_directory(tmp_path):
             script.append(text)
             script.append(f'rc=$?; if [ $rc -ne {code} ]; then echo "NEON-README-FAIL {i} $rc" >&2; exit 99; fi')
             ran += 1
-        res = subprocess.run(["bash", "-c", "\n".join(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                             timeout=900)
+        res = run_guarded(["bash", "-c", "\n".join(script)], f"README block at line {line}", cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
         m = re.search(r"NEON-README-FAIL (\d+) (\d+)", res.stderr)
         where = f"README block at line {line}, command {texts[int(m.group(1))][0]!r}: exit {m.group(2)}" if m else ""
         assert res.returncode == 0, f"{where}\n{res.stderr[-3000:]}"

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +15,8 @@ import pytest
 import typer
 
 from neon_cli.commands import app
+
+from cli_helpers import run_guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the commands that run under torchrun (README "Clusters")
@@ -142,7 +143,7 @@ def test_readme_torchrun_lines_run(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for argv in readme_torchrun_lines():
         cmd = _tiny(argv, False)
-        res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+        res = run_guarded(cmd, f"neon {argv[0]} under torchrun", cwd=tmp_path, capture_output=True, text=True, env=env)
         if "tune-w" in argv and res.returncode != 0 and "no candidate beats the base" in res.stderr:
             # a 64-image fine-tune need not beat the base: neon exits 5 on every rank, which torchrun
             # (elastic) reports as its own exit 1; -o is not written

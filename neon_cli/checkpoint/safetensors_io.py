@@ -39,7 +39,7 @@ from neon_cli.checkpoint.core import (
     from_torch,
     one_line,
 )
-from neon_cli.errors import CheckpointError
+from neon_cli.errors import CheckpointError, from_os_error
 
 MAX_HEADER = 100_000_000
 
@@ -59,6 +59,8 @@ def read_header(path: Path, buf: Any) -> tuple[dict[str, Any], dict[str, str], i
         return CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({why})")
 
     size = len(buf)
+    if size == 0:
+        raise bad("empty file, 0 bytes")
     if size < 8:
         raise bad("shorter than its 8-byte header size")
     (n,) = struct.unpack("<Q", bytes(buf[:8]))
@@ -73,6 +75,8 @@ def read_header(path: Path, buf: Any) -> tuple[dict[str, Any], dict[str, str], i
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise bad(f"header is not valid JSON: {one_line(exc)}") from None
+    except RecursionError:
+        raise bad("header is JSON nested too deep") from None
     if not isinstance(header, dict):
         raise bad("header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
@@ -110,12 +114,21 @@ def read_header(path: Path, buf: Any) -> tuple[dict[str, Any], dict[str, str], i
 
 
 def map_file(path: Path) -> Any:
+    """A read-only mmap of ``path`` (``b""`` for an empty file). CheckpointError naming the file when
+    it is missing, a folder or not a regular file (a FIFO or device is never opened: it could block)."""
+    import stat as _stat
+
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
+    mode = os.stat(path).st_mode
+    if _stat.S_ISDIR(mode):
+        raise CheckpointError(f"{path}: is a folder, not a .safetensors file")
+    if not _stat.S_ISREG(mode):
+        raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device); give a .safetensors file")
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError as exc:
-        raise CheckpointError(f"{path}: cannot open ({exc.strerror or exc})") from None
+        raise from_os_error(exc, f"{path}: cannot open") from None
     try:
         if os.fstat(fd).st_size == 0:
             return b""
@@ -344,7 +357,7 @@ class SafetensorsWriter:
         try:
             self._put(buf, data)
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+            raise from_os_error(exc, f"{self.path}: cannot write") from None
         self._left -= len(buf)
         self._skip_empty()
 
@@ -378,7 +391,7 @@ class SafetensorsWriter:
                 return fut.result() if fut is not None else finish()
             except OSError as exc:
                 self.abort()
-                raise CheckpointError(f"{self.path}: cannot write ({exc.strerror or exc})") from None
+                raise from_os_error(exc, f"{self.path}: cannot write") from None
 
         if fut is not None:
             self._pending.append(fut)

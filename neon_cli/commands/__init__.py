@@ -17,7 +17,7 @@ app = NeonTyper(
         "Neon: improve a trained generator with its own samples. "
         "synth -> finetune -> tune-w -> merge (theta_Neon = theta_r - w (theta_s - theta_r)).\n\n"
         "Exit codes: 0 ok, 1 regression threshold exceeded, 2 bad input, 3 resource (disk, memory), "
-        "4 internal error, 5 tune-w found nothing that beats the base, 130 interrupted. Every command takes --report FILE (JSON, neon.report/1) and "
+        "4 internal error, 5 tune-w found nothing that beats the base, 130 interrupted, 143 terminated (SIGTERM). Every command takes --report FILE (JSON, neon.report/1) and "
         "--log-format auto|rich|plain|json ($NEON_LOG_FORMAT)."
     ),
     no_args_is_help=True,

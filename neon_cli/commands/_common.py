@@ -12,6 +12,7 @@ of its total or per minute (:class:`LineProgress`); ``--log-format json`` (on ev
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import datetime as _dt
 import enum
@@ -34,6 +35,7 @@ from neon_cli.errors import InternalError, NeonError, ResourceError, UsageError
 ReportOpt = typer.Option(None, "--report", help="Write a JSON report (schema neon.report/1) to this file.", dir_okay=False)
 JsonOpt = typer.Option(False, "--json", help="Print the results as JSON on stdout (progress goes to stderr).")
 QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress (bars or log lines).")
+DryRunOpt = typer.Option(False, "--dry-run", help="Check the paths the run would read and write and print them (--json: as JSON); do nothing else.")
 
 
 def _family_on_line(ctx: Any) -> Optional[str]:
@@ -364,6 +366,14 @@ class NeonCommand(TyperCommand):
     def get_params(self, ctx: Any) -> list[Any]:
         return _hide_flag_placeholders(super().get_params(ctx))
 
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        from neon_cli.plan import note_empty_paths
+
+        typed = list(args)
+        rest = super().parse_args(ctx, args)
+        note_empty_paths(self.params, ctx.params, typed)  # typer turns a Path option's '' into '.'
+        return rest
+
 
 class NeonGroup(TyperGroup):
     """The ``neon`` group: its own flags (``--version``, ``--install-completion``) without ``<bool>``."""
@@ -415,8 +425,20 @@ def run(
     json_out: bool = False,
     quiet: bool = False,
     show: Optional[Callable[[Any, Any], None]] = None,
+    plan: Optional[Callable[[], Any]] = None,
+    dry_run: bool = False,
+    dry_run_calls_fn: bool = False,
 ) -> Any:
     """Call ``fn(report=Report, progress=callback)``: the one error boundary of every command.
+
+    ``plan``: a builder of the command's :class:`neon_cli.plan.Plan` (every path it reads and
+    writes). Before ``fn`` runs the plan is checked (:func:`neon_cli.plan.check_plan`), and the
+    failure report is written only where the plan allows ``--report``
+    (:func:`neon_cli.plan.report_problem`): a report path that is an input, another output, a file
+    inside either, a device, FIFO or socket gets no report at all, and the error line says so.
+    ``dry_run`` (``--dry-run``): the plan goes into the results (``"plan": {"reads", "writes"}``,
+    printed with ``--json``) and ``fn`` is not called, unless ``dry_run_calls_fn`` (merge's own
+    header-only validation, whose results then carry the plan too).
 
     ``fn`` fills the report's inputs/outputs/results and returns its result. On success the
     report is written (if asked), results printed as JSON (``--json``) or by ``show(result,
@@ -431,7 +453,11 @@ def run(
     code: the :class:`NeonError`'s own (1 threshold, 2 bad input, 3 :class:`ResourceError`, 4
     :class:`InternalError`); an OSError is 2 for a path that does not exist or has the wrong kind,
     else 3 (no space, read-only, permission), like MemoryError / CUDA out of memory; any other
-    exception is 4 (:func:`as_neon_error`). Ctrl-C is 130. ``NEON_DEBUG=1`` re-raises instead,
+    exception is 4 (:func:`as_neon_error`). Ctrl-C is 130 and SIGTERM 143 (:class:`Terminated`), both
+    with the report's ``status`` ``interrupted``. With ``--json`` a failure is also a JSON object on
+    stdout (``{"status", "exit_code", "error"}``). Results go to stdout through :func:`stdout_console`
+    (full width in a pipe); a stdout that cannot be written is exit 3 in one line
+    (:func:`_to_stdout`). ``NEON_DEBUG=1`` re-raises instead,
     for a traceback. Under torchrun the process group is initialised here (:mod:`neon_cli.dist`)
     and only rank 0 prints or writes (another rank prints an error only when it is its own:
     not a NeonError, which every rank raises alike).
@@ -447,30 +473,35 @@ def run(
     # under torchrun/srun every rank runs this; only rank 0 draws progress, prints and writes the report
     if not main:
         report, json_out, show = None, False, None
+    restore_sigterm = _sigterm_as_interrupt()
     try:
-        try:
-            _check_report_path(report, settings)
-        except UsageError:
-            rep.refuse_path()  # not even the error report goes over an input
-            raise
+        plan_obj = _check_plan_first(rep, report, settings, plan)
         init_from_env()
         with _progress_renderer(command, fmt, enabled=main and not quiet) as progress:
-            result = fn(report=rep, progress=progress)
+            if dry_run and plan_obj is not None:
+                rep.results["plan"] = plan_obj.to_json()
+                rep.results.setdefault("dry_run", True)
+            result = fn(report=rep, progress=progress) if not dry_run or dry_run_calls_fn else rep.results
         if report:
             rep.write(report)
     except (typer.Exit, typer.Abort):
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         if os.environ.get("NEON_DEBUG"):
             raise
-        _write_error_report(rep, report, "error", "interrupted (Ctrl-C or SIGINT)")
+        # SIGTERM (Slurm's time limit and pre-emption, `kill`) arrives as Terminated: the same
+        # clean-up as Ctrl-C (every temporary removed on the way up), exit 128 + 15
+        term = isinstance(stop, Terminated)
+        code, why = (143, "terminated (SIGTERM)") if term else (130, "interrupted (Ctrl-C or SIGINT)")
+        _write_error_report(rep, report, "interrupted", why)
         if main:
-            text = "interrupted; outputs written so far are complete, rerun to resume"
+            text = f"{why.split(' (')[0]}; outputs written so far are complete, rerun to resume"
+            _json_error_out(json_out, "interrupted", code, why)
             if fmt == "json":
-                LineProgress(command, "json").emit("interrupted", message=text, exit_code=130)
+                LineProgress(command, "json").emit("interrupted", message=text, exit_code=code)
             else:
                 console.print(f"neon {command}: {text}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(130)
+        raise typer.Exit(code)
     except Exception as raw:
         if os.environ.get("NEON_DEBUG") or type(raw).__module__.split(".")[0] in ("typer", "click"):
             raise  # a traceback on request; the CLI framework's own exits and usage errors as they are
@@ -478,7 +509,9 @@ def run(
         status = exc.status  # "error", or "threshold_exceeded" (exit 1) / "no_improvement" (exit 5)
         note = _write_error_report(rep, report, status, _one_line(str(exc)))
         if status != "error" and json_out:  # a measured outcome: its numbers are the results
-            print(json.dumps(rep.results, indent=2, default=str))
+            _to_stdout(command, lambda: print(json.dumps(rep.results, indent=2, default=str)))
+        elif json_out:  # `neon fid A B --json | jq` gets an object, not an empty stream
+            _json_error_out(json_out, status, exc.exit_code, _one_line(str(exc)) + note)
         if main or not isinstance(raw, NeonError):
             who = f"neon {command}" + ("" if main else f" (rank {rank})")
             if fmt == "json":
@@ -489,14 +522,86 @@ def run(
                               soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     finally:
+        restore_sigterm()
         shutdown()
+    if dry_run and not dry_run_calls_fn and not json_out and main:
+        show = _show_plan
     if json_out:
-        print(json.dumps(rep.results, indent=2, default=str))
+        warnings = rep.results.get("warnings") if isinstance(rep.results, dict) else None
+        for w in warnings if isinstance(warnings, list) else []:  # stderr in every mode (show() prints them otherwise)
+            console.print(f"[yellow]neon {command}: warning:[/yellow] {_escape(str(w))}", highlight=False, soft_wrap=True)
+        _to_stdout(command, lambda: print(json.dumps(rep.results, indent=2, default=str)), rep, report)
     elif show is not None:
-        from rich.console import Console
-
-        show(result, Console(soft_wrap=True))  # a result line is never cut at the terminal (or 80-column pipe) width
+        _to_stdout(command, lambda: show(result, stdout_console()), rep, report)
     return result
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received (Slurm's time limit or pre-emption, ``kill PID``): raised in the main
+    thread like Ctrl-C's KeyboardInterrupt, so every ``finally`` / temporary-file clean-up runs
+    the same way; :func:`run` exits 143 (128 + 15) with the report's ``status`` ``interrupted``."""
+
+
+def _sigterm_as_interrupt() -> Callable[[], None]:
+    """Handle SIGTERM by raising :class:`Terminated` for the duration of :func:`run`; returns the
+    function restoring the previous handler. Only the main thread can set handlers (elsewhere,
+    e.g. a test runner's thread, nothing changes)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    try:
+        old = signal.signal(signal.SIGTERM, on_term)
+    except (ValueError, OSError):
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, old)
+
+
+def stdout_console() -> Any:
+    """The rich console for results on stdout: terminal width on a terminal; when stdout is a pipe
+    or a file, wide enough that no table cell or line is cut or wrapped (``neon plugins | cat``,
+    tune-w's snapshot names, merge's paths stay whole)."""
+    from rich.console import Console
+
+    try:
+        tty = sys.stdout.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return Console(soft_wrap=True) if tty else Console(soft_wrap=True, width=100_000)
+
+
+def _json_error_out(json_out: bool, status: str, code: int, message: str) -> None:
+    """With ``--json``, a failure is a JSON object on stdout too: ``{"status", "exit_code", "error"}``."""
+    if json_out:
+        with contextlib.suppress(OSError, ValueError):
+            print(json.dumps({"status": status, "exit_code": code, "error": message}, indent=2))
+            sys.stdout.flush()
+
+
+def _to_stdout(command: str, write: Callable[[], None], rep: Any = None, report: Optional[Path] = None) -> None:
+    """Run ``write`` (the results on stdout) and flush; a closed or full stdout (``> /dev/full``, a
+    pipe whose reader quit) ends in one line on stderr and exit 3, never a traceback, and the
+    report (if any) says ``status: error``. Later writes to stdout go to /dev/null, so the
+    interpreter's own flush at exit stays quiet."""
+    try:
+        write()
+        sys.stdout.flush()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        text = f"cannot write the results to stdout ({reason})"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        if rep is not None and report:
+            _write_error_report(rep, report, "error", text)
+        _stderr_console().print(f"[red]neon {command}: error:[/red] {_escape(text)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(ResourceError.exit_code) from None
 
 
 def _progress_renderer(command: str, fmt: str, enabled: bool) -> Any:
@@ -537,7 +642,9 @@ def as_neon_error(exc: BaseException) -> NeonError:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())
+    from neon_cli.errors import clean_line  # no terminal escapes from torch or a family in the error line
+
+    return clean_line(text, limit=4000)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -560,6 +667,56 @@ def _write_error_report(rep: Any, report: Optional[Path], status: str, message: 
     except NeonError as exc:
         return f" ({exc})"
     return ""
+
+
+def _check_plan_first(rep: Any, report: Optional[Path], settings: dict[str, Any], plan: Optional[Callable[[], Any]]) -> Any:
+    """Build and check the command's plan before any work; returns it (None without a builder).
+
+    The report path is judged first: when the plan refuses it (or, without a plan, it names a
+    path of ``settings``), ``rep`` forgets it, so not even the failure report is written, and the
+    UsageError says so. Then any other refusal of the plan (or an error building it) is raised,
+    the failure report going to the allowed ``--report``.
+    """
+    if plan is None:
+        try:
+            _check_report_path(report, settings)
+        except UsageError as exc:
+            rep.refuse_path()  # not even the error report goes over an input
+            raise UsageError(f"{exc}; no report written") from None
+        return None
+    from neon_cli.plan import check_plan, report_problem
+
+    try:
+        plan_obj = plan()
+    except Exception as exc:
+        if report:
+            try:
+                _check_report_path(report, settings)
+            except UsageError as refused:
+                rep.refuse_path()
+                raise UsageError(f"{refused}; no report written") from None
+        raise exc
+    if report:
+        why = report_problem(plan_obj)
+        if why:
+            rep.refuse_path()
+            raise UsageError(f"{why}; no report written")
+    check_plan(plan_obj)
+    return plan_obj
+
+
+def _show_plan(results: dict[str, Any], console: Any) -> None:
+    """``--dry-run`` without ``--json``: what the run would read and write (a folder's files counted)."""
+    plan = results.get("plan") or {}
+    console.print("dry run: nothing read or written; the run would use:", highlight=False, markup=False)
+    for what in ("reads", "writes"):
+        entries = plan.get(what) or []
+        for e in entries:
+            if e["role"].endswith((" member", " temp", " lock")):
+                continue
+            inner = sum(1 for x in entries if x["role"] == f"{e['role']} member")
+            console.print(f"  {what[:-1]} {e['role']}: {e['path']}" + (f" ({inner} files)" if inner else ""),
+                          highlight=False, markup=False)
 
 
 def _check_report_path(report: Optional[Path], settings: dict[str, Any]) -> None:

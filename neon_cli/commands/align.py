@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Estimate the alignment s = <r_d, P r_s> of the real and synthetic gradients (paper Eq. 4, App. B.11).
 
@@ -46,6 +47,7 @@ def register(app: typer.Typer) -> None:
             neon align gaussian-ddpm --selftrained ft/theta_s-000050000.safetensors --synthetic S --precond adam --json
         """
         from neon_cli.align import run_align
+        from neon_cli.plan import align_plan
 
         run(
             "align",
@@ -57,7 +59,9 @@ def register(app: typer.Typer) -> None:
             settings=dict(family=family, base=base, selftrained=selftrained, synthetic=synthetic, real=real,
                           num_real=num_real, real_seed=real_seed, precond=precond, batch=batch, seed=seed,
                           curvature_step=curvature_step, set=set_ or [], trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet,
+            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=lambda: align_plan(family=family, base=base, selftrained=selftrained, synthetic=synthetic, real=real,
+                                    set_pairs=set_ or [], report=report),
             show=_show,
         )
 

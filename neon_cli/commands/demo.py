@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, complete_family, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +33,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Run Neon end to end on the embedded default, by the paper's protocol.
 
@@ -48,6 +49,7 @@ def register(app: typer.Typer) -> None:
             neon demo --report demo.json
         """
         from neon_cli.demo import demo as demo_fn
+        from neon_cli.plan import demo_plan
 
         report_file = report
         run(
@@ -59,7 +61,8 @@ def register(app: typer.Typer) -> None:
             settings=dict(out=out, family=family, base=base, num_synthetic=num_synthetic, budget=budget,
                           budget_fraction=budget_fraction, lr=lr, gamma=list(gamma), max_evals=max_evals, control=control,
                           num_samples=num_samples, confirm_samples=confirm_samples, seed=seed),
-            report=report, json_out=json_out, quiet=quiet, show=_show,
+            report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
+            plan=lambda: demo_plan(family=family, base=base, out=out, report=report_file),
         )
 
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import DetectorOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import DetectorOpt, DryRunOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +28,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Score a checkpoint with its family's metrics (FID, precision/recall k=5, ...).
 
@@ -39,6 +40,7 @@ def register(app: typer.Typer) -> None:
             neon eval digits --model neon.safetensors --num-samples 5000 --max-metric fd_digits=2.0 --json
         """
         from neon_cli.evaluate import evaluate
+        from neon_cli.plan import eval_plan
 
         run(
             "eval",
@@ -49,7 +51,9 @@ def register(app: typer.Typer) -> None:
             settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, batch=batch,
                           max_fid=max_fid, max_metric=max_metric or [], detector=detector, ref_stats=ref_stats,
                           trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet,
+            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=lambda: eval_plan(family=family, model=model, detector=detector, ref_stats=ref_stats, set_pairs=set_ or [],
+                                   report=report),
             show=_show,
         )
 

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Write a synthetic set S for another trainer: edm-zip is the uncompressed zip of PNGs plus
         dataset.json (class labels) that EDM's train.py --data reads.
@@ -34,12 +35,14 @@ def register(app: typer.Typer) -> None:
             torchrun --nproc_per_node=8 train.py --data S.zip --cond=1 --transfer edm-cifar10-32x32-cond-vp.pkl ...
         """
         from neon_cli.export import export
+        from neon_cli.plan import export_plan
 
         run(
             "export",
             lambda report, progress: export(data, out, fmt=fmt, report=report, progress=progress),
             settings=dict(data=data, format=fmt, out=out),
-            report=report, json_out=json_out, quiet=quiet,
+            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=lambda: export_plan(data=data, out=out, report=report),
             show=lambda r, c: c.print(f"wrote {r['path']}: {r['num_images']} images ({r['format']}, "
                                       f"{'with' if r['labels'] else 'no'} labels)"),
         )

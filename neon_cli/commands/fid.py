@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Fréchet Inception distance between A and B, as pytorch-fid / clean-fid / EDM fid.py compute it.
 
@@ -46,13 +47,15 @@ def register(app: typer.Typer) -> None:
             torchrun --standalone --nproc_per_node=8 -m neon_cli fid samples/ ref.npz
         """
         from neon_cli.fid import fid
+        from neon_cli.plan import fid_plan
 
         run(
             "fid",
             lambda report, progress: fid(a, b, detector=detector, batch=batch, num_images=num_images, seed=seed, prdc=prdc,
                                          device=device, report=report, progress=progress),
             settings=dict(a=a, b=b, detector=detector, prdc=prdc, num_images=num_images, seed=seed, batch=batch, device=device),
-            report=report, json_out=json_out, quiet=quiet,
+            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=lambda: fid_plan(a=a, b=b, detector=detector, report=report),
             show=_show,
         )
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, complete_setting, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, complete_setting, run
 
 
 def register(app: typer.Typer) -> None:
@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Briefly fine-tune theta_r on S with the family's recipe (paper Alg. 1, step 2).
 
@@ -48,6 +49,7 @@ def register(app: typer.Typer) -> None:
             neon finetune digits --data runs/S --budget 200000 --lr 2e-4 --save-every 50000 -o runs/ft
         """
         from neon_cli.finetune import finetune as finetune_fn
+        from neon_cli.plan import finetune_plan
 
         run(
             "finetune",
@@ -58,7 +60,8 @@ def register(app: typer.Typer) -> None:
             settings=dict(family=family, model=model, data=data, budget=budget, lr=lr, out=out, warmup=warmup, batch=batch,
                           save_every=save_every, ema_halflife=ema_halflife, seed=seed, set=set_ or [], recipe=recipe,
                           trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet,
+            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=lambda: finetune_plan(family=family, model=model, data=data, out=out, set_pairs=set_ or [], report=report),
             show=_show,
         )
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Show what a checkpoint holds without running any of it (safe on any file).
 
@@ -39,10 +40,11 @@ def register(app: typer.Typer) -> None:
             check_outputs({"CHECKPOINT": checkpoint}, {"--report": report_path})
             return inspect_checkpoint(checkpoint, key=key, report=report, progress=progress)
 
-        from neon_cli.commands.merge import report_target
+        from neon_cli.plan import inspect_plan
 
         report_path = report
-        run("inspect", fn, settings=settings, report=report_target(report, checkpoint), json_out=json_out, quiet=quiet, show=_show)
+        run("inspect", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
+            plan=lambda: inspect_plan(checkpoint=checkpoint, report=report_path))
 
 
 def _show(res: dict[str, Any], console: Any) -> None:
@@ -54,8 +56,11 @@ def _show(res: dict[str, Any], console: Any) -> None:
             _show_one(r, console, "  ")
     else:
         _show_one(res, console, "")
+    from neon_cli.commands._common import _escape, _stderr_console
+
+    err = _stderr_console()  # warnings go to stderr in every mode
     for w in res.get("warnings") or []:
-        console.print(f"[red]warning:[/red] {w}", highlight=False)
+        err.print(f"[red]neon inspect: warning:[/red] {_escape(w)}", highlight=False, soft_wrap=True)
 
 
 def _show_one(res: dict[str, Any], console: Any, indent: str) -> None:

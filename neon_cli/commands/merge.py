@@ -43,16 +43,6 @@ def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
     return [Path(pattern.replace("{w}", tok)) for tok in tokens]
 
 
-def report_target(report: Optional[Path], *inputs: Any) -> Optional[Path]:
-    """``report``, or None when it names one of ``inputs`` (then the command's own check refuses it
-    by name, and the error report is not written over the input)."""
-    if report is None:
-        return None
-    from neon_cli.fsutil import same_file
-
-    return None if any(i is not None and same_file(report, i) for i in inputs) else report
-
-
 def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_cmd(
@@ -65,6 +55,7 @@ def register(app: typer.Typer) -> None:
         exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="REGEX", help="Copy keys matching REGEX from theta_r instead of merging (repeatable)."),
         allow_missing: bool = typer.Option(False, "--allow-missing", help="Copy keys only theta_r has; ignore keys only theta_s has (default: error naming the key)."),
         shard_size: Optional[str] = typer.Option(None, "--shard-size", metavar="SIZE", help="Write a sharded safetensors folder with shards of at most SIZE (2GB, 500MB, 1.5GiB)."),
+        allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write the output even when a merged value is inf/NaN (default: refused, exit 2, naming the first such tensor)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate inputs, keys, shapes, dtypes and outputs from headers; write only the report."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True, help="Accepted and ignored: merge reads every pickle without running it."),
         report: Optional[Path] = ReportOpt,
@@ -73,7 +64,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Merge theta_Neon = theta_r - w (theta_s - theta_r) into a new checkpoint (any family).
 
-        Float32 arithmetic (float64 for float64), cast back to theta_r's dtype or --dtype. Copied from theta_r bit for bit: non-float tensors, tensors equal in both inputs, non-finite entries, BatchNorm running statistics and --exclude matches (paper App. C).
+        Float32 arithmetic (float64 for float64), cast back to theta_r's dtype or --dtype. Copied from theta_r bit for bit: non-float tensors, tensors equal in both inputs, non-finite entries, BatchNorm running statistics and --exclude matches (paper App. C). A merged value that becomes inf/NaN (a huge --w, an fp16 overflow) is refused, exit 2, naming the tensor, unless --allow-nonfinite.
 
         No code of either file runs: torch archives, legacy torch.save files and pickles (EDM .pkl, full-module torch.save, training states with argparse.Namespace) are read by an inert unpickler, and a .pt/.pkl output is theta_r's own file with only the merged tensor bytes replaced, so it loads in the original code exactly as theta_r did. Folders (sharded, diffusers pipelines with unet/, unet_ema/, scheduler/) are merged component by component and their configs copied.
 
@@ -100,6 +91,7 @@ def register(app: typer.Typer) -> None:
             "allow_missing": allow_missing,
             "shard_size": shard_size,
             "dry_run": dry_run,
+            "allow_nonfinite": allow_nonfinite,
             "trust_pickle": trust_pickle,
         }
 
@@ -126,18 +118,36 @@ def register(app: typer.Typer) -> None:
                 report=report,
                 progress=progress,
                 report_path=report_path,
+                allow_nonfinite=allow_nonfinite,
             )
 
         report_path = report
-        run("merge", fn, settings=settings, report=report_target(report, base, selftrained), json_out=json_out, quiet=quiet, show=_show)
+        run("merge", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show,
+            dry_run=dry_run, dry_run_calls_fn=True, plan=lambda: _plan(base, selftrained, w, output, shard_size, report_path))
+
+
+def _plan(base: Path, selftrained: Path, w: str, output: str, shard_size: Optional[str], report: Optional[Path]) -> Any:
+    """The merge's :func:`neon_cli.plan.merge_plan`: each output as ``{w}`` expands (the pattern as
+    typed when ``--w`` is malformed: the plan still guards ``--report``)."""
+    from neon_cli.errors import NeonError
+    from neon_cli.plan import merge_plan
+
+    try:
+        outs: list[Any] = output_paths(output, [t for t, _ in parse_weights(w)]) if output != "" else [""]
+    except NeonError:
+        outs = [output]
+    return merge_plan(base=base, selftrained=selftrained, outputs=outs, shard_size=shard_size, report=report)
 
 
 def _show(res: dict[str, Any], console: Any) -> None:
     """Human summary on stdout (rich)."""
     from rich.table import Table
 
+    from neon_cli.commands._common import _escape, _stderr_console
+
+    err = _stderr_console()  # warnings and hints go to stderr in every mode; stdout holds only the results
     for msg in res.get("warnings") or []:
-        console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+        err.print(f"[yellow]neon merge: warning:[/yellow] {_escape(msg)}", highlight=False, soft_wrap=True)
     if res.get("dry_run"):
         planned = res.get("planned", {})
         parts = ", ".join(f"{k} {v}" for k, v in sorted(planned.items()))
@@ -145,6 +155,9 @@ def _show(res: dict[str, Any], console: Any) -> None:
                       f"{res['output_bytes_each'] / 1e6:.1f} MB; nothing written", highlight=False)
         for o in res["outputs"]:
             console.print(f"  w={o['w']:g} -> {o['path']}", highlight=False)
+        plan = res.get("plan") or {}
+        console.print(f"plan: reads {len(plan.get('reads', []))} path(s), writes {len(plan.get('writes', []))} "
+                      "(--dry-run --json lists them with their roles)", highlight=False)
         return
     prec = res.get("precision", {})
     table = Table(title=f"neon merge ({res.get('seconds', 0):.2f} s)", title_justify="left")
@@ -170,13 +183,13 @@ def _show(res: dict[str, Any], console: Any) -> None:
         )
     if res.get("nonfinite_kept"):
         console.print(f"non-finite entries kept from theta_r in {len(res['nonfinite_kept'])} tensor(s)", highlight=False)
-    if any(r.get("tensors") for r in res.get("nonfinite_results") or []):
-        console.print("[red]some merged values are not finite in the output dtype (see the report's nonfinite_results); "
-                      "try --dtype float32[/red]", highlight=False)
+    if any(r.get("tensors") for r in res.get("nonfinite_results") or []):  # only with --allow-nonfinite
+        err.print("[red]neon merge: warning:[/red] some merged values are not finite (--allow-nonfinite; see the report's "
+                  "nonfinite_results)", highlight=False, soft_wrap=True)
     if prec.get("suggest_dtype"):
-        console.print(
+        err.print(
             f"[yellow]hint:[/yellow] half precision loses much of the update ({100 * (prec.get('equal_fraction') or 0):.0f}% of "
             f"elements equal in both inputs, realised w off by up to {100 * prec.get('max_relative_w_error', 0):.1f}%): "
             f"write the output with --dtype {prec['suggest_dtype']}",
-            highlight=False,
+            highlight=False, soft_wrap=True,
         )

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import typer
 
-from neon_cli.commands._common import ReportOpt, run
+from neon_cli.commands._common import DryRunOpt, ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
     def plugins(
         json_out: bool = typer.Option(False, "--json", help="Print JSON (name, distribution, version, settings, metrics with definitions, train_defaults)."),
         report: Optional[Path] = ReportOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """List the families found under the entry-point group 'neon.families'.
 
@@ -35,7 +36,10 @@ def register(app: typer.Typer) -> None:
             report.results["families"] = infos
             return infos
 
-        run("plugins", fn, settings={}, report=report, quiet=True, show=_print_json if json_out else _show)
+        from neon_cli.plan import plugins_plan
+
+        run("plugins", fn, settings={}, report=report, quiet=True, show=_print_json if json_out else _show, dry_run=dry_run,
+            json_out=json_out and dry_run, plan=lambda: plugins_plan(report=report))
 
 
 def _print_json(infos: list[dict[str, Any]], console: Any) -> None:

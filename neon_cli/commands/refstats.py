@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
@@ -30,6 +30,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Compute FID reference statistics (mu, sigma of 2048-d Inception pool features) of a set of images.
 
@@ -43,13 +44,15 @@ def register(app: typer.Typer) -> None:
             neon ref-stats --images synth/ -o s.npz --keep-features
         """
         from neon_cli.inception import ref_stats
+        from neon_cli.plan import refstats_plan
 
         run(
             "ref-stats",
             lambda report, progress: ref_stats(images, out, detector=detector, batch=batch, device=device,
                                                keep_features=keep_features, report=report, progress=progress),
             settings=dict(images=images, out=out, detector=detector, batch=batch, device=device, keep_features=keep_features),
-            report=report, json_out=json_out, quiet=quiet,
+            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=lambda: refstats_plan(images=images, out=out, detector=detector, report=report),
             show=_show,
         )
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Sample the synthetic set S from theta_r with its inference settings (paper Alg. 1, step 1).
 
@@ -36,6 +37,7 @@ def register(app: typer.Typer) -> None:
         \b
             neon synth digits --num-images 4000 --set guidance=2 -o runs/S --report synth.json
         """
+        from neon_cli.plan import synth_plan
         from neon_cli.synth import synthesize
 
         run(
@@ -45,6 +47,8 @@ def register(app: typer.Typer) -> None:
                                                 report=report, progress=progress),
             settings=dict(family=family, model=model, num=num, out=out, seed=seed, set=set_ or [], shard_size=shard_size, batch=batch,
                           trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet,
+            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=lambda: synth_plan(family=family, model=model, out=out, num=num, shard_size=shard_size, set_pairs=set_ or [],
+                                    report=report),
             show=lambda r, c: c.print(f"synthetic set: {r['num']} images in {len(r['shards'])} shards -> {out}/manifest.json"),
         )

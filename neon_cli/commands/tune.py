@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from neon_cli.commands._common import DetectorOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import DetectorOpt, DryRunOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 GammaOpt = typer.Option(
@@ -98,6 +98,7 @@ def register(app: typer.Typer) -> None:
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
+        dry_run: bool = DryRunOpt,
     ) -> None:
         """Choose the merge weight w (and gamma) for theta_r - w (theta_s - theta_r) by the family's metric.
 
@@ -119,6 +120,7 @@ def register(app: typer.Typer) -> None:
             neon tune-w digits --selftrained runs/ft/theta_s-000031457.safetensors --gamma 1 4 --control real --plot tune.png
         """
         items = list(selftrained or []) + list(extra or [])
+        from neon_cli.plan import tune_plan
         from neon_cli.tune import run_tune_w
 
         opts = dict(bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, base_gamma=tuple(base_gamma) if base_gamma else None,
@@ -133,7 +135,9 @@ def register(app: typer.Typer) -> None:
             lambda report, progress: run_tune_w(family, base, items, abandon_margin=margin, report_path=report_file,
                                                 report=report, progress=progress, **opts),
             settings=dict(family=family, base=base, selftrained=items, abandon_margin=abandon_margin, **opts),
-            report=report, json_out=json_out, quiet=quiet, show=_show)
+            report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
+            plan=lambda: tune_plan(family=family, base=base, selftrained=items, output=out, cache=cache, plot=plot, control=control,
+                                   detector=detector, ref_stats=ref_stats, set_pairs=set_ or [], report=report_file))
 
 
 def _f(v, digits: int = 4) -> str:

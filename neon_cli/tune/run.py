@@ -65,7 +65,7 @@ def _check_plot_available(plot: Path | None) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise UsageError(f"--plot {plot}: matplotlib is not installed; pip install 'neon-cli[plot]' (or matplotlib)") from None
+        raise UsageError(f"--plot {plot}: matplotlib is not installed; pip install '.[plot]' from the neon clone (or matplotlib)") from None
 
 
 def run_tune_w(
@@ -220,6 +220,7 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
     from neon_cli.evaluate import classes_of
     from neon_cli.family import get_family, load_model, model_path, plugin_version, resolve_metric
     from neon_cli.fsutil import check_outputs
+    from neon_cli.scoring import check_family_scoring
     from neon_cli.tune.cache import EvalCache, static_key
     from neon_cli.tune.recorded import apply_recorded
 
@@ -229,6 +230,7 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
     report.family = plugin_version(family_name)
     base = model_path(family, base, "--base")
     check_outputs({"--base": base, "--selftrained": snaps, **extra_inputs}, outputs)
+    check_family_scoring(family, family_name, extra_inputs.get("--detector"), extra_inputs.get("--ref-stats"))
     metric = resolve_metric(family, metric, "--metric", progress, "tune-w") if metric else metric  # deprecated names
     metric = metric or (list(family.metrics)[0] if family.metrics else None)
     if metric is None or metric not in list(family.metrics):

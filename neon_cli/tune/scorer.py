@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from neon_cli.errors import UsageError
+from neon_cli.identity import family_content_settings
 from neon_cli.progress import ProgressFn
 from neon_cli.tune.cache import EvalCache, _canon, evaluation_key
 from neon_cli.tune.common import HIGHER_IS_BETTER
@@ -106,6 +107,8 @@ class Scorer:
             model, selftrained, w = ctx.base_sha, None, 0.0
         else:
             model, selftrained, w = ctx.models[who][0], None, 0.0
+        # a setting naming a file (a VAE) enters the key as its content's sha256, not its path
+        settings = family_content_settings(ctx.family, settings)
         return evaluation_key(ctx.static, model=model, selftrained=selftrained, w=w, settings=settings,
                               guidance=ctx.guidance, seed=ev.seed, num_samples=ev.num_samples)
 

@@ -46,6 +46,7 @@ class AutoregressiveFamily:
     guidance = "guidance"
     num_classes = 10
     metrics = tuple(METRIC_INFO)
+    scoring_files = ()  # scored against its own reference: --detector / --ref-stats are refused
     metric_info = METRIC_INFO
     metric_aliases = METRIC_ALIASES
     #: the metrics' definition (neon_digits.METRIC_INFO); bump when it changes (tune-w cache key).
@@ -94,6 +95,12 @@ class AutoregressiveFamily:
         import torch
 
         return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def files_read(self, settings: Any) -> list[tuple[str, Path]]:
+        """The digits family's shipped classifier that ``score`` loads (not named on the command line)."""
+        from neon_digits import WEIGHTS as DIGITS_WEIGHTS
+
+        return [("classifier", DIGITS_WEIGHTS / "classifier.safetensors")]
 
     def score(self, images: Any, labels: Any) -> dict[str, float]:
         """The digits family's metrics of uint8 samples [N, 1, 8, 8] (neon_digits.io.DigitsScorer)."""

@@ -9,7 +9,7 @@ import torch
 
 from neon_autoregressive.model import PixelTransformer
 from neon_cli.checkpoint import read_safetensors, read_safetensors_metadata, save_safetensors
-from neon_cli.errors import CheckpointError
+from neon_cli.errors import CheckpointError, exception_line
 
 FAMILY = "autoregressive"
 
@@ -35,7 +35,7 @@ def load_model(path: str | Path) -> PixelTransformer:
                                  int(meta.get("heads", 4)))
         model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     except (RuntimeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = exception_line(exc)
         raise CheckpointError(f"{path}: not an autoregressive state dict ({first})") from None
     return model.eval()
 

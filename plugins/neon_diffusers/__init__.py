@@ -1,5 +1,5 @@
 """The ``diffusers`` family: a local Hugging Face diffusers ``UNet2DModel`` folder with its DDPM/DDIM
-scheduler; optional extra ``pip install 'neon-cli[diffusers]'`` (see docs/families.md).
+scheduler; optional extra ``pip install '.[diffusers]'`` from the clone (see docs/families.md).
 
 This module does not import torch or diffusers; the methods import them when called.
 
@@ -31,7 +31,7 @@ from neon_cli.errors import FamilyError
 from neon_cli.family import Setting
 from neon_diffusers.scoring import ImageScoring
 
-INSTALL_HINT = "pip install 'neon-cli[diffusers]' (or: pip install diffusers); see docs/families.md"
+INSTALL_HINT = "pip install '.[diffusers]' from the neon clone (or: pip install diffusers); see docs/families.md"
 
 
 def _require_diffusers() -> None:

@@ -175,6 +175,22 @@ class ImageScoring:
     """
 
     _scorer: Any = None
+    #: the scoring commands' --detector / --ref-stats reach this family (neon_cli.scoring)
+    scoring_files = ("detector", "ref_stats")
+
+    def check_scoring(self) -> None:
+        """Before the first sample (``neon eval`` / ``tune-w``): the reference statistics are named
+        and readable (``$NEON_REF_STATS`` / ``--ref-stats``), the detector, when configured, exists,
+        and Inception statistics are 2048-d. Raises UsageError / DataError naming the file."""
+        from neon_cli.inception import detector_path, require_detector_path
+        from neon_cli.metrics import load_stats
+
+        ref = ref_stats_path()
+        det = require_detector_path() if detector_path() is not None else None
+        mu, _ = load_stats(ref)
+        if det is not None and mu.shape[0] != 2048:
+            raise DataError(f"{REF_ENV}: {ref} holds {mu.shape[0]}-d statistics; the Inception detector's are 2048-d "
+                            "(pixel statistics? leave out --detector / NEON_INCEPTION)")
 
     @property
     def metrics(self) -> tuple[str, ...]:

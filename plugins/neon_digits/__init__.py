@@ -62,6 +62,7 @@ class DigitsFamily:
     guidance = "guidance"
     num_classes = 10
     metrics = tuple(METRIC_INFO)
+    scoring_files = ()  # scored against its own reference: --detector / --ref-stats are refused
     metric_info = METRIC_INFO
     metric_aliases = METRIC_ALIASES
     train_defaults = {"batch": 256, "lr": 2e-4, "ema_halflife_images": None, "warmup_images": 0}
@@ -127,6 +128,10 @@ class DigitsFamily:
         return images[order], labels[order]
 
     # -- metrics -------------------------------------------------------------------------------
+    def files_read(self, settings: Any) -> list[tuple[str, Path]]:
+        """The shipped classifier that ``score`` loads (not named on the command line)."""
+        return [("classifier", WEIGHTS / "classifier.safetensors")]
+
     def score(self, images: Any, labels: Any) -> dict[str, float]:
         """Metrics of uint8 samples [N, 1, 8, 8] (with their int64 labels [N]) against the real digits."""
         if self._scorer is None:

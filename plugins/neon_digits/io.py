@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from neon_cli.checkpoint import read_safetensors, read_safetensors_metadata, save_safetensors
-from neon_cli.errors import CheckpointError
+from neon_cli.errors import CheckpointError, exception_line
 from neon_digits.classifier import DigitClassifier
 from neon_digits.model import Denoiser, real_digits
 
@@ -27,7 +27,7 @@ def load_denoiser(path: str | Path) -> Denoiser:
     try:
         model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = exception_line(exc)
         raise CheckpointError(f"{path}: not a digits denoiser state dict ({first})") from None
     return model.eval()
 

@@ -33,7 +33,7 @@ from neon_cli.errors import FamilyError
 from neon_cli.family import Setting
 from neon_diffusers.scoring import ImageScoring
 
-INSTALL_HINT = "pip install 'neon-cli[flow]' && pip install --no-deps torchcfm==1.0.7; see docs/families.md"
+INSTALL_HINT = "pip install '.[flow]' from the neon clone && pip install --no-deps torchcfm==1.0.7; see docs/families.md"
 
 
 def _require_flow() -> None:

@@ -41,7 +41,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from neon_cli.errors import CheckpointError
+from neon_cli.errors import CheckpointError, exception_line
 
 SCHEMA = "neon.flow/1"
 #: UNetModelWrapper arguments of torchcfm's examples/images/cifar10 (train_cifar10.py, compute_fid.py).
@@ -82,8 +82,9 @@ def read_container(path: str | os.PathLike[str]) -> Any:
             zip_format = fh.read(4) == b"PK\x03\x04"  # torch.save's zip format can be memory-mapped
         return torch.load(str(p), map_location="cpu", weights_only=True, mmap=zip_format)
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CheckpointError(f"{p}: not a readable torch checkpoint with weights_only=True ({first})") from None
+        raise CheckpointError(f"{p}: not a readable torch checkpoint ({exception_line(exc)}); the flow family reads "
+                              "state dicts as torchcfm's train_cifar10.py saves them ('neon inspect' shows what "
+                              "this file holds)") from None
 
 
 def weights_of(container: Any, path: Path) -> tuple[dict[str, Any], str | None]:
@@ -186,7 +187,7 @@ def load(path: str | os.PathLike[str]) -> Any:
     try:
         net.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in sd.items()})
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:300]
+        first = exception_line(exc)
         hint = (f"; write its UNetModelWrapper arguments to {side} as {{\"model_args\": {{\"dim\": [3, 32, 32], ...}}}}"
                 if source == "cifar10-example" else "")
         raise CheckpointError(f"{p}: weights do not fit UNetModelWrapper({source} arguments): {first}{hint}") from None

@@ -51,6 +51,7 @@ class GaussianFamily:
     guidance = None
     num_classes = 0
     metrics = ("nll", "kl", "w2")
+    scoring_files = ()  # scored against its own reference: --detector / --ref-stats are refused
     metric_info = {
         "nll": Metric("population negative log-likelihood (nats) of the model density N(mu, Sigma) under the true "
                       "Gaussian (App. B.1 L_pop); exact from the parameters, or of the Gaussian fitted to samples"),
@@ -128,6 +129,7 @@ class GaussianDDPMFamily:
     guidance = None
     num_classes = 0
     metrics = ("w2", "frechet")
+    scoring_files = ()  # scored against its own reference: --detector / --ref-stats are refused
     metric_info = {
         "w2": Metric("2-Wasserstein distance between N(sample mean, sample covariance) and the truth N(0, [[2, 1], [1, 2]])"),
         "frechet": Metric("w2 squared: the Fréchet distance of the same Gaussians (the paper's 'FID' of this toy; "

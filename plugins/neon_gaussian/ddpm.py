@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from neon_cli.errors import CheckpointError, FamilyError, UsageError
+from neon_cli.errors import CheckpointError, FamilyError, UsageError, exception_line
 from neon_gaussian.common import load_tensors, sample_moments, save_tensors, seeded_normals, w2_squared
 
 FAMILY = "gaussian-ddpm"
@@ -148,7 +148,7 @@ def load(path: str) -> EpsNet:
         model = EpsNet(int(meta.get("width", 128)), int(meta.get("depth", 3)), int(meta.get("steps", 20)))
         model.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0]
+        first = exception_line(exc)
         raise CheckpointError(f"{path}: not a gaussian-ddpm state dict ({first})") from None
     return model.eval()
 

@@ -112,6 +112,13 @@ class XARFamily(ImageScoring):
         return pick
 
     # -- checkpoints ---------------------------------------------------------------------------
+    def files_read(self, settings: Mapping[str, Any]) -> list[tuple[str, Any]]:
+        """MAR's VAE file (``--set vae=PATH`` or ``$NEON_XAR_VAE``), which ``load`` reads."""
+        import os
+
+        vae = (settings or {}).get("vae") or os.environ.get("NEON_XAR_VAE")
+        return [("vae", vae)] if vae else []
+
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, purpose: str = "sample") -> Any:
         """The checkpoint's xAR model (eval mode, CPU) built by the checkout, with the VAE attached.
         Nothing from the file runs (weights-only load). Raises UsageError (no ``vae``),

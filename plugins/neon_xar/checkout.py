@@ -33,7 +33,7 @@ import types
 from pathlib import Path
 from typing import Any, Mapping
 
-from neon_cli.errors import CheckpointError, FamilyError, UsageError
+from neon_cli.errors import CheckpointError, FamilyError, UsageError, exception_line
 
 MARKERS = ("models/xar.py", "models/vae.py", "models/sampler.py")
 WHAT = "OliverRensu/xAR"
@@ -130,7 +130,7 @@ def _torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"{p}: holds Python objects that neon does not unpickle (only tensors, plain data and "
                               f"argparse.Namespace are read): {why.strip()[:200]}") from None
     except Exception as exc:
-        raise CheckpointError(f"{p}: not a readable torch checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+        raise CheckpointError(f"{p}: not a readable torch checkpoint ({type(exc).__name__}: {exception_line(exc)})") from None
 
 
 def _is_state_dict(obj: Any) -> bool:
