@@ -169,7 +169,14 @@ class Family(Protocol):
         check_scoring() -> None: raise a NeonError when what ``score`` needs (reference
             statistics, a detector) is missing; called before the model loads or a sample is drawn.
         model_num_classes(path) -> int: classes of the model at ``path`` when they vary between
-            models of the family (default: ``num_classes``).
+            models of the family (default: ``num_classes``). If it declares the keyword
+            ``settings``, it gets the command's resolved settings (``t2i``: the number of prompts
+            of ``--set prompts=FILE``, its labels being prompt indices).
+        synth_conditioning(settings) -> dict: JSON kept as ``conditioning`` in the plan and manifest
+            of ``neon synth`` (what the labels index: ``t2i``'s prompts); a set made with other
+            conditioning is not mixed into the same folder.
+        use_synthetic_set(model, manifest) -> None: called by ``neon finetune`` after loading, with
+            S's manifest (``t2i`` reads its prompts there to embed them once).
         score_model(model, settings) -> dict[str, float]: exact metrics computed from the model
             itself (e.g. the Gaussian toys' closed forms); the Evaluator prefers it to sampling.
         real_samples(model, n, seed) -> (samples, labels): real data for ``neon align``.
@@ -188,6 +195,13 @@ class Family(Protocol):
             in ``metrics`` only under some configuration (e.g. ``fid`` only with a detector).
             ``neon plugins --json`` lists it; a family without it gets "(no definition given by
             the family)" per metric (:func:`metric_definitions`).
+        load_with_lora(base_path, lora_path, scale) -> model and set_lora_scale(model, scale):
+            θ_r with a LoRA file (θ_s = θ_r + s·B·A) attached at ``scale`` (ΔW = scale·s·B·A, not
+            merged), and the same model re-scaled. ``neon tune-w`` with a LoRA as θ_s loads it once
+            per snapshot and scores θ_Neon by ``set_lora_scale(model, -w)`` instead of merging for
+            every w (without ``set_lora_scale`` it calls ``load_with_lora`` per w; without
+            either, it merges θ_r + s·B·A as any snapshot). :func:`neon_cli.lora.attach_lora` and
+            :func:`neon_cli.lora.set_lora_scale` implement both with peft for any torch module.
         files_read(settings) -> [(role, path)]: files the family loads that the user did not name
             on the command line (a shipped classifier, a VAE from a setting or an environment
             variable); ``settings`` are the resolved settings. Default: none

@@ -115,6 +115,25 @@ RefStatsOpt = typer.Option(
     help="Reference statistics .npz (mu, sigma) for FID (default: $NEON_REF_STATS).")
 
 
+DetectorTrustOpt = typer.Option(
+    False, "--trust-pickle",
+    help="Let a pickled detector (EDM's / StyleGAN3's inception-2015-12-05.pkl) run the code stored in it when it holds "
+         "no TorchScript archive (one inside loads without running anything). Only for files you trust.")
+
+
+def complete_labels(incomplete: str) -> list[tuple[str, str]]:
+    from neon_cli.labels import PROTOCOLS, SOURCES
+
+    return [(p, _short(SOURCES[p])) for p in PROTOCOLS if p.startswith(incomplete)]
+
+
+LabelsOpt = typer.Option(
+    "balanced", "--labels", autocompletion=complete_labels,
+    help="Class-label protocol of the seed plan: balanced (label = seed % classes), or a paper system's own: "
+         "edm (EDM generate.py's per-seed draw), var (VAR generate_dataset.py: class order, seed restarts per class), "
+         "xar (xAR eval.py: labels sorted by class).")
+
+
 def complete_family(incomplete: str) -> list[str]:
     """Shell completion for FAMILY: entry-point names, without importing any plugin."""
     from neon_cli.family import family_names
@@ -361,16 +380,25 @@ def _hide_flag_placeholders(params: list[Any]) -> list[Any]:
 
 
 class NeonCommand(TyperCommand):
-    """Every neon subcommand: flags without a ``<bool>`` placeholder in ``--help``."""
+    """Every neon subcommand: flags without a ``<bool>`` placeholder in ``--help``; with ``--json``
+    on the line, a flag the parser refuses (a missing option, ``--batch abc``) is also a JSON
+    object on stdout, as every other error is (:func:`run`)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _hide_flag_placeholders(super().get_params(ctx))
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        from typer._click.exceptions import UsageError as ClickUsageError
+
         from neon_cli.plan import note_empty_paths
 
+        wants_json = "--json" in args
         typed = list(args)
-        rest = super().parse_args(ctx, args)
+        try:
+            rest = super().parse_args(ctx, args)
+        except ClickUsageError as exc:
+            _json_error_out(wants_json, "error", exc.exit_code, _one_line(exc.format_message()))
+            raise
         note_empty_paths(self.params, ctx.params, typed)  # typer turns a Path option's '' into '.'
         return rest
 
@@ -577,7 +605,7 @@ def stdout_console() -> Any:
 
 def _json_error_out(json_out: bool, status: str, code: int, message: str) -> None:
     """With ``--json``, a failure is a JSON object on stdout too: ``{"status", "exit_code", "error"}``."""
-    if json_out:
+    if json_out and sys.stdout is not None:
         with contextlib.suppress(OSError, ValueError):
             print(json.dumps({"status": status, "exit_code": code, "error": message}, indent=2))
             sys.stdout.flush()
@@ -589,6 +617,8 @@ def _to_stdout(command: str, write: Callable[[], None], rep: Any = None, report:
     report (if any) says ``status: error``. Later writes to stdout go to /dev/null, so the
     interpreter's own flush at exit stays quiet."""
     try:
+        if sys.stdout is None:  # started with stdout closed (`>&-`)
+            raise ValueError("stdout is closed")
         write()
         sys.stdout.flush()
     except (OSError, ValueError) as exc:

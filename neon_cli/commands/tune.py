@@ -7,7 +7,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from neon_cli.commands._common import DetectorOpt, DryRunOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import (DetectorOpt, DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt,
+                                       TrustOpt, complete_family, run)
 
 
 GammaOpt = typer.Option(
@@ -94,6 +95,7 @@ def register(app: typer.Typer) -> None:
         control_samples: Optional[int] = ControlSamplesOpt,
         detector: Optional[Path] = DetectorOpt,
         ref_stats: Optional[Path] = RefStatsOpt,
+        labels: str = LabelsOpt,
         trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
@@ -112,6 +114,8 @@ def register(app: typer.Typer) -> None:
 
         Several snapshots (--selftrained repeated, a quoted glob, or extra arguments) are each tuned; the best (snapshot, w, gamma) wins, hopeless snapshots are dropped early.
 
+        A snapshot may be a LoRA on the base (theta_s = theta_r + s B A; diffusers, peft or kohya .safetensors): a family with the load_with_lora hook (diffusers) scores each w with the adapter re-scaled to -w, others merge theta_r + s B A; -o is theta_r - w s B A either way.
+
         Example:
 
         \b
@@ -128,7 +132,7 @@ def register(app: typer.Typer) -> None:
                     gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples,
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
-                    detector=detector, ref_stats=ref_stats)
+                    detector=detector, ref_stats=ref_stats, labels=labels)
         margin = None if abandon_margin == float("inf") else abandon_margin
         report_file = report
         run("tune-w",
