@@ -41,6 +41,11 @@ differ from ``StackedRandomGenerator``'s; images with those labels equal ``gener
 ``--class`` and ``cal_metrics_all.generate_images`` (max |diff| 0; 8 seeds x 18 steps for generate.py
 and DDPM++ vs the paper's evaluator, 4 seeds x 6 steps for all four).
 
+5. **paper protocol** (``--recipe paper``): neon's ``EDMPrecond`` built from a VP pickle
+   (``--set precond=edm``), its ``EDMLoss`` value and one Adam step against ``train.py
+   --transfer``'s network (default ``--precond=edm``) on the same batch (``--only-paper`` runs this
+   alone).
+
 Prints one line per check with its figure, then ``ALL OK`` or the failures (exit 1).
 
     python benchmarks/verify_edm.py --repo ~/src/edm
@@ -51,7 +56,7 @@ EDM's code needs ``click``, ``tqdm``, ``requests``, ``psutil`` and Pillow beside
 CIFAR-10-sized synth batch against ``generate.py`` needs a GPU (not done here).
 
 Measured (NVlabs/edm 008a4e53 from ``git archive``, torch 2.13.0+cpu, 18 steps, 8 seeds, on a
-shared 2-core machine at load ~10): every check ok. 8x8 networks (13 min of CPU): neon's float64
+shared 2-core machine at load ~10): every check ok. Check 5 alone (``--only-paper``, same checkout, ADM/VP conditional 8x8): neon's ``--recipe paper`` loss equals train.py's EDMLoss on the VP-initialised EDMPrecond (|diff| 0) and the parameters after one Adam step (lr 1e-4) are equal (max |diff| 0; the step moved them up to 1e-4). 8x8 networks (13 min of CPU): neon's float64
 samples equal ``edm_sampler``'s exactly (max |diff| 0) for DDPM++/EDM, NCSN++/VE and ADM/VP,
 deterministic and with churn (S_churn 40, S_min 0.05, S_max 50, S_noise 1.003); the uint8 images
 equal ``generate.py``'s PNG files in every value (0 of 1,536 differ, each run); the loss and its
@@ -308,6 +313,57 @@ def check_loss(edm, fam, pkls: dict[str, Path]) -> None:
               f"neon {nv:.6f} vs EDM {ev:.6f} (|diff| {err:.2g}), gradients max |diff| {gerr:.2g}")
 
 
+def check_paper_protocol(edm, fam, pkls: dict[str, Path]) -> None:
+    """5. **paper protocol** (``neon finetune edm --recipe paper``): the Neon paper's
+    ``edm/run_*.sh`` run ``train.py --transfer=<VP pkl>`` without ``--precond`` (default ``edm``):
+    train.py builds ``EDMPrecond`` from its arch options, copies the VP pickle's ``ema`` into it
+    (``require_all=False``) and trains with ``EDMLoss``. neon's network (``--set precond=edm``) and
+    loss on one batch, then one Adam step (lr 1e-4, the CIFAR-10 script's; train.py's optimizer
+    kwargs, training_loop.py's nan_to_num), against that."""
+    import torch
+
+    from neon_cli.family import load_model
+
+    vp = {"beta_d", "beta_min", "M", "epsilon_t"}
+    for name, pkl in pkls.items():
+        cls, label_dim, kw = CONFIGS[name]
+        if cls != "VPPrecond":
+            continue
+        ours = load_model(fam, pkl, trust_pickle=True, purpose="train", settings={"augment": 0.12, "dropout": 0.13, "precond": "edm"})
+        theirs = edm["networks"].EDMPrecond(img_resolution=RES, img_channels=3, label_dim=label_dim, use_fp16=False,
+                                            augment_dim=9, dropout=0.13, **{k: v for k, v in kw.items() if k not in vp})
+        edm["misc"].copy_params_and_buffers(src_module=pickle.load(open(pkl, "rb"))["ema"], dst_module=theirs, require_all=False)
+        theirs.train().requires_grad_(True)
+        ours.train()
+        pipe = edm["augment"].AugmentPipe(p=0.12, **AUGMENT)
+        images = torch.randint(0, 256, (8, 3, RES, RES), dtype=torch.uint8, generator=torch.Generator().manual_seed(99))
+        labels = torch.arange(8) % label_dim if label_dim else None
+        opt_n = fam.make_optimizer(ours.parameters(), 1e-4)
+        opt_e = torch.optim.Adam(theirs.parameters(), lr=1e-4, betas=[0.9, 0.999], eps=1e-8)
+        n = fam.loss(ours, images, labels, torch.Generator().manual_seed(7))
+        n.backward()
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(7)))
+        torch.manual_seed(seed)
+        onehot = torch.eye(label_dim)[labels] if label_dim else None
+        e = edm["loss"].EDMLoss()(net=theirs, images=images.to(torch.float32) / 127.5 - 1, labels=onehot, augment_pipe=pipe).sum() / 8
+        e.backward()
+        for p in theirs.parameters():
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt_n.step()
+        opt_e.step()
+        err = abs(float(n.detach()) - float(e.detach()))
+        perr = max(float((a.detach() - b.detach()).abs().max()) for a, b in zip(ours.parameters(), theirs.parameters()))
+        moved = max(float((a.detach() - b).abs().max()) for a, b in zip(theirs.parameters(), pickle.load(open(pkl, "rb"))["ema"].parameters()))
+        vp_keys = {k: tuple(v.shape) for k, v in pickle.load(open(pkl, "rb"))["ema"].state_dict().items()}
+        check(f"paper protocol {name}: EDMPrecond has the VP network's tensors (merges into the VP base)",
+              {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == vp_keys == {k: tuple(v.shape) for k, v in ours.state_dict().items()},
+              f"{len(vp_keys)} parameters and buffers, the same names and shapes in EDM's EDMPrecond, neon's and the VP pickle")
+        check(f"paper protocol {name}", type(ours).__name__ == "EDMPrecond" and err <= 1e-6 * max(1.0, abs(float(e.detach()))) and perr <= 1e-7,
+              f"EDMPrecond from the VP pickle: loss neon {float(n):.6f} vs train.py {float(e):.6f} (|diff| {err:.2g}); after one "
+              f"Adam step parameters max |diff| {perr:.2g} (the step moved them up to {moved:.2g})")
+
+
 EDM_ONLY = r'''
 import sys, pickle, json, torch
 sys.path.insert(0, sys.argv[1])
@@ -399,11 +455,14 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=None, help="scratch folder (default: a new temporary one)")
     ap.add_argument("--steps", type=int, default=18, help="sampler steps (default 18, EDM's CIFAR-10 setting)")
     ap.add_argument("--seeds", type=int, default=8, help="images per sampling check")
-    ap.add_argument("--checks", default="formulas,sampling,loss,files,labels", help="comma-separated subset to run")
+    ap.add_argument("--checks", default="formulas,sampling,loss,files,labels,paper", help="comma-separated subset to run")
     ap.add_argument("--neon-repo", type=Path, default=None,
                     help="a SinaAlemohammad/Neon clone: also check --labels edm against its edm/cal_metrics_all.py")
+    ap.add_argument("--only-paper", action="store_true", help="run only check 5 (the paper protocol; about a minute): --checks paper")
     args = ap.parse_args()
     checks = {c.strip() for c in args.checks.split(",") if c.strip()}
+    if args.only_paper:
+        checks = {"paper"}
     repo = args.repo.expanduser().resolve()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="neon-verify-edm-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -443,6 +502,8 @@ def main() -> int:
     if "labels" in checks:
         neon_repo = args.neon_repo.expanduser().resolve() if args.neon_repo else None
         check_labels(edm, fam, pkls, work, args.seeds, args.steps, neon_repo)
+    if "paper" in checks:
+        check_paper_protocol(edm, fam, pkls)
     print("ALL OK" if not failures else f"FAILED: {', '.join(failures)}")
     return 1 if failures else 0
 

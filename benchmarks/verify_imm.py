@@ -29,6 +29,12 @@ kept). The encoder is the checkout's own ``configs/im256_generate_images.yaml`` 
    images=encoder.encode(raw), labels, augment_pipe=None, device).mean()`` with ``configs/im256.yaml``'s
    ``IMMLoss``, under the same seed; one optimiser step equals the config's
    ``construct_class_by_name(params, **optimizer)``;
+4. paper protocol (Neon repository only): see :func:`paper_protocol` (``--lumalabs ~/imm``: on a
+   pickle made by lumalabs/imm's code);
+   measured (``--repo`` Neon 76496c3 ``imm/``, ``--lumalabs`` lumalabs/imm c9473e93, both from
+   ``git archive``; torch 2.13.0+cpu): the lumalabs pickle's class has no ``sample_eta_t``; neon's
+   loss 0.0446908936 equals the training loop's and the parameters after one AdamW step (lr 1e-6)
+   are equal (max |diff| 0; moved up to 1.0e-6); 18/18 checks in 170 s;
 3. files: neon's ``network-snapshot-*.pkl`` and a ``neon merge`` output load as
    ``generate_images.py`` loads a network (``pickle.load(f)['ema']`` into a network built from the
    config with ``misc.copy_params_and_buffers(require_all=True)``), and sample as the checkout does;
@@ -64,13 +70,120 @@ NET = dict(img_resolution=4, img_channels=4, label_dim=1000, model_type="DiT", p
            sigma_data=0.5, eps=0.0, T=0.994)
 
 
+LUMA_PICKLE = r'''
+import pickle, sys, torch
+sys.path.insert(0, sys.argv[4])
+from verify_xar import stub_torchvision_if_broken  # timm (imported by IMM's DiT) imports torchvision
+stub_torchvision_if_broken()
+sys.path.insert(0, sys.argv[1])
+from training.preconds import IMMPrecond
+assert not any(m.startswith("neon") for m in sys.modules)
+torch.manual_seed(5)
+net = IMMPrecond(**eval(sys.argv[3]))
+with torch.no_grad():
+    for p in net.parameters():
+        p.add_(torch.randn_like(p) * 0.05)
+pickle.dump({"ema": net.eval().requires_grad_(False), "augment_pipe": None, "dataset_kwargs": {}}, open(sys.argv[2], "wb"))
+print("has sample_eta_t:", hasattr(net, "sample_eta_t"))
+'''
+
+
+def tiny_train_config(repo, work) -> tuple[Path, dict]:
+    """The checkout's ``configs/im256.yaml`` with its ``network`` block (DiT-XL/2) set to the tiny
+    verification network: neon builds the training network from it, as the training loop does."""
+    import yaml
+
+    from neon_imm import checkout
+
+    base = checkout.read_config(repo, "im256.yaml", "im256.yaml", "train_config")[0]
+    iface = ("img_resolution", "img_channels", "label_dim")
+    cfg = {**base, "network": {"class_name": "training.preconds.IMMPrecond",
+                               **{k: v for k, v in NET.items() if k not in iface}, "mixed_precision": "fp16"}}
+    (work / "im256-tiny.yaml").write_text(yaml.safe_dump(cfg))
+    return work / "im256-tiny.yaml", cfg
+
+
+def paper_protocol(args, work, repo, fam, pairs, dnnlib, misc, encoder) -> None:
+    """4. ``neon finetune imm --recipe paper`` against the Neon repository's ``training_loop.py``
+    on one batch: its network (``construct_class_by_name(**config.network, **interface_kwargs)``,
+    then ``misc.copy_params_and_buffers(data['ema'], net, require_all=False)``), ``IMMLoss`` of the
+    config, ``loss.mean().backward()`` and one step of the config's optimizer (AdamW lr 1e-6; the
+    GradScaler is off on CPU). The config is ``im256.yaml`` with its ``network`` block set to the
+    tiny DiT (im256.yaml's own is DiT-XL/2). With ``--lumalabs``, the pickle is made by
+    lumalabs/imm's code in a subprocess (its IMMPrecond source, pickled in the file, lacks the
+    training methods), which is what failed before neon rebuilt the network from the checkout."""
+    import subprocess
+
+    from neon_cli.family import load_model, resolve_settings
+    from neon_cli.finetune import recipe_plan
+    from neon_cli.repo import cuda_calls_on_cpu, seeded_global_rng
+
+    pkl = work / "imm-verify.pkl"
+    if args.lumalabs is not None:
+        pkl = work / "luma.pkl"
+        r = subprocess.run([sys.executable, "-c", LUMA_PICKLE, str(args.lumalabs.resolve()), str(pkl), repr(NET),
+                            str(Path(__file__).resolve().parent)],
+                           capture_output=True, text=True)
+        if r.returncode:
+            check("lumalabs/imm made the pickle", False, r.stderr.strip().splitlines()[-1][:200])
+            return
+        print(f"INFO  lumalabs/imm pickle: {r.stdout.strip()}")
+    tiny, cfg = tiny_train_config(repo, work)
+    name, train_defaults, recipe_settings = recipe_plan(fam, "paper", pkl)
+    s = resolve_settings(fam, pairs, {**recipe_settings, "train_config": str(tiny)}, train=True)
+    ours = load_model(fam, pkl, settings=s, trust_pickle=True, purpose="train").train()
+    with open(pkl, "rb") as fh:
+        data = pickle.load(fh)
+    with torch.random.fork_rng():
+        theirs = dnnlib.util.construct_class_by_name(**cfg["network"], img_resolution=NET["img_resolution"],
+                                                     img_channels=NET["img_channels"], label_dim=NET["label_dim"],
+                                                     num_classes=NET["label_dim"])
+    theirs.train().requires_grad_(True)
+    misc.copy_params_and_buffers(src_module=data["ema"], dst_module=theirs, require_all=False)
+    theirs.use_mixed_precision = False  # the CUDA fp16 autocast is off on CPU; neon's loss runs in float32
+    loss_fn = dnnlib.util.construct_class_by_name(**cfg["loss"], device="cpu", vae=encoder)
+    opt_t = dnnlib.util.construct_class_by_name(params=theirs.parameters(), **cfg["optimizer"])
+    opt_o = fam.make_optimizer(ours.parameters(), float(train_defaults["lr"]))
+    images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(11))
+    lab = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    raw = fam.encode(ours, images)
+    got = fam.loss(ours, raw, lab, torch.Generator().manual_seed(4))
+    got.backward()
+    opt_o.step()
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(4)))
+
+    class DDP:
+        module = theirs
+
+        def __call__(self, *a, **k):
+            return theirs(*a, **k)
+
+    with cuda_calls_on_cpu(True), seeded_global_rng(seed):
+        ref, _ = loss_fn(net=DDP(), images=encoder.encode(raw), labels=torch.nn.functional.one_hot(lab, 1000).float(),
+                         augment_pipe=None, device=torch.device("cpu"))
+    ref.mean().backward()
+    opt_t.step()
+    d = max(float((a.detach() - b.detach()).abs().max()) for a, b in zip(ours.parameters(), theirs.parameters()))
+    moved = max(float((b.detach() - a.detach()).abs().max()) for a, b in zip(data["ema"].parameters(), theirs.parameters()))
+    check(f"paper protocol ({'lumalabs pickle' if args.lumalabs else 'Neon pickle'}): recipe {name}, lr {train_defaults['lr']}",
+          type(ours).__module__ == "training.preconds" and float(got) == float(ref.mean()) and d == 0.0,
+          f"loss neon {float(got):.10f} vs training_loop {float(ref.mean()):.10f}; after one AdamW step parameters max |diff| "
+          f"{d:.3g} (the step moved them up to {moved:.3g})")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repo", required=True, type=Path, help="lumalabs/imm or the imm/ folder of SinaAlemohammad/Neon")
     ap.add_argument("--block", type=int, default=4)
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: temporary, deleted)")
+    ap.add_argument("--lumalabs", type=Path, default=None,
+                    help="a lumalabs/imm clone: check 4 then fine-tunes a pickle made by its code (in a subprocess)")
     args = ap.parse_args()
     t0 = time.time()
+    # diffusers' AutoencoderKL imports transformers' image processors, which compare torchvision's version: load it
+    # before a torchvision stand-in (for timm) exists, which has no version
+    import diffusers.models.autoencoders.autoencoder_kl  # noqa: F401
+
     stubbed = stub_torchvision_if_broken()
     torch.compile = lambda model=None, *a, **k: model if model is not None else (lambda m: m)  # CPU: no inductor
     repo = args.repo.resolve()
@@ -155,7 +268,8 @@ def main() -> int:
             print("no training/loss.py: loss and fine-tune checks need the Neon repository's imm/ folder")
         else:
             # 2. loss ----------------------------------------------------------------------------
-            train = load_model(fam, work / "imm-verify.pkl", settings=resolve_settings(fam, pairs, train=True),
+            tiny, _ = tiny_train_config(repo, work)  # neon trains the network built from the config (its DiT-XL/2: tiny here)
+            train = load_model(fam, work / "imm-verify.pkl", settings=resolve_settings(fam, [*pairs, f"train_config={tiny}"], train=True),
                                trust_pickle=True, purpose="train").train()
             images = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
             lab = torch.tensor([1, 2, 3, 4, 5, 6, 7, 8])
@@ -205,6 +319,7 @@ def main() -> int:
                           "--trust-pickle", "--set", "num_steps=8", *sets)
             assert rc == 0, out
             rc, out = cli("finetune", "imm", "--model", work / "imm-verify.pkl", "--data", work / "S", "--budget", 1000, "--batch", 500,
+                          "--set", f"train_config={tiny}",
                           "--lr", 1e-4, "-o", work / "ft", "--trust-pickle", *sets)
             assert rc == 0, out
             snap = work / "ft" / "network-snapshot-000001.pkl"
@@ -232,6 +347,7 @@ def main() -> int:
                   torch.equal(got, official(m_net, 0, labels[:B], 4, 1.5, gen.pushforward_generator_fn)))
             rc, out = cli("merge", work / "imm-verify.pkl", snap, "--w", 1.5, "--key", "ema", "-o", work / "m2.pkl")
             print(f"INFO  neon merge without --trust-pickle: {'works (inert reader)' if rc == 0 else 'refused: ' + next((ln.strip() for ln in out.splitlines() if 'trust-pickle' in ln or 'rror' in ln), out.strip()[:160])[:200]}")
+            paper_protocol(args, work, repo, fam, pairs, dnnlib, misc, encoder)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)

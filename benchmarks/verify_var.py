@@ -35,6 +35,11 @@ the end; nothing produced by VAR's code is kept), then checks:
    entries) are compared with ``neon synth``'s sampling under ``--labels var`` with
    ``seed_block`` = its ``--batch_size`` (4 per class in batches of 2; and the paper's
    ``--num_images 1`` with the default batch 64, ``seed_block=1``).
+5. paper protocol: :func:`check_paper_protocol` (``--recipe paper``'s lr, weight decay 0 and one
+   step against the Neon repository's ``train.py``; give ``--repo .../Neon/VAR/VAR_imagenet_256``).
+   Measured (a ``git archive`` of SinaAlemohammad/Neon 76496c3 ``VAR/VAR_imagenet_256``, committed
+   into a scratch git repository for its ``arg_util``; torch 2.13.0+cpu): lr 5e-6 in both, loss
+   |diff| 0, parameters max |diff| 0 after one step (moved up to 5.0e-6); all 20 checks passed.
 
 Prints one line per check and exits 1 if any fails. Runs in about a minute on 2 CPU cores.
 
@@ -239,6 +244,80 @@ def check_loss_and_step(check: Checks, family, model, var_path, vae_path) -> Non
           f"max |param diff| {worst:.2e} after lr {lr:g}")
 
 
+def check_paper_protocol(check: Checks, family, model, var_path, vae_path) -> None:
+    """5. ``neon finetune var --recipe paper`` against the Neon repository's ``VAR/VAR_imagenet_256/
+    train.py`` (give ``--repo .../Neon/VAR/VAR_imagenet_256``): its optimiser is
+    ``AmpOptimizer(AdamW(filter_params groups, lr=tlr, weight_decay=0, betas=(0.9, 0.95)),
+    grad_clip=tclip)`` and ``lr_wd_annealing`` is never called (so weight decay stays 0); each step
+    sets ``lr = target_lr * min(images_seen, total_images) / total_images``. One step at
+    images_seen = 768 of total_images = 1536 (lr = 5e-6 with the paper's target 1e-5) on the same
+    batch, against neon's ``paper-d16`` recipe (its ``twd`` 0, the core loop's ramp over the budget)."""
+    here = os.getcwd()
+    os.chdir(_REPO)
+    try:
+        from trainer import VARTrainer
+        from utils import misc
+        from utils.amp_sc import AmpOptimizer
+        from utils.lr_control import filter_params
+    finally:
+        os.chdir(here)
+    from neon_cli.finetune import _default_warmup, recipe_plan
+    from neon_var.training import AmpState, images_to_pm1, tag_parameters
+
+    name, train, st = recipe_plan(family, "paper-d16", None)
+    total, seen = 1536, 768
+    warmup = _default_warmup(train["warmup_images"], total)
+    lr_neon = train["lr"] * min(1.0, seen / warmup)  # neon_cli.train.train_loop's schedule
+    lr_var = train["lr"] * min(seen, total) / total  # the paper's train.py, --target_lr 1e-5
+    vae, var = fresh_real(var_path, vae_path)
+    var.train()
+    gen = torch.Generator().manual_seed(321)
+    images = torch.randint(0, 256, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, TINY["num_classes"], (6,), generator=gen)
+    with quiet_var():
+        names, paras, groups = filter_params(var, nowd_keys={
+            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
+            "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"})
+    opt = AmpOptimizer(mixed_precision=0, optimizer=torch.optim.AdamW(groups, lr=train["lr"], weight_decay=0, betas=(0.9, 0.95)),
+                       names=names, paras=paras, grad_clip=2.0)
+    for g in opt.optimizer.param_groups:
+        g["lr"] = lr_var
+    with quiet_var():
+        trainer = VARTrainer(device="cpu", patch_nums=TINY["patch_nums"], resos=tuple(16 * p for p in TINY["patch_nums"]),
+                             vae_local=vae, var_wo_ddp=var, var=_NoDDP(var), var_opt=opt, label_smooth=0.0)
+    captured = {}
+    inner = opt.backward_clip_step
+
+    def capture(stepping, loss):
+        captured["loss"] = loss.detach().clone()
+        return inner(stepping=stepping, loss=loss)
+
+    opt.backward_clip_step = capture
+    m = copy.deepcopy(model)
+    tag_parameters(m, AmpState(0), {"twd": st["twd"], "tclip": 2.0})  # fp16=1 runs fp32 on CPU, in both
+    m.train()
+    neon_opt = family.make_optimizer(m.parameters(), train["lr"])
+    for g in neon_opt.param_groups:
+        g["lr"] = lr_neon
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(9)))
+    neon_loss = family.loss(m, images, labels, torch.Generator().manual_seed(9))
+    torch.manual_seed(seed)
+    with quiet_var():
+        trainer.train_step(it=0, g_it=1, stepping=True, metric_lg=misc.MetricLogger(), tb_lg=None,
+                           inp_B3HW=images_to_pm1(images), label_B=labels, prog_si=-1, prog_wp_it=1)
+    neon_opt.zero_grad(set_to_none=True)
+    neon_loss.backward()
+    neon_opt.step()
+    worst = max((a - b).abs().max().item() for a, b in zip(m.var.state_dict().values(), var.state_dict().values())
+                if a.is_floating_point())
+    ref = fresh_real(var_path, vae_path)[1].state_dict()
+    moved = max((a - ref[k]).abs().max().item() for k, a in var.state_dict().items() if a.is_floating_point())
+    check(f"paper protocol ({name}): loss and one step == the paper's train.py step",
+          lr_neon == lr_var and torch.equal(neon_loss.detach(), captured["loss"]) and worst <= 1e-6,
+          f"lr {lr_neon:g} (train.py {lr_var:g}); loss |diff| {abs(neon_loss.item() - captured['loss'].item()):.2e}; "
+          f"max |param diff| {worst:.2e} (the step moved them up to {moved:.2e}); weight decay {st['twd']}")
+
+
 def check_files(check: Checks, family, tmp: Path, var_path: Path, vae_path: Path, repo: Path) -> None:
     from neon_cli.finetune import finetune
     from neon_cli.merge import merge_checkpoints
@@ -414,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
             check_sampling(check, family, model, var_path, vae_path)
             check_loss_and_step(check, family, model, var_path, vae_path)
             check_files(check, family, tmp, var_path, vae_path, repo)
+            check_paper_protocol(check, family, model, var_path, vae_path)
         if args.neon_repo is not None:
             check_labels(check, family, tmp, var_path, vae_path, args.neon_repo.expanduser().resolve())
     print(f"{'all checks passed' if not check.failed else f'{check.failed} check(s) FAILED'}")

@@ -35,6 +35,13 @@ kept), then checks:
    classes), and with ``--neon-repo`` the Neon repository's ``xAR/calculate_fid.py``
    ``prepare_labels``. ``--only-labels`` runs this check alone. Measured (OliverRensu/xAR 121e9c93,
    SinaAlemohammad/Neon 76496c3f): 0 of 2,000 and 0 of 5,000 labels differ from either (23 s).
+5. paper protocol (``--recipe paper``): :func:`paper_protocol` (the Neon repository's
+   ``train_new.py`` lr schedule and one step; give ``--repo .../Neon/xAR``; ``--only-paper`` runs
+   checks 2 and 5 alone);
+   Measured (``--only-paper --repo`` a ``git archive`` of SinaAlemohammad/Neon 76496c3 ``xAR/``,
+   torch 2.13.0+cpu, shared 2-core machine): lr schedule max |diff| / lr 2.1e-16 over the run;
+   loss equal (2.81575918 both) and parameters after one step equal (max |diff| 0; the step moved
+   them up to 4.2e-7); 6/6 checks in 102 s.
 
 On CPU, xAR's ``.cuda()`` calls are made no-ops while its code runs
 (:func:`neon_cli.repo.cuda_calls_on_cpu`, as the family does), ``flash_attn`` (imported, unused)
@@ -133,6 +140,63 @@ def official_batch(model, vae, labels, seed, flow_steps, cfg, rounding):
     return imgs.mul(255).clamp_(0, 255).byte()
 
 
+def paper_protocol(fam, train, cached, labels, vae_mod, util_misc) -> None:
+    """5. ``neon finetune xar --recipe paper`` against the Neon repository's ``train_new.py`` as
+    ``run_xarb.sh`` / ``run_xarl.sh`` run it: the lr of each step is ``util.lr_sched.
+    adjust_learning_rate(optimizer, data_iter_step / len(data_loader) + epoch, args)`` with
+    ``args.lr = blr * 256 / 256`` and ``--warmup_epochs`` = ``--epochs`` (250 / 10000), i.e. at
+    ``images_seen`` it is ``lr * (images_seen / |S|) / warmup_epochs``; neon's core loop uses
+    ``lr * min(1, images_seen / warmup)`` with the recipe's ``warmup_images = "epochs:N"`` = N |S|.
+    The two are compared over the run for |S| = 30k (the paper's), then one step at 3 M images of
+    the loss (train_new.py's chain) with ``clip_grad_norm_(1.0)`` and ``AdamW(add_weight_decay(0.02),
+    betas=(0.9, 0.96))`` at that lr, against neon's."""
+    import importlib
+
+    from neon_cli.finetune import _default_warmup, recipe_plan
+    from neon_cli.repo import cuda_calls_on_cpu, seeded_global_rng
+
+    lr_sched = importlib.import_module("util.lr_sched")
+    n_s, rel = 30_000, 0.0
+    for name, epochs in (("paper-b", 250), ("paper-l", 10000)):
+        _, tr, _ = recipe_plan(fam, name, None)
+        warm = _default_warmup(tr["warmup_images"], 10**12, n_s)
+        args = types.SimpleNamespace(lr=1e-6 * 256 / 256, warmup_epochs=epochs, min_lr=1e-5)
+        dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
+        for seen in [0, 256, 30_000, 1_000_000, 3_000_000, 7_499_744] + ([150_000_000, 299_999_744] if epochs > 250 else []):
+            official = lr_sched.adjust_learning_rate(dummy, seen / n_s, args)
+            ours = tr["lr"] * min(1.0, seen / warm)
+            rel = max(rel, abs(official - ours) / args.lr)
+    check("paper protocol: lr of each step == train_new.py's adjust_learning_rate (xAR-B 250, xAR-L 10000 warm-up epochs)",
+          rel <= 1e-12, f"max |diff| / lr = {rel:.2g} over the run, |S| = 30k")
+    _, tr, _ = recipe_plan(fam, "paper-b", None)
+    seen = 3_000_000
+    lr_official = lr_sched.adjust_learning_rate(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0), seen / n_s,
+                                                types.SimpleNamespace(lr=1e-6, warmup_epochs=250, min_lr=1e-5))
+    a, b = copy.deepcopy(train), copy.deepcopy(train)
+    opt_a = fam.make_optimizer(a.parameters(), tr["lr"])
+    for g in opt_a.param_groups:
+        g["lr"] = tr["lr"] * min(1.0, seen / _default_warmup(tr["warmup_images"], 10**12, n_s))
+    opt_b = torch.optim.AdamW(util_misc.add_weight_decay(b, 0.02), lr=lr_official, betas=(0.9, 0.96))
+    got = fam.loss(a, cached, labels, torch.Generator().manual_seed(11))
+    got.backward()
+    opt_a.step()
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(11)))
+    with cuda_calls_on_cpu(True), seeded_global_rng(seed):
+        keep = (torch.rand(2) < 0.5).view(2, 1, 1, 1)
+        m, mf = cached.chunk(2, 1)
+        xs = vae_mod.DiagonalGaussianDistribution(torch.where(keep, m, mf)).sample().mul_(0.2325)
+        want = b(xs, labels)
+    want.backward()
+    torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+    opt_b.step()
+    d = max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
+    moved = max(float((pb.detach() - p0.detach()).abs().max()) for pb, p0 in zip(b.parameters(), train.parameters()))
+    check("paper protocol: loss and one step at 3 M images == train_new.py's (paper-b)",
+          float(got) == float(want) and d == 0.0,
+          f"lr {lr_official:.4g}; loss neon {float(got):.8f} xAR {float(want):.8f}; parameters max |diff| {d:.3g} "
+          f"(the step moved them up to {moved:.3g})")
+
+
 def check_labels(repo: Path, neon_repo: Path | None) -> None:
     """``--labels xar`` against the labels xAR's ``eval.py`` samples: ``engine_xar.evaluate`` itself,
     run on CPU with a recording stand-in for the model's ``sample_tokens`` (only the labels it is
@@ -205,6 +269,10 @@ def main() -> int:
     ap.add_argument("--flow-steps", type=int, default=4)
     ap.add_argument("--block", type=int, default=2, help="seed_block (images per official batch)")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one, deleted)")
+    ap.add_argument("--only-paper", action="store_true",
+                    help="skip the sampling and file checks (1, 3): the loss checks (2) and the paper protocol (4) only")
+
+
     ap.add_argument("--neon-repo", type=Path, default=None,
                     help="a SinaAlemohammad/Neon clone: also check --labels xar against its xAR/calculate_fid.py")
     ap.add_argument("--only-labels", action="store_true", help="run the labels check (4.) alone")
@@ -248,7 +316,7 @@ def main() -> int:
         fam_vae = net._neon_xar.vae
         real_decode = fam_vae.decode
         fam_vae.decode = lambda z: (TOKENS["neon"].append(z.clone()), real_decode(z))[1]
-        for cfg in (1.0, 2.7):
+        for cfg in () if args.only_paper else (1.0, 2.7):
             for rounding in ("truncate", "round"):
                 ss = {**s, "cfg": cfg, "rounding": rounding}
                 TOKENS["neon"].clear(), TOKENS["official"].clear()
@@ -297,6 +365,10 @@ def main() -> int:
             opt_.step()
         d = max(float((pa.detach() - pb.detach()).abs().max()) for pa, pb in zip(a.parameters(), b.parameters()))
         check("optimiser step == AdamW(add_weight_decay) + clip 1.0", d == 0.0, f"max |diff| = {d:.3g}")
+        paper_protocol(fam, train, cached, labels, vae_mod, util_misc)
+        if args.only_paper:
+            print(f"{sum(ok for _, ok, _ in RESULTS)}/{len(RESULTS)} checks passed in {time.time() - t0:.0f} s")
+            return 1 if any(not ok for _, ok, _ in RESULTS) else 0
         # 3. files -------------------------------------------------------------------------------
         ema = {k: (v + 0.01 if v.is_floating_point() and torch.isfinite(v).all() else v) for k, v in model.state_dict().items()}
         torch.save({"model": model.state_dict(), "model_ema": ema, "optimizer": {}, "epoch": 1, "scaler": {},

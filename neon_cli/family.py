@@ -146,6 +146,10 @@ class Family(Protocol):
     Optional:
         train_settings: more :class:`Setting` objects that only ``neon finetune --set`` accepts
             (the recipe's knobs: augmentation probability, dropout, ...).
+        recipes: named fine-tuning recipes besides ``"default"`` (``neon finetune --recipe``):
+            name -> ``{"about": str, "train": {train_defaults overrides}, "settings": {setting
+            defaults}}``; ``resolve_recipe(name, path) -> str`` may map a generic name such as
+            ``"paper"`` to one of them from the base checkpoint (:func:`neon_cli.finetune.recipe_plan`).
         load(path, *, settings=None, trust_pickle=False, purpose="sample"): ``load`` may accept
             any of these keywords; :func:`load_model` passes those it declares. ``settings``: the
             resolved settings of the command (``--set``, for finetune including
@@ -262,6 +266,7 @@ class PluginInfo:
             "settings": [s.to_json() for s in getattr(fam, "settings", [])] if fam is not None else [],
             "train_defaults": dict(getattr(fam, "train_defaults", None) or {}) if fam is not None else {},
             "train_settings": [s.to_json() for s in getattr(fam, "train_settings", None) or ()] if fam is not None else [],
+            "recipes": {k: dict(v) for k, v in (getattr(fam, "recipes", None) or {}).items()} if fam is not None else {},
         }
 
 

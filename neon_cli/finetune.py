@@ -31,10 +31,53 @@ from neon_cli.fsutil import atomic_path, sha256_path, write_json
 from neon_cli.progress import ProgressFn, null_progress
 
 
-def _default_warmup(value: Any, budget: int) -> int:
-    """The family's ``train_defaults["warmup_images"]``: a number of images, or ``"budget"`` for a
-    linear ramp over the whole run (the Neon paper's VAR and xAR fine-tunes)."""
+def _default_warmup(value: Any, budget: int, num_synthetic: int | None = None) -> int:
+    """The recipe's ``warmup_images``: a number of images, ``"budget"`` for a linear ramp over the
+    whole run (the Neon paper's VAR fine-tunes: ``train.py --total_images``), or ``"epochs:N"`` for
+    N passes over S (xAR's ``train_new.py --warmup_epochs N``; needs ``num_synthetic`` = |S|)."""
+    if isinstance(value, str) and value.startswith("epochs:"):
+        return int(float(value.split(":", 1)[1]) * int(num_synthetic or 0))
     return int(budget) if value == "budget" else int(value or 0)
+
+
+#: Fraction of the recipe's lr warm-up / EMA half-life below which a budget draws a warning.
+SHORT_BUDGET = 0.1
+
+
+def recipe_plan(family: Any, name: str, model_path: Any) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(concrete name, train defaults, setting defaults)`` of the fine-tuning recipe ``name``.
+
+    ``"default"`` is the family's ``train_defaults`` (no settings). Other names come from the
+    family's optional ``recipes`` mapping (name -> ``{"train": {...}, "settings": {...},
+    "about": str}``, ``train`` overriding ``train_defaults``); a family may map a generic name
+    (``"paper"``) to a concrete one from the base checkpoint with ``resolve_recipe(name, path)``
+    (e.g. EDM: the image resolution picks ``paper-cifar10`` or ``paper-ffhq``).
+    Raises UsageError naming ``--recipe`` and the family's recipes for an unknown name.
+    """
+    recipes = dict(getattr(family, "recipes", None) or {})
+    known = ["default", *recipes]
+    if name != "default" and name not in recipes and callable(getattr(family, "resolve_recipe", None)):
+        name = family.resolve_recipe(name, str(model_path))
+    if name == "default":
+        return "default", dict(getattr(family, "train_defaults", {}) or {}), {}
+    if name not in recipes:
+        raise UsageError(f"--recipe {name}: family {family.name!r} has no such recipe (known: {', '.join(known)})")
+    rec = recipes[name]
+    train = {**dict(getattr(family, "train_defaults", {}) or {}), **dict(rec.get("train") or {})}
+    return name, train, dict(rec.get("settings") or {})
+
+
+def short_budget_warnings(cfg: Any, recipe: str) -> list[str]:
+    """One line for each of the recipe's lr warm-up and EMA half-life that the budget covers less
+    than :data:`SHORT_BUDGET` of: theta_s then barely moves from theta_r (lr still near 0) or the
+    snapshots are nearly theta_r (the EMA average), and the merge has little to extrapolate."""
+    out = []
+    for what, span in (("lr warm-up", cfg.warmup), ("EMA half-life", cfg.ema_halflife)):
+        if span and cfg.budget < SHORT_BUDGET * span:
+            out.append(f"--budget {cfg.budget} is {cfg.budget / span:.2%} of recipe {recipe!r}'s {what} ({span} images): "
+                       f"theta_s will be close to theta_r; give a larger --budget or a shorter "
+                       f"{'--warmup' if what == 'lr warm-up' else '--ema-halflife'}")
+    return out
 
 
 def finetune(
@@ -52,14 +95,18 @@ def finetune(
     seed: int = 0,
     set_pairs: list[str] | tuple[str, ...] = (),
     trust_pickle: bool = False,
+    recipe: str = "default",
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
     """Fine-tune ``model_path`` on the synthetic set in ``data_dir`` for ``budget`` images seen.
 
-    ``lr``/``batch``/``warmup``/``ema_halflife`` default to the family's ``train_defaults``
-    (``ema_halflife`` 0: no EMA). ``set_pairs`` (``--set KEY=VALUE``) resolve against the family's
-    settings and its optional ``train_settings``; they and ``trust_pickle`` reach the family's
+    ``lr``/``batch``/``warmup``/``ema_halflife`` default to the recipe's (``ema_halflife`` 0: no
+    EMA): ``recipe`` ``"default"`` is the family's ``train_defaults``, another name one of the
+    family's ``recipes`` (e.g. ``"paper"``: the Neon paper's own scripts, see :func:`recipe_plan`),
+    whose settings are defaults that ``--set`` overrides. ``set_pairs`` (``--set KEY=VALUE``)
+    resolve against the family's settings and its optional ``train_settings``; they and
+    ``trust_pickle`` reach the family's
     ``load`` (purpose ``"train"``, see :func:`neon_cli.family.load_model`).
 
     Every number is checked before any file is read; ``-o`` and ``--report`` may not be an input
@@ -71,8 +118,11 @@ def finetune(
     snapshots listed are the ones this run's ledger records (``train_state.pt``), never other
     files of ``-o``.
 
-    Returns ``{"snapshots": [{"path", "images_seen", "sha256"}], ...}`` (also in ``finetune.json``
-    and ``report.results``). Raises UsageError for bad numbers/paths or another run's state,
+    Returns ``{"snapshots": [{"path", "images_seen", "sha256"}], "recipe", "warnings" (short-budget
+    lines, :func:`short_budget_warnings`), "checkouts" (official code used: path, commit, dirty;
+    :func:`neon_cli.repo.provenance`), "precision" (what the fine-tune ran in, from the family's
+    optional ``precision(model)``; None without it), ...}`` (also in ``finetune.json`` and
+    ``report.results``). Raises UsageError for bad numbers/paths or another run's state,
     DataError for an incomplete synthetic set, CheckpointError for an unreadable model or state.
     """
     import torch
@@ -82,6 +132,7 @@ def finetune(
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.family import snapshot_name
     from neon_cli.fsutil import remove_stale_tmp_in
+    from neon_cli.repo import provenance
     from neon_cli.dataset import check_family, encoded_set, open_synthetic, read_manifest
     from neon_cli.identity import synthetic_set_sha256
     from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, snapshot_points, train_loop
@@ -102,15 +153,18 @@ def finetune(
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, model_path)
-    settings = resolve_settings(family, set_pairs, train=True)
-    defaults = dict(getattr(family, "train_defaults", {}) or {})
+    recipe_name, defaults, recipe_settings = recipe_plan(family, recipe, path)
+    given = {p.split("=", 1)[0].strip() for p in set_pairs if "=" in p}
+    settings = resolve_settings(family, set_pairs, {k: v for k, v in recipe_settings.items() if k not in given}, train=True)
+    warmup_spec = warmup if warmup is not None else defaults.get("warmup_images", 0)
     if ema_halflife is None:
         ema_halflife = defaults.get("ema_halflife_images")
     cfg = TrainConfig(
         budget=budget,
         lr=lr if lr is not None else float(defaults.get("lr", 1e-4)),
         batch=batch if batch is not None else int(defaults.get("batch", 64)),
-        warmup=warmup if warmup is not None else _default_warmup(defaults.get("warmup_images", 0), budget),
+        warmup=_default_warmup(warmup_spec, budget, 1) if str(warmup_spec).startswith("epochs:") else
+        _default_warmup(warmup_spec, budget),
         ema_halflife=ema_halflife or None,
         save_every=save_every,
         seed=seed,
@@ -135,7 +189,13 @@ def finetune(
         # S by content (its manifest without paths): a moved S, or one re-made from the same base
         # at another path, is the same S; states of older neon recorded the manifest file's sha256
         data_sha = synthetic_set_sha256(data_dir)
-        report.settings.update(train_config=cfg.__dict__, resolved_settings=settings)
+        if str(warmup_spec).startswith("epochs:"):  # xAR's --warmup_epochs: passes over S
+            cfg.warmup = _default_warmup(warmup_spec, budget, len(data))
+            cfg.check()
+        warnings = short_budget_warnings(cfg, recipe_name)
+        for msg in warnings:
+            progress("finetune", 0, cfg.budget, message=f"warning: {msg}")
+        report.settings.update(train_config=cfg.__dict__, resolved_settings=settings, recipe=recipe_name)
         base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
         base_images = int(base_meta.get("train_images", 0) or 0)
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
@@ -178,7 +238,9 @@ def finetune(
         results = None
         if is_main():  # rank 0 made the snapshots and holds the ledger; it writes finetune.json
             results = _results(out_dir, ledger, cfg, len(data), base_images)
-            write_json(out_dir / "finetune.json", {"schema": "neon.finetune/1", "config": cfg.__dict__,
+            precision = family.precision(model) if callable(getattr(family, "precision", None)) else None
+            results.update(recipe=recipe_name, warnings=warnings, checkouts=provenance([family.name]), precision=precision)
+            write_json(out_dir / "finetune.json", {"schema": "neon.finetune/1", "config": cfg.__dict__, "recipe": recipe_name,
                                                    "base": {"path": str(path), "sha256": base_sha},
                                                    "synthetic_set": {"path": str(data_dir), "sha256": data_sha},
                                                    **results})

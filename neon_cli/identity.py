@@ -74,9 +74,10 @@ def family_content_settings(family: Any, settings: Mapping[str, Any]) -> dict[st
 
 def manifest_identity(manifest: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a synth manifest (schema ``neon.synth/1``) that say what the set *is*: all of
-    it except the model's path; path-valued settings as their sha256 when the manifest records
+    it except the model's path and ``checkouts`` (where the official code lay, its commit and dirty
+    state: provenance, not content; the shards' sha256 are the content); path-valued settings as their sha256 when the manifest records
     them (:data:`SETTINGS_SHA256`)."""
-    out = {k: v for k, v in manifest.items() if k != SETTINGS_SHA256}
+    out = {k: v for k, v in manifest.items() if k not in (SETTINGS_SHA256, "checkouts")}  # checkouts: provenance
     if isinstance(out.get("model"), Mapping):
         out["model"] = {k: v for k, v in out["model"].items() if k != "path"}
     if isinstance(out.get("settings"), Mapping):

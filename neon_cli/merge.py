@@ -1213,8 +1213,11 @@ def _pair_kind(kind: str, folder_mode: bool, rk: Checkpoint, out: Path, odt: str
 
 
 def _warnings(comp: str, rk: Checkpoint, sk: Checkpoint, pkind: str) -> list[str]:
+    from neon_cli.mismatch import compare, describe
+
     pre = "" if comp == "." else f"{comp}: "
     out = [pre + n for n in list(rk.notes) + list(sk.notes)]
+    out += [pre + m for m in compare(describe(rk.container), describe(sk.container))]  # EDM/IMM pickles
     if rk.alternatives:
         out.append(f"{pre}base: merged the state dict at {rk.key!r}; also found {', '.join(rk.alternatives)} (choose with --key)")
     if pkind in ("safetensors", "sharded") and rk.layout in ("torch", "pickle"):

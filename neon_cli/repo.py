@@ -59,6 +59,44 @@ def _importable_root(markers: Sequence[str]) -> Path | None:
     return root if not _has_markers(root, markers) else None
 
 
+#: The checkouts this process found, by family name (filled by :func:`find_repo`; read by
+#: :func:`provenance` for reports and manifests).
+USED: dict[str, Path] = {}
+
+
+def git_state(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"path", "commit", "dirty", "toplevel"}`` of a checkout: ``git rev-parse HEAD`` and whether
+    ``git status --porcelain -- .`` (the folder only: tracked changes and untracked files) lists
+    anything. ``commit`` / ``dirty`` / ``toplevel`` are None when the folder is not in a git work
+    tree or git is not installed (a copied or unpacked checkout). Never raises."""
+    import subprocess
+
+    out: dict[str, Any] = {"path": str(folder), "commit": None, "dirty": None, "toplevel": None}
+
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return r.stdout if r.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return out
+    status = git("status", "--porcelain", "--", ".")
+    top = git("rev-parse", "--show-toplevel")
+    out.update(commit=commit.strip() or None, dirty=None if status is None else bool(status.strip()),
+               toplevel=top.strip() if top else None)
+    return out
+
+
+def provenance(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """:func:`git_state` of the checkouts this process used, by family name ({} if none); only
+    those of ``names`` when given (a command reports its own family's, even when an earlier
+    command in the same process, e.g. a test, used another)."""
+    return {name: git_state(path) for name, path in sorted(USED.items()) if names is None or name in names}
+
+
 def find_repo(family_name: str, settings: Mapping[str, Any] | None, *, markers: Sequence[str],
               what: str, url: str) -> Path:
     """The user's checkout of the repository behind ``family_name``, put first on ``sys.path``.
@@ -93,6 +131,7 @@ def find_repo(family_name: str, settings: Mapping[str, Any] | None, *, markers: 
         if missing:
             raise FamilyError(f"{source}: {folder} is not a checkout of {what} (missing {', '.join(missing)})")
     folder = folder.resolve()
+    USED[family_name] = folder
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
     importlib.invalidate_caches()

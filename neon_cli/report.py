@@ -6,7 +6,8 @@ Schema ``neon.report/1`` (keys always present)::
       "schema": "neon.report/1",
       "command": "merge",                      # subcommand name
       "argv": ["neon", "merge", ...],          # the command line as typed
-      "versions": {"neon": "0.1.0", "torch": "2.13.0", "python": "3.11.7", "family": {...}},
+      "versions": {"neon": "0.1.0", "torch": "2.13.0", "python": "3.11.7", "family": {...},
+                   "checkouts": {"edm": {"path", "commit", "dirty", "toplevel"}}},  # official code used, if any
       "started_at": "2026-11-21T10:00:00Z",   # UTC, ISO 8601
       "wall_seconds": 12.3,
       "inputs": [{"role": "base", "path": "...", "sha256": "..."}],
@@ -103,6 +104,10 @@ class Report:
         versions["torch"] = getattr(torch, "__version__", None)
         if self.family:
             versions["family"] = self.family
+        repo_mod = sys.modules.get("neon_cli.repo")  # imported only by families that use an official checkout
+        name = self.family.get("name") if isinstance(self.family, dict) else None
+        if repo_mod is not None and name in repo_mod.USED:
+            versions["checkouts"] = repo_mod.provenance([name])  # path, commit and dirty state of the family's checkout
         return {
             "schema": SCHEMA,
             "command": self.command,

@@ -8,7 +8,8 @@ Layout of the output directory::
                               image families, float32 [n, D] for the Gaussian toys), labels int64 [n],
                               seeds int64 [n]
     ...
-    manifest.json             written last: plan + every shard's sha256 (schema neon.synth/1)
+    manifest.json             written last: plan + every shard's sha256 (schema neon.synth/1) + "checkouts":
+                              the official checkouts used (path, commit, dirty), null for none
 
 Image i (0-based) uses seed ``seed + i`` and, for class-conditional families, label
 ``(seed + i) % num_classes`` (``--labels balanced``), or the seed and label of another protocol
@@ -194,6 +195,9 @@ def synthesize(
             first = _read_shard(out_dir / shard_name(0))
             manifest["image_shape"] = list(first["images"].shape[1:])
             manifest["image_dtype"] = str(first["images"].dtype).replace("torch.", "")
+            from neon_cli.repo import provenance
+
+            manifest["checkouts"] = provenance([family.name]) or None  # official code the family ran: path, commit, dirty state
             write_json(out_dir / "manifest.json", manifest)
             report.add_output("synthetic_set", out_dir / "manifest.json")
         manifest = broadcast_object(manifest)

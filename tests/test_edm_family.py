@@ -530,3 +530,91 @@ def test_edm_inception_pickle_is_refused_without_running_it(edm_modules, tmp_pat
     msg = str(err.value)
     assert "\n" not in msg and "InceptionV3Detector" in msg and "inception-2015-12-05.pt" in msg and "torch_utils.persistence" in msg
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# --recipe paper: the Neon paper's edm/run_*.sh (train.py --transfer=<vp.pkl>, default --precond=edm)
+
+
+def test_paper_precond_is_edmprecond_with_the_vp_architecture_and_weights(fam, pkls, edm_modules):
+    """--set precond=edm (train.py's default, which the paper's scripts ran): an EDMPrecond built
+    with the VP pickle's architecture arguments (VP's beta_d/beta_min/M/epsilon_t dropped, EDM's
+    defaults sigma_min 0, sigma_max inf, sigma_data 0.5), the VP weights copied in, EDMLoss."""
+    networks, _, _ = edm_modules
+    vp = load_model(fam, pkls["vp"], trust_pickle=True)
+    net = load_model(fam, pkls["vp"], trust_pickle=True, purpose="train", settings={"augment": 0.0, "dropout": 0.0, "precond": "edm"})
+    assert type(net).__name__ == "EDMPrecond" and type(net._neon_edm_extras["loss_fn"]).__name__ == "EDMLoss"
+    expect = {k: v for k, v in vp.init_kwargs.items() if k not in ("beta_d", "beta_min", "M", "epsilon_t")}
+    assert dict(net.init_kwargs) == {**expect, "dropout": 0.0, "use_fp16": False}
+    assert (net.sigma_min, net.sigma_max, net.sigma_data) == (0, float("inf"), 0.5)
+    ref = networks.EDMPrecond(*vp.init_args, **{**expect, "dropout": 0.0})
+    ref.load_state_dict(vp.state_dict())
+    assert list(ref.state_dict()) == list(vp.state_dict()) == list(net.state_dict())  # same keys: merges into the VP base
+    for k, v in vp.state_dict().items():
+        assert torch.equal(net.state_dict()[k], v)
+    # EDMLoss on the EDM-preconditioned VP weights: Eq. 2 with EDM's lambda and log-normal sigma
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8)
+    got = fam.loss(net, images, None, torch.Generator().manual_seed(5))
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=torch.Generator().manual_seed(5)))
+    y = images.float() / 127.5 - 1
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        sigma = (torch.randn([6, 1, 1, 1]) * 1.2 - 1.2).exp()
+        D = ref(y + torch.randn_like(y) * sigma, sigma, None)
+    lam = torch.as_tensor(R.loss_weight("edm", sigma.double().numpy()))
+    torch.testing.assert_close(got.double(), (lam * (D.double() - y.double()) ** 2).sum() / 6, rtol=2e-5, atol=0)
+    same = load_model(fam, pkls["vp"], trust_pickle=True, purpose="train", settings={"augment": 0.0, "dropout": 0.0})
+    assert type(same).__name__ == "VPPrecond"  # the default recipe keeps the pickle's class
+    with pytest.raises(FamilyError, match="precond"):
+        load_model(fam, pkls["vp"], trust_pickle=True, purpose="train", settings={"augment": 0.0, "precond": "xx"})
+
+
+def test_recipe_paper_finetunes_edmprecond_merges_into_vp_base_and_warns(fam, pkls, edm_modules, tmp_path):
+    networks, _, _ = edm_modules
+    torch.manual_seed(1)
+    base = write_pkl(tmp_path / "vp-cond.pkl", networks.VPPrecond(8, 3, label_dim=4, augment_dim=9, **TINY))
+    Sdir = tmp_path / "S"
+    neon("synth", "edm", "--model", base, "-n", "8", "-o", str(Sdir), "--set", "num_steps=2", "--trust-pickle", "-q")
+    checkouts = json.loads((Sdir / "manifest.json").read_text())["checkouts"]  # the official code that made S
+    assert set(checkouts) == {"edm"} and checkouts["edm"]["path"] == str(REPO.resolve())
+    assert set(checkouts["edm"]) == {"path", "commit", "dirty", "toplevel"}
+    out = neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "16", "--recipe", "paper", "-o", str(tmp_path / "x"),
+               "--trust-pickle", "-q", code=2)
+    assert "--recipe paper" in out and "paper-cifar10" in out and "8x8" in out  # the paper ran 32x32 / 64x64 only
+    out = neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "16", "--recipe", "nope", "-o", str(tmp_path / "x"),
+               "--trust-pickle", "-q", code=2)
+    assert "--recipe nope" in out and "paper-ffhq" in out
+    ft = tmp_path / "ft"
+    neon("finetune", "edm", "--model", base, "-d", str(Sdir), "-b", "1000", "--batch", "500", "--recipe", "paper-ffhq",
+         "--set", "augment=0", "-o", str(ft), "--trust-pickle", "-q", "--report", str(tmp_path / "ft.json"))
+    rep = json.loads((tmp_path / "ft.json").read_text())
+    cfg, res = rep["settings"]["train_config"], rep["results"]
+    assert rep["settings"]["recipe"] == res["recipe"] == "paper-ffhq"
+    assert (cfg["lr"], cfg["warmup"], cfg["ema_halflife"]) == (4e-6, 10_000_000, 500_000)  # --batch overrides 256
+    assert rep["settings"]["resolved_settings"]["precond"] == "edm" and rep["settings"]["resolved_settings"]["dropout"] == 0.05
+    assert rep["settings"]["resolved_settings"]["augment"] == 0.0  # --set wins over the recipe's 0.15
+    assert len(res["warnings"]) == 2 and "lr warm-up" in res["warnings"][0] and "EMA half-life" in res["warnings"][1]
+    assert rep["versions"]["checkouts"]["edm"]["path"] == str(REPO.resolve())
+    assert res["precision"] == "fp32" and res["checkouts"] == rep["versions"]["checkouts"]
+    snap = ft / "network-snapshot-000001.pkl"
+    with open(snap, "rb") as fh:
+        data = pickle.load(fh)
+    assert type(data["ema"]).__name__ == "EDMPrecond" and type(data["loss_fn"]).__name__ == "EDMLoss"
+    assert list(data["ema"].state_dict()) == list(load_model(fam, base, trust_pickle=True).state_dict())
+    # merged into the VP base (cal_metrics_all.py's merge): the output keeps the base's VP preconditioning, with warnings
+    merged = tmp_path / "neon.pkl"
+    neon("merge", base, str(snap), "--w", "1", "-o", str(merged), "-q", "--report", str(tmp_path / "m.json"))
+    warns = json.loads((tmp_path / "m.json").read_text())["results"]["warnings"]
+    assert any("preconditioning differs: theta_r is VPPrecond, theta_s is EDMPrecond" in w for w in warns)
+    assert not any("dropout" in w for w in warns)  # a training-only argument is no mismatch
+    with open(merged, "rb") as fh:
+        assert type(pickle.load(fh)["ema"]).__name__ == "VPPrecond"
+    from neon_diffusers.scoring import write_pixel_stats
+
+    write_pixel_stats(Sdir, tmp_path / "px.npz")
+    neon("tune-w", "edm", "--base", base, "--selftrained", str(snap), "--num-samples", "4", "--max-evals", "2",
+         "--set", "num_steps=2", "--ref-stats", str(tmp_path / "px.npz"), "--trust-pickle", "-q",
+         "--report", str(tmp_path / "t.json"), code=(0, 5))
+    warns = json.loads((tmp_path / "t.json").read_text())["results"]["warnings"]
+    assert warns == ["network-snapshot-000001.pkl: preconditioning differs: theta_r is VPPrecond, theta_s is EDMPrecond "
+                     "(theta_s was trained with another parameterisation; the merge is sampled with theta_r's)"]

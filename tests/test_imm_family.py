@@ -321,3 +321,48 @@ def test_merge_reads_imm_pickles_without_running_them(fam, files, tmp_path, monk
         expect = r - 0.5 * (ft[k] - r) if r.is_floating_point() else r
         torch.testing.assert_close(merged.state_dict()[k], expect, rtol=0, atol=1e-6)
     assert out.stat().st_size == files["base"].stat().st_size  # theta_r's own container, tensor bytes replaced
+
+
+def test_a_lumalabs_pickle_trains_with_the_checkouts_network_class(fam, files, tmp_path):
+    """lumalabs/imm's pickles carry an IMMPrecond source without the training methods IMMLoss calls
+    (``sample_eta_t``). Like the Neon repository's training_loop.py (construct the network, then
+    copy_params_and_buffers from the pickle's ``ema``), neon trains the checkout's class with the
+    pickle's tensors; a config network block that does not match is refused, naming it."""
+    src = (REPO / "training" / "preconds.py").read_text()
+    assert "def sample_eta_t" in src
+    (tmp_path / "luma_preconds.py").write_text(src.replace("def sample_eta_t", "def _not_in_lumalabs"))
+    _forget_checkout()
+    sys.path[:0] = [str(REPO), str(tmp_path)]
+    try:
+        import luma_preconds
+
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            luma = luma_preconds.IMMPrecond(**NET)
+        with open(tmp_path / "luma.pkl", "wb") as fh:
+            pickle.dump({"ema": luma, "augment_pipe": None, "dataset_kwargs": {}}, fh)
+        want = {k: v.clone() for k, v in luma.state_dict().items()}
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("luma_preconds", None)
+        _forget_checkout()
+    as_sampled = load_model(fam, tmp_path / "luma.pkl", settings=settings(fam, files), trust_pickle=True)
+    assert not hasattr(as_sampled, "sample_eta_t")  # the pickle's own class: what failed with exit 4 before
+    net = load_model(fam, tmp_path / "luma.pkl", settings=settings(fam, files), trust_pickle=True, purpose="train")
+    assert hasattr(net, "sample_eta_t") and type(net).__module__ == "training.preconds"
+    assert dict(net.init_kwargs) == dict(as_sampled.init_kwargs)
+    got = net.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], v) for k, v in want.items())
+    raw = fam.encode(net, torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8))
+    assert torch.isfinite(fam.loss(net, raw, torch.arange(4), torch.Generator().manual_seed(0)))
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text((REPO / "configs" / "im256.yaml").read_text() + "\nnetwork:\n  class_name: training.preconds.IMMPrecond\n"
+                   "  model_type: DiT\n  hidden_size: 8\n  depth: 1\n  patch_size: 2\n")
+    with pytest.raises(FamilyError, match=r"--set train_config: .*bad.yaml: network .* differs from the pickled IMMPrecond"):
+        load_model(fam, tmp_path / "luma.pkl", settings=settings(fam, files, train_config=str(cfg)), trust_pickle=True,
+                   purpose="train")
+    cfg.write_text(cfg.read_text().replace("hidden_size: 8", "hidden_size: 16") + "  noise_schedule: fm\n  f_type: euler_fm\n"
+                   "  temb_type: stride\n  time_scale: 1000\n")
+    from_cfg = load_model(fam, tmp_path / "luma.pkl", settings=settings(fam, files, train_config=str(cfg)), trust_pickle=True,
+                          purpose="train")
+    assert all(torch.equal(from_cfg.state_dict()[k], v) for k, v in want.items()) and hasattr(from_cfg, "sample_eta_t")

@@ -295,6 +295,7 @@ def test_synth_finetune_tunew_merge_eval(fam, ckpts, stand_in, tmp_path, monkeyp
                    set_pairs=pairs, report=rep)
     assert [Path(s["path"]).name for s in res["snapshots"]] == ["ar-ckpt-images_16.pth", "ar-ckpt-images_32.pth"]
     assert rep.settings["train_config"]["warmup"] == 32  # the paper's ramp over the whole run
+    assert res["precision"] == "fp32 (--set fp16=1: mixed precision runs on CUDA only)"  # what ran on this CPU
     enc = rep.settings["encoded"]
     assert enc["shards_encoded"] == 2 and Path(enc["folder"]).parent == S
     images, labels, _ = load_synthetic(S)
@@ -304,7 +305,13 @@ def test_synth_finetune_tunew_merge_eval(fam, ckpts, stand_in, tmp_path, monkeyp
     assert torch.equal(cached, fam.encode(_load(fam, ckpts), images))
     stamp = os.stat(Path(enc["folder"]) / "shard-00000.safetensors").st_mtime_ns
     rep2 = Report("finetune")
-    finetune("var", ckpts[0], S, budget=8, lr=1e-3, batch=8, out_dir=tmp_path / "ft2", set_pairs=pairs, report=rep2)
+    with pytest.raises(UsageError, match="--recipe paper: .* give --recipe paper-d16 or paper-d36"):  # a tiny stand-in depth
+        finetune("var", ckpts[0], S, budget=8, lr=None, out_dir=tmp_path / "ft2", set_pairs=pairs, recipe="paper",
+                 report=Report("x"))
+    finetune("var", ckpts[0], S, budget=8, lr=1e-3, batch=8, out_dir=tmp_path / "ft2", set_pairs=pairs, report=rep2,
+             recipe="paper-d36")
+    assert rep2.settings["recipe"] == "paper-d36" and rep2.settings["train_config"]["warmup"] == 8
+    assert rep2.settings["resolved_settings"]["fp16"] == 1 and rep2.settings["resolved_settings"]["twd"] == 0.0
     assert rep2.settings["encoded"]["shards_encoded"] == 0  # the tokens are computed once
     assert os.stat(Path(enc["folder"]) / "shard-00000.safetensors").st_mtime_ns == stamp
 

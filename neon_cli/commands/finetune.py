@@ -25,6 +25,10 @@ def register(app: typer.Typer) -> None:
         ema_halflife: Optional[int] = typer.Option(
             None, "--ema-halflife", help="EMA half-life in images (default: family recipe; 0: no EMA)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the data order and training noise."),
+        recipe: str = typer.Option(
+            "default", "--recipe",
+            help="Fine-tuning recipe: 'default' (the family's), 'paper' (the Neon paper's own scripts), or a named one "
+                 "(see 'neon plugins FAMILY'); --lr/--batch/--warmup/--ema-halflife/--set override its values."),
         set_: Optional[List[str]] = typer.Option(
             None, "--set", metavar="KEY=VALUE", autocompletion=complete_setting,
             help="Setting of the family, inference or training recipe (repeatable); see 'neon plugins'."),
@@ -51,11 +55,17 @@ def register(app: typer.Typer) -> None:
             lambda report, progress: finetune_fn(family, model, data, budget=budget, lr=lr, out_dir=out, batch=batch,
                                                  warmup=warmup, save_every=save_every, ema_halflife=ema_halflife,
                                                  seed=seed, set_pairs=set_ or [], trust_pickle=trust_pickle,
-                                                 report=report, progress=progress),
+                                                 recipe=recipe, report=report, progress=progress),
             settings=dict(family=family, model=model, data=data, budget=budget, lr=lr, out=out, warmup=warmup, batch=batch,
-                          save_every=save_every, ema_halflife=ema_halflife, seed=seed, set=set_ or [],
+                          save_every=save_every, ema_halflife=ema_halflife, seed=seed, set=set_ or [], recipe=recipe,
                           trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
             plan=lambda: finetune_plan(family=family, model=model, data=data, out=out, set_pairs=set_ or [], report=report),
-            show=lambda r, c: c.print(f"theta_s: {r['final']} ({len(r['snapshots'])} snapshots)"),
+            show=_show,
         )
+
+
+def _show(r: dict, console: object) -> None:
+    for msg in r.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
+    console.print(f"theta_s: {r['final']} ({len(r['snapshots'])} snapshots, recipe {r.get('recipe', 'default')})")

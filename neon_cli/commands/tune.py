@@ -167,6 +167,8 @@ def _show(results, console) -> None:
     """Final summary: one row per snapshot, the chosen point, the fit and the confirmation."""
     from rich.table import Table
 
+    for msg in results.get("warnings") or []:
+        console.print(f"[yellow]warning:[/yellow] {msg}", highlight=False)
     metric = results["metric"]
     t = Table(title=f"neon tune-w ({results['mode']}, {results['n_evals']} evaluations, {results['n_cached']} cached)")
     for col in ("snapshot", "evals", "w", "gamma", metric, "status"):

@@ -274,6 +274,12 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
     report.settings.update(resolved_settings=settings, metric=metric)
     base_sha = report.add_input("base", base)
     snap_shas = [report.add_input("selftrained", s) for s in snaps]
+    from neon_cli.mismatch import pickle_mismatch
+
+    warnings = [f"{Path(s).name}: {m}" for s in snaps for m in pickle_mismatch(base, s)]  # EDM/IMM pickles
+    report.results.setdefault("warnings", []).extend(warnings)
+    for msg in warnings:
+        progress("tune-w", 0, None, message=f"warning: {msg}")
     model = load_model(family, base, settings=settings, trust_pickle=trust_pickle)
     fam_version = report.family.get("version") if isinstance(report.family, dict) else None
     ctx = Context(family=family, family_name=family_name, plan=plan, base=base, snaps=snaps, base_sha=base_sha,

@@ -25,9 +25,16 @@ and ``repo``. Training settings (``neon finetune --set``): ``augment`` (0.12, ED
 paper's FFHQ run used 0.15) and ``dropout`` (0.13, EDM's default; FFHQ 0.05). No guidance setting
 (EDM has no classifier-free guidance), so ``neon tune-w`` searches w alone.
 
-Recipe (:mod:`neon_edm.training`): ``train.py --transfer``'s. ``train_defaults`` are train.py's
-defaults: batch 512, lr 1e-3 (the paper: 1e-4 for CIFAR-10, 4e-6 for FFHQ), lr ramp over
-10,000,000 images, EMA half-life 500,000 images without ramp-up.
+Recipes (:mod:`neon_edm.training`): ``train.py --transfer``'s. ``--recipe default``: train.py's
+defaults, batch 512, lr 1e-3, lr ramp over 10,000,000 images, EMA half-life 500,000 images without
+ramp-up, and the pickle's own preconditioning and loss (``VPPrecond`` + ``VPLoss`` for the released
+``-vp`` networks; ``--set precond=same``). ``--recipe paper`` (``paper-cifar10`` for 32x32,
+``paper-ffhq`` for 64x64): the Neon paper's ``edm/run_cifar10.sh`` / ``run_ffhq.sh``, which call
+``train.py --transfer=...-vp.pkl`` without ``--precond``, so train.py's default ``--precond=edm``
+applies: theta_s is an ``EDMPrecond`` (the VP network's architecture arguments, the VP weights
+copied in; the parameter keys are the same, so it merges into the VP base) trained with
+``EDMLoss``; CIFAR-10 lr 1e-4, augment 0.12, dropout 0.13, batch 512; FFHQ lr 4e-6, augment 0.15,
+dropout 0.05, batch 256.
 
 Class labels: neon's seed plan (``seed % num_classes``; each image equals ``generate.py --seeds
 SEED --class LABEL``'s, see :mod:`neon_edm.sampler`), or with ``--labels edm`` the label
@@ -67,12 +74,27 @@ class EDMFamily(ImageScoring):
                 low=0.0, high=1.0),
         Setting("dropout", 0.13, float, "dropout probability (train.py --dropout; paper: 0.13 CIFAR-10, 0.05 FFHQ)",
                 low=0.0, high=1.0),
+        Setting("precond", "same", str, "preconditioning + loss theta_s is trained with (train.py --precond): same "
+                                        "(the pickle's class), vp, ve or edm (train.py's default, the paper's)",
+                choices=("same", "vp", "ve", "edm")),
     )
     guidance = None
     default_model = None
     checkpoint_suffix = ".pkl"
     #: train.py's defaults with --transfer: --batch 512, --lr 10e-4, lr_rampup_kimg 10000, --ema 0.5 (Mimg), no EMA ramp-up.
     train_defaults = {"batch": 512, "lr": 1e-3, "warmup_images": 10_000_000, "ema_halflife_images": 500_000}
+    #: The Neon paper's edm/run_cifar10.sh and run_ffhq.sh: train.py --transfer=<...-vp.pkl> without --precond
+    #: (so train.py's default --precond=edm: EDMPrecond + EDMLoss from the VP weights), lr ramp 10 Mimg, EMA 0.5 Mimg.
+    recipes = {
+        "paper-cifar10": {"about": "edm/run_cifar10.sh: train.py --cond=1 --arch=ddpmpp --lr=1e-4 (batch 512, dropout "
+                                   "0.13, augment 0.12: train.py's defaults), --precond=edm (default)",
+                          "train": {"batch": 512, "lr": 1e-4},
+                          "settings": {"precond": "edm", "augment": 0.12, "dropout": 0.13}},
+        "paper-ffhq": {"about": "edm/run_ffhq.sh: train.py --cond=0 --arch=ddpmpp --batch=256 --cres=1,2,2,2 --lr=4e-6 "
+                                "--dropout=0.05 --augment=0.15, --precond=edm (default)",
+                       "train": {"batch": 256, "lr": 4e-6},
+                       "settings": {"precond": "edm", "augment": 0.15, "dropout": 0.05}},
+    }
 
     def __init__(self) -> None:
         self.num_classes = 0
@@ -96,6 +118,22 @@ class EDMFamily(ImageScoring):
             net = transfer(net, repo, dict(settings or {}))
         self.num_classes = int(getattr(net, "label_dim", 0) or 0)
         return net
+
+    def resolve_recipe(self, name: str, path: str) -> str:
+        """``paper`` -> ``paper-cifar10`` for a 32x32 network, ``paper-ffhq`` for a 64x64 one
+        (read without running the file); other names unchanged. UsageError for ``paper`` with
+        another resolution (name the recipe)."""
+        if name != "paper":
+            return name
+        from neon_cli.errors import UsageError
+        from neon_edm.inert import network_info
+
+        res = network_info(path)["img_resolution"]
+        pick = {32: "paper-cifar10", 64: "paper-ffhq"}.get(res)
+        if pick is None:
+            raise UsageError(f"--recipe paper: the paper fine-tuned EDM at 32x32 (CIFAR-10) and 64x64 (FFHQ); {path} is "
+                             f"{res}x{res}: give --recipe paper-cifar10 or paper-ffhq")
+        return pick
 
     def model_num_classes(self, path: str) -> int:
         """``label_dim`` of the pickled network (read without running code); 0 for unconditional."""
@@ -142,6 +180,11 @@ class EDMFamily(ImageScoring):
         from neon_edm.training import loss
 
         return loss(model, images, labels, generator)
+
+    def precision(self, model: Any) -> str:
+        """``fp32``: the network is rebuilt with ``use_fp16=False`` (train.py's ``--fp16`` default)."""
+        inner = getattr(model, "module", model)
+        return "fp16 (use_fp16)" if getattr(inner, "use_fp16", False) else "fp32"
 
     def make_optimizer(self, params: Any, lr: float) -> Any:
         """Adam (0.9, 0.999), eps 1e-8, non-finite gradients replaced first, as EDM's training loop."""

@@ -14,6 +14,13 @@ What ``train.py --transfer=PKL`` does and what neon does in its place:
   released CIFAR-10/FFHQ networks have); with ``augment = 0`` EDM
   would build no augmentation layer, neon keeps the base's (it is not used without augment labels,
   so the outputs are the same, and theta_s keeps theta_r's keys for merging).
+* **preconditioning** (``--set precond``, train.py's ``--precond``): ``same`` (default recipe)
+  keeps the pickle's class; ``vp`` / ``ve`` / ``edm`` build that class instead, with the pickle's
+  architecture arguments (its own preconditioning arguments, e.g. VP's ``beta_d``, ``beta_min``,
+  ``M``, ``epsilon_t``, dropped: the new class's defaults apply, as in train.py) and the same
+  weights. The Neon paper's scripts give no ``--precond``, so train.py's default ``edm`` ran:
+  ``EDMPrecond`` + ``EDMLoss`` from the VP weights (``--recipe paper``). The preconditioning
+  classes own no parameters or buffers (the U-Net is ``model``), so theta_s has theta_r's keys.
 * **loss**: the checkout's ``training.loss`` class matching the preconditioning (``VPPrecond`` ->
   ``VPLoss``, ``VEPrecond`` -> ``VELoss``, ``EDMPrecond`` -> ``EDMLoss``, default arguments as
   ``train.py``), called as ``loss_fn(net=net, images=images, labels=labels, augment_pipe=pipe)`` on
@@ -42,6 +49,13 @@ from neon_cli.errors import FamilyError
 from neon_edm import checkout
 
 LOSS_FOR = {"VPPrecond": "VPLoss", "VEPrecond": "VELoss", "EDMPrecond": "EDMLoss"}
+#: train.py's --precond choices and the network class each builds.
+PRECOND_CLASS = {"vp": "VPPrecond", "ve": "VEPrecond", "edm": "EDMPrecond"}
+#: Each preconditioning's own constructor arguments (training/networks.py); the rest
+#: (img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs) is the
+#: architecture, which train.py passes to whichever class --precond names.
+PRECOND_KWARGS = {"VPPrecond": ("beta_d", "beta_min", "M", "epsilon_t"), "VEPrecond": ("sigma_min", "sigma_max"),
+                  "EDMPrecond": ("sigma_min", "sigma_max", "sigma_data")}
 #: train.py's AugmentPipe arguments for ``--augment P`` (besides ``p``).
 AUGMENT_KWARGS = {"xflip": 1e8, "yflip": 1, "scale": 1, "rotate_frac": 1, "aniso": 1, "translate_frac": 1}
 #: The number of augmentation labels those produce (train.py's ``network_kwargs.augment_dim = 9``).
@@ -66,15 +80,22 @@ def transfer(base: Any, repo: Any, settings: Mapping[str, Any]) -> Any:
     misc = checkout.module(repo, "torch_utils.misc")
     loss_mod = checkout.module(repo, "training.loss")
     augment_mod = checkout.module(repo, "training.augment")
-    name = type(base).__name__
-    loss_name = loss_class_name(base)
+    own = type(base).__name__
+    loss_class_name(base)  # a preconditioning EDM's train.py knows
+    precond = str(settings.get("precond", "same") or "same")
+    name = own if precond == "same" else PRECOND_CLASS.get(precond, precond)
+    if name not in LOSS_FOR:
+        raise FamilyError(f"--set precond={precond}: not one of same, {', '.join(PRECOND_CLASS)}")
+    loss_name = LOSS_FOR[name]
     cls = getattr(networks, name, None)
     if cls is None:
         raise FamilyError(f"{repo}: training.networks has no class {name!r} (the pickle's network)")
     try:
         args, kwargs = list(base.init_args), dict(base.init_kwargs)
     except Exception:
-        raise FamilyError(f"the pickled {name} has no recorded constructor arguments (init_args/init_kwargs)") from None
+        raise FamilyError(f"the pickled {own} has no recorded constructor arguments (init_args/init_kwargs)") from None
+    if name != own:  # train.py --precond: the same architecture arguments, the new class's own defaults
+        kwargs = {k: v for k, v in kwargs.items() if k not in PRECOND_KWARGS.get(own, ())}
     augment = float(settings.get("augment", 0.12))
     dropout = float(settings.get("dropout", 0.13))
     base_aug = int(kwargs.get("augment_dim", 0) or 0)
@@ -91,7 +112,7 @@ def transfer(base: Any, repo: Any, settings: Mapping[str, Any]) -> Any:
     bad = sorted(set(mine) ^ set(ref)) or [k for k in mine if mine[k].shape != ref[k].shape]
     if bad:
         raise FamilyError(f"{repo}: training.networks.{name} built with the pickle's arguments differs from the pickled "
-                          f"network at {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} (another EDM version?)")
+                          f"{own} at {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} (another EDM version?)")
     misc.copy_params_and_buffers(src_module=base, dst_module=net, require_all=True)
     net.train().requires_grad_(True)
     pipe = augment_mod.AugmentPipe(p=augment, **AUGMENT_KWARGS) if augment > 0 else None

@@ -65,6 +65,15 @@ class IMMFamily(ImageScoring):
     checkpoint_suffix = ".pkl"
     #: im256.yaml with the paper's lr: batch 512, AdamW lr 1e-6 constant, EMA beta 0.9999 per step.
     train_defaults = {"batch": 512, "lr": 1e-6, "warmup_images": 0, "ema_halflife_images": 3_548_736}
+    #: ``--recipe paper``: the Neon repository's imm/run_imm_imagenet_256.sh -> run_train.sh with configs/im256.yaml:
+    #: AdamW lr 1e-6 from the first step (the training loop has no lr ramp), batch 512, EMA beta 0.9999 per step
+    #: (ema_halflife_kimg null), the config's loss; the same numbers as --recipe default.
+    recipes = {
+        "paper": {"about": "run_imm_imagenet_256.sh / im256.yaml: AdamW lr 1e-6 constant (no warm-up), batch 512, "
+                           "EMA beta 0.9999 per step, IMMLoss from the config (the same as --recipe default)",
+                  "train": {"batch": 512, "lr": 1e-6, "warmup_images": 0, "ema_halflife_images": 3_548_736},
+                  "settings": {"train_config": "auto"}},
+    }
 
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, trust_pickle: bool = False,
              purpose: str = "sample") -> Any:
@@ -119,6 +128,11 @@ class IMMFamily(ImageScoring):
         from neon_imm.training import loss
 
         return loss(model, images, labels, generator)
+
+    def precision(self, model: Any) -> str:
+        """``fp32``: the loss runs with the network's mixed precision off (neon's loop has no
+        GradScaler; IMM's own step uses fp16 autocast on CUDA), :mod:`neon_imm.training`."""
+        return "fp32 (IMM's fp16 autocast + GradScaler not used: neon's loop has no loss scaler)"
 
     def make_optimizer(self, params: Any, lr: float) -> Any:
         """AdamW (0.9, 0.999), eps 1e-8, no weight decay (im256.yaml)."""

@@ -172,9 +172,56 @@ def load(path: str | Path, settings: Mapping[str, Any] | None, trust_pickle: boo
     encoder, key = make_encoder(repo, settings, channels)
     loss_fn = make_loss(repo, settings, channels) if purpose == "train" else None
     if purpose == "train":  # IMM's training_loop.py: net.train().requires_grad_(True) (every parameter)
+        net = rebuild_for_training(net, repo, settings, channels)
         net.requires_grad_(True)
     setattr(net, AUX, Aux(repo, encoder, key, extras, loss_fn))
     return net
+
+
+def rebuild_for_training(net: Any, repo: Path, settings: Mapping[str, Any], channels: int) -> Any:
+    """The network the Neon repository's ``imm/training/training_loop.py`` trains from a pickle
+    (``training.transfer``): built by the checkout (``dnnlib.util.construct_class_by_name`` of the
+    training config's ``network`` block with ``img_resolution``, ``img_channels``, ``label_dim``
+    and ``num_classes`` of the pickled network, as the loop's ``interface_kwargs``; a config
+    without a ``network`` block: the checkout's ``training.preconds.<class>`` with the pickle's
+    recorded constructor arguments), then the pickle's parameters and buffers copied in with the
+    checkout's ``torch_utils.misc.copy_params_and_buffers``. So the training code (e.g.
+    ``sample_eta_t``, which ``IMMLoss`` calls) is the checkout's, not the older source pickled in a
+    lumalabs/imm file. Unlike the loop's ``require_all=False``, every tensor must match by name and
+    shape (FamilyError naming the config otherwise: a silently untrained tensor would change the
+    merge). Returns the new network on CPU in eval mode."""
+    import torch
+
+    cfg, file = read_config(repo, str(settings.get("train_config") or "auto"),
+                            "im256.yaml" if channels == 4 else "cifar10.yaml", "train_config")
+    net_cfg = dict(cfg.get("network") or {})
+    name = type(net).__name__
+    try:
+        if net_cfg.get("class_name"):
+            label_dim = int(getattr(net, "label_dim", 0) or 0)
+            iface = {"img_resolution": net.img_resolution, "img_channels": net.img_channels, "label_dim": label_dim,
+                     "num_classes": label_dim}
+            where = f"{file}: network ({net_cfg['class_name']})"
+            with torch.random.fork_rng(devices=[]):  # the fresh initialisation is overwritten
+                new = module(repo, "dnnlib").util.construct_class_by_name(**{**net_cfg, **iface})
+        else:
+            cls = getattr(module(repo, "training.preconds"), name, None)
+            if cls is None:
+                raise FamilyError(f"{repo}: training.preconds has no class {name!r} (the pickle's network)")
+            where = f"{repo}: training.preconds.{name} with the pickle's arguments"
+            with torch.random.fork_rng(devices=[]):
+                new = cls(*list(getattr(net, "init_args", ())), **dict(getattr(net, "init_kwargs", {})))
+    except FamilyError:
+        raise
+    except Exception as exc:
+        raise FamilyError(f"--set train_config: building the network from {file} failed: {type(exc).__name__}: {exc}") from None
+    ref, mine = net.state_dict(), new.state_dict()
+    bad = sorted(set(mine) ^ set(ref)) or [k for k in mine if mine[k].shape != ref[k].shape]
+    if bad:
+        raise FamilyError(f"--set train_config: {where} differs from the pickled {name} at "
+                          f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''} (give the config the pickle was trained with)")
+    module(repo, "torch_utils.misc").copy_params_and_buffers(src_module=net, dst_module=new, require_all=True)
+    return new.eval().cpu()
 
 
 def unwrap(model: Any) -> tuple[Any, Aux]:

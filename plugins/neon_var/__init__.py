@@ -71,6 +71,55 @@ class VarFamily(ImageScoring):
     #: the Neon paper's VAR fine-tune (run_var_imagenet_256.sh / train.py): global batch 768, target
     #: lr 1e-5 reached by a linear ramp over the whole run, no EMA
     train_defaults = {"batch": 768, "lr": 1e-5, "ema_halflife_images": None, "warmup_images": "budget"}
+    #: ``--recipe paper``: the Neon repository's VAR/VAR_imagenet_256/run_var_imagenet_256.sh (d16: train.py --bs=768
+    #: --fp16=1 --target_lr 1e-5, lr = target * images_seen / total_images) and VAR_imagenet_512/run_var_imagenet_512.sh
+    #: (d36: --bs=24 --fp16=1 --target_lr 1e-6); both ran AdamW with weight decay 0 (train.py: weight_decay=0, and
+    #: lr_wd_annealing, which would set VAR's --twd, is never called); ``paper`` picks by the checkpoint's depth.
+    recipes = {
+        "paper-d16": {"about": "run_var_imagenet_256.sh: --depth=16 --bs=768 --fp16=1 --target_lr 1e-5, linear ramp over "
+                               "--total_images (the whole run), no EMA; weight decay 0 (its train.py builds AdamW with "
+                               "weight_decay=0 and never calls lr_wd_annealing)",
+                      "train": {"batch": 768, "lr": 1e-5, "warmup_images": "budget", "ema_halflife_images": None},
+                      "settings": {"fp16": 1, "twd": 0.0}},
+        "paper-d36": {"about": "run_var_imagenet_512.sh: --depth=36 --bs=24 --fp16=1 --target_lr 1e-6, linear ramp over "
+                               "--total_images (the whole run), no EMA; weight decay 0 (as paper-d16)",
+                      "train": {"batch": 24, "lr": 1e-6, "warmup_images": "budget", "ema_halflife_images": None},
+                      "settings": {"fp16": 1, "twd": 0.0}},
+    }
+
+    def resolve_recipe(self, name: str, path: str) -> str:
+        """``paper`` -> ``paper-d16`` / ``paper-d36`` by the checkpoint's number of blocks (read
+        inertly); UsageError naming both for another depth."""
+        if name != "paper":
+            return name
+        from neon_cli.errors import UsageError
+        import argparse
+
+        import torch
+
+        from neon_cli.checkpoint import open_checkpoint
+        from neon_var import io
+        from neon_var.io import _count
+
+        with torch.serialization.safe_globals([argparse.Namespace]):  # names only: no tensor is read
+            with open_checkpoint(path, prefer_key=io.VAR_KEY) as ck:
+                depth = _count("blocks.", dict.fromkeys(ck.names()))
+        if depth not in (16, 36):
+            raise UsageError(f"--recipe paper: the paper fine-tuned VAR d16 (256px) and d36 (512px); {path} has depth {depth}: "
+                             "give --recipe paper-d16 or paper-d36")
+        return f"paper-d{depth}"
+
+    def precision(self, model: Any) -> str:
+        """What the fine-tune ran in: ``fp16`` (autocast + GradScaler), ``bf16`` (autocast) or
+        ``fp32``; ``--set fp16`` asks for mixed precision, which VAR's AmpOptimizer (and neon) use
+        on CUDA only."""
+        from neon_var.io import unwrap
+
+        amp = getattr(unwrap(model), "amp", None)
+        if amp is None or amp.device_type is None or not amp.mixed_precision:
+            asked = getattr(amp, "mixed_precision", 0)
+            return "fp32" + (f" (--set fp16={asked}: mixed precision runs on CUDA only)" if asked else "")
+        return "fp16 autocast + GradScaler" if amp.mixed_precision == 1 else "bf16 autocast"
 
     # -- checkpoints ---------------------------------------------------------------------------
     def load(self, path: str, *, settings: Mapping[str, Any] | None = None, trust_pickle: bool = False,

@@ -76,6 +76,43 @@ class XARFamily(ImageScoring):
     #: train_new.py as the paper ran it: batch 32 x 8 GPUs, blr 1e-6 (lr = blr * 256 / 256), linear
     #: ramp over 7 Mi images, EMA 0.9999 per step (half-life 1,774,368 images at batch 256).
     train_defaults = {"batch": 256, "lr": 1e-6, "warmup_images": 7 * 2**20, "ema_halflife_images": 1_774_368}
+    #: ``--recipe paper``: the Neon repository's xAR/run_xarb.sh and run_xarl.sh (train_new.py --batch_size 32 on 8
+    #: GPUs, --blr 1e-6: lr = blr * 256 / 256; --warmup_epochs = --epochs: 250 for xAR-B, 10000 for xAR-L, i.e. the
+    #: linear ramp spans that many passes over S; --ema_rate 0.9999 per step); ``paper`` picks by the model width.
+    recipes = {
+        "paper-b": {"about": "run_xarb.sh: train_new.py --model xar_base --epochs 250 --warmup_epochs 250 --batch_size 32 "
+                             "(x 8 GPUs) --blr 1e-6: lr ramp over 250 passes over S",
+                    "train": {"batch": 256, "lr": 1e-6, "warmup_images": "epochs:250", "ema_halflife_images": 1_774_368}},
+        "paper-l": {"about": "run_xarl.sh: train_new.py --model xar_large --epochs 10000 --warmup_epochs 10000 --batch_size 32 "
+                             "(x 8 GPUs) --blr 1e-6: lr ramp over 10000 passes over S",
+                    "train": {"batch": 256, "lr": 1e-6, "warmup_images": "epochs:10000", "ema_halflife_images": 1_774_368}},
+    }
+
+    def resolve_recipe(self, name: str, path: str) -> str:
+        """``paper`` -> ``paper-b`` (xar_base, width 768) / ``paper-l`` (xar_large, width 1024)
+        from the shape of ``class_emb.weight`` (read without loading tensors); UsageError otherwise."""
+        if name != "paper":
+            return name
+        import argparse
+
+        import torch
+
+        from neon_cli.checkpoint import open_checkpoint
+        from neon_cli.errors import UsageError
+
+        width = None
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                with open_checkpoint(path, prefer_key="model_ema") as ck:
+                    spec = ck.specs.get("class_emb.weight")
+                    width = spec.shape[-1] if spec is not None else None
+        except Exception:
+            width = None
+        pick = {768: "paper-b", 1024: "paper-l"}.get(width)
+        if pick is None:
+            raise UsageError(f"--recipe paper: the paper fine-tuned xAR-B (width 768) and xAR-L (1024); {path} has width "
+                             f"{width}: give --recipe paper-b or paper-l")
+        return pick
 
     # -- checkpoints ---------------------------------------------------------------------------
     def files_read(self, settings: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -138,6 +175,11 @@ class XARFamily(ImageScoring):
         from neon_xar.training import loss
 
         return loss(model, images, labels, generator)
+
+    def precision(self, model: Any) -> str:
+        """``fp32``: the loss is computed in float32 (train_new.py's fp16 autocast + GradScaler is
+        not used: neon's loop has no loss scaler), :mod:`neon_xar.training`."""
+        return "fp32 (train_new.py's fp16 autocast + GradScaler not used: neon's loop has no loss scaler)"
 
     def make_optimizer(self, params: Any, lr: float) -> Any:
         """AdamW (0.9, 0.96), weight decay 0.02 on matrices, gradient clipping 1.0 (train_new.py)."""
