@@ -432,19 +432,25 @@ def component_layers(lora: Lora, names: Collection[str] | None = None) -> tuple[
 def lora_state_dict(base_sd: Mapping[str, Any], path: str | Any) -> dict[str, Any]:
     """θ_s = θ_r + s·B·A as a state dict (``base_sd`` name -> tensor; LoRA'd weights computed in
     float32 and cast to their dtype, the others shared with ``base_sd``): the fallback that lets
-    any family merge a LoRA snapshot like a full one. CheckpointError naming a LoRA key whose
+    any family merge a LoRA snapshot like a full one. The LoRA's module paths are matched as they
+    are, or under ``"<component>."`` when every one is found there (a model whose state dict keeps
+    its component's name, e.g. the t2i family's ``unet.*``). CheckpointError naming a LoRA key whose
     module is not in ``base_sd`` or whose shape differs."""
     import torch
 
     mods = {n[: -len(".weight")] for n in base_sd if n.endswith(".weight")}
-    _, layers = component_layers(read_lora(path, None), mods)
+    lora = read_lora(path, None)
+    comp, layers = component_layers(lora)
+    # a model whose state dict names its component (the t2i family's ``unet.*``): match under that prefix
+    pre = comp + "." if not all(m in mods for m in layers) and all(f"{comp}.{m}" in mods for m in layers) else ""
+    _, layers = component_layers(lora, {n[len(pre):] for n in mods if n.startswith(pre)})
     out = dict(base_sd)
     for m, l in layers.items():
-        w = base_sd[m + ".weight"]
+        w = base_sd[pre + m + ".weight"]
         if tuple(w.shape) != l.weight_shape():
             raise CheckpointError(f"{path}: key {l.keys[0]!r}: B·A is {l.weight_shape()}, {m}.weight is {tuple(w.shape)}")
         cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-        out[m + ".weight"] = (w.to(cdt) + l.delta().to(device=w.device, dtype=cdt)).to(w.dtype)
+        out[pre + m + ".weight"] = (w.to(cdt) + l.delta().to(device=w.device, dtype=cdt)).to(w.dtype)
     return out
 
 
