@@ -457,17 +457,18 @@ def lora_state_dict(base_sd: Mapping[str, Any], path: str | Any) -> dict[str, An
 ADAPTER = "neon"
 
 
-def attach_lora(model: Any, path: str | Any, scale: float = 1.0, adapter: str = ADAPTER) -> Any:
+def attach_lora(model: Any, path: str | Any, scale: float = 1.0, adapter: str = ADAPTER, *, lora: Lora | None = None) -> Any:
     """Attach a LoRA file to ``model`` (any torch module whose module paths are the LoRA's) with
     peft, unmerged, at ``scale``: forward uses W + scale·s·B·A. peft ``inject_adapter_in_model``
     with one ``LoraConfig`` (target_modules = the LoRA's modules, rank_pattern / alpha_pattern per
     module, alpha = scale·r so the file's s is kept exactly), ``set_peft_model_state_dict``, then
-    :func:`set_lora_scale`. Returns ``model`` (modified in place). CheckpointError for a module
-    the model lacks."""
+    :func:`set_lora_scale`. ``lora``: the file already read (:func:`read_lora` with the model's
+    module names, which resolves kohya names); default: read ``path`` as it is. Returns ``model``
+    (modified in place). CheckpointError for a module the model lacks."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     names = {n for n, _ in model.named_modules()}
-    _, layers = component_layers(read_lora(path, None), names)
+    _, layers = component_layers(read_lora(path, None) if lora is None else lora, names)
     ranks = Counter(l.rank for l in layers.values())
     r = ranks.most_common(1)[0][0]
     cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(layers),

@@ -151,3 +151,25 @@ def test_merge_lora_snapshot_fused_and_as_lora(work, tmp_path):
     base.unload_lora_weights()
     for k, v in base.unet.state_dict().items():
         torch.testing.assert_close(v, got[k], rtol=1e-6, atol=1e-6)
+
+
+def test_adapter_hook_reads_a_kohya_lora_and_rescales(work, tmp_path):
+    """The hook on θ_s's LoRA in the kohya/A1111 layout (``--w -1 --as-lora --lora-format kohya``
+    writes the snapshot's own LoRA, B' = B): at scale −W the UNet computes what the fused
+    ``neon merge --w W`` UNet computes; re-scaled to 0 it is θ_r's UNet exactly."""
+    from neon_t2i import family
+
+    root, snap = work
+    invoke("merge", root / "sd", snap, "--w", -1, "--as-lora", "--lora-format", "kohya", "-o", tmp_path / "k.safetensors", "-q")
+    invoke("merge", root / "sd", snap, "--w", W, "-o", tmp_path / "fused", "-q")
+    model = family.load_with_lora(str(root / "sd"), str(tmp_path / "k.safetensors"), -W, settings={})
+    gen = torch.Generator().manual_seed(0)
+    x, ehs, t = torch.randn(2, 4, 4, 4, generator=gen), torch.randn(2, 5, 16, generator=gen), torch.tensor([10, 500])
+    with torch.no_grad():
+        got = model.unet(x, t, ehs).sample
+        ref = _pipe(tmp_path / "fused").unet(x, t, ehs).sample
+        base = _pipe(root / "sd").unet(x, t, ehs).sample
+        assert (ref - base).abs().max() > 1e-3  # the LoRA matters
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        family.set_lora_scale(model, 0.0)
+        assert torch.equal(model.unet(x, t, ehs).sample, base)

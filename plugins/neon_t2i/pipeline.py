@@ -215,12 +215,15 @@ def load_with_lora(base: str | Path, lora: str | Path, scale: float, settings: M
     :func:`set_lora_scale` per candidate (θ_Neon = θ_r − w·s·B·A without re-merging the UNet);
     diffusers' ``set_adapters(..., adapter_weights=[-w])`` is the same forward.
 
-    The LoRA's ``neon.json`` (if any) lists S's prompts: evaluation prompts (``settings["prompts"]``)
-    overlapping them are refused as :func:`load` refuses them. Raises UsageError when ``base`` is
-    itself a LoRA, CheckpointError naming the LoRA key whose module the UNet lacks (a kohya file's
-    underscored names are not resolved here: tune-w merges θ_r + s·B·A for it instead).
+    The LoRA is read by :func:`neon_cli.lora.read_lora` against the pipeline's module names and UNet
+    config, so kohya/A1111 files (SDXL sgm block names included) resolve as ``neon merge`` resolves
+    them. The LoRA's ``neon.json`` (if any) lists S's prompts: evaluation prompts
+    (``settings["prompts"]``) overlapping them are refused as :func:`load` refuses them. Raises
+    UsageError when ``base`` is itself a LoRA or the LoRA also adapts a text encoder (θ_s here is
+    the UNet; ``neon merge`` handles such a LoRA), CheckpointError naming the LoRA key whose module
+    the UNet lacks.
     """
-    from neon_cli.lora import attach_lora
+    from neon_cli.lora import attach_lora, read_lora
 
     settings = dict(settings or {})
     if is_lora(base):
@@ -232,7 +235,15 @@ def load_with_lora(base: str | Path, lora: str | Path, scale: float, settings: M
         from neon_t2i.prompts import check_disjoint, read_prompts
 
         check_disjoint(read_prompts(settings["prompts"]), meta["train_prompts"], str(lp))
-    attach_lora(model.unet, lp, float(scale))
+    pipe = model.pipe
+    modules = {c: {n[: -len(".weight")] for n in m.state_dict() if n.endswith(".weight")}
+               for c in ("unet", "text_encoder", "text_encoder_2") if (m := getattr(pipe, c, None)) is not None}
+    lo = read_lora(lp, modules, dict(model.unet.config))
+    others = sorted(set(lo.layers) - {"unet"})
+    if others:
+        raise UsageError(f"{lp}: the LoRA also adapts {', '.join(others)}; tune-w t2i scores UNet LoRAs (as neon finetune "
+                         "writes them): merge this one with 'neon merge' and tune the fused pipelines")
+    attach_lora(model.unet, lp, float(scale), lora=lo)
     model.neon_info["lora"] = str(lp)
     return model
 
