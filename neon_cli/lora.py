@@ -429,17 +429,36 @@ def component_layers(lora: Lora, names: Collection[str] | None = None) -> tuple[
     return comp, lora.layers[comp]
 
 
+def _header_names_kohya(path: str | Any) -> bool:
+    """True when the LoRA file's tensor names are kohya's (``lora_unet_*``, ``lora_te*_*``); header only."""
+    from neon_cli.checkpoint.safetensors_io import map_file, read_header
+
+    f, _ = lora_file(path)
+    buf = map_file(f)
+    try:
+        names = list(read_header(f, buf)[0])
+    finally:
+        if hasattr(buf, "close"):
+            buf.close()
+    return any(n.startswith(tuple(KOHYA_PREFIXES)) for n in names)
+
+
 def lora_state_dict(base_sd: Mapping[str, Any], path: str | Any) -> dict[str, Any]:
     """θ_s = θ_r + s·B·A as a state dict (``base_sd`` name -> tensor; LoRA'd weights computed in
     float32 and cast to their dtype, the others shared with ``base_sd``): the fallback that lets
     any family merge a LoRA snapshot like a full one. The LoRA's module paths are matched as they
     are, or under ``"<component>."`` when every one is found there (a model whose state dict keeps
-    its component's name, e.g. the t2i family's ``unet.*``). CheckpointError naming a LoRA key whose
+    its component's name, e.g. the t2i family's ``unet.*``); a kohya file's names are resolved against
+    those modules (taken as the UNet's). CheckpointError naming a LoRA key whose
     module is not in ``base_sd`` or whose shape differs."""
     import torch
 
     mods = {n[: -len(".weight")] for n in base_sd if n.endswith(".weight")}
-    lora = read_lora(path, None)
+    if _header_names_kohya(path):  # underscored names: resolved against the model's modules (under 'unet.' if it has them)
+        under = {n[len("unet."):] for n in mods if n.startswith("unet.")}
+        lora = read_lora(path, {"unet": under or mods})
+    else:
+        lora = read_lora(path, None)
     comp, layers = component_layers(lora)
     # a model whose state dict names its component (the t2i family's ``unet.*``): match under that prefix
     pre = comp + "." if not all(m in mods for m in layers) and all(f"{comp}.{m}" in mods for m in layers) else ""

@@ -156,7 +156,8 @@ def test_merge_lora_snapshot_fused_and_as_lora(work, tmp_path):
 def test_adapter_hook_reads_a_kohya_lora_and_rescales(work, tmp_path):
     """The hook on θ_s's LoRA in the kohya/A1111 layout (``--w -1 --as-lora --lora-format kohya``
     writes the snapshot's own LoRA, B' = B): at scale −W the UNet computes what the fused
-    ``neon merge --w W`` UNet computes; re-scaled to 0 it is θ_r's UNet exactly."""
+    ``neon merge --w W`` UNet computes; re-scaled to 0 it is θ_r's UNet exactly; the merge
+    fallback's θ_s (:func:`neon_cli.lora.lora_state_dict`) is the snapshot folder's, bit for bit."""
     from neon_t2i import family
 
     root, snap = work
@@ -173,3 +174,10 @@ def test_adapter_hook_reads_a_kohya_lora_and_rescales(work, tmp_path):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         family.set_lora_scale(model, 0.0)
         assert torch.equal(model.unet(x, t, ehs).sample, base)
+    # the merge fallback (and tune-w's -o) reads the kohya file against the 'unet.*' state dict alike
+    from neon_cli.lora import lora_state_dict
+
+    base_sd = family.load(str(root / "sd"), settings={}).state_dict()
+    kohya, folder = lora_state_dict(base_sd, tmp_path / "k.safetensors"), lora_state_dict(base_sd, snap)
+    assert any(not torch.equal(kohya[k], base_sd[k]) for k in base_sd)
+    assert all(torch.equal(kohya[k], folder[k]) for k in base_sd)
