@@ -181,3 +181,20 @@ def test_adapter_hook_reads_a_kohya_lora_and_rescales(work, tmp_path):
     kohya, folder = lora_state_dict(base_sd, tmp_path / "k.safetensors"), lora_state_dict(base_sd, snap)
     assert any(not torch.equal(kohya[k], base_sd[k]) for k in base_sd)
     assert all(torch.equal(kohya[k], folder[k]) for k in base_sd)
+
+
+def test_adapter_hook_refuses_a_text_encoder_lora(work, tmp_path):
+    """θ_s of tune-w t2i is the UNet: a LoRA that also adapts the text encoder is refused by name
+    (UsageError, exit 2) rather than applied in part."""
+    from safetensors.torch import load_file, save_file
+
+    from neon_cli.errors import UsageError
+    from neon_t2i import family
+
+    root, snap = work
+    state = load_file(str(snap / "pytorch_lora_weights.safetensors"))
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"  # diffusers' key for CLIPTextModel
+    state.update({f"{te}.lora_A.weight": torch.ones(2, 16), f"{te}.lora_B.weight": torch.ones(16, 2)})
+    save_file(state, str(tmp_path / "te.safetensors"))
+    with pytest.raises(UsageError, match="also adapts text_encoder"):
+        family.load_with_lora(str(root / "sd"), str(tmp_path / "te.safetensors"), -W, settings={})

@@ -206,6 +206,24 @@ def load(path: str | Path, settings: Mapping[str, Any] | None = None, purpose: s
     return model.eval()
 
 
+def lora_components(lora: str | Path) -> set[str]:
+    """The pipeline components (``unet``, ``text_encoder``, ``text_encoder_2``) a LoRA file adapts,
+    from its tensor names only (diffusers/peft prefixes as :func:`neon_cli.lora.read_lora` splits
+    them, kohya's ``lora_unet_`` / ``lora_te*_``)."""
+    from safetensors import safe_open
+
+    from neon_cli.lora import KOHYA_PREFIXES, _split_component, lora_file
+
+    f, _ = lora_file(lora)
+    with safe_open(str(f), framework="pt") as fh:
+        keys = list(fh.keys())
+    out = set()
+    for k in keys:
+        pre = next((p for p in KOHYA_PREFIXES if k.startswith(p)), None)
+        out.add(KOHYA_PREFIXES[pre] if pre else _split_component(k)[0])
+    return out
+
+
 def load_with_lora(base: str | Path, lora: str | Path, scale: float, settings: Mapping[str, Any] | None = None) -> T2IModel:
     """θ_r's pipeline (:func:`load` of the pipeline folder ``base``, sampling ``dtype`` of ``settings``)
     with the LoRA at ``lora`` (a folder with ``pytorch_lora_weights.safetensors`` as ``neon finetune``
@@ -215,8 +233,8 @@ def load_with_lora(base: str | Path, lora: str | Path, scale: float, settings: M
     :func:`set_lora_scale` per candidate (θ_Neon = θ_r − w·s·B·A without re-merging the UNet);
     diffusers' ``set_adapters(..., adapter_weights=[-w])`` is the same forward.
 
-    The LoRA is read by :func:`neon_cli.lora.read_lora` against the pipeline's module names and UNet
-    config, so kohya/A1111 files (SDXL sgm block names included) resolve as ``neon merge`` resolves
+    The LoRA is read by :func:`neon_cli.lora.read_lora` against the UNet's module names and config,
+    so kohya/A1111 files (SDXL sgm block names included) resolve as ``neon merge`` resolves
     them. The LoRA's ``neon.json`` (if any) lists S's prompts: evaluation prompts
     (``settings["prompts"]``) overlapping them are refused as :func:`load` refuses them. Raises
     UsageError when ``base`` is itself a LoRA or the LoRA also adapts a text encoder (θ_s here is
@@ -235,14 +253,12 @@ def load_with_lora(base: str | Path, lora: str | Path, scale: float, settings: M
         from neon_t2i.prompts import check_disjoint, read_prompts
 
         check_disjoint(read_prompts(settings["prompts"]), meta["train_prompts"], str(lp))
-    pipe = model.pipe
-    modules = {c: {n[: -len(".weight")] for n in m.state_dict() if n.endswith(".weight")}
-               for c in ("unet", "text_encoder", "text_encoder_2") if (m := getattr(pipe, c, None)) is not None}
-    lo = read_lora(lp, modules, dict(model.unet.config))
-    others = sorted(set(lo.layers) - {"unet"})
+    others = sorted(lora_components(lp) - {"unet"})
     if others:
         raise UsageError(f"{lp}: the LoRA also adapts {', '.join(others)}; tune-w t2i scores UNet LoRAs (as neon finetune "
                          "writes them): merge this one with 'neon merge' and tune the fused pipelines")
+    unet_modules = {n[: -len(".weight")] for n in model.unet.state_dict() if n.endswith(".weight")}
+    lo = read_lora(lp, {"unet": unet_modules}, dict(model.unet.config))
     attach_lora(model.unet, lp, float(scale), lora=lo)
     model.neon_info["lora"] = str(lp)
     return model
