@@ -200,7 +200,8 @@ class Family(Protocol):
             merged), and the same model re-scaled. ``neon tune-w`` with a LoRA as θ_s loads it once
             per snapshot and scores θ_Neon by ``set_lora_scale(model, -w)`` instead of merging for
             every w (without ``set_lora_scale`` it calls ``load_with_lora`` per w; without
-            either, it merges θ_r + s·B·A as any snapshot). :func:`neon_cli.lora.attach_lora` and
+            either, it merges θ_r + s·B·A as any snapshot); a ``load_with_lora`` declaring the
+            keyword ``settings`` gets the run's resolved settings. :func:`neon_cli.lora.attach_lora` and
             :func:`neon_cli.lora.set_lora_scale` implement both with peft for any torch module.
         files_read(settings) -> [(role, path)]: files the family loads that the user did not name
             on the command line (a shipped classifier, a VAE from a setting or an environment

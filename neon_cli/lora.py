@@ -429,39 +429,65 @@ def component_layers(lora: Lora, names: Collection[str] | None = None) -> tuple[
     return comp, lora.layers[comp]
 
 
+def _header_names_kohya(path: str | Any) -> bool:
+    """True when the LoRA file's tensor names are kohya's (``lora_unet_*``, ``lora_te*_*``); header only."""
+    from neon_cli.checkpoint.safetensors_io import map_file, read_header
+
+    f, _ = lora_file(path)
+    buf = map_file(f)
+    try:
+        names = list(read_header(f, buf)[0])
+    finally:
+        if hasattr(buf, "close"):
+            buf.close()
+    return any(n.startswith(tuple(KOHYA_PREFIXES)) for n in names)
+
+
 def lora_state_dict(base_sd: Mapping[str, Any], path: str | Any) -> dict[str, Any]:
     """θ_s = θ_r + s·B·A as a state dict (``base_sd`` name -> tensor; LoRA'd weights computed in
     float32 and cast to their dtype, the others shared with ``base_sd``): the fallback that lets
-    any family merge a LoRA snapshot like a full one. CheckpointError naming a LoRA key whose
+    any family merge a LoRA snapshot like a full one. The LoRA's module paths are matched as they
+    are, or under ``"<component>."`` when every one is found there (a model whose state dict keeps
+    its component's name, e.g. the t2i family's ``unet.*``); a kohya file's names are resolved against
+    those modules (taken as the UNet's). CheckpointError naming a LoRA key whose
     module is not in ``base_sd`` or whose shape differs."""
     import torch
 
     mods = {n[: -len(".weight")] for n in base_sd if n.endswith(".weight")}
-    _, layers = component_layers(read_lora(path, None), mods)
+    if _header_names_kohya(path):  # underscored names: resolved against the model's modules (under 'unet.' if it has them)
+        under = {n[len("unet."):] for n in mods if n.startswith("unet.")}
+        lora = read_lora(path, {"unet": under or mods})
+    else:
+        lora = read_lora(path, None)
+    comp, layers = component_layers(lora)
+    # a model whose state dict names its component (the t2i family's ``unet.*``): match under that prefix
+    pre = comp + "." if not all(m in mods for m in layers) and all(f"{comp}.{m}" in mods for m in layers) else ""
+    _, layers = component_layers(lora, {n[len(pre):] for n in mods if n.startswith(pre)})
     out = dict(base_sd)
     for m, l in layers.items():
-        w = base_sd[m + ".weight"]
+        w = base_sd[pre + m + ".weight"]
         if tuple(w.shape) != l.weight_shape():
             raise CheckpointError(f"{path}: key {l.keys[0]!r}: B·A is {l.weight_shape()}, {m}.weight is {tuple(w.shape)}")
         cdt = torch.float64 if w.dtype == torch.float64 else torch.float32
-        out[m + ".weight"] = (w.to(cdt) + l.delta().to(device=w.device, dtype=cdt)).to(w.dtype)
+        out[pre + m + ".weight"] = (w.to(cdt) + l.delta().to(device=w.device, dtype=cdt)).to(w.dtype)
     return out
 
 
 ADAPTER = "neon"
 
 
-def attach_lora(model: Any, path: str | Any, scale: float = 1.0, adapter: str = ADAPTER) -> Any:
+def attach_lora(model: Any, path: str | Any, scale: float = 1.0, adapter: str = ADAPTER, *, lora: Lora | None = None) -> Any:
     """Attach a LoRA file to ``model`` (any torch module whose module paths are the LoRA's) with
     peft, unmerged, at ``scale``: forward uses W + scale·s·B·A. peft ``inject_adapter_in_model``
     with one ``LoraConfig`` (target_modules = the LoRA's modules, rank_pattern / alpha_pattern per
     module, alpha = scale·r so the file's s is kept exactly), ``set_peft_model_state_dict``, then
-    :func:`set_lora_scale`. Returns ``model`` (modified in place). CheckpointError for a module
-    the model lacks."""
+    :func:`set_lora_scale`. ``lora``: the file already read (:func:`read_lora` with the model's
+    module names, which resolves kohya names); default: read ``path`` as it is. Returns ``model``
+    (modified in place). CheckpointError for a module the model lacks."""
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
     names = {n for n, _ in model.named_modules()}
-    _, layers = component_layers(read_lora(path, None), names)
+    _, layers = component_layers(read_lora(path, None) if lora is None else lora, names)
     ranks = Counter(l.rank for l in layers.values())
     r = ranks.most_common(1)[0][0]
     cfg = LoraConfig(r=r, lora_alpha=r, target_modules=sorted(layers),

@@ -98,13 +98,27 @@ class Context:
             return None
         rescale = getattr(fam, "set_lora_scale", None)
         if not callable(rescale):
-            return fam.load_with_lora(str(self.base), str(self.snaps[i]), -float(w))
+            return self._load_with_lora(i, w)
         if self._lora_model["index"] != i:
             self._lora_model["model"] = None
-            self._lora_model["model"] = fam.load_with_lora(str(self.base), str(self.snaps[i]), -float(w))
+            self._lora_model["model"] = self._load_with_lora(i, w)
             self._lora_model["index"] = i
             return self._lora_model["model"]
         return rescale(self._lora_model["model"], -float(w)) or self._lora_model["model"]
+
+    def _load_with_lora(self, i: int, w: float) -> Any:
+        """``family.load_with_lora(base, snapshot i, -w)``, with ``settings=`` the run's resolved
+        settings when the hook declares that keyword (as :func:`neon_cli.family.load_model`)."""
+        import inspect
+
+        fn = self.family.load_with_lora
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            params = {}
+        kw = {"settings": dict(self.settings)} if "settings" in params or any(
+            p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) else {}
+        return fn(str(self.base), str(self.snaps[i]), -float(w), **kw)
 
     def evaluator_for(self, num_samples: int, seed: int) -> Any:
         from neon_cli.evaluate import Evaluator

@@ -19,6 +19,8 @@ For ``neon eval`` / ``neon tune-w`` the same setting names the *evaluation* prom
 ``.safetensors`` file) that ``load`` fuses into its base (``--set lora_base=PIPE`` or the
 ``lora_base`` of its ``neon.json``): ``lora_capable = True``. Snapshots of ``neon finetune``:
 the full pipeline folder (``save_pretrained``), or with ``--set lora_rank=R`` the LoRA folder.
+``neon tune-w`` on a LoRA snapshot attaches it once to θ_r's UNet (peft, unmerged:
+``load_with_lora``) and scores each w with the adapter at scale −w (``set_lora_scale``).
 
 Settings: ``prompts``, ``steps`` (num_inference_steps), ``guidance`` (γ = guidance_scale),
 ``resolution`` (0: the pipeline's default), ``dtype`` (sampling), ``lora_base``; train setting
@@ -123,6 +125,20 @@ class T2IFamily(ImageScoring):
         from neon_t2i.pipeline import load
 
         return load(path, settings, purpose)
+
+    def load_with_lora(self, base_path: str, lora_path: str, scale: float, *, settings: Mapping[str, Any] | None = None) -> Any:
+        """θ_r's pipeline with the LoRA θ_s − θ_r = s·B·A attached to its UNet (peft, unmerged) at
+        ``scale``: ``neon tune-w`` scores θ_Neon at scale −w (:func:`neon_t2i.pipeline.load_with_lora`)."""
+        _require()
+        from neon_t2i.pipeline import load_with_lora
+
+        return load_with_lora(base_path, lora_path, scale, settings)
+
+    def set_lora_scale(self, model: Any, scale: float) -> Any:
+        """Re-scale the attached LoRA to ``scale`` (:func:`neon_t2i.pipeline.set_lora_scale`); no UNet re-merge."""
+        from neon_t2i.pipeline import set_lora_scale
+
+        return set_lora_scale(model, scale)
 
     def save(self, model: Any, path: str, metadata: Mapping[str, str]) -> None:
         """A pipeline folder, or a diffusers LoRA folder for a LoRA fine-tune (+ neon.json)."""

@@ -206,6 +206,73 @@ def load(path: str | Path, settings: Mapping[str, Any] | None = None, purpose: s
     return model.eval()
 
 
+def lora_components(lora: str | Path) -> set[str]:
+    """The pipeline components (``unet``, ``text_encoder``, ``text_encoder_2``) a LoRA file adapts,
+    from its tensor names only (diffusers/peft prefixes as :func:`neon_cli.lora.read_lora` splits
+    them, kohya's ``lora_unet_`` / ``lora_te*_``)."""
+    from safetensors import safe_open
+
+    from neon_cli.lora import KOHYA_PREFIXES, _split_component, lora_file
+
+    f, _ = lora_file(lora)
+    with safe_open(str(f), framework="pt") as fh:
+        keys = list(fh.keys())
+    out = set()
+    for k in keys:
+        pre = next((p for p in KOHYA_PREFIXES if k.startswith(p)), None)
+        out.add(KOHYA_PREFIXES[pre] if pre else _split_component(k)[0])
+    return out
+
+
+def load_with_lora(base: str | Path, lora: str | Path, scale: float, settings: Mapping[str, Any] | None = None) -> T2IModel:
+    """θ_r's pipeline (:func:`load` of the pipeline folder ``base``, sampling ``dtype`` of ``settings``)
+    with the LoRA at ``lora`` (a folder with ``pytorch_lora_weights.safetensors`` as ``neon finetune``
+    writes it, or a diffusers/peft ``.safetensors`` file) attached to its UNet through peft, unmerged,
+    at ``scale`` (:func:`neon_cli.lora.attach_lora`): every adapted layer computes
+    W x + scale·s·B·A x, s = alpha / r as stored. ``neon tune-w`` passes scale = −w and re-scales with
+    :func:`set_lora_scale` per candidate (θ_Neon = θ_r − w·s·B·A without re-merging the UNet);
+    diffusers' ``set_adapters(..., adapter_weights=[-w])`` is the same forward.
+
+    The LoRA is read by :func:`neon_cli.lora.read_lora` against the UNet's module names and config,
+    so kohya/A1111 files (SDXL sgm block names included) resolve as ``neon merge`` resolves
+    them. The LoRA's ``neon.json`` (if any) lists S's prompts: evaluation prompts
+    (``settings["prompts"]``) overlapping them are refused as :func:`load` refuses them. Raises
+    UsageError when ``base`` is itself a LoRA or the LoRA also adapts a text encoder (θ_s here is
+    the UNet; ``neon merge`` handles such a LoRA), CheckpointError naming the LoRA key whose module
+    the UNet lacks.
+    """
+    from neon_cli.lora import attach_lora, read_lora
+
+    settings = dict(settings or {})
+    if is_lora(base):
+        raise UsageError(f"--base {base}: the base of a LoRA θ_s must be a pipeline folder, not a LoRA")
+    model = load(base, {k: v for k, v in settings.items() if k != "prompts"}, "sample")
+    lp = Path(lora)
+    meta = read_neon_json(lp if lp.is_dir() else lp.parent)
+    if settings.get("prompts") and meta.get("train_prompts"):
+        from neon_t2i.prompts import check_disjoint, read_prompts
+
+        check_disjoint(read_prompts(settings["prompts"]), meta["train_prompts"], str(lp))
+    others = sorted(lora_components(lp) - {"unet"})
+    if others:
+        raise UsageError(f"{lp}: the LoRA also adapts {', '.join(others)}; tune-w t2i scores UNet LoRAs (as neon finetune "
+                         "writes them): merge this one with 'neon merge' and tune the fused pipelines")
+    unet_modules = {n[: -len(".weight")] for n in model.unet.state_dict() if n.endswith(".weight")}
+    lo = read_lora(lp, {"unet": unet_modules}, dict(model.unet.config))
+    attach_lora(model.unet, lp, float(scale), lora=lo)
+    model.neon_info["lora"] = str(lp)
+    return model
+
+
+def set_lora_scale(model: T2IModel, scale: float) -> T2IModel:
+    """Re-scale the LoRA :func:`load_with_lora` attached (peft ``scaling`` = scale·s on every
+    adapted layer, :func:`neon_cli.lora.set_lora_scale`); nothing is merged. Returns ``model``."""
+    from neon_cli.lora import set_lora_scale as rescale
+
+    rescale(model.unet, float(scale))
+    return model
+
+
 def save(model: T2IModel, path: str | Path, metadata: Mapping[str, str]) -> None:
     """Write θ_s at ``path`` (a folder) with ``neon.json`` (``metadata``, S's prompts as
     ``train_prompts``): the pipeline folder (``save_pretrained``, safetensors) when the UNet is
