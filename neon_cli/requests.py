@@ -16,7 +16,8 @@ dataclass:
   boundary (:func:`neon_cli.commands.boundary.run`) checks it before any work and ``--dry-run``
   prints it; :meth:`settings` is what the report records under ``settings``.
 
-Requests of this module: :class:`MergeRequest` (+ :class:`MergeOptions`), :class:`AlignRequest`,
+Requests of this module: :class:`MergeRequest` (+ :class:`MergeOptions`), :class:`AlignRequest` (+
+:class:`AlignOptions`),
 :class:`InspectRequest`, :class:`ExportRequest`. Torch-free (imported by the command modules).
 """
 
@@ -236,15 +237,30 @@ def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
 
 
 @dataclass(frozen=True)
+class AlignOptions:
+    """How ``neon align`` estimates the gradients (:func:`neon_cli.align.estimate_alignment`).
+
+    ``precond``: P for s, ``identity`` or ``adam``; ``batch``: samples per gradient batch (None: the
+    family's ``train_defaults["batch"]``); ``seed``: loss-noise seed (batch b uses
+    ``seed * 1_000_003 + b``, the same in every pass); ``curvature_step``: h of the central
+    difference for d2R/dw2 (None or 0: skipped).
+    """
+
+    precond: str = "identity"
+    batch: Optional[int] = None
+    seed: int = 0
+    curvature_step: Optional[float] = 0.1
+
+
+@dataclass(frozen=True)
 class AlignRequest:
     """``neon align`` (paper Eq. 4, App. B.11; :func:`neon_cli.align.run_align`).
 
     ``family``: a family name; ``base``: theta_r (None: the family's embedded default);
     ``selftrained``: theta_s; ``synthetic``: a ``neon synth`` folder S; ``real``: held-out real
-    samples in that format (None: the family's ``real_samples`` with ``real_draw``: ``num`` samples from
-    seed ``seed``). ``precond``: ``identity`` or ``adam``; ``batch``: samples per gradient batch
-    (None: the family's); ``seed``: loss-noise seed; ``curvature_step``: h of the central difference
-    (None or 0: skipped; kept as typed for the report); ``set_pairs``: ``--set KEY=VALUE``; ``trust``; ``report``.
+    samples in that format (None: the family's ``real_samples``, ``real_draw.num`` samples from
+    seed ``real_draw.seed``); ``options``: :class:`AlignOptions`; ``set_pairs``: ``--set KEY=VALUE``;
+    ``trust``; ``report``.
     """
 
     family: str
@@ -253,10 +269,7 @@ class AlignRequest:
     synthetic: Optional[Path] = None
     real: Optional[Path] = None
     real_draw: SeedPlan = field(default_factory=lambda: SeedPlan(seed=0, num=10_000))
-    precond: str = "identity"
-    batch: Optional[int] = None
-    seed: int = 0
-    curvature_step: Optional[float] = 0.1
+    options: AlignOptions = field(default_factory=AlignOptions)
     set_pairs: tuple[str, ...] = ()
     trust: Trust = field(default_factory=Trust)
     report: Optional[Path] = None
@@ -268,13 +281,14 @@ class AlignRequest:
         from neon_cli import validate
         from neon_cli.train import MAX_TRAIN_SEED
 
-        check_sources(self.selftrained, self.synthetic, self.precond)
+        o = self.options
+        check_sources(self.selftrained, self.synthetic, o.precond)
         self.real_draw.validate("--real-seed", "--num-real")
-        validate.integer("--seed", self.seed, low=0, high=MAX_TRAIN_SEED)  # batch b's loss noise: seed * 1_000_003 + b
-        if self.batch is not None:
-            validate.positive_int("--batch", self.batch)
-        if self.curvature_step is not None:
-            validate.finite("--curvature-step", self.curvature_step, low=0.0)
+        validate.integer("--seed", o.seed, low=0, high=MAX_TRAIN_SEED)  # batch b's loss noise: seed * 1_000_003 + b
+        if o.batch is not None:
+            validate.positive_int("--batch", o.batch)
+        if o.curvature_step is not None:
+            validate.finite("--curvature-step", o.curvature_step, low=0.0)
         return self
 
     def plan(self) -> Plan:
@@ -286,10 +300,10 @@ class AlignRequest:
 
     def settings(self) -> dict[str, Any]:
         """The report's ``settings`` (flag names)."""
+        o = self.options
         return dict(family=self.family, base=self.base, selftrained=self.selftrained, synthetic=self.synthetic, real=self.real,
-                    num_real=self.real_draw.num, real_seed=self.real_draw.seed, precond=self.precond, batch=self.batch,
-                    seed=self.seed, curvature_step=self.curvature_step,
-                    set=list(self.set_pairs), trust_pickle=self.trust.pickle)
+                    num_real=self.real_draw.num, real_seed=self.real_draw.seed, precond=o.precond, batch=o.batch,
+                    seed=o.seed, curvature_step=o.curvature_step, set=list(self.set_pairs), trust_pickle=self.trust.pickle)
 
 
 def check_sources(selftrained: Any, synthetic: Any, precond: str) -> None:
