@@ -61,15 +61,15 @@ def _labels_and_seeds(data_dir: Path, manifest: dict[str, Any]) -> tuple[list[in
     return (labels if has_labels else None), seeds
 
 
-def export(data_dir: str | Path, out: str | Path, *, fmt: str = "edm-zip", report: Any,
-           progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Write the complete synthetic set ``data_dir`` as ``out`` in format ``fmt`` (module docstring).
+def export(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Write the complete synthetic set ``request.data`` as ``request.out`` in format ``request.fmt``
+    (module docstring).
 
     Args:
-        data_dir: a finished ``neon synth`` directory (manifest.json + shards); uint8 images
-            [N, C, H, W] with C 1 or 3 and H == W.
-        out: the ``.zip`` to write, atomically (a temporary name renamed when complete).
-        fmt: ``"edm-zip"``.
+        request: a :class:`neon_cli.requests.ExportRequest` (validated here): ``data``, a finished
+            ``neon synth`` directory (manifest.json + shards), uint8 images [N, C, H, W] with C 1
+            or 3 and H == W; ``out``, the ``.zip`` to write, atomically (a temporary name renamed
+            when complete); ``fmt``, ``"edm-zip"``.
 
     Returns ``{"path", "format", "num_images", "labels", "sha256"}``. Raises UsageError (unknown
     format, ``-o`` not a .zip, output inside the input, Pillow missing), DataError (unfinished or
@@ -78,11 +78,8 @@ def export(data_dir: str | Path, out: str | Path, *, fmt: str = "edm-zip", repor
     from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, sha256_file
     from neon_cli.inception import SynthSource
 
-    if fmt not in FORMATS:
-        raise UsageError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    data_dir, out = Path(data_dir), Path(out)
-    if out.suffix.lower() != ".zip":
-        raise UsageError(f"-o: {out}: the edm-zip format is a .zip file (EDM's train.py --data reads zips and folders)")
+    request.validate()
+    data_dir, out, fmt = Path(request.data), Path(request.out), request.fmt
     mf = data_dir / "manifest.json"
     if not mf.is_file():
         hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""

@@ -18,7 +18,7 @@ dataclass:
 
 Requests of this module: :class:`MergeRequest` (+ :class:`MergeOptions`), :class:`AlignRequest` (+
 :class:`AlignOptions`),
-:class:`InspectRequest`, :class:`ExportRequest`. Torch-free (imported by the command modules).
+:class:`InspectRequest`, :class:`ExportRequest`, :class:`PluginsRequest`. Torch-free (imported by the command modules).
 """
 
 from __future__ import annotations
@@ -315,7 +315,7 @@ def check_sources(selftrained: Any, synthetic: Any, precond: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# neon inspect, neon export
+# neon inspect, neon export, neon plugins
 
 
 @dataclass(frozen=True)
@@ -369,3 +369,22 @@ class ExportRequest:
 
     def settings(self) -> dict[str, Any]:
         return dict(data=self.data, format=self.fmt, out=self.out)
+
+
+@dataclass(frozen=True)
+class PluginsRequest:
+    """``neon plugins``: reads no file; ``report`` is its only output."""
+
+    report: Optional[Path] = None
+
+    def validate(self) -> "PluginsRequest":
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.plugins_plan`: writes only the report."""
+        from neon_cli.plan import plugins_plan
+
+        return plugins_plan(report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        return {}
