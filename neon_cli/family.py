@@ -184,6 +184,13 @@ class Family(Protocol):
             in ``metrics`` only under some configuration (e.g. ``fid`` only with a detector).
             ``neon plugins --json`` lists it; a family without it gets "(no definition given by
             the family)" per metric (:func:`metric_definitions`).
+        load_with_lora(base_path, lora_path, scale) -> model and set_lora_scale(model, scale):
+            θ_r with a LoRA file (θ_s = θ_r + s·B·A) attached at ``scale`` (ΔW = scale·s·B·A, not
+            merged), and the same model re-scaled. ``neon tune-w`` with a LoRA as θ_s loads it once
+            per snapshot and scores θ_Neon by ``set_lora_scale(model, -w)`` instead of merging for
+            every w (without ``set_lora_scale`` it calls ``load_with_lora`` per w; without
+            either, it merges θ_r + s·B·A as any snapshot). :func:`neon_cli.lora.attach_lora` and
+            :func:`neon_cli.lora.set_lora_scale` implement both with peft for any torch module.
         files_read(settings) -> [(role, path)]: files the family loads that the user did not name
             on the command line (a shipped classifier, a VAE from a setting or an environment
             variable); ``settings`` are the resolved settings. Default: none

@@ -1011,11 +1011,40 @@ def merge(request: Any, *, report: Any, progress: ProgressFn = null_progress) ->
     """
     from neon_cli.errors import from_os_error
 
+    if request.error is not None:
+        raise request.error
+    if _is_lora_pair(request):
+        return _merge_lora(request, report, progress)
     try:
         return _merge(request, report, progress)
     except OSError as exc:
         where = exc.filename or (list(request.outputs) or ["?"])[0]
         raise from_os_error(exc, f"-o: cannot write {where}", UsageError) from None
+
+
+def _is_lora_pair(request: Any) -> bool:
+    """True when θ_s (or θ_r) is a LoRA file (:func:`neon_cli.lora.is_lora`); UsageError for
+    ``--as-lora`` without one."""
+    from neon_cli.lora import is_lora
+
+    if is_lora(request.selftrained) or is_lora(request.base):
+        return True
+    if request.options.as_lora:
+        raise UsageError(f"--as-lora: {request.selftrained} is not a LoRA (.safetensors with lora_A/lora_B or lora_down/lora_up keys)")
+    return False
+
+
+def _merge_lora(request: Any, report: Any, progress: ProgressFn) -> dict[str, Any]:
+    """θ_s a LoRA: :func:`neon_cli.lora.merge_lora` (exact in LoRA space); the flags it does not use are refused by name."""
+    from neon_cli.lora import merge_lora
+
+    o = request.options
+    for flag, val in (("--key", o.key), ("--exclude", o.exclude), ("--allow-missing", o.allow_missing), ("--shard-size", o.shard_size)):
+        if val:
+            raise UsageError(f"{flag}: not used when theta_s is a LoRA ({request.selftrained})")
+    return merge_lora(request.base, request.selftrained, list(request.ws), list(request.outputs), as_lora=o.as_lora,
+                      lora_format=o.lora_format, dtype=o.dtype, dry_run=o.dry_run, report=report, progress=progress,
+                      report_path=request.report, allow_nonfinite=o.allow_nonfinite)
 
 
 @dataclass
@@ -1029,6 +1058,7 @@ class _Job:
     odt: str | None
     pats: list[re.Pattern[str]]
     chunk: int
+    shard: int | None = None  # bytes per shard of a sharded output (--shard-size)
     side_r: Path | None = None  # θ_r's sidecar <base>.json, copied beside each file output
     folder_mode: bool = False
     t0: float = field(default_factory=time.perf_counter)
@@ -1096,8 +1126,9 @@ def _prepare(req: Any) -> _Job:
 
     o = req.options
     job = _Job(req, [_check_w(w) for w in req.ws], [Path(p) for p in req.outputs], "", parse_dtype(o.dtype),
-               _compile_exclude(o.exclude), o.chunk_elements if o.chunk_elements is not None else CHUNK_ELEMENTS)
-    job.kind = output_kind(job.outs[0], o.shard_size)
+               _compile_exclude(o.exclude), o.chunk_elements if o.chunk_elements is not None else CHUNK_ELEMENTS,
+               req.shard_bytes())
+    job.kind = output_kind(job.outs[0], job.shard)
     base_p, self_p = job.base_p, job.self_p
     for p in (base_p, self_p):
         if not p.exists():
@@ -1152,13 +1183,13 @@ def _open_and_plan(stack: contextlib.ExitStack, job: _Job) -> tuple[list[_PairPl
     """Open every pair, plan its tensors and layout, collect the warnings, check the free disk."""
     o = job.req.options
     pairs = _open_pairs(stack, job.base_p, job.self_p, job.folder_mode, o.key)
-    if job.kind == "sharded" and not job.folder_mode and o.shard_size is None and pairs[0][1].layout != "sharded":
+    if job.kind == "sharded" and not job.folder_mode and job.shard is None and pairs[0][1].layout != "sharded":
         raise UsageError(f"-o {job.outs[0]}: give a file name ending in .safetensors or .pt, or --shard-size for a sharded folder")
     plans: list[_PairPlan] = []
     warnings: list[str] = []
     for comp, rk, sk in pairs:
         items, ignored = _plan(rk, sk, job.pats, o.buffers, o.allow_missing, job.odt)
-        pkind = _pair_kind(job.kind, job.folder_mode, rk, job.outs[0], job.odt, o.shard_size)
+        pkind = _pair_kind(job.kind, job.folder_mode, rk, job.outs[0], job.odt, job.shard)
         plans.append(_PairPlan(comp, rk, sk, items, ignored, pkind))
         warnings += _warnings(comp, rk, sk, pkind)
     _check_disk(job.outs, sum(_output_size(p.rk, p.items, p.pkind) for p in plans)
@@ -1236,7 +1267,7 @@ def _stream_pairs(stack: contextlib.ExitStack, job: _Job, plans: list[_PairPlan]
         for t in done.tmps:
             t.mkdir(parents=True, exist_ok=False)
     for p in plans:
-        ctx = _PairContext(job.ws, p.pkind, done.provenance, job.req.options.shard_size, progress, job.sampler, job.chunk,
+        ctx = _PairContext(job.ws, p.pkind, done.provenance, job.shard, progress, job.sampler, job.chunk,
                            io, stack, "merge" if p.comp == "." else f"merge {p.comp}", job.req.options.allow_nonfinite)
         pr, wr = _merge_pair(p.rk, p.sk, p.items, _targets(job, p, done.tmps), ctx)
         done.pairs.append(pr)

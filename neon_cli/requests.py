@@ -96,7 +96,9 @@ class MergeOptions:
     floating tensors (``float32``, ...; None: theta_r's); ``exclude``: regexes of names copied from
     theta_r; ``buffers``: names copied like BatchNorm statistics; ``allow_missing``: copy names only
     theta_r has, ignore names only theta_s has; ``shard_size``: bytes per shard of a sharded
-    folder output (None: not sharded); ``allow_nonfinite``: write inf/NaN results;
+    folder output (None: not sharded; from the command line the size text, ``2GB``, parsed by
+    :meth:`MergeRequest.validate`); ``as_lora``/``lora_format``: theta_s is a LoRA, write the Neon
+    LoRA in that layout (:func:`neon_cli.lora.merge_lora`); ``allow_nonfinite``: write inf/NaN results;
     ``dry_run``: check from headers, write nothing; ``chunk_elements``: elements per streamed
     block (None: :data:`neon_cli.checkpoint.CHUNK_ELEMENTS`); ``threads``: kept for compatibility.
     """
@@ -106,7 +108,9 @@ class MergeOptions:
     exclude: tuple[str, ...] = ()
     buffers: tuple[str, ...] = ()
     allow_missing: bool = False
-    shard_size: Optional[int] = None
+    shard_size: Optional[int | str] = None
+    as_lora: bool = False
+    lora_format: str = "diffusers"
     allow_nonfinite: bool = False
     dry_run: bool = False
     chunk_elements: Optional[int] = None
@@ -143,30 +147,41 @@ class MergeRequest:
                  "dtype": options.get("dtype"), "exclude": list(options.get("exclude") or []),
                  "allow_missing": bool(options.get("allow_missing")), "shard_size": shard_size,
                  "dry_run": bool(options.get("dry_run")), "allow_nonfinite": bool(options.get("allow_nonfinite")),
-                 "trust_pickle": bool(options.pop("trust_pickle", False))}
+                 "trust_pickle": bool(options.pop("trust_pickle", False)), "as_lora": bool(options.get("as_lora")),
+                 "lora_format": options.get("lora_format", "diffusers")}
         options["exclude"] = tuple(options.get("exclude") or ())
-        error, ws, outs, size = None, (), (Path(output),) if output != "" else (), None
+        error, ws, outs = None, (), (Path(output),) if output != "" else ()
         try:
-            from neon_cli.checkpoint.core import parse_size
-            from neon_cli.validate import positive_int
-
             pairs = parse_weights(w)
             ws, outs = tuple(v for _, v in pairs), tuple(output_paths(output, [t for t, _ in pairs]))
-            size = positive_int("--shard-size", parse_size(shard_size)) if shard_size else None
         except NeonError as exc:
             error = exc
-        return cls(Path(base), Path(selftrained), ws, outs, MergeOptions(shard_size=size, **options), report, flags, error)
+        return cls(Path(base), Path(selftrained), ws, outs, MergeOptions(shard_size=shard_size or None, **options), report,
+                   flags, error)
+
+    def shard_bytes(self) -> Optional[int]:
+        """``options.shard_size`` in bytes (a size text such as ``2GB`` parsed; UsageError naming
+        ``--shard-size`` when it is not one); None: not sharded."""
+        shard = self.options.shard_size
+        if isinstance(shard, str):
+            from neon_cli.checkpoint import parse_size
+            from neon_cli.validate import positive_int
+
+            return positive_int("--shard-size", parse_size(shard))
+        return shard
 
     def validate(self) -> "MergeRequest":
-        """Raise the flag error of :meth:`from_flags`, then UsageError for: no weight, a non-finite w,
-        as many outputs as weights, a shard size or ``chunk_elements`` below 1, outputs of
-        different layouts, an unknown dtype, an invalid ``exclude`` regex (each naming its flag)."""
+        """Raise the flag error of :meth:`from_flags`, then UsageError for: a shard size that is not
+        a size, no weight, a non-finite w, not as many outputs as weights, a shard size or
+        ``chunk_elements`` below 1, outputs of different layouts, an unknown dtype, an invalid
+        ``exclude`` regex (each naming its flag). Returns the request."""
         if self.error is not None:
             raise self.error
         from neon_cli.checkpoint import parse_dtype
         from neon_cli.merge import _compile_exclude, _check_w, output_kind
         from neon_cli.validate import positive_int
 
+        shard = self.shard_bytes()
         for w in self.ws:
             _check_w(w)
         if not self.ws:
@@ -174,11 +189,11 @@ class MergeRequest:
         if len(self.ws) != len(self.outputs):
             raise UsageError(f"-o: {len(self.outputs)} output paths for {len(self.ws)} weights; "
                              "use '{w}' in -o for several weights")
-        if self.options.shard_size is not None:
-            positive_int("--shard-size", self.options.shard_size)
+        if shard is not None:
+            shard = positive_int("--shard-size", shard)
         if self.options.chunk_elements is not None:
             positive_int("chunk_elements", self.options.chunk_elements)
-        if len({output_kind(o, self.options.shard_size) for o in self.outputs}) != 1:
+        if len({output_kind(o, shard) for o in self.outputs}) != 1:
             raise UsageError("-o: all outputs must have the same layout (suffix)")
         parse_dtype(self.options.dtype)
         _compile_exclude(self.options.exclude)
@@ -200,7 +215,8 @@ class MergeRequest:
         o = self.options
         return {"base": self.base, "selftrained": self.selftrained, "w": list(self.ws), "output": [str(p) for p in self.outputs],
                 "key": o.key, "dtype": o.dtype, "exclude": list(o.exclude), "allow_missing": o.allow_missing,
-                "shard_size": o.shard_size, "dry_run": o.dry_run, "allow_nonfinite": o.allow_nonfinite}
+                "shard_size": o.shard_size, "dry_run": o.dry_run, "allow_nonfinite": o.allow_nonfinite,
+                "as_lora": o.as_lora, "lora_format": o.lora_format}
 
 
 def parse_weights(text: str) -> list[tuple[str, float]]:

@@ -155,7 +155,7 @@ def test_merge_on_a_full_or_read_only_disk_is_exit_3_naming_the_output(num, pair
 
     monkeypatch.setattr(fsutil.os, "replace", refuse)
     line = _error(_invoke("merge", *pair, "--w", "1", "-o", tmp_path / "o.safetensors"), "merge", 3)
-    assert str(tmp_path / "o.safetensors") in line and "cannot write" in line and os.strerror(num) in line
+    assert f"{tmp_path / 'o.safetensors'}: cannot write ({os.strerror(num)})" in line
     assert not (tmp_path / "o.safetensors").exists() and _leftovers(tmp_path) == []
 
 
@@ -175,18 +175,25 @@ def test_a_writer_on_a_full_disk_is_a_resource_error(tmp_path, monkeypatch):
     wr.abort()
 
 
-@pytest.mark.parametrize("args", [["plugins"], ["merge", "{r}", "{s}", "--w", "1", "-o", "{o}", "--json", "-q"]])
-def test_a_full_stdout_is_one_line_and_exit_3(args, pair, tmp_path):
-    if not os.path.exists("/dev/full"):
+@pytest.mark.parametrize("how,args,reason", [
+    ("full", ["plugins"], "No space left on device"),
+    ("full", ["merge", "{r}", "{s}", "--w", "1", "-o", "{o}", "--json", "-q"], "No space left on device"),
+    ("closed", ["merge", "{r}", "{s}", "--w", "1", "-o", "{o}", "-q"], "stdout is closed"),
+])
+def test_a_full_or_closed_stdout_is_one_line_and_exit_3(how, args, reason, pair, tmp_path):
+    if how == "full" and not os.path.exists("/dev/full"):
         pytest.skip("no /dev/full on this system")
     r, s = pair
     argv = [a.format(r=r, s=s, o=tmp_path / "o.safetensors") for a in args]
-    with open("/dev/full", "w") as full:
-        p = run_guarded([sys.executable, "-m", "neon_cli", *argv, "--report", str(tmp_path / "rep.json")],
-                        f"neon {argv[0]} > /dev/full", stdout=full, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "neon_cli", *argv, "--report", str(tmp_path / "rep.json")]
+    if how == "closed":  # the shell starts neon with file descriptor 1 closed (`>&-`)
+        p = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", *cmd], stderr=subprocess.PIPE, text=True, timeout=hang_guard(3600.0))
+    else:
+        with open("/dev/full", "w") as full:
+            p = subprocess.run(cmd, stdout=full, stderr=subprocess.PIPE, text=True, timeout=hang_guard(3600.0))
     assert p.returncode == 3, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert lines == [f"neon {argv[0]}: error: cannot write the results to stdout (No space left on device)"], p.stderr
+    assert lines == [f"neon {argv[0]}: error: cannot write the results to stdout ({reason})"], p.stderr
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert rep["status"] == "error" and "stdout" in rep["error"]
 
@@ -343,6 +350,8 @@ def test_json_errors_are_an_object_on_stdout(pair, tmp_path):
     res = _invoke("merge", tmp_path / "nosuch.safetensors", pair[1], "--w", "1", "-o", tmp_path / "o.safetensors", "--json")
     line = _error(res, "merge", 2)
     assert json.loads(res.stdout) == {"status": "error", "exit_code": 2, "error": line.split("error: ", 1)[1]}
+    res = _invoke("synth", "toy", "-n", "abc", "-o", tmp_path / "S", "--json")  # refused by the flag parser itself
+    assert res.exit_code == 2 and json.loads(res.stdout)["error"].startswith("Invalid value for '--num-images'")
     res = _invoke("merge", *pair, "--w", "nan", "-o", tmp_path / "o.safetensors")  # without --json: stdout stays empty
     assert res.exit_code == 2 and res.stdout == ""
 

@@ -90,16 +90,25 @@ def _hide_flag_placeholders(params: list[Any]) -> list[Any]:
 
 
 class NeonCommand(TyperCommand):
-    """Every neon subcommand: flags without a ``<bool>`` placeholder in ``--help``."""
+    """Every neon subcommand: flags without a ``<bool>`` placeholder in ``--help``; with ``--json``
+    on the line, a flag the parser refuses (a missing option, ``--batch abc``) is also a JSON
+    object on stdout, as every other error is (:func:`run`)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         return _hide_flag_placeholders(super().get_params(ctx))
 
     def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+        from typer._click.exceptions import UsageError as ClickUsageError
+
         from neon_cli.plan import note_empty_paths
 
+        wants_json = "--json" in args
         typed = list(args)
-        rest = super().parse_args(ctx, args)
+        try:
+            rest = super().parse_args(ctx, args)
+        except ClickUsageError as exc:
+            _json_error_out(wants_json, "error", exc.exit_code, _one_line(exc.format_message()))
+            raise
         note_empty_paths(self.params, ctx.params, typed)  # typer turns a Path option's '' into '.'
         return rest
 

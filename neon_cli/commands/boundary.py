@@ -202,7 +202,7 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
 
 def _json_error_out(json_out: bool, status: str, code: int, message: str) -> None:
     """With ``--json``, a failure is a JSON object on stdout too: ``{"status", "exit_code", "error"}``."""
-    if json_out:
+    if json_out and sys.stdout is not None:
         with contextlib.suppress(OSError, ValueError):
             print(json.dumps({"status": status, "exit_code": code, "error": message}, indent=2))
             sys.stdout.flush()
@@ -214,6 +214,8 @@ def _to_stdout(command: str, write: Callable[[], None], rep: Any = None, report:
     report (if any) says ``status: error``. Later writes to stdout go to /dev/null, so the
     interpreter's own flush at exit stays quiet."""
     try:
+        if sys.stdout is None:  # started with stdout closed (`>&-`)
+            raise ValueError("stdout is closed")
         write()
         sys.stdout.flush()
     except (OSError, ValueError) as exc:

@@ -36,8 +36,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Briefly fine-tune theta_r on S with the family's recipe (paper Alg. 1, step 2).
 
-        Writes theta_s-<images seen>.safetensors snapshots and a training state; rerunning the
-        same command after an interruption resumes from the last state.
+        Writes theta_s-<images seen>.safetensors snapshots and a training state; rerunning the same command after an interruption (Ctrl-C, SIGTERM) resumes from the last state. A loss or weight that becomes inf/NaN stops the run (exit 2, naming the images seen and --lr) before anything of that step is written.
 
         Example:
 

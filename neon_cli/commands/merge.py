@@ -15,7 +15,7 @@ def register(app: typer.Typer) -> None:
     @app.command("merge")
     def merge_cmd(
         base: Path = typer.Argument(..., help="theta_r, the base checkpoint: .safetensors, .pt/.pth/.bin/.ckpt, .pkl, a sharded or diffusers folder.", show_default=False),
-        selftrained: Path = typer.Argument(..., help="theta_s, the self-trained checkpoint (same keys, shapes, dtypes).", show_default=False),
+        selftrained: Path = typer.Argument(..., help="theta_s, the self-trained checkpoint (same keys, shapes, dtypes), or a LoRA on theta_r (diffusers, peft or kohya .safetensors, or its folder).", show_default=False),
         w: str = typer.Option(..., "--w", help="Neon weight w; a comma list (0.5,1.0,1.6) writes one output per w in one pass."),
         output: str = typer.Option(..., "-o", "--out", help="Output: name.safetensors, name.pt / name.pkl (theta_r's own file with the merged weights), or a folder; '{w}' is replaced by each weight."),
         key: Optional[str] = typer.Option(None, "--key", metavar="PATH", help="Where the state dict is in a container, dotted (ema, model_ema, trainer.var_wo_ddp). Default: found automatically."),
@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         exclude: Optional[List[str]] = typer.Option(None, "--exclude", metavar="REGEX", help="Copy keys matching REGEX from theta_r instead of merging (repeatable)."),
         allow_missing: bool = typer.Option(False, "--allow-missing", help="Copy keys only theta_r has; ignore keys only theta_s has (default: error naming the key)."),
         shard_size: Optional[str] = typer.Option(None, "--shard-size", metavar="SIZE", help="Write a sharded safetensors folder with shards of at most SIZE (2GB, 500MB, 1.5GiB)."),
+        as_lora: bool = typer.Option(False, "--as-lora", help="theta_s is a LoRA: write the Neon LoRA (-w folded into B) as a .safetensors file instead of the fused pipeline folder."),
+        lora_format: str = typer.Option("diffusers", "--lora-format", help="Layout of a LoRA output: diffusers (load_lora_weights) or kohya (A1111, ComfyUI, sd-scripts)."),
         allow_nonfinite: bool = typer.Option(False, "--allow-nonfinite", help="Write the output even when a merged value is inf/NaN (default: refused, exit 2, naming the first such tensor)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Validate inputs, keys, shapes, dtypes and outputs from headers; write only the report."),
         trust_pickle: bool = typer.Option(False, "--trust-pickle", hidden=True, help="Accepted and ignored: merge reads every pickle without running it."),
@@ -47,10 +49,14 @@ def register(app: typer.Typer) -> None:
           neon merge network-snapshot.pkl edm-ft.pkl --w 1 -o neon.pkl --key ema
           neon merge ddpm-pipe/ ft/theta_s-000131072/ --w 1 -o neon-pipe/
           neon merge var.pth ft.pth --w 1.6 -o n.pth --key trainer.var_wo_ddp
+          neon merge sd-pipe/ lora/pytorch_lora_weights.safetensors --w 1 -o neon-pipe/
+          neon merge sd-pipe/ lora.safetensors --w 1 --as-lora --lora-format kohya -o neon-lora.safetensors
+
+        With a LoRA as theta_s (theta_s = theta_r + s B A) the merge is exact in LoRA space: theta_r - w s B A, fused into theta_r's pipeline folder (diffusers' fuse_lora(lora_scale=-w)) or, with --as-lora, the same LoRA with B scaled by -w. Two LoRAs on one checkpoint (theta_r and theta_s both LoRAs) give the exact rank r_r + r_s concatenation (never factor-wise).
         """
         req = MergeRequest.from_flags(base, selftrained, w, output, shard_size=shard_size, report=report, key=key, dtype=dtype,
-                                      exclude=exclude, allow_missing=allow_missing, dry_run=dry_run,
-                                      allow_nonfinite=allow_nonfinite, trust_pickle=trust_pickle)
+                                      exclude=exclude, allow_missing=allow_missing, as_lora=as_lora, lora_format=lora_format,
+                                      dry_run=dry_run, allow_nonfinite=allow_nonfinite, trust_pickle=trust_pickle)
 
         def fn(report: Any, progress: Any) -> dict[str, Any]:
             from neon_cli.merge import merge
@@ -70,6 +76,14 @@ def _show(res: dict[str, Any], console: Any) -> None:
     err = _stderr_console()  # warnings and hints go to stderr in every mode; stdout holds only the results
     for msg in res.get("warnings") or []:
         err.print(f"[yellow]neon merge: warning:[/yellow] {_escape(msg)}", highlight=False, soft_wrap=True)
+    if "output_kind" in res:  # theta_s was a LoRA (neon_cli.lora.merge_lora)
+        mods = ", ".join(f"{c} {n}" for c, n in sorted(res["lora_modules"].items()))
+        console.print(f"LoRA ({res['lora_format_in']}): {mods} modules, ranks {res['lora_ranks']}, scales {res['lora_scales']}; "
+                      f"{res['formula']}", highlight=False)
+        for o in res["outputs"]:
+            console.print(f"  w={o['w']:g} -> {o['path']} ({'dry run: nothing written' if res['dry_run'] else res['output_kind']})",
+                          highlight=False)
+        return
     if res.get("dry_run"):
         planned = res.get("planned", {})
         parts = ", ".join(f"{k} {v}" for k, v in sorted(planned.items()))

@@ -112,6 +112,8 @@ def register(app: typer.Typer) -> None:
 
         Several snapshots (--selftrained repeated, a quoted glob, or extra arguments) are each tuned; the best (snapshot, w, gamma) wins, hopeless snapshots are dropped early.
 
+        A snapshot may be a LoRA on the base (theta_s = theta_r + s B A; diffusers, peft or kohya .safetensors): a family with the load_with_lora hook (diffusers) scores each w with the adapter re-scaled to -w, others merge theta_r + s B A; -o is theta_r - w s B A either way.
+
         Example:
 
         \b

@@ -49,6 +49,8 @@ class Context:
     line_gamma: float | None = None
     models: dict[str, tuple[str, Any]] = field(default_factory=dict)
     _loaded: dict[str, Any] = field(default_factory=lambda: {"index": None, "sd": None})
+    _lora_kind: dict[int, bool] = field(default_factory=dict)
+    _lora_model: dict[str, Any] = field(default_factory=lambda: {"index": None, "model": None})
 
     @property
     def sign(self) -> float:
@@ -63,15 +65,46 @@ class Context:
         return self.sign * a < self.sign * b
 
     def selftrained_sd(self, i: int) -> Any:
-        """State dict of snapshot ``i`` (one snapshot held in memory at a time)."""
+        """State dict of snapshot ``i`` (one snapshot held in memory at a time); a LoRA file as
+        snapshot is θ_r + s·B·A (:func:`neon_cli.lora.lora_state_dict`)."""
         from neon_cli.family import load_model
 
         if self._loaded["index"] != i:
             self._loaded["sd"] = None  # free the previous snapshot first
-            self._loaded["sd"] = load_model(self.family, self.snaps[i], settings=self.settings,
-                                            trust_pickle=self.trust_pickle).state_dict()
+            if self.is_lora(i):
+                from neon_cli.lora import lora_state_dict
+
+                self._loaded["sd"] = lora_state_dict(self.base_sd, self.snaps[i])
+            else:
+                self._loaded["sd"] = load_model(self.family, self.snaps[i], settings=self.settings,
+                                                trust_pickle=self.trust_pickle).state_dict()
             self._loaded["index"] = i
         return self._loaded["sd"]
+
+    def is_lora(self, i: int) -> bool:
+        """Snapshot ``i`` is a LoRA file on θ_r (:func:`neon_cli.lora.is_lora`, header only)."""
+        if i not in self._lora_kind:
+            from neon_cli.lora import is_lora
+
+            self._lora_kind[i] = is_lora(self.snaps[i])
+        return self._lora_kind[i]
+
+    def lora_model(self, i: int, w: float) -> Any:
+        """θ_Neon for a LoRA snapshot by re-scaling the adapter (the family's ``load_with_lora`` /
+        ``set_lora_scale`` hooks, scale = −w), or None when the snapshot is not a LoRA or the family
+        has no ``load_with_lora`` (then the candidate is merged). One adapted model is kept."""
+        fam = self.family
+        if not self.is_lora(i) or not callable(getattr(fam, "load_with_lora", None)):
+            return None
+        rescale = getattr(fam, "set_lora_scale", None)
+        if not callable(rescale):
+            return fam.load_with_lora(str(self.base), str(self.snaps[i]), -float(w))
+        if self._lora_model["index"] != i:
+            self._lora_model["model"] = None
+            self._lora_model["model"] = fam.load_with_lora(str(self.base), str(self.snaps[i]), -float(w))
+            self._lora_model["index"] = i
+            return self._lora_model["model"]
+        return rescale(self._lora_model["model"], -float(w)) or self._lora_model["model"]
 
     def evaluator_for(self, num_samples: int, seed: int) -> Any:
         from neon_cli.evaluate import Evaluator
@@ -146,7 +179,10 @@ class Scorer:
         hit = broadcast_object(ctx.store.get(key, ctx.metric) if is_main() else None)
         if hit is not None:
             return dict(hit["metrics"]), float(hit.get("seconds", 0.0)), True
-        if isinstance(who, int):
+        lora_model = ctx.lora_model(who, w) if isinstance(who, int) else None
+        if lora_model is not None:  # LoRA snapshot: the adapter at scale -w, nothing merged
+            metrics = ev.score_model(lora_model, overrides)
+        elif isinstance(who, int):
             metrics = ev.score_merge(ctx.model, ctx.base_sd, ctx.selftrained_sd(who), w, overrides)
         elif who == "base":
             metrics = ev.score_model(ctx.model, overrides)

@@ -73,6 +73,20 @@ class DiffusersFamily(ImageScoring):
         self.num_classes = unet.neon_info.num_classes
         return unet
 
+    def load_with_lora(self, base_path: str, lora_path: str, scale: float) -> Any:
+        """θ_r's UNet2DModel (:meth:`load`) with a LoRA on it (diffusers/peft/kohya ``.safetensors``,
+        ``unet.``-prefixed or bare module names) attached unmerged at ``scale`` through peft
+        (:func:`neon_cli.lora.attach_lora`): forward uses W + scale·s·B·A. tune-w passes scale = −w."""
+        from neon_cli.lora import attach_lora
+
+        return attach_lora(self.load(base_path), lora_path, scale)
+
+    def set_lora_scale(self, model: Any, scale: float) -> Any:
+        """Re-scale the LoRA attached by :meth:`load_with_lora` (:func:`neon_cli.lora.set_lora_scale`)."""
+        from neon_cli.lora import set_lora_scale
+
+        return set_lora_scale(model, scale)
+
     def model_num_classes(self, path: str) -> int:
         """Number of real classes of the folder's UNet (config only); 0 for unconditional."""
         from neon_diffusers.io import model_num_classes
