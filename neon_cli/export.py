@@ -20,6 +20,7 @@ from typing import Any
 
 from neon_cli.errors import DataError, UsageError
 from neon_cli.progress import ProgressFn, null_progress
+from neon_cli.requests import ExportRequest
 
 FORMATS = ("edm-zip",)
 
@@ -61,7 +62,7 @@ def _labels_and_seeds(data_dir: Path, manifest: dict[str, Any]) -> tuple[list[in
     return (labels if has_labels else None), seeds
 
 
-def export(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+def export(request: ExportRequest, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Write the complete synthetic set ``request.data`` as ``request.out`` in format ``request.fmt``
     (module docstring).
 

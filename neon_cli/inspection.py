@@ -25,6 +25,7 @@ from typing import Any
 
 from neon_cli.errors import CheckpointError
 from neon_cli.progress import ProgressFn, null_progress
+from neon_cli.requests import InspectRequest
 
 MAX_ENTRIES = 64
 MAX_DEPTH = 10
@@ -156,7 +157,7 @@ def classify_globals(globals_: Mapping[tuple[str, str], int]) -> tuple[list[dict
     return out, sorted(set(warnings))
 
 
-def inspect_checkpoint(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+def inspect_checkpoint(request: InspectRequest, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Describe a checkpoint without running any of it (see module doc); fills ``report``.
 
     ``request``: a :class:`neon_cli.requests.InspectRequest`: ``checkpoint``, any file or folder

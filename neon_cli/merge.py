@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -70,6 +70,9 @@ from neon_cli.checkpoint import (
 )
 from neon_cli.errors import CheckpointError, UsageError
 from neon_cli.progress import ProgressFn, null_progress
+
+if TYPE_CHECKING:
+    from neon_cli.requests import MergeRequest
 
 FORMULA = "theta_r - w * (theta_s - theta_r)"
 
@@ -963,7 +966,7 @@ def merge_checkpoints(base: str | os.PathLike[str], selftrained: str | os.PathLi
     return merge(req, report=report, progress=progress)
 
 
-def merge(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+def merge(request: MergeRequest, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Stream θ_Neon = θ_r − w (θ_s − θ_r) from two checkpoints into one output per w; no code
     of either file runs (any encoding). ``request``: a :class:`neon_cli.requests.MergeRequest`
     (validated here, once: :meth:`~neon_cli.requests.MergeRequest.validate`).
@@ -1022,7 +1025,7 @@ def merge(request: Any, *, report: Any, progress: ProgressFn = null_progress) ->
         raise from_os_error(exc, f"-o: cannot write {where}", UsageError) from None
 
 
-def _is_lora_pair(request: Any) -> bool:
+def _is_lora_pair(request: MergeRequest) -> bool:
     """True when θ_s (or θ_r) is a LoRA file (:func:`neon_cli.lora.is_lora`); UsageError for
     ``--as-lora`` without one."""
     from neon_cli.lora import is_lora
@@ -1034,7 +1037,7 @@ def _is_lora_pair(request: Any) -> bool:
     return False
 
 
-def _merge_lora(request: Any, report: Any, progress: ProgressFn) -> dict[str, Any]:
+def _merge_lora(request: MergeRequest, report: Any, progress: ProgressFn) -> dict[str, Any]:
     """θ_s a LoRA: :func:`neon_cli.lora.merge_lora` (exact in LoRA space); the flags it does not use are refused by name."""
     from neon_cli.lora import merge_lora
 
@@ -1051,7 +1054,7 @@ def _merge_lora(request: Any, report: Any, progress: ProgressFn) -> dict[str, An
 class _Job:
     """One validated merge: the request's values as the steps use them."""
 
-    req: Any  # the MergeRequest
+    req: MergeRequest
     ws: list[float]
     outs: list[Path]
     kind: str  # output_kind of every output
@@ -1099,7 +1102,7 @@ class _Streamed:
     provenance: dict[str, str]
 
 
-def _merge(req: Any, report: Any, progress: ProgressFn) -> dict[str, Any]:
+def _merge(req: MergeRequest, report: Any, progress: ProgressFn) -> dict[str, Any]:
     """The merge as named steps: check the request, lock the outputs, open and plan the pairs,
     stream the blocks, finish (hash, fill in provenance, rename) and summarise."""
     job = _prepare(req.validate())
@@ -1119,7 +1122,7 @@ def _merge(req: Any, report: Any, progress: ProgressFn) -> dict[str, Any]:
     return results
 
 
-def _prepare(req: Any) -> _Job:
+def _prepare(req: MergeRequest) -> _Job:
     """The validated request as a :class:`_Job`: inputs exist, outputs are neither inputs nor each
     other, and whether the base is a folder of models merged component by component."""
     from neon_cli.fsutil import check_outputs
