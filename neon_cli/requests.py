@@ -295,11 +295,11 @@ class AlignRequest:
         ``--precond``, ``--num-real`` < 1, ``--real-seed``/``--seed`` out of range, ``--batch`` < 1,
         a negative or non-finite ``--curvature-step``."""
         from neon_cli import validate
-        from neon_cli.train import MAX_TRAIN_SEED
 
         o = self.options
         check_sources(self.selftrained, self.synthetic, o.precond)
         self.real_draw.validate("--real-seed", "--num-real")
+        from neon_cli.train import MAX_TRAIN_SEED  # imports torch: after the checks that need none
         validate.integer("--seed", o.seed, low=0, high=MAX_TRAIN_SEED)  # batch b's loss noise: seed * 1_000_003 + b
         if o.batch is not None:
             validate.positive_int("--batch", o.batch)
