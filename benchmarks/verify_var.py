@@ -26,7 +26,21 @@ the end; nothing produced by VAR's code is kept), then checks:
    ``neon merge`` output and a ``tune-w -o`` output load into VAR with
    ``load_state_dict(torch.load(f), strict=True)``, the -inf mask and the int64 ``lvl_1L`` kept.
 
+4. labels (``--neon-repo``, a clone of SinaAlemohammad/Neon; issue 24): the Neon repository's own
+   ``VAR/VAR_imagenet_256/generate_dataset.py`` ``main`` is run on CPU on the tiny model (its
+   ``build_vae_var`` call answered with the tiny architecture, its checkpoints the tiny files under
+   its names, a 10-class ``imagenet_class_to_idx.json`` in its working folder, ``torch.distributed``
+   calls no-ops); every ``(label, g_seed, position, B)`` of its ``autoregressive_infer_cfg`` calls
+   and every PNG it writes (``--cfg 1.25 --top_p 0.95``; ``--top_k 0``, the tiny codebook having 64
+   entries) are compared with ``neon synth``'s sampling under ``--labels var`` with
+   ``seed_block`` = its ``--batch_size`` (4 per class in batches of 2; and the paper's
+   ``--num_images 1`` with the default batch 64, ``seed_block=1``).
+
 Prints one line per check and exits 1 if any fails. Runs in about a minute on 2 CPU cores.
+
+Measured (FoundationVision/VAR 78b95394, SinaAlemohammad/Neon 76496c3f, torch 2.13.0+cpu, a shared
+2-core machine): all 23 checks pass; item 4: 0 of 40 and 0 of 10 (label, g_seed, position, B)
+differ, and neon's images equal generate_dataset.py's PNGs (max |diff| 0).
 """
 
 from __future__ import annotations
@@ -285,10 +299,89 @@ def check_files(check: Checks, family, tmp: Path, var_path: Path, vae_path: Path
             check(f"VAR loads {f.name} (strict=True)", False, f"{type(exc).__name__}: {exc}")
 
 
+def check_labels(check: Checks, family, tmp: Path, var_path: Path, vae_path: Path, neon_repo: Path) -> None:
+    """Item 4 of the module docstring: ``--labels var`` against the Neon repository's generate_dataset.py."""
+    import importlib.util
+    import json
+    import shutil
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    from neon_cli import labels as L
+    from neon_cli.family import resolve_settings
+
+    script = neon_repo / "VAR" / "VAR_imagenet_256" / "generate_dataset.py"
+    nc = TINY["num_classes"]
+    settings = resolve_settings(family, [f"repo={_REPO}", f"vae={vae_path}", "cfg=1.25", "top_k=0", "top_p=0.95"])  # the tiny codebook (64) < 900
+    model = family.load(str(var_path), settings=settings)
+    for per_class, batch, block in ((4, 2, 2), (1, 64, 1)):
+        work = tmp / f"generate_dataset-{per_class}-{batch}"
+        (work / "imagenet").mkdir(parents=True)
+        (work / "imagenet" / "imagenet_class_to_idx.json").write_text(json.dumps({f"c{i:02d}": i for i in range(nc)}))
+        shutil.copy(var_path, work / "var_d16.pth")  # the names the script loads (and would otherwise download)
+        shutil.copy(vae_path, work / "vae_ch160v4096z32.pth")
+        calls = []
+
+        def tiny_build(**_kw):
+            vae, var = fresh_real(var_path, vae_path)
+            infer = var.autoregressive_infer_cfg
+
+            def recorded(B, label_B, g_seed, **kw):
+                calls.append((B, label_B.tolist(), g_seed))
+                return infer(B=B, label_B=label_B, g_seed=g_seed, **kw)
+
+            var.autoregressive_infer_cfg = recorded
+            return vae, var
+
+        real_models = sys.modules.get("models")
+        sys.modules["models"] = types.SimpleNamespace(build_vae_var=tiny_build)  # its import-time `from models import`
+        try:
+            spec = importlib.util.spec_from_file_location(f"neon_generate_dataset_{per_class}", script)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        finally:
+            sys.modules["models"] = real_models
+        mod.dist = types.SimpleNamespace(is_initialized=lambda: False, barrier=lambda: None, destroy_process_group=lambda: None)
+        saved = (torch.nn.Linear.reset_parameters, torch.nn.LayerNorm.reset_parameters, sys.argv, os.getcwd())
+        try:
+            os.chdir(work)
+            sys.argv = ["generate_dataset.py", "--out_dir", str(work / "out"), "--num_images", str(per_class),
+                        "--batch_size", str(batch), "--cfg", "1.25", "--top_k", "0", "--top_p", "0.95", "--seed", "0"]
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                mod.main()
+        finally:
+            torch.nn.Linear.reset_parameters, torch.nn.LayerNorm.reset_parameters, sys.argv, cwd = saved
+            os.chdir(cwd)
+        theirs = [(lab, g, j, B) for B, labs, g in calls for j, lab in enumerate(labs)]
+        plan = L.check("var", per_class * nc, nc, family, seed=0)
+        seeds, labels = plan.seeds_labels()
+        with L.active(plan):
+            draws = L.block_draws(seeds, labels, block, nc)
+        ours = sorted(((labels[i], first, j, len(lab), i) for first, lab, asked in draws for j, idx in asked.items() for i in idx),
+                      key=lambda r: r[-1])
+        ours = [r[:4] for r in ours]
+        check(f"--labels var = generate_dataset.py ({per_class}/class, --batch_size {batch}, seed_block {block})",
+              ours == theirs, f"{len(theirs)} images: (label, g_seed, position, B) of {len(calls)} calls; "
+                              f"{sum(a != b for a, b in zip(ours, theirs))} differ")
+        with L.active(plan):
+            imgs = family.sample(model, torch.tensor(seeds), torch.tensor(labels), {**settings, "seed_block": block})
+        diff = 0
+        for i, (s, c) in enumerate(zip(seeds, labels)):
+            png = np.array(Image.open(work / "out" / "train" / f"c{c:02d}" / f"{s:05d}.png"))
+            diff = max(diff, int(np.abs(imgs[i].permute(1, 2, 0).numpy().astype(int) - png.astype(int)).max()))
+        check(f"--labels var images = generate_dataset.py's PNGs ({per_class}/class)", diff == 0,
+              f"{len(seeds)} images: max |neon - PNG| = {diff} (uint8)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repo", type=Path, required=True, help="a git checkout of FoundationVision/VAR")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--neon-repo", type=Path, default=None,
+                    help="a clone of SinaAlemohammad/Neon: also check --labels var against its VAR generate_dataset.py")
+    ap.add_argument("--only-labels", action="store_true", help="run the labels check (item 4) alone")
     args = ap.parse_args(argv)
     repo = args.repo.expanduser().resolve()
     if not (repo / "models" / "var.py").is_file():
@@ -317,9 +410,12 @@ def main(argv: list[str] | None = None) -> int:
         check("reset_parameters restored after build_vae_var",
               "reset_parameters" in torch.nn.Linear.__dict__ and torch.nn.Linear.reset_parameters.__name__ == "reset_parameters",
               "torch.nn.Linear.reset_parameters is torch's own again")
-        check_sampling(check, family, model, var_path, vae_path)
-        check_loss_and_step(check, family, model, var_path, vae_path)
-        check_files(check, family, tmp, var_path, vae_path, repo)
+        if not args.only_labels:
+            check_sampling(check, family, model, var_path, vae_path)
+            check_loss_and_step(check, family, model, var_path, vae_path)
+            check_files(check, family, tmp, var_path, vae_path, repo)
+        if args.neon_repo is not None:
+            check_labels(check, family, tmp, var_path, vae_path, args.neon_repo.expanduser().resolve())
     print(f"{'all checks passed' if not check.failed else f'{check.failed} check(s) FAILED'}")
     return 1 if check.failed else 0
 

@@ -30,6 +30,12 @@ kept), then checks:
    and a ``neon merge`` of the plain base with a snapshot loads as xAR's ``eval.py`` loads a file
    (``load_state_dict(torch.load(path))``), its -inf ``mask`` kept.
 
+4. labels (issue 24): ``--labels xar`` equals the labels xAR's own ``engine_xar.evaluate`` (``eval.py``)
+   hands ``sample_tokens`` (run with a recording stand-in model; 2,000 and 5,000 images of 1,000
+   classes), and with ``--neon-repo`` the Neon repository's ``xAR/calculate_fid.py``
+   ``prepare_labels``. ``--only-labels`` runs this check alone. Measured (OliverRensu/xAR 121e9c93,
+   SinaAlemohammad/Neon 76496c3f): 0 of 2,000 and 0 of 5,000 labels differ from either (23 s).
+
 On CPU, xAR's ``.cuda()`` calls are made no-ops while its code runs
 (:func:`neon_cli.repo.cuda_calls_on_cpu`, as the family does), ``flash_attn`` (imported, unused)
 is stubbed by the family when missing, and if ``torchvision`` cannot be imported (a CUDA wheel
@@ -40,7 +46,9 @@ xAR's model code uses none of it. Prints one line per check; exits 1 if any fail
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import io
 import importlib.abc
 import importlib.machinery
 import shutil
@@ -48,6 +56,7 @@ import sys
 import tempfile
 import time
 import types
+import warnings
 from pathlib import Path
 
 import torch
@@ -124,12 +133,81 @@ def official_batch(model, vae, labels, seed, flow_steps, cfg, rounding):
     return imgs.mul(255).clamp_(0, 255).byte()
 
 
+def check_labels(repo: Path, neon_repo: Path | None) -> None:
+    """``--labels xar`` against the labels xAR's ``eval.py`` samples: ``engine_xar.evaluate`` itself,
+    run on CPU with a recording stand-in for the model's ``sample_tokens`` (only the labels it is
+    given matter here), a zero VAE, its CUDA / distributed / sleep / cv2 calls no-ops; and, with
+    ``neon_repo``, the Neon repository's ``xAR/calculate_fid.py`` ``prepare_labels``."""
+    import importlib
+    import importlib.util
+
+    from neon_cli import labels as L
+    from neon_cli.repo import cuda_calls_on_cpu
+
+    stubs = {name: types.ModuleType(name) for name in ("cv2", "torch_fidelity") if importlib.util.find_spec(name) is None}
+    stubs.get("cv2", types.SimpleNamespace()).__dict__.update(imwrite=lambda *a, **k: True)
+    saved = {name: sys.modules.get(name) for name in stubs}
+    sys.modules.update(stubs)
+    try:
+        engine = importlib.import_module("engine_xar")
+        calc = None
+        if neon_repo is not None:
+            spec = importlib.util.spec_from_file_location("neon_xar_calculate_fid", neon_repo / "xAR" / "calculate_fid.py")
+            calc = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(calc)
+    finally:
+        for name, mod in saved.items():
+            if mod is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = mod
+    seen: list[int] = []
+
+    class Recorder:
+        def sample_tokens(self, num_steps, cfg=1.0, label=None):
+            seen.extend(label.tolist())
+            return torch.zeros(len(label), 1, 1, 1)
+
+        def eval(self):
+            return self
+
+    class ZeroVAE:
+        def decode(self, z):
+            return torch.zeros(len(z), 3, 2, 2)
+
+    k = 1000
+    for n, bsz in ((2000, 64), (5000, 256)):
+        seen.clear()
+        args = types.SimpleNamespace(num_images=n, num_iter=64, output_dir=tempfile.mkdtemp(prefix="verify-xar-eval-"),
+                                     evaluate=True, class_num=k, img_size=256)
+        saved_sync, saved_barrier, saved_time = torch.cuda.synchronize, torch.distributed.barrier, engine.time
+        torch.cuda.synchronize, torch.distributed.barrier = (lambda *a, **kw: None), (lambda *a, **kw: None)
+        engine.time = types.SimpleNamespace(sleep=lambda s: None)
+        try:
+            with cuda_calls_on_cpu(True), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                engine.evaluate(Recorder(), ZeroVAE(), args, 0, batch_size=bsz, log_writer=None, cfg=1.0, flow_steps=3)
+        finally:
+            torch.cuda.synchronize, torch.distributed.barrier, engine.time = saved_sync, saved_barrier, saved_time
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+        ours = L.check("xar", n, k).seeds_labels()[1]
+        check(f"--labels xar = eval.py's labels ({n} images, eval_bsz {bsz})", ours == seen[:n],
+              f"{sum(a != b for a, b in zip(ours, seen[:n]))} of {n} differ; {len(seen)} sampled (eval.py pads its last batch)")
+        if calc is not None:
+            theirs = calc.prepare_labels(n, k, bsz, 1)[0][:n].tolist()
+            check(f"--labels xar = Neon calculate_fid.py prepare_labels ({n} images)", ours == theirs,
+                  f"{sum(a != b for a, b in zip(ours, theirs))} of {n} differ")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repo", required=True, type=Path, help="xAR checkout (OliverRensu/xAR or Neon's xAR/)")
     ap.add_argument("--flow-steps", type=int, default=4)
     ap.add_argument("--block", type=int, default=2, help="seed_block (images per official batch)")
     ap.add_argument("--keep", type=Path, default=None, help="work folder to keep (default: a temporary one, deleted)")
+    ap.add_argument("--neon-repo", type=Path, default=None,
+                    help="a SinaAlemohammad/Neon clone: also check --labels xar against its xAR/calculate_fid.py")
+    ap.add_argument("--only-labels", action="store_true", help="run the labels check (4.) alone")
     args = ap.parse_args()
     t0 = time.time()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -143,6 +221,10 @@ def main() -> int:
         from neon_xar import checkout
 
         xar_mod, vae_mod = checkout.modules(checkout.find({"repo": str(repo)}))
+        check_labels(repo, args.neon_repo.resolve() if args.neon_repo else None)
+        if args.only_labels:
+            print(f"{sum(r[1] for r in RESULTS)}/{len(RESULTS)} checks passed in {time.time() - t0:.0f} s")
+            return 1 if not all(r[1] for r in RESULTS) else 0
         xar_mod.xar_verify = lambda **kw: xar_mod.xAR(**TINY, **kw)  # a tiny builder, registered at run time only
         torch.manual_seed(0)
         model = xar_mod.xar_verify(**BUILD, attn_dropout=0.1, proj_dropout=0.1).eval()

@@ -4,7 +4,8 @@ Every candidate model scored by one :class:`Evaluator` sees the same seeds and t
 labels, so differences between candidates (w, gamma, snapshots) are not sampling noise.
 
 Seed plan: image i of an evaluation uses seed ``seed + i`` and, for a class-conditional family,
-label ``(seed + i) % num_classes`` (balanced classes, determined by the seed alone).
+label ``(seed + i) % num_classes`` (balanced classes, determined by the seed alone), or the seed and
+label of another ``--labels`` protocol (:mod:`neon_cli.labels`: EDM's, VAR's, xAR's own).
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ from neon_cli.errors import ThresholdExceeded, UsageError
 from neon_cli.progress import ProgressFn, null_progress
 
 
-def classes_of(family: Any, path: Any = None) -> int:
+def classes_of(family: Any, path: Any = None, settings: Mapping[str, Any] | None = None) -> int:
     """Number of classes of the model at ``path``: the family's optional ``model_num_classes(path)``
     (families whose models differ, e.g. diffusers UNets with or without class embeddings), else
-    ``family.num_classes``."""
+    ``family.num_classes``. A ``model_num_classes`` that declares the keyword ``settings`` gets the
+    command's resolved settings (the ``t2i`` family: the number of prompts of ``--set prompts=FILE``,
+    labels being prompt indices)."""
     fn = getattr(family, "model_num_classes", None)
     if fn is not None and path is not None:
-        return int(fn(str(path)))
+        import inspect
+
+        try:
+            takes = "settings" in inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            takes = False
+        return int(fn(str(path), settings=dict(settings or {})) if takes else fn(str(path)))
     return int(family.num_classes or 0)
 
 
@@ -141,10 +150,16 @@ class Evaluator:
         batch: sampling batch size (does not change the images: image i depends only on its seed).
         progress: progress callback.
         num_classes: classes of the models scored (default ``family.num_classes``; see :func:`classes_of`).
+        labels: the class-label protocol (:mod:`neon_cli.labels`; None: ``balanced``); checked here
+            (UsageError naming ``--labels`` / ``samples_flag``); ``edm``'s labels are drawn at the first
+            :meth:`score_model`, from the model on its device.
     """
 
     def __init__(self, family: Any, settings: Mapping[str, Any], num_samples: int, seed: int = 0,
-                 batch: int = 1000, progress: ProgressFn = null_progress, num_classes: int | None = None):
+                 batch: int = 1000, progress: ProgressFn = null_progress, num_classes: int | None = None,
+                 labels: str | None = None, samples_flag: str = "--num-samples"):
+        from neon_cli import labels as label_protocols
+
         num_samples, seed, batch = check_plan_numbers(num_samples, seed, batch)
         self.family = family
         self.settings = dict(settings)
@@ -152,7 +167,18 @@ class Evaluator:
         self.seed = seed
         self.batch = batch
         self.progress = progress
-        self.seeds, self.labels = seed_plan(family, seed, num_samples, num_classes)
+        nc = family.num_classes if num_classes is None else num_classes
+        self.label_plan = label_protocols.check(labels, num_samples, int(nc or 0), family, seed=seed, num_flag=samples_flag)
+        self.seeds, self.labels = label_protocols.plan_tensors(self.label_plan, family, None)  # edm: labels drawn later
+        self._draw_labels = self.label_plan.protocol == "edm" and bool(nc)
+
+    def _plan_labels(self, model: Any) -> None:
+        """``--labels edm``: the labels drawn from each seed's generator on the model's device, once."""
+        if self._draw_labels:
+            from neon_cli.labels import plan_tensors
+
+            self.seeds, self.labels = plan_tensors(self.label_plan, self.family, model)
+            self._draw_labels = False
 
     def score_model(self, model: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, float]:
         """Metrics of ``model`` (``family.score``) plus ``seconds``; ``overrides`` updates settings (e.g. gamma).
@@ -172,7 +198,11 @@ class Evaluator:
             metrics = {k: float(v) for k, v in exact(model, settings).items()}
             metrics["seconds"] = round(time.perf_counter() - t0, 3)
             return metrics
-        images = sample_batched(self.family, model, self.seeds, self.labels, settings, self.batch, self.progress, "sample")
+        from neon_cli.labels import active
+
+        self._plan_labels(model)
+        with active(self.label_plan):
+            images = sample_batched(self.family, model, self.seeds, self.labels, settings, self.batch, self.progress, "sample")
         from neon_cli.dist import broadcast_object
 
         # every rank holds all the images and calls score, so a scorer that splits its own work across
@@ -197,7 +227,8 @@ class Evaluator:
 def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str], num_samples: int, seed: int,
              batch: int, thresholds: Mapping[str, Any] | None = None, report: Any, progress: ProgressFn = null_progress,
              trust_pickle: bool = False, detector: Path | None = None, ref_stats: Path | None = None,
-             max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = ()) -> dict[str, float]:
+             max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = (),
+             labels: str | None = None) -> dict[str, float]:
     """``neon eval``: metrics of one checkpoint on the seed plan; raises ThresholdExceeded past a threshold.
 
     Thresholds: ``max_fid`` (``--max-fid``), ``max_metric`` (``--max-metric METRIC=X``, see
@@ -208,14 +239,18 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     (:func:`check_metric_names`), and ``--report`` may not be an input. ``model_path`` None means the family's
     embedded default checkpoint. ``detector`` / ``ref_stats`` (``--detector`` / ``--ref-stats``)
     override ``$NEON_INCEPTION`` / ``$NEON_REF_STATS`` for families scored with Inception FID
-    (:mod:`neon_cli.scoring`); their sha256 go to ``report.results["scoring"]``.
+    (:mod:`neon_cli.scoring`); their sha256 go to ``report.results["scoring"]``. ``labels``: the
+    class-label protocol of the seed plan (``--labels``, :mod:`neon_cli.labels`; None: ``balanced``),
+    recorded as ``report.results["labels"]``.
     """
     from neon_cli import validate
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
+    from neon_cli.labels import check as check_labels
     from neon_cli.scoring import check_family_scoring, scoring_files
     from neon_cli.tune.recorded import apply_recorded
 
     check_plan_numbers(num_samples, seed, batch)
+    protocol = check_labels(labels, 0, 0).protocol
     limits = parse_thresholds(max_fid, max_metric)
     for name, value in (thresholds or {}).items():
         limits[name] = (validate.finite(f"--max-metric {name}", value), f"--max-metric {name}")
@@ -230,9 +265,10 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
         check_metric_names(family, family_name, limits, progress)  # inside: a family's metrics may depend on the detector
         check_family_scoring(family, family_name, detector, ref_stats)  # before the model loads or a sample is drawn
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
-        ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path))
+        ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path, settings),
+                       labels=protocol)
         metrics = ev.score_model(model)
-    report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, scoring=scoring)
+    report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, scoring=scoring, labels=protocol)
     for name, (limit, flag) in limits.items():
         if name not in metrics:
             raise UsageError(f"{flag}: family {family_name!r} reports no metric {name!r}")

@@ -8,6 +8,14 @@ seed ``seed + i``) and ``dataset.json`` = ``{"labels": [["00000/img00000000.png"
 family, settings and the seed of every file; EDM lists it but reads only images and dataset.json).
 So the same S can be fine-tuned with the official ``train.py --transfer ... --data S.zip --cond=1``
 and its ``network-snapshot-*.pkl`` files brought back to ``neon tune-w``.
+
+Format ``imagefolder`` (a folder): ``{i:08d}.png`` per image and ``metadata.jsonl`` with one line
+``{"file_name": "00000000.png", "text": PROMPT}`` per image (``"label"`` instead of ``"text"`` for a
+class-labelled set; ``file_name`` alone for an unconditional one): the layout Hugging Face
+``datasets``' ``imagefolder`` loads, so diffusers' ``train_text_to_image.py --train_data_dir OUT``
+(caption column ``text``) trains on it; beside each image ``{i:08d}.txt`` holds its prompt, the
+caption files kohya's sd-scripts read (``--caption_extension .txt``). The prompts are those a
+``t2i`` set keeps in its manifest (``conditioning``), indexed by the shards' labels.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from neon_cli.errors import DataError, UsageError
 from neon_cli.progress import ProgressFn, null_progress
 from neon_cli.requests import ExportRequest
 
-FORMATS = ("edm-zip",)
+FORMATS = ("edm-zip", "imagefolder")
 
 
 def edm_name(i: int) -> str:
@@ -69,8 +77,9 @@ def export(request: ExportRequest, *, report: Any, progress: ProgressFn = null_p
     Args:
         request: a :class:`neon_cli.requests.ExportRequest` (validated here): ``data``, a finished
             ``neon synth`` directory (manifest.json + shards), uint8 images [N, C, H, W] with C 1
-            or 3 and H == W; ``out``, the ``.zip`` to write, atomically (a temporary name renamed
-            when complete); ``fmt``, ``"edm-zip"``.
+            or 3 and H == W; ``out``, the ``.zip`` to write (``edm-zip``) or the folder
+            (``imagefolder``), atomically (a temporary name renamed when complete; an existing
+            folder is refused); ``fmt``, ``"edm-zip"`` or ``"imagefolder"``.
 
     Returns ``{"path", "format", "num_images", "labels", "sha256"}``. Raises UsageError (unknown
     format, ``-o`` not a .zip, output inside the input, Pillow missing), DataError (unfinished or
@@ -81,6 +90,8 @@ def export(request: ExportRequest, *, report: Any, progress: ProgressFn = null_p
 
     request.validate()
     data_dir, out, fmt = Path(request.data), Path(request.out), request.fmt
+    if fmt == "imagefolder":
+        return export_imagefolder(data_dir, out, report=report, progress=progress)
     mf = data_dir / "manifest.json"
     if not mf.is_file():
         hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""
@@ -123,5 +134,83 @@ def export(request: ExportRequest, *, report: Any, progress: ProgressFn = null_p
     digest = sha256_file(out)
     report.add_output("export", out, sha256=digest)
     results = {"path": str(out), "format": fmt, "num_images": n, "labels": labels is not None, "sha256": digest}
+    report.results.update(results)
+    return results
+
+
+def _open_set(data_dir: Path, out: Path, what: str) -> tuple[dict[str, Any], Any, Any]:
+    """(manifest, SynthSource, PIL.Image) of a finished set; the errors of :func:`export`."""
+    from neon_cli.fsutil import check_outputs
+    from neon_cli.inception import SynthSource
+
+    mf = data_dir / "manifest.json"
+    if not mf.is_file():
+        hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""
+        raise DataError(f"DATA: {data_dir} has no manifest.json{hint}")
+    check_outputs({"DATA": data_dir}, {"-o": out})
+    try:
+        import PIL.Image as pil
+    except ImportError:
+        raise UsageError(f"export --format {what} writes PNG files: install Pillow (pip install pillow)") from None
+    manifest = json.loads(mf.read_text())
+    shape = manifest.get("image_shape") or []
+    if manifest.get("image_dtype") != "uint8" or len(shape) != 3 or shape[0] not in (1, 3):
+        raise DataError(f"DATA: {data_dir} holds {manifest.get('image_dtype')} samples of shape {shape}; "
+                        f"{what} needs uint8 RGB or grayscale images [C, H, W]")
+    return manifest, SynthSource(data_dir), pil
+
+
+def export_imagefolder(data_dir: Path, out: Path, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """``neon export --format imagefolder`` (module docstring): PNGs, ``metadata.jsonl`` and kohya
+    ``.txt`` captions in the folder ``out``, written under a temporary name and renamed.
+
+    Returns ``{"path", "format", "num_images", "labels", "captions"}``. Raises UsageError (``-o``
+    exists or is inside the input, Pillow missing), DataError (unfinished set, non-uint8 images, a
+    label outside the manifest's prompts).
+    """
+    from neon_cli.fsutil import atomic_path, exclusive_lock, sha256_file
+
+    if out.exists():
+        raise UsageError(f"-o: {out} exists; imagefolder writes a new folder")
+    manifest, source, pil = _open_set(data_dir, out, "imagefolder")
+    n = len(source)
+    labels, seeds = _labels_and_seeds(data_dir, manifest)
+    cond = manifest.get("conditioning") or {}
+    prompts = [p["prompt"] for p in cond.get("prompts") or []] if cond.get("kind") == "prompts" else None
+    if prompts is not None and labels is None:
+        raise DataError(f"DATA: {data_dir}: the manifest lists prompts but the shards hold no labels")
+    report.add_input("synthetic_set", data_dir / "manifest.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with exclusive_lock(out, "-o"), atomic_path(out) as tmp:
+        tmp.mkdir()
+        progress("export", 0, n, unit="img")
+        for start in range(0, n, 256):
+            batch = source.read(start, min(n, start + 256))
+            for j, image in enumerate(batch):
+                i = start + j
+                name = f"{i:08d}.png"
+                (tmp / name).write_bytes(_png(image, pil))
+                row: dict[str, Any] = {"file_name": name}
+                if prompts is not None:
+                    lab = int(labels[i])
+                    if not 0 <= lab < len(prompts):
+                        raise DataError(f"DATA: image {i} has prompt index {lab}, outside the manifest's {len(prompts)} prompts")
+                    row["text"] = prompts[lab]
+                    (tmp / f"{i:08d}.txt").write_text(prompts[lab] + "\n", encoding="utf-8")
+                elif labels is not None:
+                    row["label"] = int(labels[i])
+                rows.append(row)
+            progress("export", start + len(batch), n, unit="img")
+        (tmp / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        (tmp / "neon.json").write_text(json.dumps({
+            "schema": "neon.export/1", "format": "imagefolder", "synthetic_set": str(data_dir),
+            "manifest_sha256": sha256_file(data_dir / "manifest.json"), "family": manifest.get("family"),
+            "settings": manifest.get("settings"),
+            "files": [{"file": r["file_name"], "seed": s} for r, s in zip(rows, seeds)] if len(seeds) == n else None,
+        }, sort_keys=True))
+    report.add_output("export", out / "metadata.jsonl")
+    results = {"path": str(out), "format": "imagefolder", "num_images": n, "labels": labels is not None,
+               "captions": prompts is not None}
     report.results.update(results)
     return results

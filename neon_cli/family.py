@@ -165,7 +165,14 @@ class Family(Protocol):
         check_scoring() -> None: raise a NeonError when what ``score`` needs (reference
             statistics, a detector) is missing; called before the model loads or a sample is drawn.
         model_num_classes(path) -> int: classes of the model at ``path`` when they vary between
-            models of the family (default: ``num_classes``).
+            models of the family (default: ``num_classes``). If it declares the keyword
+            ``settings``, it gets the command's resolved settings (``t2i``: the number of prompts
+            of ``--set prompts=FILE``, its labels being prompt indices).
+        synth_conditioning(settings) -> dict: JSON kept as ``conditioning`` in the plan and manifest
+            of ``neon synth`` (what the labels index: ``t2i``'s prompts); a set made with other
+            conditioning is not mixed into the same folder.
+        use_synthetic_set(model, manifest) -> None: called by ``neon finetune`` after loading, with
+            S's manifest (``t2i`` reads its prompts there to embed them once).
         score_model(model, settings) -> dict[str, float]: exact metrics computed from the model
             itself (e.g. the Gaussian toys' closed forms); the Evaluator prefers it to sampling.
         real_samples(model, n, seed) -> (samples, labels): real data for ``neon align``.

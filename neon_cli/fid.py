@@ -111,6 +111,7 @@ def fid(
     seed: int = 0,
     prdc: bool = False,
     device: str | None = None,
+    trust_pickle: bool = False,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
@@ -127,6 +128,8 @@ def fid(
         prdc: also precision, recall, density, coverage with k = 5 (:func:`neon_cli.metrics.prdc`,
             real = B, fake = A); needs features of both sides.
         device: torch device (default cuda if available, else cpu).
+        trust_pickle: let a pickled detector without a TorchScript archive inside run the code
+            stored in it (``--trust-pickle``; :func:`neon_cli.inception.load_detector`).
 
     Returns (also ``report.results``): ``fid`` (float), with ``prdc`` also ``precision``,
     ``recall``, ``density``, ``coverage`` and ``k``; ``a`` / ``b`` (``path``, ``kind``,
@@ -158,7 +161,7 @@ def fid(
 
     det = None
     if any(s.source is not None for s in sides):
-        det = load_detector(detector, device)
+        det = load_detector(detector, device, trust_pickle=trust_pickle)
     _, rank, world = _dist()
     if rank == 0:
         for s in sides:

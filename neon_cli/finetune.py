@@ -139,6 +139,9 @@ def finetune(
         base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
         base_images = int(base_meta.get("train_images", 0) or 0)
         model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
+        use_set = getattr(family, "use_synthetic_set", None)
+        if callable(use_set):  # optional: the family reads what S's labels index (t2i: the manifest's prompts)
+            use_set(model, data.manifest)
         suffix = saved_suffix(family, model, out_dir)  # what its save writes, when it does not say
         if callable(getattr(family, "encode", None)) and callable(getattr(family, "encode_key", None)):
             from neon_cli.dist import device

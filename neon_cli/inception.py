@@ -167,9 +167,15 @@ def describe_pickle_detector(path: str | os.PathLike[str]) -> str:
     names the TorchScript ``inception-2015-12-05.pt`` of the same detector (StyleGAN2-ADA's, which
     clean-fid also uses) to use instead.
     """
+    p = Path(path)
+    return (f"{p}: not a TorchScript archive but {_pickle_kind(p)}; neon does not execute it: use the TorchScript "
+            f"inception-2015-12-05.pt of the same detector ({DETECTOR_URL})")
+
+
+def _pickle_kind(p: Path) -> str:
+    """What a pickle holds, from its opcodes alone (:mod:`pickletools`; nothing resolved or called)."""
     import pickletools
 
-    p = Path(path)
     strings: list[str] = []
     try:
         with open(p, "rb") as fh:
@@ -185,12 +191,109 @@ def describe_pickle_detector(path: str | os.PathLike[str]) -> str:
         what = f"a torch_utils.persistence pickle (class {names[0]}) whose network is Python code stored in the file"
     else:
         what = "a Python pickle, which loads by running code named in the file"
-    return (f"{p}: not a TorchScript archive but {what}; neon does not execute it: use the TorchScript "
-            f"inception-2015-12-05.pt of the same detector ({DETECTOR_URL})")
+    return what
 
 
-def load_detector(path: str | os.PathLike[str] | None = None, device: str | None = None) -> InceptionDetector:
+def torchscript_in_pickle(path: str | os.PathLike[str]) -> list[bytes]:
+    """The TorchScript archives (zip byte strings) a pickle file carries anywhere in its object tree.
+
+    The pickle is read by the checkpoint package's inert unpickler
+    (:class:`neon_cli.checkpoint.unpickler.InertUnpickler`): no global it names is imported or
+    called, ``torch_utils.persistence`` records stay records (their ``module_src`` is never
+    executed); every byte string of the tree (the states of persistent objects included) that
+    starts with a zip header is returned. A detector pickled as a TorchScript archive inside a
+    pickle (e.g. a persistent wrapper whose state is ``torch.jit.save``'s bytes) therefore loads
+    without running anything of the pickle. Raises CheckpointError for an unreadable pickle.
+    """
+    from neon_cli.checkpoint.unpickler import InertUnpickler, scan, skeleton
+
+    p = Path(path)
+    data = p.read_bytes()
+    try:
+        sc = scan(data, 0, where=str(p))
+        stream, marks = skeleton(data, sc)
+        obj = InertUnpickler(stream, where=str(p), placeholders=marks, protocol=sc.protocol,
+                             load_from_bytes=lambda payload: None, persistent_load=lambda pid: None).load()
+    except CheckpointError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{p}: unreadable pickle ({type(exc).__name__}: {exc})") from None
+    found: list[bytes] = []
+    seen: set[int] = set()
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, (bytes, bytearray)):
+            m = marks.get(bytes(o))
+            raw = data[m.offset:m.offset + m.length] if m is not None else bytes(o)
+            if raw[:4] == b"PK\x03\x04":
+                found.append(raw)
+        elif isinstance(o, dict):
+            todo.extend(o.keys())
+            todo.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            todo.extend(o)
+        elif hasattr(o, "__dict__"):
+            todo.extend(vars(o).values())
+    return found
+
+
+def _load_pickled_detector(p: Path, dev: Any, trust_pickle: bool) -> Any:
+    """The module of a pickled detector (EDM's / StyleGAN3's ``inception-2015-12-05.pkl``): its
+    TorchScript archive read inertly (:func:`torchscript_in_pickle`) and ``torch.jit.load``-ed;
+    without one, and only with ``trust_pickle``, the pickle itself loaded as EDM's ``fid.py`` loads it
+    (``pickle.load``, which runs the code stored in it; EDM's ``torch_utils`` must be importable:
+    ``$NEON_EDM_REPO`` is put on ``sys.path`` when set)."""
+    import pickle
+    import sys
+
+    import torch
+
+    archives = torchscript_in_pickle(p)
+    if len(archives) == 1:
+        import io
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(io.BytesIO(archives[0]), map_location=dev)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"{p}: the TorchScript archive inside the pickle does not load ({first})") from None
+    if not trust_pickle:
+        what = _pickle_kind(p)
+        extra = f" ({len(archives)} zip archives inside, not one)" if archives else " with no TorchScript archive inside"
+        raise CheckpointError(f"{p}: not a TorchScript archive but {what}{extra}: loading it runs that code; "
+                              f"pass --trust-pickle (neon fid / ref-stats) to let it run "
+                              f"(EDM's torch_utils importable: $NEON_EDM_REPO or PYTHONPATH), or use the TorchScript "
+                              f"inception-2015-12-05.pt of the same detector ({DETECTOR_URL})")
+    repo = os.environ.get("NEON_EDM_REPO")
+    if repo and repo not in sys.path:
+        sys.path.insert(0, repo)
+    try:
+        with open(p, "rb") as fh:
+            module = pickle.load(fh)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{p}: pickle.load of the detector failed ({type(exc).__name__}: {first}); "
+                              f"EDM's torch_utils must be importable ($NEON_EDM_REPO or PYTHONPATH)") from None
+    if not callable(module):
+        raise CheckpointError(f"{p}: the pickle holds a {type(module).__name__}, not a detector module")
+    return module.to(dev).eval() if hasattr(module, "to") else module
+
+
+def load_detector(path: str | os.PathLike[str] | None = None, device: str | None = None,
+                  trust_pickle: bool = False) -> InceptionDetector:
     """Load the TorchScript Inception detector from ``path`` or ``$NEON_INCEPTION`` with ``torch.jit.load``.
+
+    A pickled detector (EDM's / StyleGAN3's ``inception-2015-12-05.pkl``, which EDM's ``fid.py`` and
+    the Neon paper's ``cal_metrics_all.py`` load with ``pickle.load``) is accepted too: a TorchScript
+    archive inside it is found and loaded without running anything of the pickle
+    (:func:`torchscript_in_pickle`); a pickle without one needs ``trust_pickle`` (``--trust-pickle``),
+    since loading it runs the Python code stored in it. The report's sha256 is the file's.
 
     Args:
         path: the ``--detector`` value (None: use ``$NEON_INCEPTION``).
@@ -199,7 +302,8 @@ def load_detector(path: str | os.PathLike[str] | None = None, device: str | None
     Raises:
         UsageError: no path given and ``$NEON_INCEPTION`` unset, or the file does not exist (the
         message names both ``--detector`` and ``NEON_INCEPTION``).
-        CheckpointError: not a TorchScript archive (EDM's / StyleGAN3's ``.pkl`` detector: see
+        CheckpointError: not a TorchScript archive (a ``.pkl`` with no TorchScript inside and no
+        ``trust_pickle``: the message says what it holds and names the ``.pt``; see
         :func:`describe_pickle_detector`) or ``torch.jit.load`` fails.
     """
     import torch
@@ -209,11 +313,13 @@ def load_detector(path: str | os.PathLike[str] | None = None, device: str | None
     p = require_detector_path(path)
     with open(p, "rb") as fh:
         magic = fh.read(4)
+    dev = torch.device(device or default_device())
     if magic[:1] == b"\x80":
-        raise CheckpointError(describe_pickle_detector(p))
+        module = _load_pickled_detector(p, dev, trust_pickle)
+        module.eval()
+        return InceptionDetector(module, p, sha256_file(p), dev)
     if magic != b"PK\x03\x04":
         raise CheckpointError(f"{p}: not a TorchScript archive")
-    dev = torch.device(device or default_device())
     try:
         with warnings.catch_warnings():  # torch >= 2.10 marks TorchScript deprecated; the detector is TorchScript
             warnings.simplefilter("ignore", DeprecationWarning)
@@ -668,11 +774,12 @@ def compute_stats(
     start, stop = rank_slice(len(source), rank, world)
     acc = StatsAccumulator()
     done, total = 0, stop - start
-    progress("inception", 0, total, unit="img")
+    task = getattr(detector, "task", "inception")
+    progress(task, 0, total, unit="img")
     for images in _iter_batches(source, start, stop, batch):
         acc.update(detector.features(images).numpy())
         done += images.shape[0]
-        progress("inception", done, total, unit="img")
+        progress(task, done, total, unit="img")
     if dist is not None and world > 1:
         states: list[Any] = [None] * world
         dist.all_gather_object(states, acc.state())
@@ -745,6 +852,64 @@ class InceptionFID:
         return out
 
 
+class PixelFeatures:
+    """The "detector" of pixel statistics: uint8 images [n, C, H, W] -> float64 [n, C*H*W] in [0, 1],
+    channel-major (the NCHW layout flattened), as the image families' ``pixel_fid`` reads them
+    (:func:`neon_diffusers.scoring.pixel_features`)."""
+
+    sha256 = None
+    path = None
+    task = "pixels"  # the progress task name (the Inception detector's is "inception")
+
+    def __init__(self) -> None:
+        self.feature_dim: int | None = None
+
+    def features(self, images: Any) -> Any:
+        import torch
+
+        x = torch.as_tensor(np.ascontiguousarray(images))
+        out = x.reshape(x.shape[0], -1).to(torch.float64) / 255.0
+        self.feature_dim = int(out.shape[1])
+        return out
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (``MemAvailable`` of /proc/meminfo; None where unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+#: float64 D x D matrices held at once while pixel statistics are accumulated and written
+#: (the running scatter, a batch's update, the finalised covariance)
+PIXEL_COV_COPIES = 3
+
+
+def check_pixel_size(dim: int, shape: Sequence[int], where: str, memory: int | None = None) -> int:
+    """Refuse pixel statistics whose D x D float64 covariance (D = C*H*W) would not fit.
+
+    Needs :data:`PIXEL_COV_COPIES` covariances in ``memory`` (default :func:`available_memory`).
+    Returns the covariance's size in bytes. Raises ResourceError naming ``where``, the image
+    shape, D and the covariance's size (a 64x64x3 image: D = 12288, 12288^2 float64 = 1.2 GB).
+    """
+    from neon_cli.errors import ResourceError
+
+    cov = int(dim) * int(dim) * 8
+    memory = available_memory() if memory is None else memory
+    if memory is not None and PIXEL_COV_COPIES * cov > memory:
+        dims = "x".join(str(int(s)) for s in shape)
+        raise ResourceError(f"{where}: pixel statistics of {dims} images need a {dim}x{dim} float64 covariance of "
+                            f"{cov / 1e9:.2f} GB ({PIXEL_COV_COPIES} copies while computing: {PIXEL_COV_COPIES * cov / 1e9:.2f} GB), "
+                            f"more than the {memory / 1e9:.2f} GB of memory available; use smaller images or the "
+                            f"Inception statistics (--detector)")
+    return cov
+
+
 def ref_stats(
     images: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -753,6 +918,8 @@ def ref_stats(
     batch: int = 64,
     device: str | None = None,
     keep_features: bool = False,
+    pixels: bool = False,
+    trust_pickle: bool = False,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
@@ -765,8 +932,16 @@ def ref_stats(
     results ``num_images``, ``feature_dim``, ``image_source``, ``detector_sha256``,
     ``stats_sha256``, ``world_size``. Returns those results.
 
-    Raises UsageError (no detector, bad flags, ``out`` equal to the input), DataError (bad images),
-    CheckpointError (unloadable detector).
+    ``pixels`` (``--pixels``): no detector; the statistics are of the raw pixels
+    (:class:`PixelFeatures`: ``mu`` [C*H*W], ``sigma`` [C*H*W, C*H*W] float64, values in [0, 1],
+    channel-major), the reference of the image families' ``pixel_fid``; sizes whose covariance would
+    not fit in memory are refused first (:func:`check_pixel_size`); a detector given (or
+    ``$NEON_INCEPTION``) is not used; ``detector_sha256`` is None and
+    ``kind`` is ``"pixels"`` (else ``"inception"``). ``trust_pickle``: as :func:`load_detector`.
+
+    Raises UsageError (no detector, bad flags, ``out`` equal to the input, ``--pixels`` with
+    ``--keep-features``), DataError (bad images), CheckpointError (unloadable
+    detector), ResourceError (``--pixels`` covariance too large).
     """
     from neon_cli.fsutil import sha256_file
     from neon_cli.metrics import save_stats
@@ -776,12 +951,18 @@ def ref_stats(
     _check_batch(batch)
     if out.suffix.lower() != ".npz":
         raise UsageError(f"-o: {out}: the statistics file must end in .npz")
-    report.check_outputs({"--images": src_path, "--detector": detector_path(detector)}, {"-o": out})
-    det = load_detector(detector, device)
+    if pixels and keep_features:
+        raise UsageError("--pixels: --keep-features stores Inception features; pixel statistics keep none")
+    report.check_outputs({"--images": src_path, "--detector": None if pixels else detector_path(detector)}, {"-o": out})
+    det = PixelFeatures() if pixels else load_detector(detector, device, trust_pickle=trust_pickle)
     source = open_images(src_path)
     if len(source) < 2:
         raise DataError(f"{src_path}: need at least 2 images for a covariance, found {len(source)}")
-    report.add_input("detector", det.path, sha256=det.sha256)
+    if pixels:
+        shape = source.read(0, 1).shape[1:]
+        check_pixel_size(int(np.prod(shape)), shape, f"--pixels {src_path}")
+    else:
+        report.add_input("detector", det.path, sha256=det.sha256)
     report.add_input("images", src_path)
     mu, sigma, feats = compute_stats(det, source, batch=batch, progress=progress, keep_features=keep_features)
     dist, rank, world = _dist()
@@ -790,6 +971,7 @@ def ref_stats(
         "feature_dim": int(mu.shape[0]),
         "image_source": source.kind,
         "detector_sha256": det.sha256,
+        "kind": "pixels" if pixels else "inception",
         "world_size": world,
     }
     if rank == 0:

@@ -192,27 +192,25 @@ def sample_by_seed_blocks(seeds: Any, labels: Any, block: int, num_classes: int,
 
     Seed s belongs to block ``s // block``; each block touched is drawn whole by
     ``draw(first_seed, block_labels) -> uint8 [block, ...]`` (``block_labels``: int64 [block], the
-    caller's labels for the requested seeds and the plan's ``seed % num_classes`` for the others;
-    None when ``num_classes`` is 0) and the requested images are kept, in the order asked. So an
+    caller's labels for the requested seeds and, for the others, the active label plan's
+    (:func:`neon_cli.labels.block_draws`; neon's ``seed % num_classes`` by default); None when
+    ``num_classes`` is 0) and the requested images are kept, in the order asked. So an
     image depends on its seed, its block's labels and ``draw`` only, never on which other seeds
     were asked for (batch size, shards, ranks, resume). ``seeds``: int64 [N] >= 0; ``labels``:
     int64 [N] or None. Raises ValueError for a negative seed.
     """
     import torch
 
+    from neon_cli.labels import block_draws
+
     seeds = torch.as_tensor(seeds, dtype=torch.int64).cpu()
-    if len(seeds) and int(seeds.min()) < 0:
-        raise ValueError("seeds must be >= 0")
-    nc = int(num_classes or 0)
-    wanted = {int(s): (int(labels[i]) if labels is not None else (int(s) % nc if nc else 0)) for i, s in enumerate(seeds.tolist())}
-    out: dict[int, Any] = {}
-    for b in sorted({s // block for s in wanted}):
-        span = range(b * block, (b + 1) * block)
-        lab = torch.tensor([wanted.get(s, s % nc if nc else 0) for s in span], dtype=torch.int64) if nc else None
-        images = draw(b * block, lab)
-        for j, s in enumerate(span):
-            if s in wanted:
-                out[s] = images[j]
     if not len(seeds):
         return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
-    return torch.stack([out[s] for s in seeds.tolist()])
+    out: list[Any] = [None] * len(seeds)
+    lab_list = torch.as_tensor(labels).tolist() if labels is not None else None
+    for first, block_labels, asked in block_draws(seeds.tolist(), lab_list, block, num_classes):
+        images = draw(first, torch.tensor(block_labels, dtype=torch.int64) if block_labels is not None else None)
+        for j, idx in asked.items():
+            for i in idx:
+                out[i] = images[j]
+    return torch.stack(out)

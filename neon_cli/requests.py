@@ -359,8 +359,9 @@ class InspectRequest:
 
 @dataclass(frozen=True)
 class ExportRequest:
-    """``neon export``: the synthetic set ``data`` written as ``out`` (a ``.zip``) in layout ``fmt``
-    (``edm-zip``: EDM's dataset_tool.py layout), ``report``."""
+    """``neon export``: the synthetic set ``data`` written as ``out`` in layout ``fmt`` (``edm-zip``:
+    a ``.zip`` in EDM's dataset_tool.py layout; ``imagefolder``: a new folder of PNGs with
+    ``metadata.jsonl``), ``report``."""
 
     data: Path
     out: Path
@@ -368,12 +369,12 @@ class ExportRequest:
     report: Optional[Path] = None
 
     def validate(self) -> "ExportRequest":
-        """UsageError for an unknown ``--format`` or an ``-o`` that is not a ``.zip``."""
+        """UsageError for an unknown ``--format`` or an edm-zip ``-o`` that is not a ``.zip``."""
         from neon_cli.export import FORMATS
 
         if self.fmt not in FORMATS:
             raise UsageError(f"--format: {self.fmt!r} is not one of {', '.join(FORMATS)}")
-        if Path(self.out).suffix.lower() != ".zip":
+        if self.fmt == "edm-zip" and Path(self.out).suffix.lower() != ".zip":
             raise UsageError(f"-o: {self.out}: the edm-zip format is a .zip file (EDM's train.py --data reads zips and folders)")
         return self
 

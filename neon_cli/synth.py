@@ -11,9 +11,11 @@ Layout of the output directory::
     manifest.json             written last: plan + every shard's sha256 (schema neon.synth/1)
 
 Image i (0-based) uses seed ``seed + i`` and, for class-conditional families, label
-``(seed + i) % num_classes``. Shard k holds images ``k*shard_size .. (k+1)*shard_size - 1`` and is
-sampled in batches aligned to its start, so the batch composition, and therefore every image bit,
-does not depend on which process or how many ranks made it. Each shard is written under a
+``(seed + i) % num_classes`` (``--labels balanced``), or the seed and label of another protocol
+(``--labels edm|var|xar``: the paper systems' own, :mod:`neon_cli.labels`), recorded in the plan
+and manifest (``label_protocol``); a rerun with another protocol is refused like another seed.
+Shard k holds images ``k*shard_size .. (k+1)*shard_size - 1`` and is sampled in batches aligned
+to its start, so the batch composition, and therefore every image bit, does not depend on which process or how many ranks made it. Each shard is written under a
 temporary name and renamed when complete, so after an interruption a rerun of the same command
 makes only the missing shards. Under torchrun, shard k is made by rank ``k % world_size`` and rank 0
 writes the manifest after a barrier. While a run writes, ``.neon.lock`` in the directory is held
@@ -78,6 +80,7 @@ def synthesize(
     shard_size: int = 1000,
     batch: int = 500,
     trust_pickle: bool = False,
+    labels: str | None = None,
     report: Any,
     progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
@@ -89,7 +92,8 @@ def synthesize(
     ``--set`` values finite and in range; a size the disk or the shard list cannot hold,
     :func:`check_size`), and ``-o`` / ``--report`` may not be the model
     (:func:`neon_cli.fsutil.check_outputs`). ``out_dir`` is locked for the run (a second run on it
-    is refused with a one-line error); ``plan.json`` is written only once the model has loaded,
+    is refused with a one-line error); ``labels`` is the class-label protocol (``--labels``, None:
+    ``balanced``; :func:`neon_cli.labels.check`); ``plan.json`` is written only once the model has loaded,
     and a plan of a run that made no shard yet is replaced, so a failed run never blocks its fix.
     Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
     ``out_dir`` holds shards of a different plan (another model, settings or seeds).
@@ -97,9 +101,10 @@ def synthesize(
     import torch
     from safetensors.torch import save_file
 
+    from neon_cli import labels as label_protocols
     from neon_cli import validate
     from neon_cli.dist import barrier, broadcast_object, device, main_rank_lock, rank_world, run_on_main
-    from neon_cli.evaluate import classes_of, seed_plan
+    from neon_cli.evaluate import classes_of
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
     from neon_cli.fsutil import remove_stale_tmp_in
     from neon_cli.identity import SETTINGS_SHA256, setting_hashes
@@ -110,6 +115,7 @@ def synthesize(
     batch = validate.positive_int("--batch", batch)
     seed = validate.seed("--seed", seed, count=num)
     check_size(num, shard_size, Path(out_dir))  # before the family loads or anything is sampled
+    label_protocols.check(labels, 0, 0)  # the name, before anything is read
     family = get_family(family_name)
     report.family = plugin_version(family_name)
     path = resolve_model(family, model_path)
@@ -122,7 +128,8 @@ def synthesize(
     with main_rank_lock(out_dir, "-o", folder=True):
         run_on_main(remove_stale_tmp_in, out_dir)  # partial shards of a killed run: under the lock no live run owns one
         model_sha = report.add_input("model", path)
-        num_classes = classes_of(family, path)
+        num_classes = classes_of(family, path, settings)
+        label_plan = label_protocols.check(labels, num, num_classes, family, seed=seed)
         plan = {
             "schema": SCHEMA,
             "family": family.name,
@@ -131,13 +138,18 @@ def synthesize(
             "seed": seed,
             "num": num,
             "shard_size": shard_size,
-            "labels": "(seed + i) % num_classes" if num_classes else None,
+            "labels": label_plan.text(),
+            "label_protocol": label_plan.protocol,
             "num_classes": num_classes,
         }
+        conditioning = getattr(family, "synth_conditioning", None)
+        if callable(conditioning):  # what the labels index, kept with S (t2i: the prompts)
+            plan["conditioning"] = conditioning(settings)
         hashes = setting_hashes(family, settings)  # a setting naming a file (a VAE) is known by its content
         if hashes:
             plan[SETTINGS_SHA256] = hashes
         report.settings.update(resolved_settings=settings)
+        report.results["labels"] = label_plan.protocol
         run_on_main(_check_plan, out_dir, plan)
 
         shards = [(k, k * shard_size, min(shard_size, num - k * shard_size)) for k in range((num + shard_size - 1) // shard_size)]
@@ -156,9 +168,9 @@ def synthesize(
         total_imgs = num
         progress("synth", done_imgs, total_imgs, unit="img")
         for k, start, count in mine:
-            seeds, labels = seed_plan(family, seed + start, count, num_classes)
+            seeds, labels = label_protocols.plan_tensors(label_plan, family, model, start, count)
             chunks = []
-            with torch.inference_mode():
+            with torch.inference_mode(), label_protocols.active(label_plan):
                 for i in range(0, count, batch):
                     lab = labels[i:i + batch] if labels is not None else None
                     chunks.append(family.sample(model, seeds[i:i + batch], lab, settings))
@@ -208,7 +220,9 @@ def _check_plan(out_dir: Path, plan: dict[str, Any]) -> None:
     # neon, without the settings' sha256, is compared with this one's settings as given)
     old_id = manifest_identity(old)
     new_id = manifest_identity(plan if SETTINGS_SHA256 in old else {k: v for k, v in plan.items() if k != SETTINGS_SHA256})
-    differs = [key for key in ("family", "settings", "seed", "shard_size", "num") if old_id.get(key) != new_id.get(key)]
+    differs = [key for key in ("family", "settings", "seed", "shard_size", "num", "conditioning") if old_id.get(key) != new_id.get(key)]
+    if old.get("label_protocol", "balanced") != plan.get("label_protocol", "balanced"):  # plans before --labels: balanced
+        differs.append("label_protocol")
     if (old.get("model") or {}).get("sha256") != plan["model"]["sha256"]:
         differs.append("model")
     if not differs:

@@ -503,7 +503,7 @@ def test_export_refuses_bad_targets_and_writes_null_labels(fam, pkls, tmp_path):
     assert "-o" in out and ".zip" in out
     out = neon("export", str(Sdir), "-o", str(Sdir / "inside.zip"), "-q", code=2)
     assert "inside the input" in out
-    out = neon("export", str(Sdir), "--format", "imagefolder", "-o", str(tmp_path / "a.zip"), "-q", code=2)
+    out = neon("export", str(Sdir), "--format", "webdataset", "-o", str(tmp_path / "a.zip"), "-q", code=2)  # imagefolder exists since t2i
     assert "--format" in out
     neon("export", str(Sdir), "-o", str(tmp_path / "u.zip"), "-q")
     with zipfile.ZipFile(tmp_path / "u.zip") as z:

@@ -194,7 +194,7 @@ def test_sampler_is_euler_maruyama_with_the_cfg_ramp(fam, files, stand_in, monke
 
 def test_an_image_depends_on_its_seed_block_only(fam, files):
     net = load_model(fam, files["base"], settings=settings(fam, files))
-    s = settings(fam, files, flow_steps=2)
+    s = settings(fam, files, flow_steps=3)
     torch_state, np_state = torch.get_rng_state(), np.random.get_state()[1].copy()
     all_ = fam.sample(net, torch.arange(0, 10), torch.arange(0, 10) % 10, s)
     assert torch.equal(torch.get_rng_state(), torch_state) and np.array_equal(np.random.get_state()[1], np_state)
@@ -261,7 +261,7 @@ def test_synth_finetune_tune_merge_eval(fam, files, stand_in, tmp_path):
     from neon_diffusers.scoring import write_pixel_stats
 
     xar, _, _ = stand_in
-    sets = ["--set", f"vae={files['vae']}", "--set", "flow_steps=2", "--set", "seed_block=4"]
+    sets = ["--set", f"vae={files['vae']}", "--set", "flow_steps=3", "--set", "seed_block=4"]
     _cli("synth", "xar", "--model", files["base"], "--num-images", 8, "-o", tmp_path / "S", "--batch", 4, "--shard-size", 4, *sets)
     write_pixel_stats(tmp_path / "S", tmp_path / "ref.npz")
     _cli("finetune", "xar", "--model", files["base"], "--data", tmp_path / "S", "--budget", 16, "--batch", 4, "--lr", 1e-4,
@@ -328,3 +328,12 @@ def test_repo_helpers_for_batch_seeded_code():
         b = (torch.rand(3), np.random.rand(3))
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert torch.equal(torch.get_rng_state(), state) and np.array_equal(np.random.get_state()[1], np_state)
+
+
+def test_flow_steps_below_what_xars_sampler_runs_are_refused(fam):
+    """xAR's euler_maruyama_sampler needs num_steps >= 3 (2 re-fills the KV cache in its last step,
+    1 leaves its loop index unbound): refused by name before any model is loaded."""
+    for bad in ("2", "1"):
+        with pytest.raises(FamilyError, match=f"--set flow_steps: {bad} is below the minimum 3"):
+            resolve_settings(fam, [f"flow_steps={bad}"])
+    assert resolve_settings(fam, ["flow_steps=3"])["flow_steps"] == 3

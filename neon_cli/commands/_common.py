@@ -35,7 +35,7 @@ from neon_cli.commands.boundary import (
     as_neon_error,
     run,
 )
-from neon_cli.commands.completion import _family_on_line, _short, complete_family, complete_setting
+from neon_cli.commands.completion import _family_on_line, _short, complete_family, complete_labels, complete_setting
 from neon_cli.commands.logs import (
     LineProgress,
     LogFormat,
@@ -53,11 +53,11 @@ from neon_cli.commands.logs import (
 
 #: Re-exported for the command modules (and other branches) that import them from here.
 __all__ = [
-    "DetectorOpt", "DryRunOpt", "JsonOpt", "LineProgress", "LogFormat", "LogFormatOpt", "NeonCommand", "NeonGroup",
+    "DetectorOpt", "DetectorTrustOpt", "DryRunOpt", "LabelsOpt", "JsonOpt", "LineProgress", "LogFormat", "LogFormatOpt", "NeonCommand", "NeonGroup",
     "NeonTyper", "QuietOpt", "RefStatsOpt", "ReportOpt", "RichProgress", "SetOpt", "Terminated", "TrustOpt",
     "_check_plan_first", "_check_report_path", "_escape", "_family_on_line", "_flag_of", "_fmt", "_json_error_out",
     "_jsonable", "_one_line", "_progress_renderer", "_short", "_show_plan", "_sigterm_as_interrupt", "_stderr_console",
-    "_to_stdout", "_write_error_report", "as_neon_error", "complete_family", "complete_setting", "log_format", "run",
+    "_to_stdout", "_write_error_report", "as_neon_error", "complete_family", "complete_labels", "complete_setting", "log_format", "run",
     "stdout_console", "with_log_format",
 ]
 
@@ -78,6 +78,17 @@ DetectorOpt = typer.Option(
 RefStatsOpt = typer.Option(
     None, "--ref-stats", dir_okay=False,
     help="Reference statistics .npz (mu, sigma) for FID (default: $NEON_REF_STATS).")
+
+
+DetectorTrustOpt = typer.Option(
+    False, "--trust-pickle",
+    help="Let a pickled detector (EDM's / StyleGAN3's inception-2015-12-05.pkl) run the code stored in it when it holds "
+         "no TorchScript archive (one inside loads without running anything). Only for files you trust.")
+LabelsOpt = typer.Option(
+    "balanced", "--labels", autocompletion=complete_labels,
+    help="Class-label protocol of the seed plan: balanced (label = seed % classes), or a paper system's own: "
+         "edm (EDM generate.py's per-seed draw), var (VAR generate_dataset.py: class order, seed restarts per class), "
+         "xar (xAR eval.py: labels sorted by class).")
 
 
 def _hide_flag_placeholders(params: list[Any]) -> list[Any]:

@@ -77,6 +77,13 @@ def _short(text: str, width: int = 56) -> str:
     return text if len(text) <= width else text[: width - 3].rstrip() + "..."
 
 
+def complete_labels(incomplete: str) -> list[tuple[str, str]]:
+    """Shell completion for ``--labels``: the label protocols of :mod:`neon_cli.labels` with their sources."""
+    from neon_cli.labels import PROTOCOLS, SOURCES
+
+    return [(p, _short(SOURCES[p])) for p in PROTOCOLS if p.startswith(incomplete)]
+
+
 def complete_family(incomplete: str) -> list[str]:
     """Shell completion for FAMILY: entry-point names, without importing any plugin."""
     from neon_cli.family import family_names

@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import DetectorOpt, DryRunOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import (DetectorOpt, DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt,
+                                       TrustOpt, complete_family, run)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +20,7 @@ def register(app: typer.Typer) -> None:
         num_samples: int = typer.Option(2000, "--num-samples", "-n", help="Images sampled and scored."),
         seed: int = typer.Option(10_000_000, "--seed", help="First seed of the evaluation seed plan (default: disjoint from synth's default seeds 0, 1, ...)."),
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size."),
+        labels: str = LabelsOpt,
         max_fid: Optional[float] = typer.Option(None, "--max-fid", help="Exit 1 if fid (Inception FID) exceeds this; same as --max-metric fid=X. For digits, a deprecated alias of --max-metric fd_digits=X."),
         max_metric: Optional[List[str]] = typer.Option(
             None, "--max-metric", metavar="METRIC=X", help="Exit 1 if METRIC exceeds X (repeatable), e.g. --max-metric pixel_fid=0.1."),
@@ -47,8 +49,8 @@ def register(app: typer.Typer) -> None:
             lambda report, progress: evaluate(family, model, set_pairs=set_ or [], num_samples=num_samples, seed=seed,
                                               batch=batch, max_fid=max_fid, max_metric=max_metric or [],
                                               trust_pickle=trust_pickle, detector=detector, ref_stats=ref_stats,
-                                              report=report, progress=progress),
-            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, batch=batch,
+                                              labels=labels, report=report, progress=progress),
+            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, batch=batch, labels=labels,
                           max_fid=max_fid, max_metric=max_metric or [], detector=detector, ref_stats=ref_stats,
                           trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,

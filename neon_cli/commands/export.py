@@ -15,8 +15,8 @@ def register(app: typer.Typer) -> None:
     @app.command("export")
     def export_(
         data: Path = typer.Argument(..., help="Synthetic set directory made by 'neon synth'.", file_okay=False),
-        fmt: str = typer.Option("edm-zip", "--format", "-f", help="Layout: edm-zip (EDM/StyleGAN dataset_tool.py: PNGs + dataset.json)."),
-        out: Path = typer.Option(..., "--out", "-o", help="File to write (.zip).", dir_okay=False),
+        fmt: str = typer.Option("edm-zip", "--format", "-f", help="Layout: edm-zip (EDM/StyleGAN dataset_tool.py: PNGs + dataset.json) or imagefolder (PNGs + metadata.jsonl with prompts, and kohya .txt captions)."),
+        out: Path = typer.Option(..., "--out", "-o", help="File to write (.zip), or the folder (imagefolder; must not exist).", dir_okay=False),
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
             neon synth edm --model edm-cifar10-32x32-cond-vp.pkl -n 6000 --trust-pickle -o S
             neon export S --format edm-zip -o S.zip
             torchrun --nproc_per_node=8 train.py --data S.zip --cond=1 --transfer edm-cifar10-32x32-cond-vp.pkl ...
+            neon export S_sd --format imagefolder -o S_sd_folder   # t2i: train_text_to_image.py --train_data_dir S_sd_folder
         """
         req = ExportRequest(data, out, fmt, report)
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import typer
 
-from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.commands._common import DetectorTrustOpt, DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
@@ -21,13 +21,14 @@ def register(app: typer.Typer) -> None:
                                       "torch-fidelity .pt, 'neon ref-stats' output)."),
         detector: Optional[str] = typer.Option(
             None, "--detector", envvar="NEON_INCEPTION", show_envvar=True,
-            help="TorchScript inception-2015-12-05.pt (StyleGAN2-ADA's, as clean-fid; EDM pickles the same network); never downloaded."),
+            help="TorchScript inception-2015-12-05.pt (StyleGAN2-ADA's, as clean-fid), or EDM's / StyleGAN3's inception-2015-12-05.pkl (see --trust-pickle); never downloaded."),
         prdc: bool = typer.Option(False, "--prdc", help="Also precision, recall, density, coverage (k=5; B is the real set); needs features of both sides."),
         num_images: Optional[int] = typer.Option(
             None, "--num-images", help="Use this many images of each image side, a random subset seeded by --seed as EDM fid.py --num (default: all)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the --num-images subset (EDM fid.py --seed)."),
         batch: int = typer.Option(64, "--batch", help="Images per detector call."),
         device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
+        trust_pickle: bool = DetectorTrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -52,8 +53,9 @@ def register(app: typer.Typer) -> None:
         run(
             "fid",
             lambda report, progress: fid(a, b, detector=detector, batch=batch, num_images=num_images, seed=seed, prdc=prdc,
-                                         device=device, report=report, progress=progress),
-            settings=dict(a=a, b=b, detector=detector, prdc=prdc, num_images=num_images, seed=seed, batch=batch, device=device),
+                                         device=device, trust_pickle=trust_pickle, report=report, progress=progress),
+            settings=dict(a=a, b=b, detector=detector, prdc=prdc, num_images=num_images, seed=seed, batch=batch, device=device,
+                          trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
             plan=lambda: fid_plan(a=a, b=b, detector=detector, report=report),
             show=_show,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.commands._common import DetectorTrustOpt, DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
 
 
 def register(app: typer.Typer) -> None:
@@ -22,11 +22,13 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Statistics file to write (.npz with mu, sigma).", dir_okay=False),
         detector: Optional[str] = typer.Option(
             None, "--detector", envvar="NEON_INCEPTION", show_envvar=True,
-            help="TorchScript inception-2015-12-05.pt (the EDM/StyleGAN/clean-fid detector); never downloaded.",
+            help="TorchScript inception-2015-12-05.pt (the EDM/StyleGAN/clean-fid detector), or the .pkl EDM loads (see --trust-pickle); never downloaded.",
         ),
         batch: int = typer.Option(64, "--batch", help="Images per detector call."),
         device: Optional[str] = typer.Option(None, "--device", help="torch device (default: cuda if available, else cpu)."),
         keep_features: bool = typer.Option(False, "--keep-features", help="Also store the features [N, 2048] (float32) for precision/recall."),
+        pixels: bool = typer.Option(False, "--pixels", help="Statistics of the raw pixels (C*H*W values in [0, 1]) instead of Inception features: the reference of pixel_fid; no detector. Refused when the (C*H*W)^2 float64 covariance would not fit in memory."),
+        trust_pickle: bool = DetectorTrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
         quiet: bool = QuietOpt,
@@ -42,6 +44,7 @@ def register(app: typer.Typer) -> None:
             export NEON_INCEPTION=~/models/inception-2015-12-05.pt
             neon ref-stats --images cifar10.npz -o cifar10-32x32.npz
             neon ref-stats --images synth/ -o s.npz --keep-features
+            neon ref-stats --images cifar10.npz -o cifar10-pixels.npz --pixels
         """
         from neon_cli.inception import ref_stats
         from neon_cli.plan import refstats_plan
@@ -49,8 +52,10 @@ def register(app: typer.Typer) -> None:
         run(
             "ref-stats",
             lambda report, progress: ref_stats(images, out, detector=detector, batch=batch, device=device,
-                                               keep_features=keep_features, report=report, progress=progress),
-            settings=dict(images=images, out=out, detector=detector, batch=batch, device=device, keep_features=keep_features),
+                                               keep_features=keep_features, pixels=pixels, trust_pickle=trust_pickle,
+                                               report=report, progress=progress),
+            settings=dict(images=images, out=out, detector=detector, batch=batch, device=device, keep_features=keep_features,
+                          pixels=pixels, trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
             plan=lambda: refstats_plan(images=images, out=out, detector=detector, report=report),
             show=_show,
@@ -58,6 +63,9 @@ def register(app: typer.Typer) -> None:
 
 
 def _show(results, console) -> None:
+    if results.get("kind") == "pixels":
+        console.print(f"wrote {results['stats']}: {results['num_images']} images, {results['feature_dim']} pixel values each")
+        return
     console.print(
         f"wrote {results['stats']}: {results['num_images']} images, {results['feature_dim']}-d features "
         f"(detector sha256 {results['detector_sha256'][:12]}...)"

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
 
 
 def register(app: typer.Typer) -> None:
@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         set_: Optional[List[str]] = SetOpt,
         shard_size: int = typer.Option(1000, "--shard-size", help="Images per shard (the unit of resume)."),
         batch: int = typer.Option(500, "--batch", help="Sampling batch size."),
+        labels: str = LabelsOpt,
         trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
@@ -29,8 +30,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Sample the synthetic set S from theta_r with its inference settings (paper Alg. 1, step 1).
 
-        Image i depends only on its seed (seed+i) and label ((seed+i) % classes). Rerunning the
-        same command after an interruption makes only the missing shards.
+        Image i depends only on its seed (seed+i) and label ((seed+i) % classes, or the --labels
+        protocol's). Rerunning the same command after an interruption makes only the missing shards.
 
         Example:
 
@@ -44,9 +45,9 @@ def register(app: typer.Typer) -> None:
             "synth",
             lambda report, progress: synthesize(family, model, num=num, out_dir=out, seed=seed, set_pairs=set_ or [],
                                                 shard_size=shard_size, batch=batch, trust_pickle=trust_pickle,
-                                                report=report, progress=progress),
+                                                labels=labels, report=report, progress=progress),
             settings=dict(family=family, model=model, num=num, out=out, seed=seed, set=set_ or [], shard_size=shard_size, batch=batch,
-                          trust_pickle=trust_pickle),
+                          labels=labels, trust_pickle=trust_pickle),
             report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
             plan=lambda: synth_plan(family=family, model=model, out=out, num=num, shard_size=shard_size, set_pairs=set_ or [],
                                     report=report),

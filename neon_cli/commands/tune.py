@@ -7,7 +7,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from neon_cli.commands._common import DetectorOpt, DryRunOpt, JsonOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.commands._common import (DetectorOpt, DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt,
+                                       TrustOpt, complete_family, run)
 
 
 GammaOpt = typer.Option(
@@ -94,6 +95,7 @@ def register(app: typer.Typer) -> None:
         control_samples: Optional[int] = ControlSamplesOpt,
         detector: Optional[Path] = DetectorOpt,
         ref_stats: Optional[Path] = RefStatsOpt,
+        labels: str = LabelsOpt,
         trust_pickle: bool = TrustOpt,
         report: Optional[Path] = ReportOpt,
         json_out: bool = JsonOpt,
@@ -130,7 +132,7 @@ def register(app: typer.Typer) -> None:
                     gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples,
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
-                    detector=detector, ref_stats=ref_stats)
+                    detector=detector, ref_stats=ref_stats, labels=labels)
         margin = None if abandon_margin == float("inf") else abandon_margin
         report_file = report
         run("tune-w",

@@ -12,7 +12,7 @@ from neon_cli.tune.common import _rkey
 
 
 def static_key(family: Any, family_version: str | None, *, batch: int,
-               scoring: Mapping[str, Any] | None = None) -> dict[str, Any]:
+               scoring: Mapping[str, Any] | None = None, labels: str = "balanced") -> dict[str, Any]:
     """The parts of a cache key that one tune-w run shares for all its candidates.
 
     * ``family`` (name) and ``family_version`` (its distribution's version);
@@ -25,7 +25,9 @@ def static_key(family: Any, family_version: str | None, *, batch: int,
     * ``scoring``: the sha256 of the Inception detector and of the reference statistics in
       effect (:func:`neon_cli.scoring.provenance`: from ``--detector`` / ``--ref-stats`` or from
       ``$NEON_INCEPTION`` / ``$NEON_REF_STATS``), present when either is set: FIDs against
-      different detectors or references are different numbers.
+      different detectors or references are different numbers;
+    * ``labels``: the ``--labels`` protocol (:mod:`neon_cli.labels`), present unless ``balanced``
+      (so caches written before the flag existed stay valid).
     """
     key: dict[str, Any] = {"family": family.name, "family_version": family_version}
     mv = getattr(family, "metrics_version", None)
@@ -35,6 +37,8 @@ def static_key(family: Any, family_version: str | None, *, batch: int,
         key["batch"] = int(batch)
     if scoring and any(scoring.values()):
         key["scoring"] = {k: (v or {}).get("sha256") for k, v in scoring.items()}
+    if labels != "balanced":
+        key["labels"] = labels
     return key
 
 

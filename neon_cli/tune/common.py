@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 #: Metric names where higher is better; tune-w maximises these (minimises their negation).
-HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "class_accuracy", "accuracy", "is", "inception_score"})
+HIGHER_IS_BETTER = frozenset({"precision", "recall", "density", "coverage", "class_accuracy", "accuracy", "is", "inception_score", "clip_score"})
 
 #: Evaluations per round of the (w, gamma) fit: 6 design points + 1 at the fitted optimum.
 EVALS_PER_ROUND = 7

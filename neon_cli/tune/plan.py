@@ -45,6 +45,7 @@ class Plan:
     plot_points: int
     control: str | None
     control_samples: int | None
+    labels: str = "balanced"
 
     @property
     def per_snapshot(self) -> int:
@@ -68,8 +69,12 @@ def _box(flag: str, box: Any) -> tuple[float, float]:
 
 def check_flags(*, bounds: Any, gamma: Any, base_gamma: Any, xtol: Any, max_evals: Any, rounds: Any, refine: Any,
                 gamma_scale: str, joint: str, num_samples: Any, seed: Any, confirm_samples: Any, batch: Any,
-                abandon_margin: Any, plot_points: Any, control: str | None, control_samples: Any) -> Plan:
+                abandon_margin: Any, plot_points: Any, control: str | None, control_samples: Any,
+                labels: str | None = None) -> Plan:
     """Every tune-w number and choice checked, each error naming its flag (UsageError)."""
+    from neon_cli.labels import check as check_labels
+
+    labels = check_labels(labels, 0, 0).protocol  # the name here; per model (classes, -n) when the Evaluator is built
     w_box = _box("--bounds", bounds)
     g_box = _box("--gamma", gamma) if gamma is not None else None
     bg_box = _box("--base-gamma", base_gamma) if base_gamma is not None else None
@@ -112,4 +117,4 @@ def check_flags(*, bounds: Any, gamma: Any, base_gamma: Any, xtol: Any, max_eval
                 refine=refine, gamma_scale=scales.get("--gamma", gamma_scale),
                 base_gamma_scale=scales.get("--base-gamma", gamma_scale), joint=joint, num_samples=num_samples, seed=seed,
                 confirm_samples=confirm_samples, batch=batch, abandon_margin=abandon_margin, plot_points=plot_points,
-                control=control, control_samples=control_samples)
+                control=control, control_samples=control_samples, labels=labels)

@@ -79,7 +79,7 @@ def run_tune_w(
     abandon_margin: float | None = 0.02, control: str | None = None, control_samples: int | None = None,
     write_anyway: bool = False, require_improvement: bool = True, trust_pickle: bool = False,
     detector: Path | None = None, ref_stats: Path | None = None, report_path: Path | None = None,
-    report: Any, progress: ProgressFn = null_progress,
+    labels: str | None = None, report: Any, progress: ProgressFn = null_progress,
 ) -> dict[str, Any]:
     """``neon tune-w``: the best (snapshot, w[, gamma]) for theta_Neon = theta_r - w (theta_s - theta_r).
 
@@ -111,6 +111,8 @@ def run_tune_w(
         require_improvement: raise :class:`NoImprovement` (exit 5) when Neon does not beat the base.
         detector, ref_stats: Inception files (:func:`neon_cli.scoring.scoring_files`).
         report_path: the ``--report`` file, checked against the inputs like every output.
+        labels: the class-label protocol of the seed plans (``--labels``, :mod:`neon_cli.labels`;
+            None: ``balanced``), recorded in the report and in every cache key.
         report, progress: the :class:`neon_cli.report.Report` (results documented in README) and callback.
 
     Returns ``report.results``. Raises UsageError / FamilyError / CheckpointError for bad input
@@ -122,7 +124,8 @@ def run_tune_w(
                        max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale, joint=joint,
                        num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, batch=batch,
                        abandon_margin=abandon_margin, plot_points=plot_points, control=control,
-                       control_samples=control_samples)
+                       control_samples=control_samples, labels=labels)
+    report.results["labels"] = plan.labels
     outputs = {"-o": output, "--cache": cache, "--plot": plot, "--report": report_path}
     with scoring_files(detector, ref_stats) as scoring:
         report.results["scoring"] = scoring
@@ -145,8 +148,8 @@ def _control_path(control: str | None) -> Path | None:
 def tune_base_gamma(family_name: str, base: Path | None, gamma: tuple[float, float], *, max_evals: int | None = None,
                     joint: str = "line", num_samples: int = 2000, seed: int = 10_000_000, set_pairs: Sequence[str] = (),
                     batch: int = 1000, metric: str | None = None, cache: Path | None = None, trust_pickle: bool = False,
-                    detector: Path | None = None, ref_stats: Path | None = None, report: Any,
-                    progress: ProgressFn = null_progress) -> dict[str, Any]:
+                    detector: Path | None = None, ref_stats: Path | None = None, labels: str | None = None,
+                    report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """The base alone at its default settings and at its own best gamma in ``gamma``
     (:func:`neon_cli.tune.baseline.measure_baselines`), with the same plan, keys and cache as
     :func:`run_tune_w` given the same arguments (so a later tune-w run finds these evaluations in
@@ -157,14 +160,15 @@ def tune_base_gamma(family_name: str, base: Path | None, gamma: tuple[float, flo
     plan = check_flags(bounds=(0.0, 1.0), gamma=gamma, base_gamma=gamma, xtol=0.05, max_evals=max_evals, rounds=1,
                        refine=REFINE_DEFAULT, gamma_scale="auto", joint=joint, num_samples=num_samples, seed=seed,
                        confirm_samples=0, batch=batch, abandon_margin=None, plot_points=0, control=None,
-                       control_samples=None)
+                       control_samples=None, labels=labels)
     with scoring_files(detector, ref_stats) as scoring:
         ctx = prepare(family_name, base, None, plan, metric=metric, set_pairs=set_pairs, cache=cache,
                       outputs={"--cache": cache}, extra_inputs={"--detector": detector, "--ref-stats": ref_stats},
                       trust_pickle=trust_pickle, scoring=scoring, report=report, progress=progress)
         with _locks(cache, None):
             baselines = measure_baselines(ctx, Scorer(ctx, total=plan.per_snapshot + 1))
-    report.results.update(baselines=baselines, metric=ctx.metric, num_samples=num_samples, seed=seed, scoring=scoring)
+    report.results.update(baselines=baselines, metric=ctx.metric, num_samples=num_samples, seed=seed, scoring=scoring,
+                          labels=plan.labels)
     return baselines
 
 
@@ -247,11 +251,15 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
     fam_version = report.family.get("version") if isinstance(report.family, dict) else None
     ctx = Context(family=family, family_name=family_name, plan=plan, base=base, snaps=snaps, base_sha=base_sha,
                   snap_shas=snap_shas, settings=settings, guidance=guidance, metric=metric, model=model,
-                  base_sd=model.state_dict(), num_classes=classes_of(family, base),
-                  static=static_key(family, fam_version, batch=plan.batch, scoring=scoring),
+                  base_sd=model.state_dict(), num_classes=classes_of(family, base, settings),
+                  static=static_key(family, fam_version, batch=plan.batch, scoring=scoring, labels=plan.labels),
                   store=EvalCache(cache if is_main() else None), trust_pickle=trust_pickle, report=report,
                   progress=progress)
     ctx.evaluator = ctx.evaluator_for(plan.num_samples, plan.seed)
+    if plan.confirm_samples:  # the confirmation's plan too, before any evaluation
+        from neon_cli.labels import check as check_labels
+
+        check_labels(plan.labels, plan.confirm_samples, ctx.num_classes, family, num_flag="--confirm-samples")
     return ctx
 
 

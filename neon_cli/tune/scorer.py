@@ -110,7 +110,7 @@ class Context:
         from neon_cli.evaluate import Evaluator
 
         return Evaluator(self.family, self.settings, num_samples, seed, self.plan.batch, self.progress,
-                         num_classes=self.num_classes)
+                         num_classes=self.num_classes, labels=self.plan.labels)
 
 
 class Scorer:

@@ -29,8 +29,10 @@ Recipe (:mod:`neon_edm.training`): ``train.py --transfer``'s. ``train_defaults``
 defaults: batch 512, lr 1e-3 (the paper: 1e-4 for CIFAR-10, 4e-6 for FFHQ), lr ramp over
 10,000,000 images, EMA half-life 500,000 images without ramp-up.
 
-Class labels: neon's seed plan (``seed % num_classes``); each image equals ``generate.py --seeds
-SEED --class LABEL``'s (see :mod:`neon_edm.sampler`).
+Class labels: neon's seed plan (``seed % num_classes``; each image equals ``generate.py --seeds
+SEED --class LABEL``'s, see :mod:`neon_edm.sampler`), or with ``--labels edm`` the label
+``generate.py`` (without ``--class``) and the paper's ``cal_metrics_all.py`` draw from each seed's
+generator (:meth:`EDMFamily.draw_labels`), so the images are theirs.
 
 Metrics: ``fid`` with ``--detector`` / ``$NEON_INCEPTION`` (the TorchScript
 ``inception-2015-12-05.pt``) and ``--ref-stats`` / ``$NEON_REF_STATS`` (EDM's
@@ -123,6 +125,17 @@ class EDMFamily(ImageScoring):
         from neon_edm.sampler import sample
 
         return sample(model, seeds, labels, settings)
+
+    def draw_labels(self, model: Any, seeds: Any) -> Any:
+        """int64 [N]: the labels EDM's ``generate.py`` draws without ``--class`` (and the Neon paper's
+        ``cal_metrics_all.py``): per seed, ``randint(label_dim)`` from ``torch.Generator(device)
+        .manual_seed(seed % 2**32)`` after the latent ``randn([C, H, W])``, on the network's device
+        (``--labels edm``; :func:`neon_edm.sampler.edm_labels`)."""
+        from neon_edm.sampler import edm_labels
+
+        device = next(model.parameters()).device
+        shape = [int(model.img_channels), int(model.img_resolution), int(model.img_resolution)]
+        return edm_labels(seeds, int(model.label_dim), shape, device)
 
     def loss(self, model: Any, images: Any, labels: Any, generator: Any) -> Any:
         """EDM's loss for the network's preconditioning, with its augmentation (:mod:`neon_edm.training`)."""

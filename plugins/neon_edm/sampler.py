@@ -25,8 +25,8 @@ The image is ``(x * 127.5 + 128).clip(0, 255)`` truncated to uint8, as ``generat
 Image i therefore depends only on its seed, its class label and the settings: with the same label,
 neon's image is ``generate.py --seeds SEED --class LABEL``'s (and, for unconditional networks,
 ``generate.py --seeds SEED``'s). The labels themselves come from neon's seed plan (balanced,
-``seed % num_classes``), not from EDM's per-seed random draw; :func:`edm_labels` gives the labels
-``generate.py`` draws without ``--class``.
+``seed % num_classes``), not from EDM's per-seed random draw, unless ``--labels edm``:
+:func:`edm_labels` gives the labels ``generate.py`` draws without ``--class``.
 """
 
 from __future__ import annotations

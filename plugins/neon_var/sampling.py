@@ -8,8 +8,9 @@ seed>, cfg, top_k, top_p, more_smooth)``, and the requested images are kept. So:
 
 * **invariant**: the image of seed s, for given weights and settings, whatever range of seeds,
   batch size, shard size, number of ranks or resume point asked for it, as long as the labels
-  follow neon's plan (label of seed t = t mod classes, :func:`neon_cli.evaluate.seed_plan`): the
-  block's other images are drawn with their plan labels whether they are requested or not;
+  follow the active label plan (``--labels``; :func:`neon_cli.labels.block_draws`): the block's
+  other images are drawn with their plan labels whether they are requested or not (under
+  ``--labels var``, whose seeds repeat in every class, a block is drawn once per class asked);
 * **not invariant**: ``seed_block`` itself (another block size regroups the draws), the device
   (CUDA's and the CPU's random streams differ, and so does floating-point rounding), VAR's
   fused/flash kernels (``--set fuse=``), and a caller's labels that differ from the plan for
@@ -26,6 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
+from neon_cli.labels import block_draws
 from neon_var.io import unwrap
 
 
@@ -60,24 +62,20 @@ def sample(model: Any, seeds: Any, labels: Any, settings: Mapping[str, Any]) -> 
     top_k = int(settings.get("top_k", 0))
     if top_k >= int(m.info["V"]):
         top_k = 0  # keeps all tokens either way; VAR's topk would fail for k > V
-    wanted: dict[int, int | None] = {}
-    for i, s in enumerate(seeds.tolist()):
-        wanted[s] = int(labels[i]) if labels is not None else None
-    out: dict[int, torch.Tensor] = {}
-    for b in block_plan(seeds, block):
-        block_seeds = range(b * block, (b + 1) * block)
-        if labels is None:
-            label_B = None
-        else:
-            label_B = torch.tensor([wanted[s] if wanted.get(s) is not None else s % nc for s in block_seeds],
-                                   dtype=torch.int64, device=dev)
+    if not len(seeds):
+        return torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+    lab_list = torch.as_tensor(labels).tolist() if labels is not None else None
+    out: list[Any] = [None] * len(seeds)
+    # labels None: VAR draws every label from the block's generator, so no labels are filled in
+    for first, block_labels, asked in block_draws(seeds.tolist(), lab_list, block, nc if labels is not None else 0):
+        label_B = torch.tensor(block_labels, dtype=torch.int64, device=dev) if block_labels is not None else None
         with torch.inference_mode():
-            images = var.autoregressive_infer_cfg(B=block, label_B=label_B, g_seed=b * block,
+            images = var.autoregressive_infer_cfg(B=block, label_B=label_B, g_seed=first,
                                                   cfg=float(settings.get("cfg", 1.5)), top_k=top_k,
                                                   top_p=float(settings.get("top_p", 0.0)),
                                                   more_smooth=bool(settings.get("more_smooth", False)))
         images = to_uint8(images).cpu()
-        for j, s in enumerate(block_seeds):
-            if s in wanted:
-                out[s] = images[j]
-    return torch.stack([out[s] for s in seeds.tolist()]) if len(seeds) else torch.empty((0, 3, 0, 0), dtype=torch.uint8)
+        for j, idx in asked.items():
+            for i in idx:
+                out[i] = images[j]
+    return torch.stack(out)

@@ -50,8 +50,11 @@ class XARFamily(ImageScoring):
         Setting("repo", None, str, "your OliverRensu/xAR checkout (default: $NEON_XAR_REPO, or models.xar importable)"),
         Setting("vae", None, str, "MAR's KL-16 VAE checkpoint kl16.ckpt (default: $NEON_XAR_VAE)"),
         Setting("arch", "auto", str, "builder in models/xar.py (xar_base, xar_large, xar_huge); auto: the one the checkpoint fits"),
-        Setting("flow_steps", 40, int, "Euler-Maruyama steps per cluster (eval.py --num_steps; paper: 40 xAR-B, 50 xAR-L)",
-                low=2, high=10000),
+        # low 3: xAR's euler_maruyama_sampler runs num_steps - 1 loop steps, then a last step that repeats
+        # the first step's cache-filling call while the loop index is still 0; with 2 the KV cache gets the
+        # condition twice (the next cluster fails on a shape mismatch), with 1 the index is unbound
+        Setting("flow_steps", 40, int, "Euler-Maruyama steps per cluster (eval.py --num_steps; paper: 40 xAR-B, 50 xAR-L; "
+                "at least 3, as xAR's sampler needs)", low=3, high=10000),
         Setting("cfg", 2.7, float, "classifier-free guidance scale gamma, ramped (cfg-1)*k/(clusters-1)+1 over the clusters",
                 low=1.0, high=100.0),
         Setting("seed_block", 64, int, "consecutive seeds drawn as one batch from one seed (see neon_xar.sampling)",
