@@ -397,6 +397,7 @@ def check_files(edm, fam, pkls: dict[str, Path], work: Path, repo: Path) -> None
     from neon_cli.export import export
     from neon_cli.finetune import finetune
     from neon_cli.report import Report
+    from neon_cli.requests import ExportRequest
     from neon_cli.synth import load_synthetic, synthesize
     from neon_cli.tune import run_tune_w
     from neon_diffusers.scoring import write_pixel_stats
@@ -404,7 +405,7 @@ def check_files(edm, fam, pkls: dict[str, Path], work: Path, repo: Path) -> None
     base = pkls["ddpmpp-edm-cond"]
     S = work / "S"
     synthesize("edm", base, num=20, out_dir=S, set_pairs=["num_steps=4"], trust_pickle=True, report=Report("synth"))
-    export(S, work / "S.zip", report=Report("export"))
+    export(ExportRequest(S, work / "S.zip"), report=Report("export"))
     images, labels, _ = load_synthetic(S)
     ds = edm["dataset"].ImageFolderDataset(path=str(work / "S.zip"), use_labels=True)
     got = np.stack([ds[i][0] for i in range(len(ds))])

@@ -40,11 +40,13 @@ Memory: the per-batch real gradients are kept, float64 [batches, parameters].
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 from neon_cli.errors import UsageError
 from neon_cli.progress import ProgressFn, null_progress
+from neon_cli.requests import AlignOptions, AlignRequest, check_sources
 
 HELP_VERDICT = "Neon (w > 0) expected to help"
 INTERPOLATE_VERDICT = "interpolate (w < 0) expected to help"
@@ -131,33 +133,27 @@ def _set_flat(model: Any, flat) -> None:
             off += k
 
 
-def estimate_alignment(
-    family: Any,
-    base: Any,
-    real_images: Any,
-    real_labels: Any,
-    *,
-    selftrained: Any = None,
-    synthetic_images: Any = None,
-    synthetic_labels: Any = None,
-    precond: str = "identity",
-    batch: int | None = None,
-    seed: int = 0,
-    curvature_step: float | None = 0.1,
-    progress: ProgressFn = null_progress,
-) -> dict[str, Any]:
+class Samples(NamedTuple):
+    """Samples of the family's sample tensor ``images`` [N, ...] and int64 ``labels`` [N] or None."""
+
+    images: Any
+    labels: Any = None
+
+
+def estimate_alignment(family: Any, base: Any, real: Samples, *, selftrained: Any = None, synthetic: Samples | None = None,
+                       options: AlignOptions = AlignOptions(), progress: ProgressFn = null_progress) -> dict[str, Any]:
     """The alignment diagnostics of the module docstring, as a dict of floats (and the verdict).
 
     Args:
         family: the family object (``loss``, ``train_defaults``).
         base: theta_r, a torch module (not modified: a copy is perturbed for the curvature).
-        real_images, real_labels: held-out real samples [N, ...] and int64 [N] or None.
+        real: held-out real samples (:class:`Samples`: [N, ...] and int64 [N] or None).
         selftrained: theta_s (same structure), or None.
-        synthetic_images, synthetic_labels: the synthetic set S, or None.
-        precond: ``"identity"`` or ``"adam"`` (P for s; the displacement carries its own).
-        batch: samples per gradient batch (default: the family's ``train_defaults["batch"]``).
-        seed: loss-noise seed (common to every pass).
-        curvature_step: h of the central difference for d^2R/dw^2 (None or 0: skip it).
+        synthetic: the synthetic set S (:class:`Samples`), or None.
+        options: :class:`~neon_cli.requests.AlignOptions`: ``precond`` (``"identity"`` or ``"adam"``:
+            P for s; the displacement carries its own), ``batch`` (default: the family's
+            ``train_defaults["batch"]``), ``seed`` (loss noise, common to every pass),
+            ``curvature_step`` (h of the central difference for d^2R/dw^2; None or 0: skipped).
 
     Returns:
         keys ``num_real``, ``num_params``, ``batch``, ``precond``, ``r_d_norm``; with theta_s:
@@ -171,95 +167,102 @@ def estimate_alignment(
     """
     import copy
 
-    import torch
-
-    if selftrained is None and synthetic_images is None:
-        raise UsageError("give a self-trained checkpoint (--selftrained) or a synthetic set (--synthetic), or both")
-    if precond not in ("identity", "adam"):
-        raise UsageError(f"--precond {precond!r}: expected 'identity' or 'adam'")
-    batch = int(batch or (getattr(family, "train_defaults", {}) or {}).get("batch", 256))
+    check_sources(selftrained, synthetic, options.precond)
+    batch = int(options.batch or (getattr(family, "train_defaults", {}) or {}).get("batch", 256))
     if batch <= 0:
         raise UsageError(f"--batch: must be positive, got {batch}")
-    model = copy.deepcopy(base)
-    theta_r = flat_params(model)
-    out: dict[str, Any] = {"num_real": int(real_images.shape[0]), "num_params": int(theta_r.numel()), "batch": batch,
-                           "precond": precond}
-    g_real, sizes = batch_gradients(family, model, real_images, real_labels, batch=batch, seed=seed,
-                                    progress=progress, task="align: real gradients")
+    grad = _Gradients(family, copy.deepcopy(base), batch, options.seed, progress)
+    theta_r = flat_params(grad.model)
+    out: dict[str, Any] = {"num_real": int(real.images.shape[0]), "num_params": int(theta_r.numel()), "batch": batch,
+                           "precond": options.precond}
+    g_real, sizes = grad(real, "align: real gradients")
     r_d = _mean(g_real, sizes)
     out["r_d_norm"] = float(r_d.norm())
-
     if selftrained is not None:
-        theta_s = flat_params(selftrained)
-        if theta_s.shape != theta_r.shape:
-            raise UsageError(f"--selftrained: {theta_s.numel()} parameters, the base has {theta_r.numel()}")
-        delta = theta_r - theta_s
-        dn = float(delta.norm())
-        proj = g_real @ delta
-        out.update(delta_norm=dn, dR_dw=float(r_d @ delta), dR_dw_stderr=_stderr(proj, sizes),
-                   cos_delta=float(r_d @ delta) / (out["r_d_norm"] * dn) if dn > 0 and out["r_d_norm"] > 0 else None)
-        out["d2R_dw2"] = out["w_quadratic"] = None
-        if curvature_step and dn > 0:
-            h = float(curvature_step)
-            slopes = []
-            for sgn in (1.0, -1.0):
-                _set_flat(model, theta_r + sgn * h * delta)
-                g, sz = batch_gradients(family, model, real_images, real_labels, batch=batch, seed=seed,
-                                        progress=progress, task=f"align: curvature ({'+' if sgn > 0 else '-'}h)")
-                slopes.append(float(_mean(g, sz) @ delta))
-            _set_flat(model, theta_r)
-            curv = (slopes[0] - slopes[1]) / (2 * h)
-            out["d2R_dw2"] = curv
-            out["w_quadratic"] = -out["dR_dw"] / curv if curv > 0 else None
-
-    if synthetic_images is not None:
-        g_syn, s_sizes = batch_gradients(family, model, synthetic_images, synthetic_labels, batch=batch, seed=seed,
-                                         progress=progress, task="align: synthetic gradients")
-        r_s = _mean(g_syn, s_sizes)
-        if precond == "adam":
-            v = _mean(g_real * g_real, sizes)
-            p = 1.0 / (torch.sqrt(v) + ADAM_EPS)
-        else:
-            p = torch.ones_like(r_s)
-        s = float((r_d * p * r_s).sum())
-        nd = math.sqrt(float((r_d * p * r_d).sum()))
-        ns = math.sqrt(float((r_s * p * r_s).sum()))
-        out.update(num_synthetic=int(synthetic_images.shape[0]), s=s, s_stderr=_stderr(g_real @ (p * r_s), sizes),
-                   cos=s / (nd * ns) if nd > 0 and ns > 0 else None, r_s_norm=float(r_s.norm()))
+        out.update(_displacement_terms(grad, real, theta_r, flat_params(selftrained), (r_d, g_real, sizes), options.curvature_step))
+    if synthetic is not None:
+        out.update(_synthetic_terms(grad, synthetic, (r_d, g_real, sizes), options.precond))
         key, err = "s", out["s_stderr"]
     else:
         key, err = "dR_dw", out["dR_dw_stderr"]
-    val = out[key]
-    out["estimate"] = key
-    out["sign"] = (val > 0) - (val < 0)
-    out["verdict"] = HELP_VERDICT if val < 0 else INTERPOLATE_VERDICT if val > 0 else "no first-order effect (s = 0)"
-    out["confident"] = bool(err is not None and abs(val) > 2 * err)
+    return {**out, **_verdict(key, out[key], err)}
+
+
+@dataclass(frozen=True)
+class _Gradients:
+    """Per-batch gradients of ``family.loss`` at ``model`` (:func:`batch_gradients` with fixed settings)."""
+
+    family: Any
+    model: Any
+    batch: int
+    seed: int
+    progress: ProgressFn
+
+    def __call__(self, samples: Samples, task: str) -> Any:
+        return batch_gradients(self.family, self.model, samples.images, samples.labels, batch=self.batch, seed=self.seed,
+                               progress=self.progress, task=task)
+
+
+def _displacement_terms(grad: _Gradients, real: Samples, theta_r: Any, theta_s: Any, real_grads: tuple[Any, Any, Any],
+                        curvature_step: float | None) -> dict[str, Any]:
+    """dR/dw(0) = <r_d, theta_r - theta_s>, its standard error and cosine, and (``curvature_step`` h > 0)
+    the curvature d2R/dw2 by a central difference at w = +-h and the quadratic-proxy optimum w."""
+    r_d, g_real, sizes = real_grads
+    if theta_s.shape != theta_r.shape:
+        raise UsageError(f"--selftrained: {theta_s.numel()} parameters, the base has {theta_r.numel()}")
+    delta = theta_r - theta_s
+    dn, rn = float(delta.norm()), float(r_d.norm())
+    out: dict[str, Any] = dict(delta_norm=dn, dR_dw=float(r_d @ delta), dR_dw_stderr=_stderr(g_real @ delta, sizes),
+                               cos_delta=float(r_d @ delta) / (rn * dn) if dn > 0 and rn > 0 else None)
+    out["d2R_dw2"] = out["w_quadratic"] = None
+    if curvature_step and dn > 0:
+        h = float(curvature_step)
+        slopes = []
+        for sgn in (1.0, -1.0):
+            _set_flat(grad.model, theta_r + sgn * h * delta)
+            g, sz = grad(real, f"align: curvature ({'+' if sgn > 0 else '-'}h)")
+            slopes.append(float(_mean(g, sz) @ delta))
+        _set_flat(grad.model, theta_r)
+        curv = (slopes[0] - slopes[1]) / (2 * h)
+        out["d2R_dw2"] = curv
+        out["w_quadratic"] = -out["dR_dw"] / curv if curv > 0 else None
     return out
 
 
-def run_align(
-    family_name: str,
-    base: Path | None,
-    *,
-    selftrained: Path | None = None,
-    synthetic: Path | None = None,
-    real: Path | None = None,
-    num_real: int = 10_000,
-    real_seed: int = 0,
-    precond: str = "identity",
-    batch: int | None = None,
-    seed: int = 0,
-    curvature_step: float | None = 0.1,
-    set_pairs: list[str] | tuple[str, ...] = (),
-    trust_pickle: bool = False,
-    report: Any,
-    progress: ProgressFn = null_progress,
-) -> dict[str, Any]:
-    """``neon align``: load the checkpoints and data, run :func:`estimate_alignment`, fill ``report``.
+def _synthetic_terms(grad: _Gradients, synthetic: Samples, real_grads: tuple[Any, Any, Any], precond: str) -> dict[str, Any]:
+    """s = <r_d, P r_s> with P the identity or Adam's 1 / (sqrt(v) + eps), its standard error and
+    the cosine in P's geometry."""
+    import torch
 
-    Real data: ``real`` (a directory in ``neon synth``'s format, e.g. made by a script from the
-    held-out split) or the family's ``real_samples(model, num_real, real_seed)``. ``base`` None
-    means the family's embedded default.
+    r_d, g_real, sizes = real_grads
+    g_syn, s_sizes = grad(synthetic, "align: synthetic gradients")
+    r_s = _mean(g_syn, s_sizes)
+    if precond == "adam":
+        v = _mean(g_real * g_real, sizes)
+        p = 1.0 / (torch.sqrt(v) + ADAM_EPS)
+    else:
+        p = torch.ones_like(r_s)
+    s = float((r_d * p * r_s).sum())
+    nd = math.sqrt(float((r_d * p * r_d).sum()))
+    ns = math.sqrt(float((r_s * p * r_s).sum()))
+    return dict(num_synthetic=int(synthetic.images.shape[0]), s=s, s_stderr=_stderr(g_real @ (p * r_s), sizes),
+                cos=s / (nd * ns) if nd > 0 and ns > 0 else None, r_s_norm=float(r_s.norm()))
+
+
+def _verdict(key: str, val: float, err: float | None) -> dict[str, Any]:
+    """Which estimate decides, its sign, the verdict and whether |estimate| > 2 standard errors."""
+    return {"estimate": key, "sign": (val > 0) - (val < 0),
+            "verdict": HELP_VERDICT if val < 0 else INTERPOLATE_VERDICT if val > 0 else "no first-order effect (s = 0)",
+            "confident": bool(err is not None and abs(val) > 2 * err)}
+
+
+def run_align(request: AlignRequest, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """``neon align``: validate ``request`` (:class:`~neon_cli.requests.AlignRequest`), load the
+    checkpoints and data, run :func:`estimate_alignment`, fill ``report``.
+
+    Real data: ``request.real`` (a directory in ``neon synth``'s format, e.g. made by a script from
+    the held-out split) or the family's ``real_samples(model, num, seed)`` of ``request.real_draw``.
+    ``request.base`` None means the family's embedded default.
 
     Raises:
         UsageError: missing paths, no source of real data, bad numbers; FamilyError: unknown
@@ -267,57 +270,54 @@ def run_align(
     """
     from neon_cli.family import get_family, load_model, plugin_version, resolve_settings
     from neon_cli.family import model_path as resolve_model
-    from neon_cli.synth import load_synthetic
 
-    from neon_cli import validate
-
-    if selftrained is None and synthetic is None:
-        raise UsageError("give a self-trained checkpoint (--selftrained) or a synthetic set (--synthetic), or both")
-    if precond not in ("identity", "adam"):
-        raise UsageError(f"--precond {precond!r}: expected 'identity' or 'adam'")
-    num_real = validate.positive_int("--num-real", num_real)
-    validate.seed("--real-seed", real_seed, count=num_real)
-    from neon_cli.train import MAX_TRAIN_SEED
-
-    validate.integer("--seed", seed, low=0, high=MAX_TRAIN_SEED)  # the loss noise of batch b: seed * 1_000_003 + b
-    if batch is not None:
-        validate.positive_int("--batch", batch)
-    if curvature_step is not None:
-        validate.finite("--curvature-step", curvature_step, low=0.0)
-    family = get_family(family_name)
-    report.family = plugin_version(family_name)
-    path = resolve_model(family, base, "--base")
-    report.check_outputs({"--base": path, "--selftrained": selftrained, "--synthetic": synthetic, "--real": real}, {})
+    req = request.validate()
+    family = get_family(req.family)
+    report.family = plugin_version(req.family)
+    path = resolve_model(family, req.base, "--base")
+    report.check_outputs({"--base": path, "--selftrained": req.selftrained, "--synthetic": req.synthetic, "--real": req.real}, {})
     report.add_input("base", path)
-    settings = resolve_settings(family, set_pairs, train=True)
-    model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
+    settings = resolve_settings(family, req.set_pairs, train=True)
+
+    def load(p: Any) -> Any:
+        return load_model(family, p, settings=settings, trust_pickle=req.trust.pickle, purpose="train")
+
+    model = load(path)
     theta_s = None
-    if selftrained is not None:
-        if not Path(selftrained).exists():
-            raise UsageError(f"--selftrained: {selftrained} does not exist")
-        report.add_input("selftrained", selftrained)
-        theta_s = load_model(family, selftrained, settings=settings, trust_pickle=trust_pickle, purpose="train")
-    syn_images = syn_labels = None
-    if synthetic is not None:
-        syn_images, syn_labels, _ = load_synthetic(Path(synthetic))
-        report.add_input("synthetic_set", Path(synthetic) / "manifest.json")
-    if real is not None:
-        real_images, real_labels, _ = load_synthetic(Path(real))
-        report.add_input("real_set", Path(real) / "manifest.json")
-        source = str(real)
-    else:
-        provider: Callable[..., Any] | None = getattr(family, "real_samples", None)
-        if provider is None:
-            raise UsageError(f"family {family_name!r} provides no real samples (no real_samples method); give --real DIR")
-        real_images, real_labels = provider(model, num_real, real_seed)
-        source = f"{family_name}.real_samples(n={num_real}, seed={real_seed})"
+    if req.selftrained is not None:
+        if not Path(req.selftrained).exists():
+            raise UsageError(f"--selftrained: {req.selftrained} does not exist")
+        report.add_input("selftrained", req.selftrained)
+        theta_s = load(req.selftrained)
+    synthetic = _load_set(req.synthetic, "synthetic_set", report) if req.synthetic is not None else None
+    real, source = _real_samples(req, family, model, report)
     report.settings.update(real_source=source)
-    res = estimate_alignment(family, model, real_images, real_labels, selftrained=theta_s,
-                             synthetic_images=syn_images, synthetic_labels=syn_labels, precond=precond,
-                             batch=batch, seed=seed, curvature_step=curvature_step, progress=progress)
+    res = estimate_alignment(family, model, real, selftrained=theta_s, synthetic=synthetic, options=req.options,
+                             progress=progress)
     res["real_source"] = source
     report.results.update(res)
     return res
+
+
+def _load_set(folder: Path, role: str, report: Any) -> Samples:
+    """A ``neon synth`` folder as :class:`Samples`, its manifest recorded as input ``role``."""
+    from neon_cli.synth import load_synthetic
+
+    images, labels, _ = load_synthetic(Path(folder))
+    report.add_input(role, Path(folder) / "manifest.json")
+    return Samples(images, labels)
+
+
+def _real_samples(req: AlignRequest, family: Any, model: Any, report: Any) -> tuple[Samples, str]:
+    """The held-out real samples (``--real`` or the family's ``real_samples``) and where they came from."""
+    if req.real is not None:
+        return _load_set(req.real, "real_set", report), str(req.real)
+    provider: Callable[..., Any] | None = getattr(family, "real_samples", None)
+    if provider is None:
+        raise UsageError(f"family {req.family!r} provides no real samples (no real_samples method); give --real DIR")
+    num, seed = req.real_draw.num, req.real_draw.seed
+    images, labels = provider(model, num, seed)
+    return Samples(images, labels), f"{req.family}.real_samples(n={num}, seed={seed})"
 
 
 def summary_lines(res: dict[str, Any]) -> Sequence[str]:

@@ -28,6 +28,7 @@ from typing import Any
 
 from neon_cli.errors import DataError, UsageError
 from neon_cli.progress import ProgressFn, null_progress
+from neon_cli.requests import ExportRequest
 
 FORMATS = ("edm-zip", "imagefolder")
 
@@ -69,16 +70,16 @@ def _labels_and_seeds(data_dir: Path, manifest: dict[str, Any]) -> tuple[list[in
     return (labels if has_labels else None), seeds
 
 
-def export(data_dir: str | Path, out: str | Path, *, fmt: str = "edm-zip", report: Any,
-           progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Write the complete synthetic set ``data_dir`` as ``out`` in format ``fmt`` (module docstring).
+def export(request: ExportRequest, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Write the complete synthetic set ``request.data`` as ``request.out`` in format ``request.fmt``
+    (module docstring).
 
     Args:
-        data_dir: a finished ``neon synth`` directory (manifest.json + shards); uint8 images
-            [N, C, H, W] with C 1 or 3 and H == W.
-        out: the ``.zip`` to write (``edm-zip``) or the folder (``imagefolder``), atomically (a
-            temporary name renamed when complete); an existing folder is refused.
-        fmt: ``"edm-zip"`` or ``"imagefolder"``.
+        request: a :class:`neon_cli.requests.ExportRequest` (validated here): ``data``, a finished
+            ``neon synth`` directory (manifest.json + shards), uint8 images [N, C, H, W] with C 1
+            or 3 and H == W; ``out``, the ``.zip`` to write (``edm-zip``) or the folder
+            (``imagefolder``), atomically (a temporary name renamed when complete; an existing
+            folder is refused); ``fmt``, ``"edm-zip"`` or ``"imagefolder"``.
 
     Returns ``{"path", "format", "num_images", "labels", "sha256"}``. Raises UsageError (unknown
     format, ``-o`` not a .zip, output inside the input, Pillow missing), DataError (unfinished or
@@ -87,13 +88,10 @@ def export(data_dir: str | Path, out: str | Path, *, fmt: str = "edm-zip", repor
     from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, sha256_file
     from neon_cli.inception import SynthSource
 
-    if fmt not in FORMATS:
-        raise UsageError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    data_dir, out = Path(data_dir), Path(out)
+    request.validate()
+    data_dir, out, fmt = Path(request.data), Path(request.out), request.fmt
     if fmt == "imagefolder":
         return export_imagefolder(data_dir, out, report=report, progress=progress)
-    if out.suffix.lower() != ".zip":
-        raise UsageError(f"-o: {out}: the edm-zip format is a .zip file (EDM's train.py --data reads zips and folders)")
     mf = data_dir / "manifest.json"
     if not mf.is_file():
         hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""

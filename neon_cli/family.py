@@ -564,3 +564,12 @@ def resolve_settings(family: Any, pairs: Sequence[str] = (), overrides: Mapping[
         specs[key].check(value)
         out[key] = value
     return out
+
+
+def list_families(request: Any, *, report: Any, progress: Any = None) -> list[dict[str, Any]]:
+    """``neon plugins``: every ``neon.families`` entry point as JSON (:meth:`PluginInfo.to_json`; a
+    plugin that fails to load is listed with its error), also in ``report.results["families"]``.
+    ``request``: a :class:`neon_cli.requests.PluginsRequest` (only its report path)."""
+    infos = [i.to_json() for i in discover().values()]
+    report.results["families"] = infos
+    return infos

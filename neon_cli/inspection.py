@@ -19,13 +19,13 @@ is imported); safetensors headers are parsed by neon. Reported:
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from neon_cli.errors import CheckpointError
 from neon_cli.progress import ProgressFn, null_progress
+from neon_cli.requests import InspectRequest
 
 MAX_ENTRIES = 64
 MAX_DEPTH = 10
@@ -157,20 +157,23 @@ def classify_globals(globals_: Mapping[tuple[str, str], int]) -> tuple[list[dict
     return out, sorted(set(warnings))
 
 
-def inspect_checkpoint(path: str | os.PathLike[str], *, report: Any, key: str | None = None,
-                       progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Describe checkpoint ``path`` without running any of it (see module doc); fills ``report``.
+def inspect_checkpoint(request: InspectRequest, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Describe a checkpoint without running any of it (see module doc); fills ``report``.
 
-    ``path``: any file or folder ``neon merge`` reads. ``key``: check that ``--key KEY`` finds the
-    weights (CheckpointError naming what is there otherwise). Returns ``{"path", "encoding",
+    ``request``: a :class:`neon_cli.requests.InspectRequest`: ``checkpoint``, any file or folder
+    ``neon merge`` reads; ``key``: check that ``--key KEY`` finds the weights (CheckpointError
+    naming what is there otherwise); ``report``: the ``--report`` path (UsageError when it is the
+    checkpoint). Returns ``{"path", "encoding",
     "bytes", "tree", "weights", "globals", "warnings", "components"}``; ``weights`` is None (with
     ``weights_error``) when merge would find no state dict. Raises CheckpointError for a file
     that cannot be parsed at all (truncated, unsupported opcode), naming the file.
     Source: issue 13 item 4.
     """
     from neon_cli.checkpoint import components, detect_layout, weights_file
+    from neon_cli.fsutil import check_outputs
 
-    p = Path(path)
+    p, key = Path(request.validate().checkpoint), request.key
+    check_outputs({"CHECKPOINT": p}, {"--report": request.report})
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
     progress("inspect", 0, 1, unit="file")

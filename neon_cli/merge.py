@@ -42,7 +42,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
@@ -70,6 +70,9 @@ from neon_cli.checkpoint import (
 )
 from neon_cli.errors import CheckpointError, UsageError
 from neon_cli.progress import ProgressFn, null_progress
+
+if TYPE_CHECKING:
+    from neon_cli.requests import MergeRequest
 
 FORMULA = "theta_r - w * (theta_s - theta_r)"
 
@@ -621,6 +624,7 @@ class _RssSampler:
 
     def __init__(self) -> None:
         self.peak: int | None = None
+        self.blocks = 0  # blocks merged so far (the caller samples every 64th)
         self.ok = os.path.exists("/proc/self/status")
         self.sample()
 
@@ -692,133 +696,186 @@ def _pair_outputs(rk: Checkpoint, kind: str, shard_size: int | None, items: list
     return [(nm, ordered(groups[g])) for nm, g in zip(names, sorted(groups))]
 
 
-def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], ws: list[float], targets: list[Path], kind: str,
-                provenance: dict[str, str], shard_size: int | None, progress: ProgressFn, sampler: _RssSampler, chunk: int,
-                io: Any, stack: contextlib.ExitStack, task: str = "merge",
-                allow_nonfinite: bool = False) -> tuple[_PairResult, list[dict[str, Any]]]:
+@dataclass
+class _PairContext:
+    """How every pair of one merge is written: the weights, the pair's layout (:func:`_pair_kind`),
+    the provenance metadata, ``shard_size``, progress, the memory sampler, block size, the output
+    I/O thread, the clean-up stack, the progress task name and ``allow_nonfinite``."""
+
+    ws: list[float]
+    kind: str
+    provenance: dict[str, str]
+    shard_size: int | None
+    progress: ProgressFn
+    sampler: _RssSampler
+    chunk: int
+    io: Any
+    stack: contextlib.ExitStack
+    task: str = "merge"
+    allow_nonfinite: bool = False
+
+
+@dataclass
+class _PairSinks:
+    """The open outputs of one pair: θ_r's patched copies or flat-.pt scratch files (one per w),
+    the current file's safetensors writers, and per w what was written."""
+
+    patched: list[Any]
+    raws: list[_RawTensorFile]
+    written: list[dict[str, Any]]
+    writers: list[Any] = field(default_factory=list)
+
+
+def _merge_pair(rk: Checkpoint, sk: Checkpoint, items: list[_Item], targets: list[Path],
+                ctx: _PairContext) -> tuple[_PairResult, list[dict[str, Any]]]:
     """Write the merged weights of one pair to ``targets`` (one per w: a file, or for ``sharded``
     a folder that gets the shards and the index). Returns the statistics and, per w, what was
-    written: ``{"files": {path: sha256 or None}, "bytes": n, "index": path or None}``.
+    written: ``{"writers": [...], "index": path or None, "digests": {path: sha256}}``.
 
-    Unless ``allow_nonfinite``, the first merged tensor with a new non-finite element (finite in
+    Unless ``ctx.allow_nonfinite``, the first merged tensor with a new non-finite element (finite in
     both inputs, inf/NaN in the result: a huge ``w``, or an fp16 overflow) raises UsageError
     naming it (:func:`_nonfinite_error`); the caller's clean-up removes every partial output."""
-    res = _PairResult(items=items, nonfinite_out=[{} for _ in ws])
-    files = _pair_outputs(rk, kind, shard_size, items)
-    written: list[dict[str, Any]] = [{"writers": [], "index": None, "digests": {}} for _ in ws]
+    res = _PairResult(items=items, nonfinite_out=[{} for _ in ctx.ws])
+    sinks = _open_pair_sinks(rk, items, targets, ctx)
     work = _Workspace()
-    patched: list[Any] = []
-    raws: list[_RawTensorFile] = []
-    if kind == "patched":
+    done, weight_map, closing = 0, {}, []
+    for fname, group in _pair_outputs(rk, ctx.kind, ctx.shard_size, items):
+        sinks.writers = _open_writers(rk, fname, group, targets, ctx, sinks)
+        for it in group:
+            weight_map[it.raw] = fname
+            for rf in sinks.raws:
+                rf.begin(it.out_spec)
+            if it.reason is None:
+                _merge_item(rk, sk, it, res, sinks, ctx, work)
+            else:
+                _copy_item(rk, sk, it, res, sinks, ctx)
+            done += 1
+            ctx.progress(ctx.task, done, len(items), unit="tensor")
+        for k, wr in enumerate(sinks.writers):  # flush + fsync on the I/O thread while the next group is merged
+            closing.append((k, wr.path, wr.close_async()))
+    for k, path, wait in closing:
+        digest = wait()
+        if digest is not None:
+            sinks.written[k]["digests"][path] = digest
+    for k, t in enumerate(targets):
+        if sinks.patched:
+            sinks.patched[k].close()
+        elif sinks.raws:
+            _finish_flat_pt(t, sinks.raws[k], items)
+    if ctx.kind == "sharded":
+        _write_indexes(rk, items, weight_map, targets, ctx, sinks.written)
+    return res, sinks.written
+
+
+def _open_pair_sinks(rk: Checkpoint, items: list[_Item], targets: list[Path], ctx: _PairContext) -> _PairSinks:
+    """A patched copy of θ_r per w (``patched``) or a scratch tensor file per w (flat ``torch``)."""
+    sinks = _PairSinks([], [], [{"writers": [], "index": None, "digests": {}} for _ in ctx.ws])
+    if ctx.kind == "patched":
         from neon_cli.checkpoint.torchfile import PatchedCopy, check_disjoint
 
         check_disjoint(rk, [it.raw for it in items if it.reason is None], [it.raw for it in items if it.reason is not None])
         for t in targets:
             pc = PatchedCopy(rk, t)  # type: ignore[arg-type]
-            stack.callback(pc.abort)
-            patched.append(pc)
-    elif kind == "torch":
+            ctx.stack.callback(pc.abort)
+            sinks.patched.append(pc)
+    elif ctx.kind == "torch":
         for t in targets:
             rf = _RawTensorFile(t.with_name(t.name + ".raw"))
-            stack.callback(_unlink, rf.path)
-            stack.callback(rf.abort)
-            raws.append(rf)
-    done, total, nblocks = 0, len(items), 0
-    weight_map: dict[str, str] = {}
-    closing: list[Any] = []
-    for fname, group in files:
-        writers: list[SafetensorsWriter] = []
-        if kind in ("safetensors", "sharded"):
-            specs = [it.out_spec for it in group]
-            for k, (w, t) in enumerate(zip(ws, targets)):
-                path = t if kind == "safetensors" else t / fname
-                meta = _st_metadata(rk, fname, provenance, w, kind)
-                pending = [key for key in ("neon.base_sha256", "neon.selftrained_sha256") if meta.get(key) == "pending"]
-                for key in pending:
-                    meta.pop(key)
-                # a single file keeps the inputs' sha256 in its header (filled in when known, then the file
-                # is hashed); shards leave them to the index, so each shard is hashed as it is written
-                ph = {key: 64 for key in pending} if kind == "safetensors" else {}
-                # with the inputs' sha256 still pending the file is hashed after the header patch, so
-                # the writes need no thread of their own (a hand-off per block costs more than the write)
-                wr = SafetensorsWriter(path, specs, meta, io=None if ph else io, placeholders=ph, hash=not ph)
-                stack.callback(wr.abort)
-                writers.append(wr)
-                written[k]["writers"].append(wr)
-        for it in group:
-            weight_map[it.raw] = fname
-            if raws:
-                for rf in raws:
-                    rf.begin(it.out_spec)
-            sinks: list[Any] = writers or raws
-            if it.reason is None:
-                st = res.stats[it.raw] = _Stats(len(ws))
-                s_iter = _blocks(sk, it.s_raw or it.raw, it.spec, chunk)
-                for a, b, rb in _blocks(rk, it.raw, it.spec, chunk):
-                    _, _, sb = next(s_iter)
-                    with np.errstate(all="ignore"):
-                        outs = _merge_block(rb, sb, it.spec.dtype, ws, it.out_dtype, st, work)
-                    nblocks += 1
-                    if nblocks % 64 == 1:
-                        sampler.sample()
-                    if patched:
-                        for pc, o in zip(patched, outs):
-                            v = pc.view(it.raw)
-                            if v.ndim == 0:
-                                v[...] = o
-                            else:
-                                v[a:b] = o.reshape(v[a:b].shape)
-                    else:
-                        for sink, o in zip(sinks, outs):
-                            sink.write(it.raw, o)
-                if st.all_equal:
-                    res.copied.setdefault("equal", []).append(it.raw)
-                    del res.stats[it.raw]
-                elif st.n_nonfinite_in:
-                    res.nonfinite_kept[it.raw] = st.n_nonfinite_in
-                for k in range(len(ws)):
-                    if st.n_nonfinite_out[k]:
-                        res.nonfinite_out[k][it.raw] = st.n_nonfinite_out[k]
-                        if not allow_nonfinite:
-                            raise _nonfinite_error(it, ws[k], st.n_nonfinite_out[k], st.n_cast_only[k])
-            else:
-                res.copied.setdefault(it.reason, []).append(it.raw)
-                compare = it.reason not in ("only_in_base", "outside_key")
-                s_iter = _blocks(sk, it.s_raw or it.raw, it.spec, chunk) if compare else None
-                for a, b, rb in _blocks(rk, it.raw, it.spec, chunk):
-                    if s_iter is not None:
-                        _, _, sb = next(s_iter)
-                        if it.raw not in res.differs and not _bits_equal(rb, sb):
-                            res.differs.add(it.raw)
-                    if patched:
-                        continue  # θ_r's bytes are already in the copy
-                    t = rb if it.out_dtype == it.spec.dtype else _from_compute(
-                        _to_compute(np.ascontiguousarray(rb), it.spec.dtype, _compute_dtype(it.spec.dtype, it.out_dtype), None),
-                        it.out_dtype, None, None)[0]
-                    for sink in sinks:
-                        sink.write(it.raw, t)
-            done += 1
-            progress(task, done, total, unit="tensor")
-        for k, wr in enumerate(writers):  # flush + fsync on the I/O thread while the next group is merged
-            closing.append((k, wr.path, wr.close_async()))
-    for k, path, wait in closing:
-        digest = wait()
-        if digest is not None:
-            written[k]["digests"][path] = digest
-    for k, t in enumerate(targets):
-        if patched:
-            patched[k].close()
-        elif raws:
-            _finish_flat_pt(t, raws[k], items)
-    if kind == "sharded":
-        total_size = sum(it.out_spec.nbytes for it in items)
-        for k, (w, t) in enumerate(zip(ws, targets)):
-            extra = {kk: v for kk, v in rk.index_metadata.items() if kk not in ("total_size", "neon")}
-            extra["neon"] = {kk: v for kk, v in {**provenance, "neon.w": _w_text(w)}.items()}
-            idx = t / f"{_shard_stem(rk)}.safetensors.index.json"
-            idx.write_text(json.dumps(index_json(weight_map, total_size, extra), indent=2) + "\n")
-            written[k]["index"] = idx
-    return res, written
+            ctx.stack.callback(_unlink, rf.path)
+            ctx.stack.callback(rf.abort)
+            sinks.raws.append(rf)
+    return sinks
+
+
+def _open_writers(rk: Checkpoint, fname: str, group: list[_Item], targets: list[Path], ctx: _PairContext,
+                  sinks: _PairSinks) -> list[SafetensorsWriter]:
+    """The safetensors writers of output file ``fname`` (one per w); [] for a patched or flat .pt output."""
+    writers: list[SafetensorsWriter] = []
+    if ctx.kind not in ("safetensors", "sharded"):
+        return writers
+    specs = [it.out_spec for it in group]
+    for k, (w, t) in enumerate(zip(ctx.ws, targets)):
+        path = t if ctx.kind == "safetensors" else t / fname
+        meta = _st_metadata(rk, fname, ctx.provenance, w, ctx.kind)
+        pending = [key for key in ("neon.base_sha256", "neon.selftrained_sha256") if meta.get(key) == "pending"]
+        for key in pending:
+            meta.pop(key)
+        # a single file keeps the inputs' sha256 in its header (filled in when known, then the file
+        # is hashed); shards leave them to the index, so each shard is hashed as it is written
+        ph = {key: 64 for key in pending} if ctx.kind == "safetensors" else {}
+        # with the inputs' sha256 still pending the file is hashed after the header patch, so
+        # the writes need no thread of their own (a hand-off per block costs more than the write)
+        wr = SafetensorsWriter(path, specs, meta, io=None if ph else ctx.io, placeholders=ph, hash=not ph)
+        ctx.stack.callback(wr.abort)
+        writers.append(wr)
+        sinks.written[k]["writers"].append(wr)
+    return writers
+
+
+def _merge_item(rk: Checkpoint, sk: Checkpoint, it: _Item, res: _PairResult, sinks: _PairSinks, ctx: _PairContext,
+                work: _Workspace) -> None:
+    """Merge one tensor block by block into every output; record its statistics (a tensor equal in
+    both inputs is listed as copied); refuse a new non-finite result unless allowed."""
+    st = res.stats[it.raw] = _Stats(len(ctx.ws))
+    s_iter = _blocks(sk, it.s_raw or it.raw, it.spec, ctx.chunk)
+    for a, b, rb in _blocks(rk, it.raw, it.spec, ctx.chunk):
+        _, _, sb = next(s_iter)
+        with np.errstate(all="ignore"):
+            outs = _merge_block(rb, sb, it.spec.dtype, ctx.ws, it.out_dtype, st, work)
+        ctx.sampler.blocks += 1
+        if ctx.sampler.blocks % 64 == 1:
+            ctx.sampler.sample()
+        if sinks.patched:
+            for pc, o in zip(sinks.patched, outs):
+                v = pc.view(it.raw)
+                if v.ndim == 0:
+                    v[...] = o
+                else:
+                    v[a:b] = o.reshape(v[a:b].shape)
+        else:
+            for sink, o in zip(sinks.writers or sinks.raws, outs):
+                sink.write(it.raw, o)
+    if st.all_equal:
+        res.copied.setdefault("equal", []).append(it.raw)
+        del res.stats[it.raw]
+    elif st.n_nonfinite_in:
+        res.nonfinite_kept[it.raw] = st.n_nonfinite_in
+    for k in range(len(ctx.ws)):
+        if st.n_nonfinite_out[k]:
+            res.nonfinite_out[k][it.raw] = st.n_nonfinite_out[k]
+            if not ctx.allow_nonfinite:
+                raise _nonfinite_error(it, ctx.ws[k], st.n_nonfinite_out[k], st.n_cast_only[k])
+
+
+def _copy_item(rk: Checkpoint, sk: Checkpoint, it: _Item, res: _PairResult, sinks: _PairSinks, ctx: _PairContext) -> None:
+    """Copy one tensor from θ_r (cast to the output dtype if needed), noting whether θ_s differs."""
+    res.copied.setdefault(it.reason or "", []).append(it.raw)
+    compare = it.reason not in ("only_in_base", "outside_key")
+    s_iter = _blocks(sk, it.s_raw or it.raw, it.spec, ctx.chunk) if compare else None
+    for a, b, rb in _blocks(rk, it.raw, it.spec, ctx.chunk):
+        if s_iter is not None:
+            _, _, sb = next(s_iter)
+            if it.raw not in res.differs and not _bits_equal(rb, sb):
+                res.differs.add(it.raw)
+        if sinks.patched:
+            continue  # θ_r's bytes are already in the copy
+        t = rb if it.out_dtype == it.spec.dtype else _from_compute(
+            _to_compute(np.ascontiguousarray(rb), it.spec.dtype, _compute_dtype(it.spec.dtype, it.out_dtype), None),
+            it.out_dtype, None, None)[0]
+        for sink in sinks.writers or sinks.raws:
+            sink.write(it.raw, t)
+
+
+def _write_indexes(rk: Checkpoint, items: list[_Item], weight_map: dict[str, str], targets: list[Path],
+                   ctx: _PairContext, written: list[dict[str, Any]]) -> None:
+    """``<stem>.safetensors.index.json`` of each sharded output (θ_r's index metadata kept, provenance under ``neon``)."""
+    total_size = sum(it.out_spec.nbytes for it in items)
+    for k, (w, t) in enumerate(zip(ctx.ws, targets)):
+        extra = {kk: v for kk, v in rk.index_metadata.items() if kk not in ("total_size", "neon")}
+        extra["neon"] = {kk: v for kk, v in {**ctx.provenance, "neon.w": _w_text(w)}.items()}
+        idx = t / f"{_shard_stem(rk)}.safetensors.index.json"
+        idx.write_text(json.dumps(index_json(weight_map, total_size, extra), indent=2) + "\n")
+        written[k]["index"] = idx
 
 
 def _nonfinite_error(it: Any, w: float, n_bad: int, n_cast_only: int) -> UsageError:
@@ -888,43 +945,31 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def merge_checkpoints(*args: Any, **kwargs: Any) -> dict[str, Any]:
-    """See :func:`_merge_checkpoints` (the documented signature); an OS error while writing an
-    output becomes a one-line error naming the output, and nothing is left behind: ResourceError
-    (exit 3) for a full disk, a read-only or unwritable folder; UsageError (exit 2) for a path
-    that cannot be one (a path under a file, ...)."""
-    from neon_cli.errors import from_os_error
+def merge_checkpoints(base: str | os.PathLike[str], selftrained: str | os.PathLike[str], ws: Sequence[float],
+                      outputs: Sequence[str | os.PathLike[str]], *, report: Any, progress: ProgressFn = null_progress,
+                      report_path: str | os.PathLike[str] | None = None, **options: Any) -> dict[str, Any]:
+    """The keyword form of :func:`merge`: ``merge(MergeRequest(base, selftrained, ws, outputs,
+    MergeOptions(**options), report_path), report=report, progress=progress)``.
 
-    try:
-        return _merge_checkpoints(*args, **kwargs)
-    except OSError as exc:
-        where = exc.filename or (kwargs.get("outputs") or (args[3] if len(args) > 3 else ["?"]))[0]
-        raise from_os_error(exc, f"-o: cannot write {where}", UsageError) from None
+    ``options``: the fields of :class:`~neon_cli.requests.MergeOptions` (``key``, ``dtype``,
+    ``exclude``, ``buffers``, ``allow_missing``, ``shard_size``, ``allow_nonfinite``, ``dry_run``,
+    ``chunk_elements``, ``threads``); ``trust_pickle`` is accepted and ignored (nothing is run).
+    """
+    from neon_cli.requests import MergeOptions, MergeRequest
+
+    options.pop("trust_pickle", None)
+    for name in ("exclude", "buffers"):
+        if name in options:
+            options[name] = tuple(options[name] or ())
+    req = MergeRequest(Path(base), Path(selftrained), tuple(ws), tuple(Path(o) for o in outputs), MergeOptions(**options),
+                       Path(report_path) if report_path is not None else None)
+    return merge(req, report=report, progress=progress)
 
 
-def _merge_checkpoints(
-    base: str | os.PathLike[str],
-    selftrained: str | os.PathLike[str],
-    ws: Sequence[float],
-    outputs: Sequence[str | os.PathLike[str]],
-    *,
-    report: Any,
-    key: str | None = None,
-    dtype: Any = None,
-    exclude: Sequence[str] = (),
-    buffers: Collection[str] = (),
-    allow_missing: bool = False,
-    shard_size: int | None = None,
-    dry_run: bool = False,
-    trust_pickle: bool = False,
-    progress: ProgressFn = null_progress,
-    chunk_elements: int = CHUNK_ELEMENTS,
-    threads: int | None = 1,
-    report_path: str | os.PathLike[str] | None = None,
-    allow_nonfinite: bool = False,
-) -> dict[str, Any]:
+def merge(request: MergeRequest, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Stream θ_Neon = θ_r − w (θ_s − θ_r) from two checkpoints into one output per w; no code
-    of either file runs (any encoding).
+    of either file runs (any encoding). ``request``: a :class:`neon_cli.requests.MergeRequest`
+    (validated here, once: :meth:`~neon_cli.requests.MergeRequest.validate`).
 
     ``base`` (θ_r) and ``selftrained`` (θ_s): ``.safetensors``; a sharded folder or its index; a
     torch zip or legacy file (.pt/.pth/.bin/.ckpt, full-module pickles included); a plain pickle
@@ -947,7 +992,7 @@ def _merge_checkpoints(
     Memory: O(``chunk_elements``) per output; the merge needs numpy only (no torch) for
     safetensors inputs and outputs. ``dry_run``: validate everything (names, shapes, dtypes,
     outputs, disk space) from headers only and write nothing. ``buffers``: names copied like
-    BatchNorm statistics. ``report_path``: the ``--report`` file, checked against the inputs
+    BatchNorm statistics. ``request.report``: the ``--report`` file, checked against the inputs
     and outputs. ``threads`` is kept for compatibility (the numpy kernel is single-threaded; the
     output writes, the sha256 of inputs and outputs run on their own threads).
 
@@ -961,199 +1006,346 @@ def _merge_checkpoints(
     Raises UsageError (bad w/outputs, an output that is an input or another output, an output
     being written by another run, not enough disk, a merged tensor that is not finite: named,
     with ``--dtype float32`` suggested only for an overflow of a half-precision output) and CheckpointError (unreadable/truncated
-    input, key/shape/dtype mismatch naming the key); on any error no output is left behind.
+    input, key/shape/dtype mismatch naming the key); on any error no output is left behind. An OS
+    error while writing an output becomes a one-line error naming the output: ResourceError
+    (exit 3) for a full disk, a read-only or unwritable folder; UsageError (exit 2) for a path
+    that cannot be one (a path under a file, ...).
     Source: paper Algorithm 1, App. C; issues 3, 12 and 13.
     """
-    from concurrent.futures import ThreadPoolExecutor
+    from neon_cli.errors import from_os_error
 
-    from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, remove_stale_tmp
+    if request.error is not None:
+        raise request.error
+    if _is_lora_pair(request):
+        return _merge_lora(request, report, progress)
+    try:
+        return _merge(request, report, progress)
+    except OSError as exc:
+        where = exc.filename or (list(request.outputs) or ["?"])[0]
+        raise from_os_error(exc, f"-o: cannot write {where}", UsageError) from None
 
-    t0 = time.perf_counter()
-    sampler = _RssSampler()
-    ws = [_check_w(w) for w in ws]
-    outs = [Path(o) for o in outputs]
-    if not ws:
-        raise UsageError("--w: give at least one weight")
-    if len(ws) != len(outs):
-        raise UsageError(f"-o: {len(outs)} output paths for {len(ws)} weights; use '{{w}}' in -o for several weights")
-    if shard_size is not None:
-        from neon_cli.validate import positive_int
 
-        shard_size = positive_int("--shard-size", shard_size)
-    from neon_cli.validate import positive_int as _pi
+def _is_lora_pair(request: MergeRequest) -> bool:
+    """True when θ_s (or θ_r) is a LoRA file (:func:`neon_cli.lora.is_lora`); UsageError for
+    ``--as-lora`` without one."""
+    from neon_cli.lora import is_lora
 
-    chunk_elements = _pi("chunk_elements", chunk_elements)
-    kinds = {output_kind(o, shard_size) for o in outs}
-    if len(kinds) != 1:
-        raise UsageError("-o: all outputs must have the same layout (suffix)")
-    kind = kinds.pop()
-    odt = parse_dtype(dtype)
-    pats = _compile_exclude(exclude)
-    base_p, self_p = Path(base), Path(selftrained)
-    for role, p in (("base", base_p), ("selftrained", self_p)):
+    if is_lora(request.selftrained) or is_lora(request.base):
+        return True
+    if request.options.as_lora:
+        raise UsageError(f"--as-lora: {request.selftrained} is not a LoRA (.safetensors with lora_A/lora_B or lora_down/lora_up keys)")
+    return False
+
+
+def _merge_lora(request: MergeRequest, report: Any, progress: ProgressFn) -> dict[str, Any]:
+    """θ_s a LoRA: :func:`neon_cli.lora.merge_lora` (exact in LoRA space); the flags it does not use are refused by name."""
+    from neon_cli.lora import merge_lora
+
+    o = request.options
+    for flag, val in (("--key", o.key), ("--exclude", o.exclude), ("--allow-missing", o.allow_missing), ("--shard-size", o.shard_size)):
+        if val:
+            raise UsageError(f"{flag}: not used when theta_s is a LoRA ({request.selftrained})")
+    return merge_lora(request.base, request.selftrained, list(request.ws), list(request.outputs), as_lora=o.as_lora,
+                      lora_format=o.lora_format, dtype=o.dtype, dry_run=o.dry_run, report=report, progress=progress,
+                      report_path=request.report, allow_nonfinite=o.allow_nonfinite)
+
+
+@dataclass
+class _Job:
+    """One validated merge: the request's values as the steps use them."""
+
+    req: MergeRequest
+    ws: list[float]
+    outs: list[Path]
+    kind: str  # output_kind of every output
+    odt: str | None
+    pats: list[re.Pattern[str]]
+    chunk: int
+    shard: int | None = None  # bytes per shard of a sharded output (--shard-size)
+    side_r: Path | None = None  # θ_r's sidecar <base>.json, copied beside each file output
+    folder_mode: bool = False
+    t0: float = field(default_factory=time.perf_counter)
+    sampler: _RssSampler = field(default_factory=_RssSampler)
+
+    @property
+    def base_p(self) -> Path:
+        return Path(self.req.base)
+
+    @property
+    def self_p(self) -> Path:
+        return Path(self.req.selftrained)
+
+
+@dataclass
+class _PairPlan:
+    """One pair of weight files to merge: its component (``.`` for a file pair), the checkpoints,
+    the tensors in θ_r's order, θ_s's names ignored, and how the pair is written (:func:`_pair_kind`)."""
+
+    comp: str
+    rk: Checkpoint
+    sk: Checkpoint
+    items: list[_Item]
+    ignored: list[str]
+    pkind: str
+
+
+@dataclass
+class _Streamed:
+    """What streaming wrote: temporary outputs, per-pair statistics and writers, the hash threads."""
+
+    tmps: list[Path]
+    pairs: list[_PairResult]
+    written: list[list[dict[str, Any]]]
+    not_copied: list[str]
+    hashes: list[Any]
+    hasher: Any
+    provenance: dict[str, str]
+
+
+def _merge(req: MergeRequest, report: Any, progress: ProgressFn) -> dict[str, Any]:
+    """The merge as named steps: check the request, lock the outputs, open and plan the pairs,
+    stream the blocks, finish (hash, fill in provenance, rename) and summarise."""
+    job = _prepare(req.validate())
+    with contextlib.ExitStack() as stack:
+        _lock_outputs(stack, job)
+        plans, warnings = _open_and_plan(stack, job)
+        results = _describe(report, job, plans, warnings)
+        if req.options.dry_run:
+            return _dry_run_results(report, job, plans)
+        streamed = _stream_pairs(stack, job, plans, progress, warnings)
+        sinks = _finish_outputs(stack, job, report, streamed)
+    _fill_results(results, _combine(streamed.pairs, len(job.ws)), job.ws, sinks)
+    results["not_copied"] = streamed.not_copied
+    results["peak_rss_anon_bytes"] = job.sampler.peak
+    results["max_rss_bytes"] = _max_rss()
+    results["seconds"] = round(time.perf_counter() - job.t0, 3)
+    return results
+
+
+def _prepare(req: MergeRequest) -> _Job:
+    """The validated request as a :class:`_Job`: inputs exist, outputs are neither inputs nor each
+    other, and whether the base is a folder of models merged component by component."""
+    from neon_cli.fsutil import check_outputs
+
+    o = req.options
+    job = _Job(req, [_check_w(w) for w in req.ws], [Path(p) for p in req.outputs], "", parse_dtype(o.dtype),
+               _compile_exclude(o.exclude), o.chunk_elements if o.chunk_elements is not None else CHUNK_ELEMENTS,
+               req.shard_bytes())
+    job.kind = output_kind(job.outs[0], job.shard)
+    base_p, self_p = job.base_p, job.self_p
+    for p in (base_p, self_p):
         if not p.exists():
             raise CheckpointError(f"{p}: no such file or directory")
-    out_flags = {"-o" if len(outs) == 1 else f"-o (w={_w_text(w)})": o for w, o in zip(ws, outs)}
-    side_r = _sidecar(base_p) if base_p.is_file() and _sidecar(base_p).is_file() else None
-    side_outs = {f"-o sidecar (w={_w_text(w)})": _sidecar(o) for w, o in zip(ws, outs)} if side_r and kind != "sharded" else {}
-    check_outputs({"base": base_p, "selftrained": self_p, "base sidecar": side_r},
-                  {**out_flags, **side_outs, "--report": report_path})
-    if len({str(o.resolve()) for o in outs}) != len(outs):
+    out_flags = {"-o" if len(job.outs) == 1 else f"-o (w={_w_text(w)})": p for w, p in zip(job.ws, job.outs)}
+    job.side_r = _sidecar(base_p) if base_p.is_file() and _sidecar(base_p).is_file() else None
+    side_outs = ({f"-o sidecar (w={_w_text(w)})": _sidecar(p) for w, p in zip(job.ws, job.outs)}
+                 if job.side_r and job.kind != "sharded" else {})
+    check_outputs({"base": base_p, "selftrained": self_p, "base sidecar": job.side_r},
+                  {**out_flags, **side_outs, "--report": req.report})
+    if len({str(p.resolve()) for p in job.outs}) != len(job.outs):
         raise UsageError("-o: several weights write the same file; put '{w}' in the output name")
+    job.folder_mode = _folder_mode(job)
+    return job
 
-    folder_mode = base_p.is_dir()
-    if folder_mode:
-        comps = components(base_p)
-        if not comps:
-            raise CheckpointError(f"{base_p}: a folder without weights (model.safetensors, diffusion_pytorch_model.safetensors, "
-                                  "*.index.json, ...)")
-        if comps == ["."] and kind != "sharded":
-            folder_mode = False  # one model folder merged into a single output file
-        elif kind != "sharded":
-            raise UsageError(f"-o {outs[0]}: the base is a folder of models ({', '.join(comps)}); give -o a folder name (no file suffix)")
-        elif not self_p.is_dir() and comps != ["."]:
-            raise UsageError(f"{self_p}: the base is a folder of models ({', '.join(comps)}); give the self-trained folder too")
-    with contextlib.ExitStack() as stack:
-        for o in outs:
-            if kind == "sharded" and o.exists() and (not o.is_dir() or any(o.iterdir())):
-                raise UsageError(f"-o {o}: exists and is not an empty folder; remove it or choose another output")
-            if kind != "sharded" and o.is_dir():
-                raise UsageError(f"-o {o}: is a folder; give a file name")
-            remove_stale_tmp(o)
-            if not dry_run:
-                stack.enter_context(exclusive_lock(o, f"-o {o}", folder=False))
-                stack.callback(_unlink, o.with_name(f".{o.name}.lock"))
 
-        pairs = _open_pairs(stack, base_p, self_p, folder_mode, key)
-        if kind == "sharded" and not folder_mode and shard_size is None and pairs[0][1].layout != "sharded":
-            raise UsageError(f"-o {outs[0]}: give a file name ending in .safetensors or .pt, or --shard-size for a sharded folder")
-        plans = []
-        warnings: list[str] = []
-        for comp, rk, sk in pairs:
-            items, ignored = _plan(rk, sk, pats, buffers, allow_missing, odt)
-            pkind = _pair_kind(kind, folder_mode, rk, outs[0], odt, shard_size)
-            plans.append((comp, rk, sk, items, ignored, pkind))
-            warnings += _warnings(comp, rk, sk, pkind)
-        out_bytes = sum(sum(it.out_spec.nbytes for it in p[3]) for p in plans)
-        _check_disk(outs, sum(_output_size(p[1], p[3], p[5]) for p in plans) + (_tree_bytes(base_p) if folder_mode else 0))
+def _folder_mode(job: _Job) -> bool:
+    """True when the base folder's components are merged into an output folder (a one-model folder
+    merged into a file is not); UsageError for a folder base with a file output or a file θ_s."""
+    if not job.base_p.is_dir():
+        return False
+    comps = components(job.base_p)
+    if not comps:
+        raise CheckpointError(f"{job.base_p}: a folder without weights (model.safetensors, diffusion_pytorch_model.safetensors, "
+                              "*.index.json, ...)")
+    if comps == ["."] and job.kind != "sharded":
+        return False  # one model folder merged into a single output file
+    if job.kind != "sharded":
+        raise UsageError(f"-o {job.outs[0]}: the base is a folder of models ({', '.join(comps)}); give -o a folder name (no file suffix)")
+    if not job.self_p.is_dir() and comps != ["."]:
+        raise UsageError(f"{job.self_p}: the base is a folder of models ({', '.join(comps)}); give the self-trained folder too")
+    return True
 
-        rk0, sk0 = plans[0][1], plans[0][2]
-        results: dict[str, Any] = report.results
-        results.update({
-            "formula": FORMULA,
-            "w": ws,
-            "dry_run": bool(dry_run),
-            "layout": {"base": rk0.layout if not folder_mode else "folder", "selftrained": sk0.layout if not folder_mode else "folder",
-                       "output": "folder" if folder_mode else plans[0][5] if plans[0][5] != "patched" else rk0.layout},
-            "key": {"base": rk0.key, "selftrained": sk0.key},
-            "prefix": {"base": rk0.prefix, "selftrained": sk0.prefix},
-            "components": [c for c, *_ in plans] if folder_mode else None,
-            "tensors_total": sum(len(p[3]) for p in plans),
-            "output_bytes_each": out_bytes,
-            "ignored_selftrained_only": [n for p in plans for n in p[4]],
-            "warnings": warnings,
-        })
-        if dry_run:
-            for role, p in (("base", base_p), ("selftrained", self_p)):
-                report.inputs.append({"role": role, "path": str(p), "sha256": None})
-            planned: dict[str, int] = {}
-            for p in plans:
-                for it in p[3]:
-                    planned[it.reason or "merge"] = planned.get(it.reason or "merge", 0) + 1
-            results["planned"] = planned
-            results["outputs"] = [{"w": w, "path": str(o)} for w, o in zip(ws, outs)]
-            results["seconds"] = round(time.perf_counter() - t0, 3)
-            return results
 
-        io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neon-merge-io")
-        stack.callback(io.shutdown)
-        hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="neon-sha256")
-        stack.callback(hasher.shutdown, cancel_futures=True)
-        hashes = _hash_start([base_p, self_p], hasher)  # overlaps the merge; written into headers at the end
-        provenance = {
-            "neon.formula": FORMULA,
-            "neon.compute_dtype": "float32 (float64 for float64 tensors)",
-            "neon.base": base_p.name,
-            "neon.base_sha256": "pending",
-            "neon.selftrained": self_p.name,
-            "neon.selftrained_sha256": "pending",
-            "neon.key": rk0.key or "",
-            "neon.exclude": json.dumps(list(exclude)),
-            "neon.versions": json.dumps(_versions(), sort_keys=True),
-        }
-        tmps = [stack.enter_context(atomic_path(o)) for o in outs]
-        if kind == "sharded":
-            for t in tmps:
-                t.mkdir(parents=True, exist_ok=False)
-        results_pairs = []
-        written_all: list[list[dict[str, Any]]] = []
-        not_copied: list[str] = []
-        for comp, rk, sk, items, ignored, pkind in plans:
-            if folder_mode:
-                targets = []
-                for t in tmps:
-                    d = t / comp if comp != "." else t
-                    d.mkdir(parents=True, exist_ok=True)
-                    targets.append(d if pkind == "sharded" else d / rk.path.name)
-            else:
-                targets = list(tmps)
-            pr, wr = _merge_pair(rk, sk, items, ws, targets, pkind, provenance, shard_size, progress, sampler, chunk_elements,
-                                 io, stack, task="merge" if comp == "." else f"merge {comp}", allow_nonfinite=allow_nonfinite)
-            results_pairs.append(pr)
-            written_all.append(wr)
-        if folder_mode:
-            for t in tmps:
-                not_copied = _copy_tree(base_p, t, {c for c, *_ in plans}, warnings)
-        elif side_r is not None:
-            for o in outs:
-                shutil.copy2(side_r, stack.enter_context(atomic_path(_sidecar(o))))
-        # the inputs' sha256 are known now: fill them in, then hash each output file
-        r_sha, s_sha = (h.result() for h in hashes)
-        report.add_input("base", base_p, r_sha)
-        report.add_input("selftrained", self_p, s_sha)
-        provenance["neon.base_sha256"], provenance["neon.selftrained_sha256"] = r_sha, s_sha
-        for wr in written_all:
-            for info in wr:
-                for writer in info["writers"]:
-                    if writer.pending_placeholders:
-                        writer.fill_placeholders({"neon.base_sha256": r_sha, "neon.selftrained_sha256": s_sha})
-                if info["index"] is not None:
-                    data = json.loads(info["index"].read_text())
-                    data["metadata"]["neon"].update({"neon.base_sha256": r_sha, "neon.selftrained_sha256": s_sha})
-                    info["index"].write_text(json.dumps(data, indent=2) + "\n")
-        # sha256 of every output file (after the header patch), several files on parallel threads
-        digests: list[dict[Path, str]] = [{} for _ in ws]
-        for wr in written_all:
-            for k, info in enumerate(wr):
-                digests[k].update(info["digests"])  # hashed while written
-        files_to_hash = []
-        for k, t in enumerate(tmps):
-            if t.is_dir():
-                files_to_hash += [(k, f) for f in sorted(p for p in t.rglob("*") if p.is_file() and not p.name.startswith("."))
-                                  if f not in digests[k]]
-            else:
-                files_to_hash.append((k, t))
-        futs = [(k, f, hasher.submit(_sync_and_hash, f)) for k, f in files_to_hash]
-        for k, f, fut in futs:
-            digests[k][f] = fut.result()
-        sinks = []
-        for k, (w, o, t) in enumerate(zip(ws, outs, tmps)):
-            sink = _Sink(o, t, kind)
-            if t.is_dir():
-                sink.sha256 = sha256_tree(t, digests[k])
-                sink.bytes = sum(f.stat().st_size for f in t.rglob("*") if f.is_file())
-            else:
-                sink.sha256 = digests[k][t]
-                sink.bytes = t.stat().st_size
-            sinks.append(sink)
-            report.add_output(f"merged w={_w_text(w)}", o, sink.sha256)
-    merged = _combine(results_pairs, len(ws))
-    _fill_results(results, merged, ws, sinks)
-    results["not_copied"] = not_copied
-    results["peak_rss_anon_bytes"] = sampler.peak
-    results["max_rss_bytes"] = _max_rss()
-    results["seconds"] = round(time.perf_counter() - t0, 3)
+def _lock_outputs(stack: contextlib.ExitStack, job: _Job) -> None:
+    """Refuse outputs of the wrong kind, remove stale temporaries and (unless a dry run) hold each
+    output's lock ``.NAME.lock`` until the merge ends."""
+    from neon_cli.fsutil import exclusive_lock, remove_stale_tmp
+
+    for o in job.outs:
+        if job.kind == "sharded" and o.exists() and (not o.is_dir() or any(o.iterdir())):
+            raise UsageError(f"-o {o}: exists and is not an empty folder; remove it or choose another output")
+        if job.kind != "sharded" and o.is_dir():
+            raise UsageError(f"-o {o}: is a folder; give a file name")
+        remove_stale_tmp(o)
+        if not job.req.options.dry_run:
+            stack.enter_context(exclusive_lock(o, f"-o {o}", folder=False))
+            stack.callback(_unlink, o.with_name(f".{o.name}.lock"))
+
+
+def _open_and_plan(stack: contextlib.ExitStack, job: _Job) -> tuple[list[_PairPlan], list[str]]:
+    """Open every pair, plan its tensors and layout, collect the warnings, check the free disk."""
+    o = job.req.options
+    pairs = _open_pairs(stack, job.base_p, job.self_p, job.folder_mode, o.key)
+    if job.kind == "sharded" and not job.folder_mode and job.shard is None and pairs[0][1].layout != "sharded":
+        raise UsageError(f"-o {job.outs[0]}: give a file name ending in .safetensors or .pt, or --shard-size for a sharded folder")
+    plans: list[_PairPlan] = []
+    warnings: list[str] = []
+    for comp, rk, sk in pairs:
+        items, ignored = _plan(rk, sk, job.pats, o.buffers, o.allow_missing, job.odt)
+        pkind = _pair_kind(job.kind, job.folder_mode, rk, job.outs[0], job.odt, job.shard)
+        plans.append(_PairPlan(comp, rk, sk, items, ignored, pkind))
+        warnings += _warnings(comp, rk, sk, pkind)
+    _check_disk(job.outs, sum(_output_size(p.rk, p.items, p.pkind) for p in plans)
+                + (_tree_bytes(job.base_p) if job.folder_mode else 0))
+    return plans, warnings
+
+
+def _describe(report: Any, job: _Job, plans: list[_PairPlan], warnings: list[str]) -> dict[str, Any]:
+    """The results known before any tensor is read (layouts, keys, counts, warnings), in ``report.results``."""
+    rk0, sk0, folder = plans[0].rk, plans[0].sk, job.folder_mode
+    results: dict[str, Any] = report.results
+    results.update({
+        "formula": FORMULA,
+        "w": job.ws,
+        "dry_run": bool(job.req.options.dry_run),
+        "layout": {"base": rk0.layout if not folder else "folder", "selftrained": sk0.layout if not folder else "folder",
+                   "output": "folder" if folder else plans[0].pkind if plans[0].pkind != "patched" else rk0.layout},
+        "key": {"base": rk0.key, "selftrained": sk0.key},
+        "prefix": {"base": rk0.prefix, "selftrained": sk0.prefix},
+        "components": [p.comp for p in plans] if folder else None,
+        "tensors_total": sum(len(p.items) for p in plans),
+        "output_bytes_each": sum(sum(it.out_spec.nbytes for it in p.items) for p in plans),
+        "ignored_selftrained_only": [n for p in plans for n in p.ignored],
+        "warnings": warnings,
+    })
     return results
+
+
+def _dry_run_results(report: Any, job: _Job, plans: list[_PairPlan]) -> dict[str, Any]:
+    """``--dry-run``: what each tensor would undergo and where each w would go; nothing written."""
+    for role, p in (("base", job.base_p), ("selftrained", job.self_p)):
+        report.inputs.append({"role": role, "path": str(p), "sha256": None})
+    planned: dict[str, int] = {}
+    for p in plans:
+        for it in p.items:
+            planned[it.reason or "merge"] = planned.get(it.reason or "merge", 0) + 1
+    results: dict[str, Any] = report.results
+    results["planned"] = planned
+    results["outputs"] = [{"w": w, "path": str(o)} for w, o in zip(job.ws, job.outs)]
+    results["seconds"] = round(time.perf_counter() - job.t0, 3)
+    return results
+
+
+def _provenance(job: _Job, rk0: Checkpoint) -> dict[str, str]:
+    """The ``neon.*`` header metadata of every output (the inputs' sha256 filled in at the end)."""
+    return {
+        "neon.formula": FORMULA,
+        "neon.compute_dtype": "float32 (float64 for float64 tensors)",
+        "neon.base": job.base_p.name,
+        "neon.base_sha256": "pending",
+        "neon.selftrained": job.self_p.name,
+        "neon.selftrained_sha256": "pending",
+        "neon.key": rk0.key or "",
+        "neon.exclude": json.dumps(list(job.req.options.exclude)),
+        "neon.versions": json.dumps(_versions(), sort_keys=True),
+    }
+
+
+def _stream_pairs(stack: contextlib.ExitStack, job: _Job, plans: list[_PairPlan], progress: ProgressFn,
+                  warnings: list[str]) -> _Streamed:
+    """Write every pair's merged blocks to the temporary outputs (the inputs' sha256 computed
+    alongside), then θ_r's other files (a folder) or its sidecar."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from neon_cli.fsutil import atomic_path
+
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="neon-merge-io")
+    stack.callback(io.shutdown)
+    hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="neon-sha256")
+    stack.callback(hasher.shutdown, cancel_futures=True)
+    hashes = _hash_start([job.base_p, job.self_p], hasher)  # overlaps the merge; written into headers at the end
+    done = _Streamed([stack.enter_context(atomic_path(o)) for o in job.outs], [], [], [], hashes, hasher,
+                     _provenance(job, plans[0].rk))
+    if job.kind == "sharded":
+        for t in done.tmps:
+            t.mkdir(parents=True, exist_ok=False)
+    for p in plans:
+        ctx = _PairContext(job.ws, p.pkind, done.provenance, job.shard, progress, job.sampler, job.chunk,
+                           io, stack, "merge" if p.comp == "." else f"merge {p.comp}", job.req.options.allow_nonfinite)
+        pr, wr = _merge_pair(p.rk, p.sk, p.items, _targets(job, p, done.tmps), ctx)
+        done.pairs.append(pr)
+        done.written.append(wr)
+    if job.folder_mode:
+        for t in done.tmps:
+            done.not_copied = _copy_tree(job.base_p, t, {p.comp for p in plans}, warnings)
+    elif job.side_r is not None:
+        for o in job.outs:
+            shutil.copy2(job.side_r, stack.enter_context(atomic_path(_sidecar(o))))
+    return done
+
+
+def _targets(job: _Job, p: _PairPlan, tmps: list[Path]) -> list[Path]:
+    """Where pair ``p`` is written in each temporary output (its component's folder in folder mode)."""
+    if not job.folder_mode:
+        return list(tmps)
+    targets = []
+    for t in tmps:
+        d = t / p.comp if p.comp != "." else t
+        d.mkdir(parents=True, exist_ok=True)
+        targets.append(d if p.pkind == "sharded" else d / p.rk.path.name)
+    return targets
+
+
+def _finish_outputs(stack: contextlib.ExitStack, job: _Job, report: Any, done: _Streamed) -> list[_Sink]:
+    """Fill in the inputs' sha256 (headers, indexes, report), hash every output file, and describe
+    each output (its sha256 and size); the outputs are renamed into place when ``stack`` closes."""
+    r_sha, s_sha = (h.result() for h in done.hashes)
+    report.add_input("base", job.base_p, r_sha)
+    report.add_input("selftrained", job.self_p, s_sha)
+    done.provenance["neon.base_sha256"], done.provenance["neon.selftrained_sha256"] = r_sha, s_sha
+    shas = {"neon.base_sha256": r_sha, "neon.selftrained_sha256": s_sha}
+    for wr in done.written:
+        for info in wr:
+            for writer in info["writers"]:
+                if writer.pending_placeholders:
+                    writer.fill_placeholders(shas)
+            if info["index"] is not None:
+                data = json.loads(info["index"].read_text())
+                data["metadata"]["neon"].update(shas)
+                info["index"].write_text(json.dumps(data, indent=2) + "\n")
+    digests = _output_digests(job, done)
+    sinks = []
+    for k, (w, o, t) in enumerate(zip(job.ws, job.outs, done.tmps)):
+        sink = _Sink(o, t, job.kind)
+        if t.is_dir():
+            sink.sha256 = sha256_tree(t, digests[k])
+            sink.bytes = sum(f.stat().st_size for f in t.rglob("*") if f.is_file())
+        else:
+            sink.sha256 = digests[k][t]
+            sink.bytes = t.stat().st_size
+        sinks.append(sink)
+        report.add_output(f"merged w={_w_text(w)}", o, sink.sha256)
+    return sinks
+
+
+def _output_digests(job: _Job, done: _Streamed) -> list[dict[Path, str]]:
+    """sha256 of every output file (after the header patch): those hashed while written, the rest
+    on parallel threads."""
+    digests: list[dict[Path, str]] = [{} for _ in job.ws]
+    for wr in done.written:
+        for k, info in enumerate(wr):
+            digests[k].update(info["digests"])  # hashed while written
+    files_to_hash = []
+    for k, t in enumerate(done.tmps):
+        if t.is_dir():
+            files_to_hash += [(k, f) for f in sorted(p for p in t.rglob("*") if p.is_file() and not p.name.startswith("."))
+                              if f not in digests[k]]
+        else:
+            files_to_hash.append((k, t))
+    futs = [(k, f, done.hasher.submit(_sync_and_hash, f)) for k, f in files_to_hash]
+    for k, f, fut in futs:
+        digests[k][f] = fut.result()
+    return digests
 
 
 def _open_pairs(stack: contextlib.ExitStack, base_p: Path, self_p: Path, folder_mode: bool, key: str | None) -> list[tuple[str, Checkpoint, Checkpoint]]:

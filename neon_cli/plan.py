@@ -19,10 +19,10 @@ One place knows, for every command, what a run touches (issue 22 item 1, issue 2
   file, or a folder and every file the run will create or rewrite in it, existing ones included on
   resume), ``--report``, ``--cache``, ``--plot`` and their temporary and lock files.
 
-The error boundary (:func:`neon_cli.commands._common.run`) builds the plan, asks
+The error boundary (:func:`neon_cli.commands.boundary.run`) builds the plan, asks
 :func:`report_problem` whether the failure report may be written at all, checks the plan, and with
-``--dry-run`` prints it (:meth:`Plan.to_json`) instead of working. A later per-command request
-object (``MergeRequest``, ...) can carry its :class:`Plan` as a field. Torch-free.
+``--dry-run`` prints it (:meth:`Plan.to_json`) instead of working. A request object of
+:mod:`neon_cli.requests` (``MergeRequest``, ...) builds its plan with ``plan()``. Torch-free.
 """
 
 from __future__ import annotations

@@ -11,10 +11,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from neon_cli.align import HELP_VERDICT, INTERPOLATE_VERDICT, estimate_alignment
+from neon_cli.align import HELP_VERDICT, INTERPOLATE_VERDICT, Samples, estimate_alignment
 from neon_cli.errors import UsageError
 from neon_cli.finetune import finetune
 from neon_cli.report import Report
+from neon_cli.requests import AlignOptions
 from neon_cli.synth import load_synthetic, synthesize
 from neon_cli.tune import run_tune_w
 from neon_gaussian import mle as M
@@ -43,8 +44,8 @@ def test_estimates_equal_their_closed_forms():
     theta_r, theta_s = rng.standard_normal(5), rng.standard_normal(5)
     real = torch.from_numpy(rng.standard_normal((10, 5)))  # batches of 4, 4, 2
     syn = torch.from_numpy(rng.standard_normal((7, 5)) + 1.0)
-    res = estimate_alignment(_QuadFamily(), _Quad(theta_r), real, None, selftrained=_Quad(theta_s),
-                             synthetic_images=syn, precond="adam", curvature_step=0.3)
+    res = estimate_alignment(_QuadFamily(), _Quad(theta_r), Samples(real), selftrained=_Quad(theta_s),
+                             synthetic=Samples(syn), options=AlignOptions(precond="adam", curvature_step=0.3))
     r_d = theta_r - real.numpy().mean(0)
     r_s = theta_r - syn.numpy().mean(0)
     delta = theta_r - theta_s
@@ -59,15 +60,15 @@ def test_estimates_equal_their_closed_forms():
     assert res["s"] == pytest.approx(np.sum(r_d * p * r_s), rel=1e-9)
     assert res["cos"] == pytest.approx(np.sum(r_d * p * r_s) / np.sqrt(np.sum(r_d * p * r_d) * np.sum(r_s * p * r_s)), rel=1e-9)
     assert res["estimate"] == "s" and res["verdict"] == (HELP_VERDICT if res["s"] < 0 else INTERPOLATE_VERDICT)
-    ident = estimate_alignment(_QuadFamily(), _Quad(theta_r), real, None, synthetic_images=syn)
+    ident = estimate_alignment(_QuadFamily(), _Quad(theta_r), Samples(real), synthetic=Samples(syn))
     assert ident["s"] == pytest.approx(r_d @ r_s, rel=1e-12) and "dR_dw" not in ident
 
 
 def test_standard_error_of_equal_batches_is_std_over_sqrt_b():
     theta = np.zeros(2)
     real = torch.tensor([[1.0, 0.0]] * 4 + [[3.0, 0.0]] * 4 + [[2.0, 0.0]] * 4, dtype=torch.float64)
-    res = estimate_alignment(_QuadFamily(), _Quad(theta), real, None, selftrained=_Quad(np.array([-1.0, 0.0])),
-                             curvature_step=None)
+    res = estimate_alignment(_QuadFamily(), _Quad(theta), Samples(real), selftrained=_Quad(np.array([-1.0, 0.0])),
+                             options=AlignOptions(curvature_step=None))
     proj = np.array([-1.0, -3.0, -2.0])  # <theta - mean(x_b), theta_r - theta_s = (1, 0)>
     assert res["dR_dw"] == pytest.approx(-2.0)
     assert res["dR_dw_stderr"] == pytest.approx(proj.std(ddof=1) / np.sqrt(3))
@@ -77,9 +78,10 @@ def test_standard_error_of_equal_batches_is_std_over_sqrt_b():
 def test_needs_a_direction_and_a_known_preconditioner():
     real = torch.zeros(4, 2, dtype=torch.float64)
     with pytest.raises(UsageError, match="--selftrained"):
-        estimate_alignment(_QuadFamily(), _Quad(np.zeros(2)), real, None)
+        estimate_alignment(_QuadFamily(), _Quad(np.zeros(2)), Samples(real))
     with pytest.raises(UsageError, match="--precond"):
-        estimate_alignment(_QuadFamily(), _Quad(np.zeros(2)), real, None, synthetic_images=real, precond="lbfgs")
+        estimate_alignment(_QuadFamily(), _Quad(np.zeros(2)), Samples(real), synthetic=Samples(real),
+                           options=AlignOptions(precond="lbfgs"))
 
 
 @pytest.mark.parametrize("tau", [0.8, 1.2])
@@ -100,7 +102,7 @@ def test_sign_agrees_with_tuned_w_on_gaussian_b1(tmp_path, tau):
         model = fam.load(str(base))
         real, _ = fam.real_samples(model, 20_000, draw)
         syn, _, _ = load_synthetic(S)
-        res = estimate_alignment(fam, model, real, None, selftrained=fam.load(snap), synthetic_images=syn)
+        res = estimate_alignment(fam, model, Samples(real), selftrained=fam.load(snap), synthetic=Samples(syn))
         assert res["confident"]
         assert np.sign(res["s"]) == np.sign(res["dR_dw"]) == -np.sign(w)
         assert np.sign(res["w_quadratic"]) == np.sign(w)

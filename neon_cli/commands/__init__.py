@@ -1,7 +1,8 @@
 """The ``neon`` command-line app (typer). Importing it does not import torch.
 
 Each subcommand lives in its own module with a ``register(app)`` function; the module only parses
-flags and calls one library function through :func:`neon_cli.commands._common.run`.
+flags, builds the command's request (:mod:`neon_cli.requests`) and calls one library function
+through the error boundary :func:`neon_cli.commands.boundary.run`.
 """
 
 from __future__ import annotations

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.requests import AlignOptions, AlignRequest, SeedPlan, Trust
 
 
 def register(app: typer.Typer) -> None:
@@ -46,24 +47,17 @@ def register(app: typer.Typer) -> None:
             neon align gaussian --base base.safetensors --selftrained ft/theta_s-000010000.safetensors
             neon align gaussian-ddpm --selftrained ft/theta_s-000050000.safetensors --synthetic S --precond adam --json
         """
-        from neon_cli.align import run_align
-        from neon_cli.plan import align_plan
+        req = AlignRequest(family, base, selftrained, synthetic, real, SeedPlan(seed=real_seed, num=num_real),
+                           AlignOptions(precond=precond, batch=batch, seed=seed, curvature_step=curvature_step),
+                           tuple(set_ or ()), Trust(pickle=trust_pickle), report)
 
-        run(
-            "align",
-            lambda report, progress: run_align(
-                family, base, selftrained=selftrained, synthetic=synthetic, real=real, num_real=num_real,
-                real_seed=real_seed, precond=precond, batch=batch, seed=seed,
-                curvature_step=curvature_step or None, set_pairs=set_ or [], trust_pickle=trust_pickle,
-                report=report, progress=progress),
-            settings=dict(family=family, base=base, selftrained=selftrained, synthetic=synthetic, real=real,
-                          num_real=num_real, real_seed=real_seed, precond=precond, batch=batch, seed=seed,
-                          curvature_step=curvature_step, set=set_ or [], trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
-            plan=lambda: align_plan(family=family, base=base, selftrained=selftrained, synthetic=synthetic, real=real,
-                                    set_pairs=set_ or [], report=report),
-            show=_show,
-        )
+        def fn(report: Any, progress: Any) -> dict[str, Any]:
+            from neon_cli.align import run_align
+
+            return run_align(req, report=report, progress=progress)
+
+        run("align", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=req.plan, show=_show)
 
 
 def _show(results, console) -> None:

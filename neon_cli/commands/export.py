@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.requests import ExportRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -35,15 +36,13 @@ def register(app: typer.Typer) -> None:
             torchrun --nproc_per_node=8 train.py --data S.zip --cond=1 --transfer edm-cifar10-32x32-cond-vp.pkl ...
             neon export S_sd --format imagefolder -o S_sd_folder   # t2i: train_text_to_image.py --train_data_dir S_sd_folder
         """
-        from neon_cli.export import export
-        from neon_cli.plan import export_plan
+        req = ExportRequest(data, out, fmt, report)
 
-        run(
-            "export",
-            lambda report, progress: export(data, out, fmt=fmt, report=report, progress=progress),
-            settings=dict(data=data, format=fmt, out=out),
-            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
-            plan=lambda: export_plan(data=data, out=out, report=report),
-            show=lambda r, c: c.print(f"wrote {r['path']}: {r['num_images']} images ({r['format']}, "
-                                      f"{'with' if r['labels'] else 'no'} labels)"),
-        )
+        def fn(report: Any, progress: Any) -> dict[str, Any]:
+            from neon_cli.export import export
+
+            return export(req, report=report, progress=progress)
+
+        run("export", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=req.plan, show=lambda r, c: c.print(f"wrote {r['path']}: {r['num_images']} images ({r['format']}, "
+                                                     f"{'with' if r['labels'] else 'no'} labels)"))

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.requests import InspectRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -31,20 +32,15 @@ def register(app: typer.Typer) -> None:
           neon inspect checkpoint-last.pth --json | jq .weights
           neon inspect ddpm-pipeline/ --report inspect.json
         """
-        settings: dict[str, Any] = {"checkpoint": checkpoint, "key": key}
+        req = InspectRequest(checkpoint, key, report)
 
         def fn(report: Any, progress: Any) -> dict[str, Any]:
-            from neon_cli.fsutil import check_outputs
             from neon_cli.inspection import inspect_checkpoint
 
-            check_outputs({"CHECKPOINT": checkpoint}, {"--report": report_path})
-            return inspect_checkpoint(checkpoint, key=key, report=report, progress=progress)
+            return inspect_checkpoint(req, report=report, progress=progress)
 
-        from neon_cli.plan import inspect_plan
-
-        report_path = report
-        run("inspect", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
-            plan=lambda: inspect_plan(checkpoint=checkpoint, report=report_path))
+        run("inspect", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
+            plan=req.plan)
 
 
 def _show(res: dict[str, Any], console: Any) -> None:

@@ -8,39 +8,7 @@ from typing import Any, List, Optional
 import typer
 
 from neon_cli.commands._common import JsonOpt, QuietOpt, ReportOpt, run
-
-
-def parse_weights(text: str) -> list[tuple[str, float]]:
-    """``"0.5,1.0,1.6"`` -> [("0.5", 0.5), ("1.0", 1.0), ("1.6", 1.6)]; UsageError naming ``--w``."""
-    import math
-
-    from neon_cli.errors import UsageError
-
-    out = []
-    for tok in (t.strip() for t in str(text).split(",")):
-        if not tok:
-            raise UsageError(f"--w {text}: empty weight in the list")
-        try:
-            value = float(tok)
-        except ValueError:
-            raise UsageError(f"--w {text}: {tok!r} is not a number") from None
-        if not math.isfinite(value):
-            raise UsageError(f"--w: must be a finite number, got {tok} (in {text!r})")
-        out.append((tok, value))
-    if len({v for _, v in out}) != len(out):
-        raise UsageError(f"--w {text}: a weight is repeated")
-    return out
-
-
-def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
-    """Replace ``{w}`` in ``-o`` by each weight as typed; UsageError if several weights lack it."""
-    from neon_cli.errors import UsageError
-
-    if "{w}" not in pattern:
-        if len(tokens) > 1:
-            raise UsageError(f"-o {pattern}: several weights need '{{w}}' in the output name, e.g. -o 'out-w{{w}}.safetensors'")
-        return [Path(pattern)]
-    return [Path(pattern.replace("{w}", tok)) for tok in tokens]
+from neon_cli.requests import MergeRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -86,81 +54,17 @@ def register(app: typer.Typer) -> None:
 
         With a LoRA as theta_s (theta_s = theta_r + s B A) the merge is exact in LoRA space: theta_r - w s B A, fused into theta_r's pipeline folder (diffusers' fuse_lora(lora_scale=-w)) or, with --as-lora, the same LoRA with B scaled by -w. Two LoRAs on one checkpoint (theta_r and theta_s both LoRAs) give the exact rank r_r + r_s concatenation (never factor-wise).
         """
-        settings: dict[str, Any] = {
-            "base": base,
-            "selftrained": selftrained,
-            "w": w,
-            "output": output,
-            "key": key,
-            "dtype": dtype,
-            "exclude": list(exclude or []),
-            "allow_missing": allow_missing,
-            "shard_size": shard_size,
-            "dry_run": dry_run,
-            "allow_nonfinite": allow_nonfinite,
-            "trust_pickle": trust_pickle,
-            "as_lora": as_lora,
-            "lora_format": lora_format,
-        }
+        req = MergeRequest.from_flags(base, selftrained, w, output, shard_size=shard_size, report=report, key=key, dtype=dtype,
+                                      exclude=exclude, allow_missing=allow_missing, as_lora=as_lora, lora_format=lora_format,
+                                      dry_run=dry_run, allow_nonfinite=allow_nonfinite, trust_pickle=trust_pickle)
 
         def fn(report: Any, progress: Any) -> dict[str, Any]:
-            from neon_cli.checkpoint import parse_size
-            from neon_cli.merge import merge_checkpoints
+            from neon_cli.merge import merge
 
-            from neon_cli.validate import positive_int
+            return merge(req, report=report, progress=progress)
 
-            weights = parse_weights(w)
-            outs = output_paths(output, [t for t, _ in weights])
-            from neon_cli.lora import is_lora
-
-            if is_lora(selftrained) or is_lora(base):
-                from neon_cli.errors import UsageError
-                from neon_cli.lora import merge_lora
-
-                for flag, val in (("--key", key), ("--exclude", exclude), ("--allow-missing", allow_missing), ("--shard-size", shard_size)):
-                    if val:
-                        raise UsageError(f"{flag}: not used when theta_s is a LoRA ({selftrained})")
-                return merge_lora(base, selftrained, [v for _, v in weights], outs, as_lora=as_lora, lora_format=lora_format,
-                                  dtype=dtype, dry_run=dry_run, report=report, progress=progress, report_path=report_path,
-                                  allow_nonfinite=allow_nonfinite)
-            if as_lora:
-                from neon_cli.errors import UsageError
-
-                raise UsageError(f"--as-lora: {selftrained} is not a LoRA (.safetensors with lora_A/lora_B or lora_down/lora_up keys)")
-            size = positive_int("--shard-size", parse_size(shard_size)) if shard_size else None
-            return merge_checkpoints(
-                base,
-                selftrained,
-                [v for _, v in weights],
-                outs,
-                key=key,
-                dtype=dtype,
-                exclude=list(exclude or []),
-                allow_missing=allow_missing,
-                shard_size=size,
-                dry_run=dry_run,
-                report=report,
-                progress=progress,
-                report_path=report_path,
-                allow_nonfinite=allow_nonfinite,
-            )
-
-        report_path = report
-        run("merge", fn, settings=settings, report=report, json_out=json_out, quiet=quiet, show=_show,
-            dry_run=dry_run, dry_run_calls_fn=True, plan=lambda: _plan(base, selftrained, w, output, shard_size, report_path))
-
-
-def _plan(base: Path, selftrained: Path, w: str, output: str, shard_size: Optional[str], report: Optional[Path]) -> Any:
-    """The merge's :func:`neon_cli.plan.merge_plan`: each output as ``{w}`` expands (the pattern as
-    typed when ``--w`` is malformed: the plan still guards ``--report``)."""
-    from neon_cli.errors import NeonError
-    from neon_cli.plan import merge_plan
-
-    try:
-        outs: list[Any] = output_paths(output, [t for t, _ in parse_weights(w)]) if output != "" else [""]
-    except NeonError:
-        outs = [output]
-    return merge_plan(base=base, selftrained=selftrained, outputs=outs, shard_size=shard_size, report=report)
+        run("merge", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, show=_show,
+            dry_run=dry_run, dry_run_calls_fn=True, plan=req.plan)
 
 
 def _show(res: dict[str, Any], console: Any) -> None:

@@ -9,6 +9,7 @@ from typing import Any, Optional
 import typer
 
 from neon_cli.commands._common import DryRunOpt, ReportOpt, run
+from neon_cli.requests import PluginsRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -29,17 +30,15 @@ def register(app: typer.Typer) -> None:
             neon plugins --report plugins.json
         """
 
+        req = PluginsRequest(report)
+
         def fn(report: Any, progress: Any) -> list[dict[str, Any]]:
-            from neon_cli.family import discover
+            from neon_cli.family import list_families
 
-            infos = [i.to_json() for i in discover().values()]
-            report.results["families"] = infos
-            return infos
+            return list_families(req, report=report, progress=progress)
 
-        from neon_cli.plan import plugins_plan
-
-        run("plugins", fn, settings={}, report=report, quiet=True, show=_print_json if json_out else _show, dry_run=dry_run,
-            json_out=json_out and dry_run, plan=lambda: plugins_plan(report=report))
+        run("plugins", fn, settings=req.settings(), report=report, quiet=True, show=_print_json if json_out else _show,
+            dry_run=dry_run, json_out=json_out and dry_run, plan=req.plan)
 
 
 def _print_json(infos: list[dict[str, Any]], console: Any) -> None:

@@ -1,0 +1,407 @@
+"""One request object per command: its options, validated once, and the plan of what it reads and writes.
+
+The command layer (:mod:`neon_cli.commands`) builds a request from the flags and hands it whole
+to one library function (``merge(request, report=..., progress=...)``), as mergekit's
+``run_merge(config, out_path, options)`` takes one validated configuration. A request is a frozen
+dataclass:
+
+* its fields are the command's options, in the field's terms (theta_r = ``base``, theta_s =
+  ``selftrained``, ``w``); options shared by several commands are small shared dataclasses
+  (:class:`Outputs`, :class:`SeedPlan`, :class:`Scoring`, :class:`Trust`);
+* :meth:`validate` checks the numbers and names once, raising the one-line
+  :class:`~neon_cli.errors.UsageError` naming the flag, in the order the command always used
+  (the library entry point calls it first; a request whose flags did not even parse carries that
+  error and raises it there, inside the error boundary);
+* :meth:`plan` is its :class:`neon_cli.plan.Plan` (every path read and written): the error
+  boundary (:func:`neon_cli.commands.boundary.run`) checks it before any work and ``--dry-run``
+  prints it; :meth:`settings` is what the report records under ``settings``.
+
+Requests of this module: :class:`MergeRequest` (+ :class:`MergeOptions`), :class:`AlignRequest` (+
+:class:`AlignOptions`),
+:class:`InspectRequest`, :class:`ExportRequest`, :class:`PluginsRequest`. Torch-free (imported by the command modules).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from neon_cli.errors import NeonError, UsageError
+from neon_cli.plan import Plan
+
+
+# --------------------------------------------------------------------------------------------
+# options shared by several commands
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Where a run writes besides its main result: ``report`` (``--report``, JSON, schema
+    neon.report/1), ``out`` (``-o``), ``cache`` (``--cache``), ``plot`` (``--plot``); None: not written."""
+
+    out: Optional[Path] = None
+    report: Optional[Path] = None
+    cache: Optional[Path] = None
+    plot: Optional[Path] = None
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """Which samples a run draws: ``num`` samples with seeds ``seed .. seed + num - 1`` (image i
+    depends on seed i only where the family says so), ``labels``: class labels or None (the family's default)."""
+
+    seed: int = 0
+    num: int = 1
+    labels: Optional[tuple[int, ...]] = None
+
+    def validate(self, seed_flag: str = "--seed", num_flag: str = "-n") -> "SeedPlan":
+        """UsageError naming ``num_flag`` (an int >= 1) or ``seed_flag`` (seeds within 0 .. 2**63 - 1)."""
+        from neon_cli import validate
+
+        num = validate.positive_int(num_flag, self.num)
+        validate.seed(seed_flag, self.seed, count=num)
+        return self
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """The scoring files of an FID: ``detector`` (Inception .pt, default ``$NEON_INCEPTION``) and
+    ``ref_stats`` (.npz mu/sigma, default ``$NEON_REF_STATS``)."""
+
+    detector: Optional[Path] = None
+    ref_stats: Optional[Path] = None
+
+
+@dataclass(frozen=True)
+class Trust:
+    """``pickle``: let the family run code from a checkpoint to build the model (``--trust-pickle``)."""
+
+    pickle: bool = False
+
+
+def _paths(values: Optional[Sequence[Any]]) -> tuple[str, ...]:
+    return tuple(str(v) for v in values or ())
+
+
+# --------------------------------------------------------------------------------------------
+# neon merge
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How ``neon merge`` writes theta_Neon (see :func:`neon_cli.merge.merge`).
+
+    ``key``: dotted path of the state dict in a container (``ema``); ``dtype``: output dtype of
+    floating tensors (``float32``, ...; None: theta_r's); ``exclude``: regexes of names copied from
+    theta_r; ``buffers``: names copied like BatchNorm statistics; ``allow_missing``: copy names only
+    theta_r has, ignore names only theta_s has; ``shard_size``: bytes per shard of a sharded
+    folder output (None: not sharded; from the command line the size text, ``2GB``, parsed by
+    :meth:`MergeRequest.validate`); ``as_lora``/``lora_format``: theta_s is a LoRA, write the Neon
+    LoRA in that layout (:func:`neon_cli.lora.merge_lora`); ``allow_nonfinite``: write inf/NaN results;
+    ``dry_run``: check from headers, write nothing; ``chunk_elements``: elements per streamed
+    block (None: :data:`neon_cli.checkpoint.CHUNK_ELEMENTS`); ``threads``: kept for compatibility.
+    """
+
+    key: Optional[str] = None
+    dtype: Any = None
+    exclude: tuple[str, ...] = ()
+    buffers: tuple[str, ...] = ()
+    allow_missing: bool = False
+    shard_size: Optional[int | str] = None
+    as_lora: bool = False
+    lora_format: str = "diffusers"
+    allow_nonfinite: bool = False
+    dry_run: bool = False
+    chunk_elements: Optional[int] = None
+    threads: Optional[int] = 1
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """``neon merge``: theta_Neon = theta_r - w (theta_s - theta_r) for each w of ``ws``, written to
+    the output of the same index (paper Algorithm 1, App. C).
+
+    ``base`` (theta_r), ``selftrained`` (theta_s): checkpoint files or folders. ``ws``: floats;
+    ``outputs``: one path per w. ``report``: the ``--report`` path (checked against the others).
+    ``flags``: the flags as typed (the report's ``settings``); ``error``: a flag that did not parse
+    (raised by :meth:`validate`). Build from flags with :meth:`from_flags`.
+    """
+
+    base: Path
+    selftrained: Path
+    ws: tuple[float, ...]
+    outputs: tuple[Path, ...]
+    options: MergeOptions = field(default_factory=MergeOptions)
+    report: Optional[Path] = None
+    flags: Optional[dict[str, Any]] = field(default=None, compare=False)
+    error: Optional[NeonError] = field(default=None, compare=False)
+
+    @classmethod
+    def from_flags(cls, base: Path, selftrained: Path, w: str, output: str, *, shard_size: Optional[str] = None,
+                   report: Optional[Path] = None, **options: Any) -> "MergeRequest":
+        """From the command line: ``w`` a comma list (``"0.5,1.0"``), ``output`` with ``{w}`` replaced by
+        each weight as typed, ``shard_size`` a size text (``2GB``). Never raises: a value that does not
+        parse is kept in ``error`` (the plan then guards the paths as typed)."""
+        flags = {"base": base, "selftrained": selftrained, "w": w, "output": output, "key": options.get("key"),
+                 "dtype": options.get("dtype"), "exclude": list(options.get("exclude") or []),
+                 "allow_missing": bool(options.get("allow_missing")), "shard_size": shard_size,
+                 "dry_run": bool(options.get("dry_run")), "allow_nonfinite": bool(options.get("allow_nonfinite")),
+                 "trust_pickle": bool(options.pop("trust_pickle", False)), "as_lora": bool(options.get("as_lora")),
+                 "lora_format": options.get("lora_format", "diffusers")}
+        options["exclude"] = tuple(options.get("exclude") or ())
+        error, ws, outs = None, (), (Path(output),) if output != "" else ()
+        try:
+            pairs = parse_weights(w)
+            ws, outs = tuple(v for _, v in pairs), tuple(output_paths(output, [t for t, _ in pairs]))
+        except NeonError as exc:
+            error = exc
+        return cls(Path(base), Path(selftrained), ws, outs, MergeOptions(shard_size=shard_size or None, **options), report,
+                   flags, error)
+
+    def shard_bytes(self) -> Optional[int]:
+        """``options.shard_size`` in bytes (a size text such as ``2GB`` parsed; UsageError naming
+        ``--shard-size`` when it is not one); None: not sharded."""
+        shard = self.options.shard_size
+        if isinstance(shard, str):
+            from neon_cli.checkpoint import parse_size
+            from neon_cli.validate import positive_int
+
+            return positive_int("--shard-size", parse_size(shard))
+        return shard
+
+    def validate(self) -> "MergeRequest":
+        """Raise the flag error of :meth:`from_flags`, then UsageError for: a shard size that is not
+        a size, no weight, a non-finite w, not as many outputs as weights, a shard size or
+        ``chunk_elements`` below 1, outputs of different layouts, an unknown dtype, an invalid
+        ``exclude`` regex (each naming its flag). Returns the request."""
+        if self.error is not None:
+            raise self.error
+        from neon_cli.checkpoint import parse_dtype
+        from neon_cli.merge import _compile_exclude, _check_w, output_kind
+        from neon_cli.validate import positive_int
+
+        shard = self.shard_bytes()
+        for w in self.ws:
+            _check_w(w)
+        if not self.ws:
+            raise UsageError("--w: give at least one weight")
+        if len(self.ws) != len(self.outputs):
+            raise UsageError(f"-o: {len(self.outputs)} output paths for {len(self.ws)} weights; "
+                             "use '{w}' in -o for several weights")
+        if shard is not None:
+            shard = positive_int("--shard-size", shard)
+        if self.options.chunk_elements is not None:
+            positive_int("chunk_elements", self.options.chunk_elements)
+        if len({output_kind(o, shard) for o in self.outputs}) != 1:
+            raise UsageError("-o: all outputs must have the same layout (suffix)")
+        parse_dtype(self.options.dtype)
+        _compile_exclude(self.options.exclude)
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.merge_plan` over the outputs (the ``-o`` pattern as typed when ``--w`` did not parse)."""
+        from neon_cli.plan import merge_plan
+
+        flags = self.flags
+        outs: list[Any] = [""] if flags is not None and flags["output"] == "" else list(self.outputs)
+        shard = flags["shard_size"] if flags is not None else self.options.shard_size
+        return merge_plan(base=self.base, selftrained=self.selftrained, outputs=outs, shard_size=shard, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings``: the flags as typed (or the fields, for a request built in code)."""
+        if self.flags is not None:
+            return dict(self.flags)
+        o = self.options
+        return {"base": self.base, "selftrained": self.selftrained, "w": list(self.ws), "output": [str(p) for p in self.outputs],
+                "key": o.key, "dtype": o.dtype, "exclude": list(o.exclude), "allow_missing": o.allow_missing,
+                "shard_size": o.shard_size, "dry_run": o.dry_run, "allow_nonfinite": o.allow_nonfinite,
+                "as_lora": o.as_lora, "lora_format": o.lora_format}
+
+
+def parse_weights(text: str) -> list[tuple[str, float]]:
+    """``"0.5,1.0,1.6"`` -> [("0.5", 0.5), ("1.0", 1.0), ("1.6", 1.6)]; UsageError naming ``--w``."""
+    import math
+
+    out = []
+    for tok in (t.strip() for t in str(text).split(",")):
+        if not tok:
+            raise UsageError(f"--w {text}: empty weight in the list")
+        try:
+            value = float(tok)
+        except ValueError:
+            raise UsageError(f"--w {text}: {tok!r} is not a number") from None
+        if not math.isfinite(value):
+            raise UsageError(f"--w: must be a finite number, got {tok} (in {text!r})")
+        out.append((tok, value))
+    if len({v for _, v in out}) != len(out):
+        raise UsageError(f"--w {text}: a weight is repeated")
+    return out
+
+
+def output_paths(pattern: str, tokens: list[str]) -> list[Path]:
+    """Replace ``{w}`` in ``-o`` by each weight as typed; UsageError if several weights lack it."""
+    if "{w}" not in pattern:
+        if len(tokens) > 1:
+            raise UsageError(f"-o {pattern}: several weights need '{{w}}' in the output name, e.g. -o 'out-w{{w}}.safetensors'")
+        return [Path(pattern)]
+    return [Path(pattern.replace("{w}", tok)) for tok in tokens]
+
+
+# --------------------------------------------------------------------------------------------
+# neon align
+
+
+@dataclass(frozen=True)
+class AlignOptions:
+    """How ``neon align`` estimates the gradients (:func:`neon_cli.align.estimate_alignment`).
+
+    ``precond``: P for s, ``identity`` or ``adam``; ``batch``: samples per gradient batch (None: the
+    family's ``train_defaults["batch"]``); ``seed``: loss-noise seed (batch b uses
+    ``seed * 1_000_003 + b``, the same in every pass); ``curvature_step``: h of the central
+    difference for d2R/dw2 (None or 0: skipped).
+    """
+
+    precond: str = "identity"
+    batch: Optional[int] = None
+    seed: int = 0
+    curvature_step: Optional[float] = 0.1
+
+
+@dataclass(frozen=True)
+class AlignRequest:
+    """``neon align`` (paper Eq. 4, App. B.11; :func:`neon_cli.align.run_align`).
+
+    ``family``: a family name; ``base``: theta_r (None: the family's embedded default);
+    ``selftrained``: theta_s; ``synthetic``: a ``neon synth`` folder S; ``real``: held-out real
+    samples in that format (None: the family's ``real_samples``, ``real_draw.num`` samples from
+    seed ``real_draw.seed``); ``options``: :class:`AlignOptions`; ``set_pairs``: ``--set KEY=VALUE``;
+    ``trust``; ``report``.
+    """
+
+    family: str
+    base: Optional[Path] = None
+    selftrained: Optional[Path] = None
+    synthetic: Optional[Path] = None
+    real: Optional[Path] = None
+    real_draw: SeedPlan = field(default_factory=lambda: SeedPlan(seed=0, num=10_000))
+    options: AlignOptions = field(default_factory=AlignOptions)
+    set_pairs: tuple[str, ...] = ()
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "AlignRequest":
+        """UsageError naming the flag: neither ``--selftrained`` nor ``--synthetic``, an unknown
+        ``--precond``, ``--num-real`` < 1, ``--real-seed``/``--seed`` out of range, ``--batch`` < 1,
+        a negative or non-finite ``--curvature-step``."""
+        from neon_cli import validate
+
+        o = self.options
+        check_sources(self.selftrained, self.synthetic, o.precond)
+        self.real_draw.validate("--real-seed", "--num-real")
+        from neon_cli.train import MAX_TRAIN_SEED  # imports torch: after the checks that need none
+        validate.integer("--seed", o.seed, low=0, high=MAX_TRAIN_SEED)  # batch b's loss noise: seed * 1_000_003 + b
+        if o.batch is not None:
+            validate.positive_int("--batch", o.batch)
+        if o.curvature_step is not None:
+            validate.finite("--curvature-step", o.curvature_step, low=0.0)
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.align_plan`: reads the checkpoints, sets and the family's files; writes the report."""
+        from neon_cli.plan import align_plan
+
+        return align_plan(family=self.family, base=self.base, selftrained=self.selftrained, synthetic=self.synthetic,
+                          real=self.real, set_pairs=list(self.set_pairs), report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        o = self.options
+        return dict(family=self.family, base=self.base, selftrained=self.selftrained, synthetic=self.synthetic, real=self.real,
+                    num_real=self.real_draw.num, real_seed=self.real_draw.seed, precond=o.precond, batch=o.batch,
+                    seed=o.seed, curvature_step=o.curvature_step, set=list(self.set_pairs), trust_pickle=self.trust.pickle)
+
+
+def check_sources(selftrained: Any, synthetic: Any, precond: str) -> None:
+    """UsageError when neither theta_s nor S is given, or ``precond`` is not identity/adam."""
+    if selftrained is None and synthetic is None:
+        raise UsageError("give a self-trained checkpoint (--selftrained) or a synthetic set (--synthetic), or both")
+    if precond not in ("identity", "adam"):
+        raise UsageError(f"--precond {precond!r}: expected 'identity' or 'adam'")
+
+
+# --------------------------------------------------------------------------------------------
+# neon inspect, neon export, neon plugins
+
+
+@dataclass(frozen=True)
+class InspectRequest:
+    """``neon inspect``: ``checkpoint`` (any file or folder merge reads), ``key`` (check that this
+    dotted path holds the weights), ``report``."""
+
+    checkpoint: Path
+    key: Optional[str] = None
+    report: Optional[Path] = None
+
+    def validate(self) -> "InspectRequest":
+        """Nothing to check beyond the plan (the file itself is checked by reading it)."""
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.inspect_plan`: reads CHECKPOINT; writes only the report."""
+        from neon_cli.plan import inspect_plan
+
+        return inspect_plan(checkpoint=self.checkpoint, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        return {"checkpoint": self.checkpoint, "key": self.key}
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """``neon export``: the synthetic set ``data`` written as ``out`` in layout ``fmt`` (``edm-zip``:
+    a ``.zip`` in EDM's dataset_tool.py layout; ``imagefolder``: a new folder of PNGs with
+    ``metadata.jsonl``), ``report``."""
+
+    data: Path
+    out: Path
+    fmt: str = "edm-zip"
+    report: Optional[Path] = None
+
+    def validate(self) -> "ExportRequest":
+        """UsageError for an unknown ``--format`` or an edm-zip ``-o`` that is not a ``.zip``."""
+        from neon_cli.export import FORMATS
+
+        if self.fmt not in FORMATS:
+            raise UsageError(f"--format: {self.fmt!r} is not one of {', '.join(FORMATS)}")
+        if self.fmt == "edm-zip" and Path(self.out).suffix.lower() != ".zip":
+            raise UsageError(f"-o: {self.out}: the edm-zip format is a .zip file (EDM's train.py --data reads zips and folders)")
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.export_plan`: reads DATA; writes ``-o`` (with its lock) and the report."""
+        from neon_cli.plan import export_plan
+
+        return export_plan(data=self.data, out=self.out, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        return dict(data=self.data, format=self.fmt, out=self.out)
+
+
+@dataclass(frozen=True)
+class PluginsRequest:
+    """``neon plugins``: reads no file; ``report`` is its only output."""
+
+    report: Optional[Path] = None
+
+    def validate(self) -> "PluginsRequest":
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.plugins_plan`: writes only the report."""
+        from neon_cli.plan import plugins_plan
+
+        return plugins_plan(report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        return {}
