@@ -89,10 +89,11 @@ def test_every_subcommand_runs_on_the_third_party_family(toyfam, toy_base, tmp_p
     a, b, m = (toyfam.load(str(p)) for p in (toy_base, theta_s, merged))
     torch.testing.assert_close(m.mu, a.mu - w * (b.mu - a.mu))
     torch.testing.assert_close(toyfam.load(str(best)).mu, m.mu)
-    r = runner.invoke(app, ["eval", "toy", "--model", str(merged), "--num-samples", "400", "--json"])
+    # tune-w's search seeds (eval's own default, 20,000,000, is disjoint from them on purpose)
+    r = runner.invoke(app, ["eval", "toy", "--model", str(merged), "--num-samples", "400", "--seed", "10000000", "--json"])
     assert r.exit_code == 0, r.output
     fid_neon = json.loads(r.stdout)["metrics"]["frechet"]
-    r = runner.invoke(app, ["eval", "toy", "--model", str(toy_base), "--num-samples", "400", "--json"])
+    r = runner.invoke(app, ["eval", "toy", "--model", str(toy_base), "--num-samples", "400", "--seed", "10000000", "--json"])
     fid_base = json.loads(r.stdout)["metrics"]["frechet"]
     assert math.isfinite(fid_neon) and fid_neon < fid_base
     assert abs(fid_neon - tune["chosen"]["metrics"]["frechet"]) < 1e-9  # same seeds, same model -> same number
