@@ -97,3 +97,14 @@ def test_every_subcommand_runs_on_the_third_party_family(toyfam, toy_base, tmp_p
     fid_base = json.loads(r.stdout)["metrics"]["frechet"]
     assert math.isfinite(fid_neon) and fid_neon < fid_base
     assert abs(fid_neon - tune["chosen"]["metrics"]["frechet"]) < 1e-9  # same seeds, same model -> same number
+
+
+def test_plugins_json_error_is_a_json_object_on_stdout(tmp_path):
+    """Issue 22 (7): with --json a failure is {"status", "exit_code", "error"} on stdout, as for every command;
+    success still prints the list of families itself."""
+    res = runner.invoke(app, ["plugins", "--json", "--report", str(tmp_path)])  # a folder: refused before any work
+    assert res.exit_code == 2, res.output
+    obj = json.loads(res.stdout)
+    assert obj["status"] == "error" and obj["exit_code"] == 2 and "--report" in obj["error"]
+    ok = runner.invoke(app, ["plugins", "--json"])
+    assert ok.exit_code == 0 and isinstance(json.loads(ok.stdout), list)

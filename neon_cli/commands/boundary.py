@@ -47,6 +47,7 @@ def run(
     plan: Optional[Callable[[], Any]] = None,
     dry_run: bool = False,
     dry_run_calls_fn: bool = False,
+    json_result: bool = False,
 ) -> Any:
     """Call ``fn(report=Report, progress=callback)``: the one error boundary of every command.
 
@@ -57,7 +58,9 @@ def run(
     inside either, a device, FIFO or socket gets no report at all, and the error line says so.
     ``dry_run`` (``--dry-run``): the plan goes into the results (``"plan": {"reads", "writes"}``,
     printed with ``--json``) and ``fn`` is not called, unless ``dry_run_calls_fn`` (merge's own
-    header-only validation, whose results then carry the plan too).
+    header-only validation, whose results then carry the plan too). ``json_result``: ``--json``
+    prints ``fn``'s return value instead of the report's results (plugins: the list of families);
+    errors are the same JSON object as every command's.
 
     ``fn`` fills the report's inputs/outputs/results and returns its result. On success the
     report is written (if asked), results printed as JSON (``--json``) or by ``show(result,
@@ -103,7 +106,7 @@ def run(
         shutdown()
     if dry_run and not dry_run_calls_fn and not b.json_out and b.main:
         show = _show_plan
-    _print_results(b, result, show)
+    _print_results(b, result, show, json_result)
     return result
 
 
@@ -163,13 +166,15 @@ def _failed(b: _Boundary, raw: Exception) -> int:
     return exc.exit_code
 
 
-def _print_results(b: _Boundary, result: Any, show: Optional[Callable[[Any, Any], None]]) -> None:
-    """The results on stdout: JSON (``--json``, warnings on stderr) or ``show(result, console)``."""
+def _print_results(b: _Boundary, result: Any, show: Optional[Callable[[Any, Any], None]], json_result: bool = False) -> None:
+    """The results on stdout: JSON (``--json``, warnings on stderr; ``result`` itself with
+    ``json_result``, else the report's results) or ``show(result, console)``."""
     if b.json_out:
         warnings = b.rep.results.get("warnings") if isinstance(b.rep.results, dict) else None
         for w in warnings if isinstance(warnings, list) else []:  # stderr in every mode (show() prints them otherwise)
             b.console.print(f"[yellow]neon {b.command}: warning:[/yellow] {_escape(str(w))}", highlight=False, soft_wrap=True)
-        _to_stdout(b.command, lambda: print(json.dumps(b.rep.results, indent=2, default=str)), b.rep, b.report)
+        payload = result if json_result else b.rep.results
+        _to_stdout(b.command, lambda: print(json.dumps(payload, indent=2, default=str)), b.rep, b.report)
     elif show is not None:
         _to_stdout(b.command, lambda: show(result, stdout_console()), b.rep, b.report)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,12 +36,9 @@ def register(app: typer.Typer) -> None:
 
             return list_families(req, report=report, progress=progress)
 
-        run("plugins", fn, settings=req.settings(), report=report, quiet=True, show=_print_json if json_out else _show,
-            dry_run=dry_run, json_out=json_out and dry_run, plan=req.plan)
-
-
-def _print_json(infos: list[dict[str, Any]], console: Any) -> None:
-    print(json.dumps(infos, indent=2, default=str))
+        # --json: the list itself on success (the plan on --dry-run), {"status", "exit_code", "error"} on a failure
+        run("plugins", fn, settings=req.settings(), report=report, quiet=True, show=_show, dry_run=dry_run,
+            json_out=json_out, json_result=True, plan=req.plan)
 
 
 def _show(infos: list[dict[str, Any]], console: Any) -> None:
