@@ -364,15 +364,19 @@ def merge_state_dicts(
     buffers: Collection[str] = (),
     allow_missing: bool = False,
     out_dtype: Any = None,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
-    """θ_Neon = θ_r − w (θ_s − θ_r) for two in-memory state dicts; no file I/O (used by tune-w).
+    """θ_Neon = θ_r − w (θ_s − θ_r) for two in-memory state dicts; no file I/O (used by tune-w and eval).
 
     ``base`` (θ_r) and ``selftrained`` (θ_s): name -> torch tensor or ``nn.Parameter`` (any
     device; same names, shapes and dtypes). ``w``: extrapolation weight (the paper's w, typically
     0.5-2). Returns a new dict in ``base``'s key order, dtypes of ``base`` (or ``out_dtype`` for
     floating tensors), plain tensors (parameters detached). Copied entries are ``base``'s own
     tensors unless a cast is needed. Raises CheckpointError naming the key on a key/shape/dtype
-    mismatch, UsageError on an invalid ``exclude`` regex or ``w``.
+    mismatch, UsageError on an invalid ``exclude`` regex or ``w``, and (unless ``allow_nonfinite``)
+    UsageError naming the first tensor whose result has a new inf/NaN (finite in both inputs), as
+    :func:`merge_checkpoints` refuses without ``--allow-nonfinite``: tune-w and eval then stop with
+    exit 2 naming the tensor and w (no candidate is scored on a broken model).
     Source: paper Algorithm 1 and App. C; the same bits as :func:`merge_checkpoints`.
     """
     import torch
@@ -401,14 +405,15 @@ def merge_state_dicts(
                 reason = _copy_reason(name, name, rdt, pats, buffers)
                 s = s.detach().to(r.device)
             if reason is None and not torch.equal(r, s):
-                out[name] = _merge_torch(r, s, w, getattr(torch, odt))
+                out[name] = _merge_torch(r, s, w, getattr(torch, odt), None if allow_nonfinite else name)
             else:
                 out[name] = base[name] if (odt == rdt and type(base[name]) is torch.Tensor) else r.to(getattr(torch, odt))
     return out
 
 
-def _merge_torch(r: Any, s: Any, w: float, out_dtype: Any) -> Any:
-    """The numpy kernel's arithmetic in torch: float32 (float64) d = r − s, w·d, + r, cast."""
+def _merge_torch(r: Any, s: Any, w: float, out_dtype: Any, refuse_as: str | None = None) -> Any:
+    """The numpy kernel's arithmetic in torch: float32 (float64) d = r − s, w·d, + r, cast.
+    ``refuse_as``: the tensor's name, to raise UsageError when the result has a new non-finite entry."""
     import torch
 
     cdt = torch.float64 if torch.float64 in (r.dtype, out_dtype) else torch.float32
@@ -419,6 +424,12 @@ def _merge_torch(r: Any, s: Any, w: float, out_dtype: Any) -> Any:
     nf = ~torch.isfinite(d)
     if bool(nf.any()):
         oc = torch.where(nf, r.to(out_dtype), oc)
+    if refuse_as is not None and oc.is_floating_point():
+        bad = ~torch.isfinite(oc) & ~nf  # entries kept from θ_r (non-finite in an input) are not new results
+        if bool(bad.any()):
+            n_bad, n_cast_only = int(bad.sum()), int(torch.isfinite(o[bad]).sum())
+            text = _nonfinite_text(refuse_as, w, n_bad, n_cast_only, dtype_name(out_dtype), dtype_name(cdt), "out_dtype=", "w")
+            raise UsageError(f"{text}; allow_nonfinite=True returns it anyway")
     return oc
 
 
@@ -885,12 +896,17 @@ def _nonfinite_error(it: Any, w: float, n_bad: int, n_cast_only: int) -> UsageEr
     when the arithmetic itself overflowed (``|w (θ_r - θ_s)|`` beyond the compute dtype's range), no
     dtype (the weight is the problem)."""
     cdt = _compute_dtype(it.spec.dtype, it.out_dtype)
-    where = f"tensor {it.raw!r}: theta_r - w (theta_s - theta_r) at w={_w_text(w)} gives {n_bad} non-finite value(s) (inf/nan)"
-    if n_cast_only == n_bad and it.out_dtype != cdt:
-        hint = f"they overflow {it.out_dtype}, the output dtype; --dtype {cdt} keeps them finite"
-    else:
-        hint = f"w (theta_r - theta_s) exceeds the range of {cdt}; no output dtype helps: check --w"
-    return UsageError(f"{where}; {hint}; --allow-nonfinite writes the model anyway (nothing written)")
+    text = _nonfinite_text(it.raw, w, n_bad, n_cast_only, it.out_dtype, cdt, "--dtype ", "--w")
+    return UsageError(f"{text}; --allow-nonfinite writes the model anyway (nothing written)")
+
+
+def _nonfinite_text(name: str, w: float, n_bad: int, n_cast_only: int, out_dtype: str, cdt: str, dtype_flag: str,
+                    w_flag: str) -> str:
+    """What is non-finite and the dtype that would help (or none): the streaming and in-memory merges' refusal."""
+    where = f"tensor {name!r}: theta_r - w (theta_s - theta_r) at w={_w_text(w)} gives {n_bad} non-finite value(s) (inf/nan)"
+    if n_cast_only == n_bad and out_dtype != cdt:
+        return f"{where}; they overflow {out_dtype}, the output dtype; {dtype_flag}{cdt} keeps them finite"
+    return f"{where}; w (theta_r - theta_s) exceeds the range of {cdt}; no output dtype helps: check {w_flag}"
 
 
 def _finish_flat_pt(path: Path, rf: _RawTensorFile, items: list[_Item]) -> None:

@@ -595,3 +595,22 @@ def test_output_overwrites_existing_file_atomically(tmp_path):
     out.write_bytes(b"old")
     merge_checkpoints(tmp_path / "r.safetensors", tmp_path / "s.safetensors", [W], [out], report=rep())
     assert_sd_equal(read_st(out), expected(r, s, W))
+
+
+def test_in_memory_merge_refuses_a_new_nonfinite_result_naming_the_first_key():
+    """Issue 22 (4) for tune-w / eval's in-memory merge: the same refusal as the streaming merge's
+    (the first key, w, and the dtype that helps or none); inputs' own inf/NaN stay allowed (kept from θ_r)."""
+    r = {"a": torch.tensor([1.0, float("inf")]), "b": torch.tensor([1.0, 2.0]), "c": torch.tensor([0.0, 1.0])}
+    s = {"a": torch.tensor([1.0, 0.0]), "b": torch.tensor([1.0, -1e10]), "c": torch.tensor([1.0, 1.0])}
+    # a: d = [0, inf] -> [1, inf kept from θ_r]; b: 2 + 1e30 * 1e10 overflows float32 (the compute dtype); c: finite
+    with pytest.raises(UsageError, match=r"tensor 'b'.*w=1e\+30 gives 1 non-finite.*range of float32; no output dtype helps"):
+        merge_state_dicts(r, s, 1e30)
+    out = merge_state_dicts(r, s, 1e30, allow_nonfinite=True)
+    assert math.isinf(out["b"][1].item()) and math.isinf(out["a"][1].item())
+    assert merge_state_dicts(r, s, 0.5)["a"][1].item() == float("inf")  # non-finite input, not a new result: allowed
+    h = {"x": torch.tensor([60000.0, 1.0], dtype=torch.float16)}
+    hs = {"x": torch.tensor([50000.0, 1.0], dtype=torch.float16)}
+    with pytest.raises(UsageError, match=r"tensor 'x'.*overflow float16, the output dtype; out_dtype=float32 keeps them finite"):
+        merge_state_dicts(h, hs, 1.0)  # 60000 + 10000 = 70000 > fp16 max 65504, finite in float32
+    want = 2 * h["x"].double() - hs["x"].double()  # θ_r - 1 (θ_s - θ_r) of the float16 inputs (50000 -> 49984)
+    assert torch.equal(merge_state_dicts(h, hs, 1.0, out_dtype="float32")["x"].double(), want)
