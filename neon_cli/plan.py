@@ -53,7 +53,8 @@ class Entry:
 
     ``role``: the flag or role as the user knows it (``--report``, ``base``, ``-o member``,
     ``family file``). ``member_of``: for a file inside a named folder, that folder's role (a write
-    with ``member_of`` may lie inside the folder write of that role). ``folder``: a write that is a
+    with ``member_of`` may lie inside the folder write of that role, or inside the input of that
+    role: the encoding cache, :func:`encoding_cache_writes`). ``folder``: a write that is a
     folder (other writes may not lie inside it, existing or not).
     """
 
@@ -179,6 +180,8 @@ def problems(plan: Plan) -> list[tuple[frozenset[str], str]]:
             continue
         others = [o for o in by_path.get(w.resolved, []) + (by_ident.get(w.ident, []) if w.ident else []) if o is not w]
         for o in others:
+            if id(o) in read_ids and w.entry.member_of is not None and w.entry.member_of in (o.entry.role, o.entry.member_of):
+                continue  # a cache the run keeps inside that input on purpose (encoding_cache_writes)
             if id(o) in read_ids:
                 if o.entry.member_of and str(o.entry.path) == str(w.entry.path):
                     what = f"a file of the input {o.entry.member_of}"
@@ -197,7 +200,7 @@ def problems(plan: Plan) -> list[tuple[frozenset[str], str]]:
             break
         for parent in w.resolved.parents:
             for f in folders.get(parent, []):
-                if f is w:
+                if f is w or (id(f) in read_ids and w.entry.member_of == f.entry.role):
                     continue
                 if id(f) in read_ids:
                     msg = f"{w.entry.role}: {w.entry.path} is inside the input {f.entry.label()} ({f.entry.path}); choose a path outside it"
@@ -439,11 +442,32 @@ def synth_plan(*, family: str, model: Any, out: Any, num: int, shard_size: int, 
 def finetune_plan(*, family: str, model: Any, data: Any, out: Any, set_pairs: Sequence[str] = (), report: Any = None) -> Plan:
     """``neon finetune``: reads ``--model``/default, the synthetic set ``--data`` (every shard and its
     manifest) and the family's files; writes ``-o`` with ``train_state.pt``, ``finetune.json`` and the
-    snapshots (existing ones on resume). Not listed: a VAR-style family's encoding cache
-    (``encoded-<key>/`` beside S), whose name needs the loaded model."""
+    snapshots (existing ones on resume), and for a family with an ``encode`` hook (VAR-style) its
+    encoding cache (:func:`encoding_cache_writes`)."""
     fam = load_family(family)
+    writes = folder_write("-o", out, ["train_state.pt", "finetune.json"])
+    if callable(getattr(fam, "encode", None)) and callable(getattr(fam, "encode_key", None)):
+        writes += encoding_cache_writes(data, out)
     return _build("finetune", model_reads(fam, model, "--model") + read("--data", data) + family_reads(fam, set_pairs, train=True),
-                  folder_write("-o", out, ["train_state.pt", "finetune.json"]), report)
+                  writes, report)
+
+
+def encoding_cache_writes(data: Any, out: Any) -> list[Entry]:
+    """The encoding cache :func:`neon_cli.dataset.encoded_set` writes: ``encoded-<key>/`` inside
+    ``--data`` (inside ``-o`` when ``--data`` is not writable). ``<key>`` needs the loaded model, so
+    the plan lists the pattern ``encoded-*`` and every file of each existing ``encoded-*`` folder
+    (a rerun may rewrite them), as writes ``member_of`` the folder's role: allowed inside that input
+    (the one place a run writes into an input) while ``--report`` or another output on any of them
+    is refused."""
+    if data is None or str(data) == "" or not os.path.isdir(data):
+        return []
+    host, role = (Path(data), "--data") if os.access(data, os.W_OK) else (Path(out), "-o")
+    if out is None and role == "-o":
+        return []
+    cache = f"{role} encoding cache"
+    found = [e for d in sorted(host.glob("encoded-*")) if d.is_dir() for e in members(d, cache)]
+    return [Entry(cache, host / "encoded-*", member_of=role)] + [
+        Entry(f"{cache} member", e.path, member_of=role) for e in found]
 
 
 def merge_plan(*, base: Any, selftrained: Any, outputs: Sequence[Any], shard_size: Any = None, report: Any = None) -> Plan:

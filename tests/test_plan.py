@@ -514,3 +514,30 @@ def test_an_allowed_report_still_records_the_refusal_of_another_output(tree):
     data = json.loads(tree["REPORT"].read_text())
     assert data["status"] == "error" and data["error"].startswith("-o: ")
     assert _sha(tree["CK"]) == before and not (tree["CK"] / "x.safetensors").exists()
+
+
+def test_finetune_plan_lists_the_encoding_cache_of_an_encoding_family(tree):
+    """Issue 22 (1): a VAR-style family's encoding cache (neon_cli.dataset.encoded_set writes
+    ``encoded-<key>/`` inside --data) is in finetune's plan: the ``encoded-*`` pattern and every
+    file of an existing cache are writes that the run may make inside its input, and ``--report`` on
+    one of them (or a new file there) gets no report; a family without an encode hook lists none."""
+    from neon_cli.plan import finetune_plan
+
+    S, out = tree["S"], tree["OUTDIR"]
+    _files(S, {"encoded-var-abc/shard-00000.safetensors": b"tokens", "encoded-var-abc/encoded.json": b"{}"})
+    plan = finetune_plan(family="var", model=None, data=S, out=out)
+    check_plan(plan)  # the cache inside --data is not a conflict with the input
+    caches = {str(e.path) for e in plan.writes if e.role.startswith("--data encoding cache")}
+    assert caches == {str(S / "encoded-*"), str(S / "encoded-var-abc" / "shard-00000.safetensors"),
+                      str(S / "encoded-var-abc" / "encoded.json")}
+    for rep in (S / "encoded-var-abc" / "encoded.json", S / "encoded-var-abc" / "report.json"):
+        assert "--report" in (report_problem(finetune_plan(family="var", model=None, data=S, out=out, report=rep)) or "")
+    assert not any("encoding cache" in e.role for e in finetune_plan(family="digits", model=None, data=S, out=out).writes)
+    # S not writable: encoded_set falls back to -o, and the plan says so
+    with pytest.MonkeyPatch.context() as mp:  # (chmod would not stop root)
+        mp.setattr(os, "access", lambda p, mode: Path(p) != S)
+        roles = {e.role: str(e.path) for e in finetune_plan(family="var", model=None, data=S, out=out).writes}
+    assert roles["-o encoding cache"] == str(out / "encoded-*") and "--data encoding cache" not in roles
+    res = _neon("finetune", "var", "--data", S, "-o", out, "-b", "32", "--dry-run", "--json")
+    assert res.exit_code == 0, res.output
+    assert {"role": "--data encoding cache", "path": str(S / "encoded-*")} in json.loads(res.stdout)["plan"]["writes"]
