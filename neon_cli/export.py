@@ -85,34 +85,15 @@ def export(request: ExportRequest, *, report: Any, progress: ProgressFn = null_p
     format, ``-o`` not a .zip, output inside the input, Pillow missing), DataError (unfinished or
     unreadable set, images that are not uint8 square RGB/grayscale).
     """
-    from neon_cli.fsutil import atomic_path, check_outputs, exclusive_lock, sha256_file
-    from neon_cli.inception import SynthSource
+    from neon_cli.fsutil import atomic_path, exclusive_lock, sha256_file
 
     request.validate()
     data_dir, out, fmt = Path(request.data), Path(request.out), request.fmt
     if fmt == "imagefolder":
         return export_imagefolder(data_dir, out, report=report, progress=progress)
+    manifest, source, pil = _open_set(data_dir, out, "edm-zip", square=True)
     mf = data_dir / "manifest.json"
-    if not mf.is_file():
-        hint = " (unfinished: rerun the same 'neon synth' command to complete it)" if (data_dir / "plan.json").exists() else ""
-        raise DataError(f"DATA: {data_dir} has no manifest.json{hint}")
-    check_outputs({"DATA": data_dir}, {"-o": out})
-    try:
-        import PIL.Image as pil
-    except ImportError:
-        raise UsageError("export --format edm-zip writes PNG files: install Pillow (pip install pillow)") from None
-    try:
-        manifest = json.loads(mf.read_text())
-    except (ValueError, RecursionError) as exc:  # empty, truncated or nested too deep
-        raise DataError(f"DATA: {mf}: not a readable neon synth manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"DATA: {mf}: not a neon synth manifest (a JSON {type(manifest).__name__}, not an object)")
-    source = SynthSource(data_dir)
     n = len(source)
-    shape = manifest.get("image_shape") or []
-    if manifest.get("image_dtype") != "uint8" or len(shape) != 3 or shape[0] not in (1, 3) or shape[1] != shape[2]:
-        raise DataError(f"DATA: {data_dir} holds {manifest.get('image_dtype')} samples of shape {shape}; "
-                        "edm-zip needs uint8 square RGB or grayscale images [C, H, W]")
     labels, seeds = _labels_and_seeds(data_dir, manifest)
     report.add_input("synthetic_set", mf)
     names = [edm_name(i) for i in range(n)]
@@ -138,8 +119,9 @@ def export(request: ExportRequest, *, report: Any, progress: ProgressFn = null_p
     return results
 
 
-def _open_set(data_dir: Path, out: Path, what: str) -> tuple[dict[str, Any], Any, Any]:
-    """(manifest, SynthSource, PIL.Image) of a finished set; the errors of :func:`export`."""
+def _open_set(data_dir: Path, out: Path, what: str, *, square: bool = False) -> tuple[dict[str, Any], Any, Any]:
+    """(manifest, SynthSource, PIL.Image) of a finished set of uint8 RGB or grayscale images (H == W
+    with ``square``); the errors of :func:`export`, naming the format ``what``."""
     from neon_cli.fsutil import check_outputs
     from neon_cli.inception import SynthSource
 
@@ -152,12 +134,18 @@ def _open_set(data_dir: Path, out: Path, what: str) -> tuple[dict[str, Any], Any
         import PIL.Image as pil
     except ImportError:
         raise UsageError(f"export --format {what} writes PNG files: install Pillow (pip install pillow)") from None
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text())
+    except (ValueError, RecursionError) as exc:  # empty, truncated or nested too deep
+        raise DataError(f"DATA: {mf}: not a readable neon synth manifest ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"DATA: {mf}: not a neon synth manifest (a JSON {type(manifest).__name__}, not an object)")
+    source = SynthSource(data_dir)
     shape = manifest.get("image_shape") or []
-    if manifest.get("image_dtype") != "uint8" or len(shape) != 3 or shape[0] not in (1, 3):
+    if manifest.get("image_dtype") != "uint8" or len(shape) != 3 or shape[0] not in (1, 3) or (square and shape[1] != shape[2]):
         raise DataError(f"DATA: {data_dir} holds {manifest.get('image_dtype')} samples of shape {shape}; "
-                        f"{what} needs uint8 RGB or grayscale images [C, H, W]")
-    return manifest, SynthSource(data_dir), pil
+                        f"{what} needs uint8 {'square ' if square else ''}RGB or grayscale images [C, H, W]")
+    return manifest, source, pil
 
 
 def export_imagefolder(data_dir: Path, out: Path, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:

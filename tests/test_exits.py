@@ -113,7 +113,9 @@ def test_an_empty_or_too_deep_manifest_is_exit_2_naming_it(toyS, toy_base, tmp_p
         assert f"{mf}: unreadable ({why})" in line
         line = _error(_invoke("export", toyS, "-o", tmp_path / "S.zip"), "export", 2)
         assert str(mf) in line and "not a readable neon synth manifest" in line
-    assert not (tmp_path / "S.zip").exists()
+        line = _error(_invoke("export", toyS, "--format", "imagefolder", "-o", tmp_path / "F"), "export", 2)  # one reader
+        assert str(mf) in line and "not a readable neon synth manifest" in line
+    assert not (tmp_path / "S.zip").exists() and not (tmp_path / "F").exists()
 
 
 def test_a_set_of_another_family_is_refused_by_name(toyS, toy_base, tmp_path):
