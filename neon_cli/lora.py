@@ -156,19 +156,11 @@ def is_lora(path: str | Any) -> bool:
     """True when ``path`` is a LoRA (a ``.safetensors`` file or LoRA folder whose tensor names are
     LoRA factors: ``lora_A``/``lora_B``, ``lora.down``/``lora.up``, ``lora_down``/``lora_up``).
     Reads the header only; never raises for an ordinary checkpoint."""
-    from neon_cli.checkpoint.safetensors_io import map_file, read_header
-
     p = Path(path)
     if p.is_dir() and not any((p / n).is_file() for n in LORA_FILE_NAMES):
         return False
     try:
-        f, _ = lora_file(p)
-        buf = map_file(f)
-        try:
-            names = list(read_header(f, buf)[0])
-        finally:
-            if hasattr(buf, "close"):
-                buf.close()
+        names = _lora_tensor_names(p)
     except CheckpointError:
         return False
     return bool(names) and all(any(s in n for s, _ in _SUFFIXES) or n.endswith(".alpha") or _refused(n) for n in names)
@@ -429,18 +421,22 @@ def component_layers(lora: Lora, names: Collection[str] | None = None) -> tuple[
     return comp, lora.layers[comp]
 
 
-def _header_names_kohya(path: str | Any) -> bool:
-    """True when the LoRA file's tensor names are kohya's (``lora_unet_*``, ``lora_te*_*``); header only."""
+def _lora_tensor_names(path: str | Any) -> list[str]:
+    """The tensor names of the LoRA file at ``path`` (:func:`lora_file`), from its header only."""
     from neon_cli.checkpoint.safetensors_io import map_file, read_header
 
     f, _ = lora_file(path)
     buf = map_file(f)
     try:
-        names = list(read_header(f, buf)[0])
+        return list(read_header(f, buf)[0])
     finally:
         if hasattr(buf, "close"):
             buf.close()
-    return any(n.startswith(tuple(KOHYA_PREFIXES)) for n in names)
+
+
+def _header_names_kohya(path: str | Any) -> bool:
+    """True when the LoRA file's tensor names are kohya's (``lora_unet_*``, ``lora_te*_*``); header only."""
+    return any(n.startswith(tuple(KOHYA_PREFIXES)) for n in _lora_tensor_names(path))
 
 
 def lora_state_dict(base_sd: Mapping[str, Any], path: str | Any) -> dict[str, Any]:

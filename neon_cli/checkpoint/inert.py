@@ -9,6 +9,7 @@ circle.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -176,10 +177,7 @@ class TensorRef:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
     def extent(self) -> tuple[int, int]:
         """[first, last+1) element indices of the storage this view touches (empty: (o, o))."""
