@@ -165,7 +165,8 @@ class _NoDDP(torch.nn.Module):
         return self.module(*args, **kwargs)
 
 
-def check_loss_and_step(check: Checks, family, model, var_path, vae_path) -> None:
+def _official_modules() -> dict:
+    """The checkout's trainer pieces: VARTrainer, misc, AmpOptimizer, filter_params, lr_wd_annealing."""
     here = os.getcwd()
     os.chdir(_REPO)  # utils/arg_util.py asks git for the checkout's branch and commit when imported
     try:
@@ -175,7 +176,42 @@ def check_loss_and_step(check: Checks, family, model, var_path, vae_path) -> Non
         from utils.lr_control import filter_params, lr_wd_annealing
     finally:
         os.chdir(here)
+    return {"VARTrainer": VARTrainer, "misc": misc, "AmpOptimizer": AmpOptimizer, "filter_params": filter_params,
+            "lr_wd_annealing": lr_wd_annealing}
 
+
+def _var_trainer(vae, var, *, lr: float, step_lr: float, clip: float, anneal_wd: float | None = None):
+    """VAR's VARTrainer on (vae, var) with its optimiser: filter_params groups, AmpOptimizer(AdamW(lr,
+    weight_decay=0, betas=(0.9, 0.95)), grad_clip=clip), weight decay set by lr_wd_annealing (to
+    ``anneal_wd``) only when given, then the step's lr ``step_lr``. Returns (trainer, captured):
+    ``captured["loss"]`` is the loss its next train_step backpropagates."""
+    o = _official_modules()
+    with quiet_var():
+        names, paras, groups = o["filter_params"](var, nowd_keys={
+            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
+            "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"})
+    opt = o["AmpOptimizer"](mixed_precision=0, optimizer=torch.optim.AdamW(groups, lr=lr, weight_decay=0, betas=(0.9, 0.95)),
+                            names=names, paras=paras, grad_clip=clip)
+    if anneal_wd is not None:
+        o["lr_wd_annealing"]("lin0", opt.optimizer, lr, anneal_wd, anneal_wd, 0, 0, 100, wp0=0.005, wpe=0.01)
+    for g in opt.optimizer.param_groups:
+        g["lr"] = step_lr
+    with quiet_var():
+        trainer = o["VARTrainer"](device="cpu", patch_nums=TINY["patch_nums"], resos=tuple(16 * p for p in TINY["patch_nums"]),
+                                  vae_local=vae, var_wo_ddp=var, var=_NoDDP(var), var_opt=opt, label_smooth=0.0)
+    captured = {}
+    inner = opt.backward_clip_step
+
+    def capture(stepping, loss):
+        captured["loss"] = loss.detach().clone()
+        return inner(stepping=stepping, loss=loss)
+
+    opt.backward_clip_step = capture
+    return trainer, captured
+
+
+def check_loss_and_step(check: Checks, family, model, var_path, vae_path) -> None:
+    misc = _official_modules()["misc"]
     from neon_var.training import images_to_pm1
 
     vae, var = fresh_real(var_path, vae_path)
@@ -187,26 +223,8 @@ def check_loss_and_step(check: Checks, family, model, var_path, vae_path) -> Non
     lr, twd, tclip = 1e-3, 0.05, 2.0
 
     # VAR: filter_params groups, AdamW(0.9, 0.95), AmpOptimizer fp32 with clip 2, weight decay set by lr_wd_annealing
-    with quiet_var():
-        names, paras, groups = filter_params(var, nowd_keys={
-            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
-            "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"})
-    opt = AmpOptimizer(mixed_precision=0, optimizer=torch.optim.AdamW(groups, lr=lr, weight_decay=0, betas=(0.9, 0.95)),
-                       names=names, paras=paras, grad_clip=tclip)
-    lr_wd_annealing("lin0", opt.optimizer, lr, twd, twd, 0, 0, 100, wp0=0.005, wpe=0.01)
-    for g in opt.optimizer.param_groups:
-        g["lr"] = lr  # the fine-tune's lr at this step (neon's core sets it the same way)
-    with quiet_var():
-        trainer = VARTrainer(device="cpu", patch_nums=TINY["patch_nums"], resos=tuple(16 * p for p in TINY["patch_nums"]),
-                             vae_local=vae, var_wo_ddp=var, var=_NoDDP(var), var_opt=opt, label_smooth=0.0)
-    captured = {}
-    inner = opt.backward_clip_step
-
-    def capture(stepping, loss):
-        captured["loss"] = loss.detach().clone()
-        return inner(stepping=stepping, loss=loss)
-
-    opt.backward_clip_step = capture
+    # the fine-tune's lr at this step (neon's core sets it the same way)
+    trainer, captured = _var_trainer(vae, var, lr=lr, step_lr=lr, clip=tclip, anneal_wd=twd)
 
     # neon: the family's loss and optimiser on its own model (same weights)
     m = copy.deepcopy(model)
@@ -252,15 +270,7 @@ def check_paper_protocol(check: Checks, family, model, var_path, vae_path) -> No
     sets ``lr = target_lr * min(images_seen, total_images) / total_images``. One step at
     images_seen = 768 of total_images = 1536 (lr = 5e-6 with the paper's target 1e-5) on the same
     batch, against neon's ``paper-d16`` recipe (its ``twd`` 0, the core loop's ramp over the budget)."""
-    here = os.getcwd()
-    os.chdir(_REPO)
-    try:
-        from trainer import VARTrainer
-        from utils import misc
-        from utils.amp_sc import AmpOptimizer
-        from utils.lr_control import filter_params
-    finally:
-        os.chdir(here)
+    misc = _official_modules()["misc"]
     from neon_cli.finetune import _default_warmup, recipe_plan
     from neon_var.training import AmpState, images_to_pm1, tag_parameters
 
@@ -274,25 +284,7 @@ def check_paper_protocol(check: Checks, family, model, var_path, vae_path) -> No
     gen = torch.Generator().manual_seed(321)
     images = torch.randint(0, 256, (6, 3, 64, 64), generator=gen, dtype=torch.uint8)
     labels = torch.randint(0, TINY["num_classes"], (6,), generator=gen)
-    with quiet_var():
-        names, paras, groups = filter_params(var, nowd_keys={
-            "cls_token", "start_token", "task_token", "cfg_uncond", "pos_embed", "pos_1LC", "pos_start", "start_pos",
-            "lvl_embed", "gamma", "beta", "ada_gss", "moe_bias", "scale_mul"})
-    opt = AmpOptimizer(mixed_precision=0, optimizer=torch.optim.AdamW(groups, lr=train["lr"], weight_decay=0, betas=(0.9, 0.95)),
-                       names=names, paras=paras, grad_clip=2.0)
-    for g in opt.optimizer.param_groups:
-        g["lr"] = lr_var
-    with quiet_var():
-        trainer = VARTrainer(device="cpu", patch_nums=TINY["patch_nums"], resos=tuple(16 * p for p in TINY["patch_nums"]),
-                             vae_local=vae, var_wo_ddp=var, var=_NoDDP(var), var_opt=opt, label_smooth=0.0)
-    captured = {}
-    inner = opt.backward_clip_step
-
-    def capture(stepping, loss):
-        captured["loss"] = loss.detach().clone()
-        return inner(stepping=stepping, loss=loss)
-
-    opt.backward_clip_step = capture
+    trainer, captured = _var_trainer(vae, var, lr=train["lr"], step_lr=lr_var, clip=2.0)
     m = copy.deepcopy(model)
     tag_parameters(m, AmpState(0), {"twd": st["twd"], "tclip": 2.0})  # fp16=1 runs fp32 on CPU, in both
     m.train()
