@@ -429,7 +429,7 @@ def _merge_torch(r: Any, s: Any, w: float, out_dtype: Any, refuse_as: str | None
         if bool(bad.any()):
             n_bad, n_cast_only = int(bad.sum()), int(torch.isfinite(o[bad]).sum())
             text = _nonfinite_text(refuse_as, w, n_bad, n_cast_only, dtype_name(out_dtype), dtype_name(cdt), "out_dtype=", "w")
-            raise UsageError(f"{text}; allow_nonfinite=True returns it anyway")
+            raise UsageError(f"{text}; this merged model is not scored or written")
     return oc
 
 
