@@ -20,6 +20,7 @@ FILES = [
     "neon_cli/commands/boundary.py",
     "neon_cli/commands/logs.py",
     "neon_cli/commands/completion.py",
+    "neon_cli/lora.py",
 ]
 MAX_LINES = 80
 MAX_PARAMS = 8
