@@ -405,3 +405,72 @@ class PluginsRequest:
 
     def settings(self) -> dict[str, Any]:
         return {}
+
+
+# ---- tune-w / demo ----------------------------------------------------------------------------
+# neon demo
+
+
+@dataclass(frozen=True)
+class DemoRequest:
+    """``neon demo``: the paper's protocol (Algorithm 1, Sec. 4) on ``family``'s ``base`` (None: its
+    embedded default), working in ``out`` (S, theta_s, the control, ``neon.safetensors``, caches).
+
+    ``num_synthetic``: |S| (images); ``budget``: fine-tuning budget in images seen (None:
+    ``budget_fraction`` x the base's recorded ``train_images``); ``lr``: fine-tuning learning rate
+    (None: the family's recipe); ``bounds``: the w box; ``gamma``: the guidance box (LO, HI) searched
+    for the base, the control and Neon (None or a family without guidance: no gamma search);
+    ``max_evals``: evaluations per search (None: each search's own; at least 7); ``num_samples``:
+    images per search evaluation; ``confirm_samples``: images of the final comparison (disjoint
+    seeds); ``control``: also fine-tune the base on real data; ``seed``: of S and fine-tuning;
+    ``report``: the ``--report`` path. See :func:`neon_cli.demo.demo`.
+    """
+
+    family: str = "digits"
+    base: Optional[Path] = None
+    out: Path = Path("neon-demo")
+    num_synthetic: int = 4000
+    budget: Optional[int] = None
+    budget_fraction: float = 0.03
+    lr: Optional[float] = None
+    bounds: tuple[float, float] = (0.0, 3.0)
+    gamma: Optional[tuple[float, float]] = (1.0, 4.0)
+    max_evals: Optional[int] = None
+    num_samples: int = 2000
+    confirm_samples: int = 5000
+    control: bool = True
+    seed: int = 0
+    report: Optional[Path] = None
+
+    def validate(self) -> "DemoRequest":
+        """UsageError naming the flag for: ``--num-synthetic`` < 1, ``--num-samples`` or
+        ``--confirm-samples`` < 2, ``--budget-fraction`` not > 0, seeds beyond 2**63 - 1, ``--lr``
+        not > 0, ``--gamma`` not finite LO < HI. (``--budget`` and ``--max-evals`` are checked by
+        :func:`neon_cli.demo.demo` once the family is known, as before.) Returns the request."""
+        from neon_cli import validate
+
+        for flag, v in (("--num-synthetic", self.num_synthetic), ("--num-samples", self.num_samples),
+                        ("--confirm-samples", self.confirm_samples)):
+            validate.integer(flag, v, low=2 if flag != "--num-synthetic" else 1)
+        validate.finite("--budget-fraction", self.budget_fraction, low=0.0, low_open=True)
+        validate.seed("--seed", self.seed, self.num_synthetic)
+        if self.lr is not None:
+            validate.positive("--lr", self.lr)
+        if self.gamma is not None:
+            lo, hi = (validate.finite("--gamma", g) for g in self.gamma)
+            if not lo < hi:
+                raise UsageError(f"--gamma {lo:g} {hi:g}: need finite LO < HI")
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.demo_plan`: reads the base, the family's and scoring files; writes ``-o`` and the report."""
+        from neon_cli.plan import demo_plan
+
+        return demo_plan(family=self.family, base=self.base, out=self.out, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (as ``neon demo`` always recorded them)."""
+        return dict(out=self.out, family=self.family, base=self.base, num_synthetic=self.num_synthetic, budget=self.budget,
+                    budget_fraction=self.budget_fraction, lr=self.lr,
+                    gamma=None if self.gamma is None else list(self.gamma), max_evals=self.max_evals,
+                    control=self.control, num_samples=self.num_samples, confirm_samples=self.confirm_samples, seed=self.seed)

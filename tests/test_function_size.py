@@ -21,6 +21,7 @@ FILES = [
     "neon_cli/commands/logs.py",
     "neon_cli/commands/completion.py",
     "neon_cli/lora.py",
+    "neon_cli/demo.py",
 ]
 MAX_LINES = 80
 MAX_PARAMS = 8
