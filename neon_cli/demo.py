@@ -97,17 +97,17 @@ class _Pipeline:
     def all(self, budget: int) -> dict[str, Any]:
         from neon_cli.finetune import finetune
         from neon_cli.synth import synthesize
-        from neon_cli.tune import run_tune_w
-        from neon_cli.tune.run import tune_base_gamma
+        from neon_cli.requests import Outputs, TuneRequest
+        from neon_cli.tune.run import tune_base_gamma, tune_w
 
         r = self.request
         num_synthetic, lr, bounds, control = r.num_synthetic, r.lr, r.bounds, r.control
         eval_seed = 10_000_000 + self.seed
         gamma_s = None
         if self.gamma is not None:  # 1. the base at its own best gamma; S is synthesized there
-            bl = self.step("base-gamma", lambda **k: tune_base_gamma(
-                self.family_name, self.base, self.gamma, num_samples=self.num_samples, seed=eval_seed, cache=self.cache,
-                max_evals=self.max_evals, **k))
+            bl = self.step("base-gamma", lambda **k: tune_base_gamma(TuneRequest(
+                self.family_name, self.base, None, gamma=self.gamma, num_samples=self.num_samples, seed=eval_seed,
+                max_evals=self.max_evals, outputs=Outputs(cache=self.cache)), **k))
             gamma_s = bl["best"]["gamma"]
         pairs = [f"{self.family.guidance}={gamma_s!r}"] if gamma_s is not None else []
         self.step("synth", lambda **k: synthesize(self.family_name, self.base, num=num_synthetic, out_dir=self.out / "S",
@@ -116,10 +116,11 @@ class _Pipeline:
                                                         out_dir=self.out / "ft", seed=self.seed, **k))
         ctl = self._control(ft["final"], num_synthetic) if control else None
         neon_path = self.out / "neon.safetensors"
-        tuned = self.step("tune-w", lambda **k: run_tune_w(
-            self.family_name, self.base, [ft["final"]], bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
-            num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, keep=1, cache=self.cache,
-            max_evals=self.max_evals, output=neon_path, control=ctl, require_improvement=False, write_anyway=True, **k))
+        tuned = self.step("tune-w", lambda **k: tune_w(TuneRequest(
+            self.family_name, self.base, (ft["final"],), bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
+            num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, keep=1,
+            max_evals=self.max_evals, control=ctl, require_improvement=False, write_anyway=True,
+            outputs=Outputs(out=neon_path, cache=self.cache)), **k))
         return self._results(tuned, gamma_s, ft, neon_path, ctl)
 
     def _control(self, snapshot: str, num_real: int) -> str | None:

@@ -31,7 +31,6 @@ ALLOWED = {
     ("neon_cli/commands/boundary.py", "run"): "10 keyword parameters: every command module calls it this way, "
                                               "and the modules of tune, synth, finetune, eval, fid, demo are being "
                                               "rewritten on other branches; it takes a request in the next round",
-    ("neon_cli/plan.py", "tune_plan"): "11 parameters: tune-w's options, to be folded into TuneRequest with tune/",
 }
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import typer
 
 from neon_cli.commands._common import (DetectorOpt, DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt,
                                        TrustOpt, complete_family, run)
+from neon_cli.requests import TuneRequest
 
 
 GammaOpt = typer.Option(
@@ -133,8 +134,6 @@ def register(app: typer.Typer) -> None:
             neon tune-w digits --selftrained runs/ft/theta_s-000031457.safetensors --gamma 1 4 --control real --plot tune.png
         """
         items = list(selftrained or []) + list(extra or [])
-        from neon_cli.plan import tune_plan
-        from neon_cli.tune import run_tune_w
         from neon_cli.tune.run import STAGE2_IMAGES_FACTOR
 
         if confirm_samples is None:
@@ -148,15 +147,15 @@ def register(app: typer.Typer) -> None:
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
                     detector=detector, ref_stats=ref_stats, labels=labels)
-        margin = None if abandon_margin == float("inf") else abandon_margin
-        report_file = report
-        run("tune-w",
-            lambda report, progress: run_tune_w(family, base, items, abandon_margin=margin, report_path=report_file,
-                                                report=report, progress=progress, **opts),
-            settings=dict(family=family, base=base, selftrained=items, abandon_margin=abandon_margin, **opts),
-            report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
-            plan=lambda: tune_plan(family=family, base=base, selftrained=items, output=out, cache=cache, plot=plot, control=control,
-                                   detector=detector, ref_stats=ref_stats, set_pairs=set_ or [], report=report_file))
+        req = TuneRequest.from_flags(family, base, items, abandon_margin, report, **opts)
+
+        def fn(report: Any, progress: Any) -> dict[str, Any]:
+            from neon_cli.tune.run import tune_w
+
+            return tune_w(req, report=report, progress=progress)
+
+        run("tune-w", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
+            plan=req.plan)
 
 
 def _f(v, digits: int = 4) -> str:
