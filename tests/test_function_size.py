@@ -22,6 +22,11 @@ FILES = [
     "neon_cli/commands/completion.py",
     "neon_cli/lora.py",
     "neon_cli/demo.py",
+    "neon_cli/tune/run.py",
+    "neon_cli/tune/plan.py",
+    "neon_cli/tune/joint.py",
+    "neon_cli/tune/quadratic.py",
+    "neon_cli/tune/snapshots.py",
 ]
 MAX_LINES = 80
 MAX_PARAMS = 8

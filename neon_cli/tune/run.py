@@ -24,7 +24,7 @@ from neon_cli.tune.common import REFINE_DEFAULT, _rkey
 from neon_cli.tune.plan import Plan
 from neon_cli.tune.quadratic import QuadraticResult
 from neon_cli.tune.scorer import Context, Scorer
-from neon_cli.tune.snapshots import SnapshotSearch, search_snapshots
+from neon_cli.tune.snapshots import SnapshotSearch, SnapshotSearchOptions, search_snapshots
 
 
 #: ``neon tune-w``'s default stage-2 budget, in units of ``--num-samples``: with the default
@@ -328,10 +328,11 @@ def search(ctx: Context, scorer: Scorer) -> SnapshotSearch:
     def objective(i: int, w: float, g: float | None) -> float:
         return ctx.sign * float(scorer(i, w, g, ctx.evaluator, "search")[ctx.metric])
 
-    found = search_snapshots(objective, len(ctx.snaps), bounds=plan.bounds, gamma_bounds=plan.gamma, xtol=plan.xtol,
-                             max_evals=plan.max_evals, rounds=plan.rounds, refine=plan.refine,
-                             gamma_scale=plan.gamma_scale, abandon_margin=plan.abandon_margin, joint=plan.joint,
-                             gamma0=ctx.line_gamma if ctx.line_gamma is not None else ctx.default_gamma)
+    options = SnapshotSearchOptions(bounds=plan.bounds, gamma_bounds=plan.gamma, xtol=plan.xtol, max_evals=plan.max_evals,
+                                    rounds=plan.rounds, refine=plan.refine, gamma_scale=plan.gamma_scale,
+                                    abandon_margin=plan.abandon_margin, joint=plan.joint,
+                                    gamma0=ctx.line_gamma if ctx.line_gamma is not None else ctx.default_gamma)
+    found = search_snapshots(objective, len(ctx.snaps), options)
     phases = {}
     for oc in found.outcomes:
         for e in oc.result.evaluations:
@@ -475,34 +476,19 @@ def _pair(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> tuple[floa
     return d["diff"], d["se"]
 
 
-def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
-    """Stage 2 (issue 23): re-score the search's best ``plan.keep`` candidates and the base (at its
-    best gamma, or at the chosen gamma without a base gamma search, and at its default settings) on
-    blocks of ``confirm_samples`` fresh seeds after the search's (block j: seeds ``seed +
-    num_samples + j*B ..``), and choose on those.
+def _confirm_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int,
+                    cseed: int) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[int, dict[str, Any]], int, int]:
+    """Stage 2's blocks (see :func:`confirm`): ``(rows, dropped, comparisons, images, blocks)``:
+    each candidate's log rows per block, the self-trained candidates dropped (resolved worse than
+    the leader) and the last comparisons with the leader, images sampled, blocks scored."""
+    from neon_cli.metrics import combine_differences
 
-    After each block, each candidate's value is its mean over the blocks it was scored on; the
-    leader is the best mean; every other candidate is compared with it *paired* (same seeds: the
-    mean of the per-block differences, each with its jackknife SE, :func:`neon_cli.metrics.combine_differences`)
-    and "resolved" when the 95 % interval of the difference excludes 0. A self-trained candidate
-    resolved worse is dropped; blocks are added until the leader is resolved against every
-    candidate left (the runner-up and the bases) or the next block would pass ``plan.max_images``
-    (None: one block). ``results["chosen"]`` becomes the leader when it is a merge; a base leader,
-    or a leader not resolved against the strongest base, is "no improvement" (exit 5).
-    """
-    from neon_cli.metrics import Z95, combine_differences, jackknife
-
-    plan, sign, m = ctx.plan, ctx.sign, ctx.metric
-    if not plan.confirm_samples:
-        results["confirmation"] = None
-        return
-    B, cseed = plan.confirm_samples, plan.seed + plan.num_samples
-    cands = _candidates(ctx, scorer, results)
+    sign, m = ctx.sign, ctx.metric
     alive = list(range(len(cands)))
     rows: dict[int, list[dict[str, Any]]] = {i: [] for i in alive}
     dropped: dict[int, dict[str, Any]] = {}
     images, blocks = 0, 0
-    budget = plan.max_images
+    budget = ctx.plan.max_images
     comparisons: dict[int, dict[str, Any]] = {}
     leader = 0
     while True:
@@ -533,26 +519,67 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
         nxt = len(alive) * B
         if not unresolved or budget is None or images + nxt > budget:
             break
+    return rows, dropped, comparisons, images, blocks
+
+
+def _summary(ctx: Context, cands: list[tuple[Any, float, float | None]], rows: Mapping[int, list[dict[str, Any]]],
+             dropped: Mapping[int, Any], i: int) -> dict[str, Any]:
+    """Candidate ``i`` over its stage-2 blocks: mean value, SE, bias-corrected mean, blocks, dropped."""
+    from neon_cli.metrics import jackknife
+
+    m = ctx.metric
+    r = rows[i]
+    vals = [float(x["metrics"][m]) for x in r]
+    ses = [float(x["metrics"].get(f"{m}_se", float("nan"))) for x in r]
+    bcs = [jackknife(float(x["metrics"][m]), x["jackknife"])["bias_corrected"] if x.get("jackknife") else float(x["metrics"][m])
+           for x in r]
+    who, w, g = cands[i]
+    return {"model": "base" if who == "base" else "neon", "snapshot": None if who == "base" else str(ctx.snaps[who]),
+            "w": w, "gamma": g, "value": sum(vals) / len(vals), "se": (sum(x * x for x in ses) ** 0.5) / len(ses),
+            "bias_corrected": sum(bcs) / len(bcs), "blocks": len(r), "dropped": i in dropped}
+
+
+def _mean_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Every metric's mean over the blocks (``*_se``: the SE of that mean, root of the summed squares / blocks)."""
+    keys = rows[0]["metrics"].keys()
+    out = {k: sum(float(x["metrics"][k]) for x in rows) / len(rows) for k in keys if not k.endswith("_se")}
+    for k in keys:
+        if k.endswith("_se"):
+            out[k] = (sum(float(x["metrics"][k]) ** 2 for x in rows) ** 0.5) / len(rows)
+    return out
+
+
+def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
+    """Stage 2 (issue 23): re-score the search's best ``plan.keep`` candidates and the base (at its
+    best gamma, or at the chosen gamma without a base gamma search, and at its default settings) on
+    blocks of ``confirm_samples`` fresh seeds after the search's (block j: seeds ``seed +
+    num_samples + j*B ..``), and choose on those.
+
+    After each block, each candidate's value is its mean over the blocks it was scored on; the
+    leader is the best mean; every other candidate is compared with it *paired* (same seeds: the
+    mean of the per-block differences, each with its jackknife SE, :func:`neon_cli.metrics.combine_differences`)
+    and "resolved" when the 95 % interval of the difference excludes 0. A self-trained candidate
+    resolved worse is dropped; blocks are added until the leader is resolved against every
+    candidate left (the runner-up and the bases) or the next block would pass ``plan.max_images``
+    (None: one block). ``results["chosen"]`` becomes the leader when it is a merge; a base leader,
+    or a leader not resolved against the strongest base, is "no improvement" (exit 5).
+    """
+    from neon_cli.metrics import Z95
+
+    plan, sign, m = ctx.plan, ctx.sign, ctx.metric
+    if not plan.confirm_samples:
+        results["confirmation"] = None
+        return
+    B, cseed = plan.confirm_samples, plan.seed + plan.num_samples
+    cands = _candidates(ctx, scorer, results)
+    rows, dropped, comparisons, images, blocks = _confirm_blocks(ctx, scorer, cands, B, cseed)
     comparisons.update(dropped)
 
     def summary(i: int) -> dict[str, Any]:
-        r = rows[i]
-        vals = [float(x["metrics"][m]) for x in r]
-        ses = [float(x["metrics"].get(f"{m}_se", float("nan"))) for x in r]
-        bcs = [jackknife(float(x["metrics"][m]), x["jackknife"])["bias_corrected"] if x.get("jackknife") else float(x["metrics"][m])
-               for x in r]
-        who, w, g = cands[i]
-        return {"model": "base" if who == "base" else "neon", "snapshot": None if who == "base" else str(ctx.snaps[who]),
-                "w": w, "gamma": g, "value": sum(vals) / len(vals), "se": (sum(x * x for x in ses) ** 0.5) / len(ses),
-                "bias_corrected": sum(bcs) / len(bcs), "blocks": len(r), "dropped": i in dropped}
+        return _summary(ctx, cands, rows, dropped, i)
 
     def mean_metrics(i: int) -> dict[str, float]:
-        keys = rows[i][0]["metrics"].keys()
-        out = {k: sum(float(x["metrics"][k]) for x in rows[i]) / len(rows[i]) for k in keys if not k.endswith("_se")}
-        for k in keys:
-            if k.endswith("_se"):
-                out[k] = (sum(float(x["metrics"][k]) ** 2 for x in rows[i]) ** 0.5) / len(rows[i])
-        return out
+        return _mean_metrics(rows[i])
 
     base_idx = [i for i, c in enumerate(cands) if c[0] == "base"]
     neon_idx = [i for i, c in enumerate(cands) if c[0] != "base"]
@@ -579,7 +606,7 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
                              confirmed_se=summary(best_neon)["se"])
     results["confirmation"] = {
         "seed": cseed, "num_samples": B, "seeds": [cseed, cseed + blocks * B - 1], "blocks": blocks, "images": images,
-        "max_images": budget, "keep": plan.keep, "z": Z95,
+        "max_images": plan.max_images, "keep": plan.keep, "z": Z95,
         "candidates": [summary(i) for i in range(len(cands))],
         "comparisons": [{"candidate": _label(ctx, cands[i]), **c} for i, c in sorted(comparisons.items())],
         "vs_base": vs_base, "vs_runner_up": vs_runner,
