@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import typer
 
@@ -134,10 +134,9 @@ def register(app: typer.Typer) -> None:
             neon tune-w digits --selftrained runs/ft/theta_s-000031457.safetensors --gamma 1 4 --control real --plot tune.png
         """
         items = list(selftrained or []) + list(extra or [])
-        from neon_cli.tune.run import STAGE2_IMAGES_FACTOR
+        from neon_cli.tune.run import STAGE2_IMAGES_FACTOR, tune_w as tune_fn
 
-        if confirm_samples is None:
-            confirm_samples = num_samples
+        confirm_samples = num_samples if confirm_samples is None else confirm_samples
         if max_images is None and isinstance(num_samples, int):
             max_images = STAGE2_IMAGES_FACTOR * num_samples
 
@@ -148,14 +147,8 @@ def register(app: typer.Typer) -> None:
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
                     detector=detector, ref_stats=ref_stats, labels=labels)
         req = TuneRequest.from_flags(family, base, items, abandon_margin, report, **opts)
-
-        def fn(report: Any, progress: Any) -> dict[str, Any]:
-            from neon_cli.tune.run import tune_w
-
-            return tune_w(req, report=report, progress=progress)
-
-        run("tune-w", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
-            plan=req.plan)
+        run("tune-w", lambda report, progress: tune_fn(req, report=report, progress=progress), settings=req.settings(),
+            report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run, plan=req.plan)
 
 
 def _f(v, digits: int = 4) -> str:
