@@ -24,27 +24,9 @@ from neon_cli.errors import UsageError
 from neon_cli.progress import ProgressFn, null_progress
 
 
-def demo(
-    *,
-    family_name: str = "digits",
-    base: Path | None = None,
-    out_dir: Path = Path("neon-demo"),
-    num_synthetic: int = 4000,
-    budget: int | None = None,
-    budget_fraction: float = 0.03,
-    lr: float | None = None,
-    bounds: tuple[float, float] = (0.0, 3.0),
-    gamma: tuple[float, float] | None = (1.0, 4.0),
-    max_evals: int | None = None,
-    num_samples: int = 2000,
-    confirm_samples: int = 5000,
-    control: bool = True,
-    seed: int = 0,
-    report_path: Path | None = None,
-    report: Any,
-    progress: ProgressFn = null_progress,
-) -> dict[str, Any]:
-    """Run the protocol above on ``base`` (default: the family's embedded model); returns results.
+def demo(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Run the protocol above for a :class:`neon_cli.requests.DemoRequest` (validated here) on
+    ``request.base`` (default: the family's embedded model); returns results.
 
     ``budget`` (images seen) defaults to ``budget_fraction`` x the base's recorded training
     budget (metadata ``train_images``). ``gamma``: the guidance box searched for the base, the
@@ -60,27 +42,20 @@ def demo(
     from neon_cli.family import get_family, model_path, plugin_version
     from neon_cli.fsutil import check_outputs, exclusive_lock
 
-    for flag, v in (("--num-synthetic", num_synthetic), ("--num-samples", num_samples), ("--confirm-samples", confirm_samples)):
-        validate.integer(flag, v, low=2 if flag != "--num-synthetic" else 1)
-    validate.finite("--budget-fraction", budget_fraction, low=0.0, low_open=True)
-    validate.seed("--seed", seed, num_synthetic)
-    if lr is not None:
-        validate.positive("--lr", lr)
-    if gamma is not None:
-        lo, hi = (validate.finite("--gamma", g) for g in gamma)
-        if not lo < hi:
-            raise UsageError(f"--gamma {lo:g} {hi:g}: need finite LO < HI")
+    request.validate()
+    family_name, num_synthetic, gamma, max_evals = request.family, request.num_synthetic, request.gamma, request.max_evals
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    base = model_path(family, base, "--base")
-    out_dir = Path(out_dir)
+    base = model_path(family, request.base, "--base")
+    out_dir = Path(request.out)
     written = {f"-o ({name})": out_dir / name for name in ("neon.safetensors", "tune-cache.jsonl", "S", "ft", "control")}
-    check_outputs({"--base": base}, {"-o": out_dir, **written, "--report": report_path})
+    check_outputs({"--base": base}, {"-o": out_dir, **written, "--report": request.report})
     base_images = int((family.read_metadata(str(base)) or {}).get("train_images", 0) or 0)
+    budget = request.budget
     if budget is None:
         if not base_images:
             raise UsageError(f"--budget: {base} records no training budget; give --budget in images")
-        budget = max(1, int(round(budget_fraction * base_images)))
+        budget = max(1, int(round(request.budget_fraction * base_images)))
     budget = validate.positive_int("--budget", budget)
     if max_evals is not None and validate.positive_int("--max-evals", max_evals) < 7:
         raise UsageError(f"--max-evals {max_evals}: each search needs at least 7 evaluations")
@@ -88,11 +63,10 @@ def demo(
         gamma = None
     report.add_input("base", base)
     with exclusive_lock(out_dir, "-o", folder=True):
-        run = _Pipeline(family_name, family, base, out_dir, seed, num_samples, confirm_samples, gamma, report, progress)
-        run.max_evals = max_evals
-        results = run.all(num_synthetic, budget, lr, bounds, control)
+        run = _Pipeline(request, family, base, gamma, report, progress)
+        results = run.all(budget)
     results.update(num_synthetic=num_synthetic, budget_images=budget, base_train_images=base_images or None,
-                   budget_fraction=budget / base_images if base_images else None, confirm_samples=confirm_samples)
+                   budget_fraction=budget / base_images if base_images else None, confirm_samples=request.confirm_samples)
     report.add_output("neon", out_dir / "neon.safetensors")
     report.results.update(results)
     return results
@@ -101,14 +75,16 @@ def demo(
 class _Pipeline:
     """The demo's steps, sharing one cache and one seed plan (``10,000,000 + seed``)."""
 
-    def __init__(self, family_name: str, family: Any, base: Path, out_dir: Path, seed: int, num_samples: int,
-                 confirm_samples: int, gamma: tuple[float, float] | None, report: Any, progress: ProgressFn):
-        self.family_name, self.family, self.base, self.out = family_name, family, base, out_dir
-        self.seed, self.num_samples, self.confirm_samples, self.gamma = seed, num_samples, confirm_samples, gamma
+    def __init__(self, request: Any, family: Any, base: Path, gamma: tuple[float, float] | None, report: Any,
+                 progress: ProgressFn):
+        self.request = request
+        self.family_name, self.family, self.base, self.out = request.family, family, base, Path(request.out)
+        self.seed, self.num_samples, self.confirm_samples, self.gamma = (request.seed, request.num_samples,
+                                                                         request.confirm_samples, gamma)
         self.report, self.progress = report, progress
-        self.cache = out_dir / "tune-cache.jsonl"
+        self.cache = self.out / "tune-cache.jsonl"
         self.steps: dict[str, Any] = {}
-        self.max_evals: int | None = None
+        self.max_evals: int | None = request.max_evals
 
     def step(self, name: str, fn: Any, **kw: Any) -> dict[str, Any]:
         from neon_cli.report import Report
@@ -118,19 +94,20 @@ class _Pipeline:
         self.steps[name] = sub.to_dict()
         return res
 
-    def all(self, num_synthetic: int, budget: int, lr: float | None, bounds: tuple[float, float],
-            control: bool) -> dict[str, Any]:
+    def all(self, budget: int) -> dict[str, Any]:
         from neon_cli.finetune import finetune
         from neon_cli.synth import synthesize
-        from neon_cli.tune import run_tune_w
-        from neon_cli.tune.run import tune_base_gamma
+        from neon_cli.requests import Outputs, TuneRequest
+        from neon_cli.tune.run import tune_base_gamma, tune_w
 
+        r = self.request
+        num_synthetic, lr, bounds, control = r.num_synthetic, r.lr, r.bounds, r.control
         eval_seed = 10_000_000 + self.seed
         gamma_s = None
         if self.gamma is not None:  # 1. the base at its own best gamma; S is synthesized there
-            bl = self.step("base-gamma", lambda **k: tune_base_gamma(
-                self.family_name, self.base, self.gamma, num_samples=self.num_samples, seed=eval_seed, cache=self.cache,
-                max_evals=self.max_evals, **k))
+            bl = self.step("base-gamma", lambda **k: tune_base_gamma(TuneRequest(
+                self.family_name, self.base, None, gamma=self.gamma, num_samples=self.num_samples, seed=eval_seed,
+                max_evals=self.max_evals, outputs=Outputs(cache=self.cache)), **k))
             gamma_s = bl["best"]["gamma"]
         pairs = [f"{self.family.guidance}={gamma_s!r}"] if gamma_s is not None else []
         self.step("synth", lambda **k: synthesize(self.family_name, self.base, num=num_synthetic, out_dir=self.out / "S",
@@ -139,10 +116,11 @@ class _Pipeline:
                                                         out_dir=self.out / "ft", seed=self.seed, **k))
         ctl = self._control(ft["final"], num_synthetic) if control else None
         neon_path = self.out / "neon.safetensors"
-        tuned = self.step("tune-w", lambda **k: run_tune_w(
-            self.family_name, self.base, [ft["final"]], bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
-            num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, keep=1, cache=self.cache,
-            max_evals=self.max_evals, output=neon_path, control=ctl, require_improvement=False, write_anyway=True, **k))
+        tuned = self.step("tune-w", lambda **k: tune_w(TuneRequest(
+            self.family_name, self.base, (ft["final"],), bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
+            num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, keep=1,
+            max_evals=self.max_evals, control=ctl, require_improvement=False, write_anyway=True,
+            outputs=Outputs(out=neon_path, cache=self.cache)), **k))
         return self._results(tuned, gamma_s, ft, neon_path, ctl)
 
     def _control(self, snapshot: str, num_real: int) -> str | None:

@@ -43,7 +43,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Mapping, Sequence
+from typing import Any, Collection, Mapping
 
 from neon_cli.errors import CheckpointError, UsageError
 from neon_cli.progress import ProgressFn, null_progress
@@ -238,20 +238,9 @@ def _kohya_module(lookup: Mapping[str, str], under: str) -> str | None:
     return lookup.get(under)
 
 
-def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = None,
-              unet_config: Mapping[str, Any] | None = None) -> Lora:
-    """Read a LoRA (diffusers, peft or kohya/A1111 ``.safetensors``; see the module docstring).
-
-    Args:
-        path: the file or folder.
-        modules: ``{component: module paths}`` of the model the LoRA applies to (the base's weight
-            names without ``.weight``); needed to resolve kohya names (``lora_unet_a_b_c``), and used
-            to check every module exists (CheckpointError naming the LoRA key otherwise).
-        unet_config: the UNet's ``config.json`` (for SDXL kohya files with sgm block names).
-
-    Returns a :class:`Lora` with torch tensors as stored (dtype kept). Raises CheckpointError naming
-    the file and key for an unknown key, a factor without its partner, rank mismatches, DoRA/LoHa.
-    """
+def _load_lora_file(path: str | Any) -> tuple[Path, dict[str, Any], Any, Any]:
+    """``(file, tensors, header metadata (peft, JSON) or None, adapter_config.json or None)`` of a LoRA;
+    CheckpointError naming the file for no tensors, a header or config that is not JSON, or DoRA/LyCORIS keys."""
     from neon_cli.checkpoint.safetensors_io import read_safetensors
 
     f, cfg_path = lora_file(path)
@@ -274,30 +263,36 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
         if _refused(k):
             raise CheckpointError(f"{f}: key {k!r}: DoRA/LyCORIS (LoHa, LoKr, full diff) adapters are not a plain ΔW = s·B·A; "
                                   "only LoRA is supported")
-    kohya = any(k.startswith(tuple(KOHYA_PREFIXES)) for k in tensors)
-    fmt = "kohya" if kohya else ("peft" if any(k.startswith("base_model.model.") for k in tensors) else "diffusers")
-    if kohya and unet_config is not None and any("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in tensors):
-        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+    return f, tensors, meta, cfg
 
-        from types import SimpleNamespace
 
-        tensors = _maybe_map_sgm_blocks_to_diffusers(tensors, SimpleNamespace(**dict(unet_config)))
+def _kohya_slot(f: Path, k: str, modules: Mapping[str, Collection[str]] | None) -> tuple[str, str, str]:
+    """``(component, module, "A"|"B"|"alpha")`` of kohya key ``k`` (``lora_unet_a_b.lora_down.weight``),
+    the module resolved against ``modules``; CheckpointError/UsageError naming the key."""
+    pre = next((p for p in KOHYA_PREFIXES if k.startswith(p)), None)
+    if pre is None:
+        raise CheckpointError(f"{f}: key {k!r} is neither lora_unet_* nor lora_te*_* (kohya layout)")
+    comp = KOHYA_PREFIXES[pre]
+    under, _, suffix = k[len(pre):].partition(".")
+    kind = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}.get(suffix)
+    if kind is None:
+        raise CheckpointError(f"{f}: key {k!r}: unknown kohya suffix .{suffix} (expected .lora_down.weight, .lora_up.weight, .alpha)")
+    if modules is None:
+        raise UsageError(f"{f}: a kohya LoRA names modules with '_' for '.'; the base model is needed to resolve {k!r}")
+    mod = _kohya_module(_kohya_lookup(modules.get(comp)), under)
+    if mod is None:
+        raise CheckpointError(f"{f}: key {k!r}: no module {under!r} in the base's {comp} (after '_' -> '.')")
+    return comp, mod, kind
+
+
+def _lora_parts(f: Path, tensors: Mapping[str, Any], kohya: bool,
+                modules: Mapping[str, Collection[str]] | None) -> dict[tuple[str, str], dict[str, Any]]:
+    """``{(component, module): {"A"|"B"|"alpha": (key, tensor)}}``; CheckpointError naming a key that
+    is not a LoRA factor or repeats one."""
     parts: dict[tuple[str, str], dict[str, Any]] = {}
     for k, t in tensors.items():
         if kohya:
-            pre = next((p for p in KOHYA_PREFIXES if k.startswith(p)), None)
-            if pre is None:
-                raise CheckpointError(f"{f}: key {k!r} is neither lora_unet_* nor lora_te*_* (kohya layout)")
-            comp = KOHYA_PREFIXES[pre]
-            under, _, suffix = k[len(pre):].partition(".")
-            kind = {"lora_down.weight": "A", "lora_up.weight": "B", "alpha": "alpha"}.get(suffix)
-            if kind is None:
-                raise CheckpointError(f"{f}: key {k!r}: unknown kohya suffix .{suffix} (expected .lora_down.weight, .lora_up.weight, .alpha)")
-            if modules is None:
-                raise UsageError(f"{f}: a kohya LoRA names modules with '_' for '.'; the base model is needed to resolve {k!r}")
-            mod = _kohya_module(_kohya_lookup(modules.get(comp)), under)
-            if mod is None:
-                raise CheckpointError(f"{f}: key {k!r}: no module {under!r} in the base's {comp} (after '_' -> '.')")
+            comp, mod, kind = _kohya_slot(f, k, modules)
         else:
             comp, rest = _split_component(k)
             got = _module_of(rest)
@@ -309,37 +304,70 @@ def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = N
         if kind in slot:
             raise CheckpointError(f"{f}: key {k!r}: module {comp}.{mod} has two {kind} tensors")
         slot[kind] = (k, t)
+    return parts
+
+
+def _lora_layer(f: Path, comp: str, mod: str, slot: Mapping[str, Any], meta: Any, cfg: Any,
+                modules: Mapping[str, Collection[str]] | None) -> LoraLayer:
+    """The :class:`LoraLayer` of one module's factors; its scale from ``.alpha``, else the header
+    metadata, else ``adapter_config.json``, else 1. CheckpointError naming the key otherwise."""
+    if "A" not in slot or "B" not in slot:
+        have = next(iter(slot.values()))[0]
+        raise CheckpointError(f"{f}: key {have!r}: module {comp}.{mod} lacks its {'A (down)' if 'A' not in slot else 'B (up)'} factor")
+    (ka, a), (kb, b) = slot["A"], slot["B"]
+    if not (a.is_floating_point() and b.is_floating_point()):
+        raise CheckpointError(f"{f}: key {ka!r}: LoRA factors must be floating point")
+    r = int(a.shape[0])
+    if a.dim() not in (2, 4) or b.dim() != a.dim() or int(b.shape[1]) != r or (b.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
+        raise CheckpointError(f"{f}: key {kb!r}: shapes A {tuple(a.shape)} and B {tuple(b.shape)} are not a LoRA pair "
+                              "(A [r, in(, k, k)], B [out, r(, 1, 1)])")
+    where = f"{f}: key {ka!r}"
+    comp_meta = None if meta is None else {k2[len(comp) + 1:]: v for k2, v in meta.items() if k2.startswith(comp + ".")}
+    if "alpha" in slot:
+        alpha = float(slot["alpha"][1].item())
+        lay = LoraLayer(a, b, alpha / r, alpha, False, (ka, kb))
+    elif comp_meta:
+        alpha, s, rs = _config_scale(comp_meta, mod, r, where)
+        lay = LoraLayer(a, b, s, alpha, rs, (ka, kb))
+    elif cfg is not None:
+        alpha, s, rs = _config_scale(cfg, mod, r, where)
+        lay = LoraLayer(a, b, s, alpha, rs, (ka, kb))
+    else:
+        lay = LoraLayer(a, b, 1.0, None, False, (ka, kb))
+    if modules is not None:
+        if comp not in modules:
+            raise CheckpointError(f"{f}: key {ka!r}: the base has no component {comp!r} (has {', '.join(sorted(modules))}); give the pipeline folder")
+        if mod not in modules[comp]:
+            raise CheckpointError(f"{f}: key {ka!r}: no module {mod!r} with a weight in the base's {comp}")
+    return lay
+
+
+def read_lora(path: str | Any, modules: Mapping[str, Collection[str]] | None = None,
+              unet_config: Mapping[str, Any] | None = None) -> Lora:
+    """Read a LoRA (diffusers, peft or kohya/A1111 ``.safetensors``; see the module docstring).
+
+    Args:
+        path: the file or folder.
+        modules: ``{component: module paths}`` of the model the LoRA applies to (the base's weight
+            names without ``.weight``); needed to resolve kohya names (``lora_unet_a_b_c``), and used
+            to check every module exists (CheckpointError naming the LoRA key otherwise).
+        unet_config: the UNet's ``config.json`` (for SDXL kohya files with sgm block names).
+
+    Returns a :class:`Lora` with torch tensors as stored (dtype kept). Raises CheckpointError naming
+    the file and key for an unknown key, a factor without its partner, rank mismatches, DoRA/LoHa.
+    """
+    f, tensors, meta, cfg = _load_lora_file(path)
+    kohya = any(k.startswith(tuple(KOHYA_PREFIXES)) for k in tensors)
+    fmt = "kohya" if kohya else ("peft" if any(k.startswith("base_model.model.") for k in tensors) else "diffusers")
+    if kohya and unet_config is not None and any("input_blocks" in k or "output_blocks" in k or "middle_block" in k for k in tensors):
+        from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
+
+        from types import SimpleNamespace
+
+        tensors = _maybe_map_sgm_blocks_to_diffusers(tensors, SimpleNamespace(**dict(unet_config)))
     lora = Lora(path=Path(path), format=fmt)
-    for (comp, mod), slot in parts.items():
-        if "A" not in slot or "B" not in slot:
-            have = next(iter(slot.values()))[0]
-            raise CheckpointError(f"{f}: key {have!r}: module {comp}.{mod} lacks its {'A (down)' if 'A' not in slot else 'B (up)'} factor")
-        (ka, a), (kb, b) = slot["A"], slot["B"]
-        if not (a.is_floating_point() and b.is_floating_point()):
-            raise CheckpointError(f"{f}: key {ka!r}: LoRA factors must be floating point")
-        r = int(a.shape[0])
-        if a.dim() not in (2, 4) or b.dim() != a.dim() or int(b.shape[1]) != r or (b.dim() == 4 and tuple(b.shape[2:]) != (1, 1)):
-            raise CheckpointError(f"{f}: key {kb!r}: shapes A {tuple(a.shape)} and B {tuple(b.shape)} are not a LoRA pair "
-                                  "(A [r, in(, k, k)], B [out, r(, 1, 1)])")
-        where = f"{f}: key {ka!r}"
-        comp_meta = None if meta is None else {k2[len(comp) + 1:]: v for k2, v in meta.items() if k2.startswith(comp + ".")}
-        if "alpha" in slot:
-            alpha = float(slot["alpha"][1].item())
-            lay = LoraLayer(a, b, alpha / r, alpha, False, (ka, kb))
-        elif comp_meta:
-            alpha, s, rs = _config_scale(comp_meta, mod, r, where)
-            lay = LoraLayer(a, b, s, alpha, rs, (ka, kb))
-        elif cfg is not None:
-            alpha, s, rs = _config_scale(cfg, mod, r, where)
-            lay = LoraLayer(a, b, s, alpha, rs, (ka, kb))
-        else:
-            lay = LoraLayer(a, b, 1.0, None, False, (ka, kb))
-        if modules is not None:
-            if comp not in modules:
-                raise CheckpointError(f"{f}: key {ka!r}: the base has no component {comp!r} (has {', '.join(sorted(modules))}); give the pipeline folder")
-            if mod not in modules[comp]:
-                raise CheckpointError(f"{f}: key {ka!r}: no module {mod!r} with a weight in the base's {comp}")
-        lora.layers.setdefault(comp, {})[mod] = lay
+    for (comp, mod), slot in _lora_parts(f, tensors, kohya, modules).items():
+        lora.layers.setdefault(comp, {})[mod] = _lora_layer(f, comp, mod, slot, meta, cfg, modules)
     return lora
 
 
@@ -627,65 +655,106 @@ def _write_lora_file(lora: Lora, out: Path, fmt: str, comps: Collection[str], ex
         return save_safetensors(tensors, tmp, {**meta, **extra_meta})
 
 
-def _write_fused(base: Path, files: Mapping[str, Path], lora: Lora, factor: float, out: Path, odt: str | None,
-                 extra_meta: Mapping[str, str], progress: ProgressFn, allow_nonfinite: bool = False) -> dict[str, Any]:
-    """θ_r's folder with each LoRA'd component's weights replaced by W + factor·s·B·A (float32, cast once)."""
+@dataclass
+class _LoraJob:
+    """One checked ``neon merge`` with θ_s a LoRA: the values :func:`merge_lora` writes from.
+
+    ``files``: θ_r's component weight files (empty for a LoRA θ_r); ``comps``: the components
+    written; ``ls``/``lr``: θ_s's LoRA and θ_r's (None unless θ_r is a LoRA); ``odt``: the output
+    dtype of fused floating tensors (None: θ_r's); ``t0``: ``time.perf_counter()`` at the start."""
+
+    base_p: Path
+    lora_p: Path
+    ws: list[float]
+    outs: list[Path]
+    as_lora: bool
+    lora_format: str
+    odt: str | None
+    allow_nonfinite: bool
+    t0: float
+    files: dict[str, Path] = field(default_factory=dict)
+    comps: list[str] = field(default_factory=list)
+    ls: Lora | None = None
+    lr: Lora | None = None
+
+
+def _fuse_tensor(job: _LoraJob, where: str, w0: Any, layer: LoraLayer, factor: float, out_dtype: str,
+                 stats: dict[str, Any]) -> Any:
+    """W + factor·s·B·A of one weight in float32 (float64 for float64), cast once to ``out_dtype``;
+    UsageError starting with ``where`` (``-o OUT: COMPONENT TENSOR``) for new non-finite values (unless allowed)."""
     import torch
 
+    from neon_cli.checkpoint.core import to_torch_dtype
+
+    cdt = torch.float64 if w0.dtype == torch.float64 else torch.float32
+    d = layer.delta(factor).to(cdt)
+    res = (w0.to(cdt) + d).to(to_torch_dtype(out_dtype))
+    bad = int((~torch.isfinite(res) & torch.isfinite(w0)).sum())
+    if bad and not job.allow_nonfinite:
+        raise UsageError(f"{where}: {bad} merged value(s) are not finite in "
+                         f"{out_dtype} (w={-factor:g}); try --dtype float32, a smaller --w, or "
+                         "--allow-nonfinite to write them anyway")
+    stats["nonfinite"] = stats.get("nonfinite", 0) + bad
+    stats["fused"] += 1
+    stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
+    return res
+
+
+def _fuse_component(job: _LoraJob, comp: str, factor: float, out: Path, tmp: Path, extra_meta: Mapping[str, str],
+                    progress: ProgressFn, stats: dict[str, Any]) -> None:
+    """Write component ``comp`` of θ_r into ``tmp`` as safetensors, each module θ_s's LoRA has there fused."""
     from neon_cli.checkpoint import TensorSpec, open_checkpoint
     from neon_cli.checkpoint.core import is_floating, to_torch, to_torch_dtype
     from neon_cli.checkpoint.safetensors_io import SafetensorsWriter
+
+    mods = job.ls.layers[comp]
+    src = job.files[comp]
+    rel = src.parent.relative_to(job.base_p)
+    fname = "model.safetensors" if src.name.startswith("model") else "diffusion_pytorch_model.safetensors"
+    (tmp / rel).mkdir(parents=True, exist_ok=True)
+    odt = job.odt
+    with open_checkpoint(src) as ck:
+        specs = [ck.specs[n] for n in ck.names()]
+        outspecs = [TensorSpec(s.name, odt if (odt and is_floating(s.dtype)) else s.dtype, s.shape) for s in specs]
+        meta = dict(ck.metadata or {}) if ck.layout == "safetensors" else {}
+        writer = SafetensorsWriter(tmp / rel / fname, outspecs, {**meta, **extra_meta}, hash=False)
+        try:
+            by_name = {s.name: s for s in specs}
+            for k, spec in enumerate(writer.order):
+                s_in = by_name[spec.name]
+                arr = ck.array(spec.name)
+                mod = spec.name[: -len(".weight")] if spec.name.endswith(".weight") else None
+                if mod in mods:
+                    writer.write(spec.name, _fuse_tensor(job, f"-o {out}: {comp} {spec.name}", to_torch(arr, s_in.dtype),
+                                                         mods[mod], factor, spec.dtype, stats))
+                elif spec.dtype != s_in.dtype:
+                    writer.write(spec.name, to_torch(arr, s_in.dtype).to(to_torch_dtype(spec.dtype)))
+                else:
+                    writer.write(spec.name, arr)
+                progress("merge", k + 1, len(writer.order), component=comp)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+
+
+def _write_fused(job: _LoraJob, factor: float, out: Path, extra_meta: Mapping[str, str],
+                 progress: ProgressFn) -> dict[str, Any]:
+    """θ_r's folder with each LoRA'd component's weights replaced by W + factor·s·B·A (float32, cast once)."""
     from neon_cli.fsutil import atomic_path
     from neon_cli.merge import _copy_tree
 
+    lora = job.ls
     stats: dict[str, Any] = {"fused": 0, "max_abs_delta": 0.0}
     warnings: list[str] = []
-    comp_dirs = {c: f.parent for c, f in files.items()}
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)
-        for comp, mods in lora.layers.items():
-            src = files[comp]
-            rel = comp_dirs[comp].relative_to(base)
-            fname = "model.safetensors" if src.name.startswith("model") else "diffusion_pytorch_model.safetensors"
-            (tmp / rel).mkdir(parents=True, exist_ok=True)
-            with open_checkpoint(src) as ck:
-                specs = [ck.specs[n] for n in ck.names()]
-                outspecs = [TensorSpec(s.name, odt if (odt and is_floating(s.dtype)) else s.dtype, s.shape) for s in specs]
-                meta = dict(ck.metadata or {}) if ck.layout == "safetensors" else {}
-                writer = SafetensorsWriter(tmp / rel / fname, outspecs, {**meta, **extra_meta}, hash=False)
-                try:
-                    by_name = {s.name: s for s in specs}
-                    for k, spec in enumerate(writer.order):
-                        s_in = by_name[spec.name]
-                        arr = ck.array(spec.name)
-                        mod = spec.name[: -len(".weight")] if spec.name.endswith(".weight") else None
-                        if mod in mods:
-                            w0 = to_torch(arr, s_in.dtype)
-                            cdt = torch.float64 if w0.dtype == torch.float64 else torch.float32
-                            d = mods[mod].delta(factor).to(cdt)
-                            res = (w0.to(cdt) + d).to(to_torch_dtype(spec.dtype))
-                            bad = int((~torch.isfinite(res) & torch.isfinite(w0)).sum())
-                            if bad and not allow_nonfinite:
-                                raise UsageError(f"-o {out}: {comp} {spec.name}: {bad} merged value(s) are not finite in "
-                                                 f"{spec.dtype} (w={-factor:g}); try --dtype float32, a smaller --w, or "
-                                                 "--allow-nonfinite to write them anyway")
-                            stats["nonfinite"] = stats.get("nonfinite", 0) + bad
-                            stats["fused"] += 1
-                            stats["max_abs_delta"] = max(stats["max_abs_delta"], float(d.abs().max()))
-                            writer.write(spec.name, res)
-                        elif spec.dtype != s_in.dtype:
-                            writer.write(spec.name, to_torch(arr, s_in.dtype).to(to_torch_dtype(spec.dtype)))
-                        else:
-                            writer.write(spec.name, arr)
-                        progress("merge", k + 1, len(writer.order), component=comp)
-                    writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
-        for comp, src in files.items():  # components without a LoRA: θ_r's weights as they are
+        for comp in lora.layers:
+            _fuse_component(job, comp, factor, out, tmp, extra_meta, progress, stats)
+        for comp, src in job.files.items():  # components without a LoRA: θ_r's weights as they are
             if comp in lora.layers:
                 continue
-            rel = comp_dirs[comp].relative_to(base)
+            rel = src.parent.relative_to(job.base_p)
             names = [src.name]
             if src.name.endswith(".index.json"):
                 from neon_cli.checkpoint.folders import read_index
@@ -693,35 +762,95 @@ def _write_fused(base: Path, files: Mapping[str, Path], lora: Lora, factor: floa
                 names += sorted(set(read_index(src)[0].values()))
             (tmp / rel).mkdir(parents=True, exist_ok=True)
             for n in names:
-                shutil.copyfile(comp_dirs[comp] / n, tmp / rel / n)
-        _copy_tree(base, tmp, set(lora.layers), warnings)
+                shutil.copyfile(src.parent / n, tmp / rel / n)
+        _copy_tree(job.base_p, tmp, set(lora.layers), warnings)
     stats["warnings"] = warnings
     return stats
 
 
-def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outputs: Sequence[str | Any], *,
-               as_lora: bool = False, lora_format: str = "diffusers", dtype: Any = None, dry_run: bool = False,
-               report: Any = None, progress: ProgressFn = null_progress,
-               report_path: str | Any | None = None, allow_nonfinite: bool = False) -> dict[str, Any]:
+def _lora_job(request: Any) -> _LoraJob:
+    """The checked :class:`_LoraJob` of a :class:`~neon_cli.requests.MergeRequest` whose θ_s is a
+    LoRA (flags and outputs; nothing read beyond the file names); UsageError/CheckpointError as
+    :func:`merge_lora` documents."""
+    from neon_cli.checkpoint import parse_dtype
+    from neon_cli.fsutil import check_outputs
+    from neon_cli.merge import _check_w
+
+    t0 = time.perf_counter()
+    o = request.options
+    base_p, lora_p = Path(request.base), Path(request.selftrained)
+    ws = [_check_w(w) for w in request.ws]
+    outs = [Path(x) for x in request.outputs]
+    if not ws or len(ws) != len(outs):
+        raise UsageError("-o: one output per weight; use '{w}' in -o for several weights")
+    if o.lora_format not in LORA_FORMATS:
+        raise UsageError(f"--lora-format {o.lora_format}: choose one of {', '.join(LORA_FORMATS)}")
+    odt = parse_dtype(o.dtype)
+    for p in (base_p, lora_p):
+        if not p.exists():
+            raise CheckpointError(f"{p}: no such file or directory")
+    base_is_lora = is_lora(base_p)
+    if not is_lora(lora_p):
+        raise UsageError(f"{lora_p}: theta_s is not a LoRA (.safetensors with lora_A/lora_B or lora_down/lora_up keys), "
+                         f"but the base {base_p} is one: give two LoRAs, or a checkpoint pair")
+    as_lora = o.as_lora or base_is_lora
+    for out in outs:
+        if as_lora and out.suffix != ".safetensors":
+            raise UsageError(f"-o {out}: a LoRA output is a .safetensors file")
+        if not as_lora and (out.suffix or out.is_file()):
+            raise UsageError(f"-o {out}: the fused output is a pipeline folder (no file suffix); or add --as-lora for a LoRA file")
+        if not as_lora and out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(f"-o {out}: exists and is not an empty folder; remove it or choose another output")
+        if out.is_dir() and as_lora:
+            raise UsageError(f"-o {out}: is a folder; give a .safetensors file name")
+    check_outputs({"base": base_p, "selftrained": lora_p}, {"-o": outs, "--report": request.report})
+    if odt is not None and as_lora:
+        raise UsageError("--dtype: applies to the fused pipeline; a LoRA output keeps the factors' dtypes")
+    job = _LoraJob(base_p, lora_p, ws, outs, as_lora, o.lora_format, odt, o.allow_nonfinite, t0)
+    job.lr = read_lora(base_p) if base_is_lora else None
+    return job
+
+
+def _read_pair(job: _LoraJob, results: dict[str, Any]) -> None:
+    """Read θ_s's LoRA (and θ_r's, or θ_r's module names and shapes) into ``job``; the formula into
+    ``results``. CheckpointError naming the LoRA key for a module or shape θ_r lacks."""
+    if job.lr is not None:
+        lr, ls = job.lr, read_lora(job.lora_p)
+        for c, m, l in lr.modules():
+            if c in ls.layers and m in ls.layers[c] and l.weight_shape() != ls.layers[c][m].weight_shape():
+                raise CheckpointError(f"{job.lora_p}: key {ls.layers[c][m].keys[0]!r}: shape differs from the base LoRA's")
+        job.files, job.comps = {}, sorted(set(lr.layers) | set(ls.layers))
+        results["formula"] = "W0 + (1+w) s_r B_r A_r - w s_s B_s A_s (cat LoRA, scale 1)"
+    else:
+        files, specs, ucfg = _base_modules(job.base_p)
+        ls = read_lora(job.lora_p, _module_names(specs), ucfg)
+        _check_shapes(ls, specs)
+        job.files, job.comps = files, sorted(files)
+        results["formula"] = FORMULA
+    job.ls = ls
+
+
+def merge_lora(request: Any, report: Any = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """``neon merge BASE LORA --w W``: Neon with θ_s = θ_r + s·B·A (exact; paper Alg. 1, last step).
 
-    Args:
+    ``request``: a :class:`~neon_cli.requests.MergeRequest`; the fields used:
+
         base: θ_r: a diffusers pipeline folder (``unet/``, ``text_encoder/``, ...) or a bare model
             folder (taken as the UNet); or a LoRA itself (θ_r = W0 + s_r·B_r·A_r on a checkpoint W0):
             then the output is the exact ``cat`` LoRA of :func:`neon_cat` (``as_lora`` implied; a
             kohya base LoRA cannot be resolved without W0 and is refused).
-        lora_path: θ_s as a LoRA on θ_r (file or folder; formats in :func:`read_lora`).
-        ws, outputs: one output per w.
-        as_lora: write a LoRA with −w folded into B (:func:`negated`) in ``lora_format``
+        selftrained: θ_s as a LoRA on θ_r (file or folder; formats in :func:`read_lora`).
+        ws, outputs: one output per w; report: the ``--report`` path (checked against the others).
+        options.as_lora: write a LoRA with −w folded into B (:func:`negated`) in ``options.lora_format``
             (``"diffusers"`` or ``"kohya"``; see :func:`lora_tensors`) instead of the fused folder.
-        dtype: output dtype of the floating tensors of the components the LoRA touches (default
+        options.dtype: output dtype of the floating tensors of the components the LoRA touches (default
             θ_r's; the other components are copied as they are); the merge is
             W + (B @ A)·(−w·s) in float32 (float64 for float64), cast once: diffusers'
             ``fuse_lora(lora_scale=-w)`` (peft ``LoraLayer.merge``), which for a float32 θ_r gives
             the same values (tested); for a half-precision θ_r peft rounds the delta to the
             weight's dtype before adding it (two roundings), neon rounds once.
-        dry_run: check everything (formats, module names, shapes, outputs) and write nothing.
-        allow_nonfinite: write a fused weight with new inf/NaN elements (default: UsageError naming
+        options.dry_run: check everything (formats, module names, shapes, outputs) and write nothing.
+        options.allow_nonfinite: write a fused weight with new inf/NaN elements (default: UsageError naming
             the tensor, as ``neon merge``; nothing is left behind).
 
     Output: the fused pipeline folder (θ_r's folder, configs copied, each LoRA'd component's weights
@@ -730,103 +859,58 @@ def merge_lora(base: str | Any, lora_path: str | Any, ws: Sequence[float], outpu
     ``report.results``. Raises UsageError (bad flags/outputs), CheckpointError (unknown LoRA key,
     missing module, shape mismatch: the key named).
     """
-    from neon_cli.fsutil import check_outputs
-    from neon_cli.merge import _check_w
-    from neon_cli.checkpoint import parse_dtype
-
-    t0 = time.perf_counter()
-    base_p, lora_p = Path(base), Path(lora_path)
-    ws = [_check_w(w) for w in ws]
-    outs = [Path(o) for o in outputs]
-    if not ws or len(ws) != len(outs):
-        raise UsageError("-o: one output per weight; use '{w}' in -o for several weights")
-    if lora_format not in LORA_FORMATS:
-        raise UsageError(f"--lora-format {lora_format}: choose one of {', '.join(LORA_FORMATS)}")
-    odt = parse_dtype(dtype)
-    for role, p in (("base", base_p), ("selftrained", lora_p)):
-        if not p.exists():
-            raise CheckpointError(f"{p}: no such file or directory")
-    base_is_lora = is_lora(base_p)
-    if not is_lora(lora_p):
-        raise UsageError(f"{lora_p}: theta_s is not a LoRA (.safetensors with lora_A/lora_B or lora_down/lora_up keys), "
-                         f"but the base {base_p} is one: give two LoRAs, or a checkpoint pair")
-    as_lora = as_lora or base_is_lora
-    for o in outs:
-        if as_lora and o.suffix != ".safetensors":
-            raise UsageError(f"-o {o}: a LoRA output is a .safetensors file")
-        if not as_lora and (o.suffix or o.is_file()):
-            raise UsageError(f"-o {o}: the fused output is a pipeline folder (no file suffix); or add --as-lora for a LoRA file")
-        if not as_lora and o.exists() and (not o.is_dir() or any(o.iterdir())):
-            raise UsageError(f"-o {o}: exists and is not an empty folder; remove it or choose another output")
-        if o.is_dir() and as_lora:
-            raise UsageError(f"-o {o}: is a folder; give a .safetensors file name")
-    check_outputs({"base": base_p, "selftrained": lora_p}, {"-o": outs, "--report": report_path})
-    if odt is not None and as_lora:
-        raise UsageError("--dtype: applies to the fused pipeline; a LoRA output keeps the factors' dtypes")
+    job = _lora_job(request)
     results: dict[str, Any] = report.results if report is not None else {}
-    if base_is_lora:
-        lr = read_lora(base_p)
-        ls = read_lora(lora_p)
-        for c, m, l in lr.modules():
-            if c in ls.layers and m in ls.layers[c] and l.weight_shape() != ls.layers[c][m].weight_shape():
-                raise CheckpointError(f"{lora_p}: key {ls.layers[c][m].keys[0]!r}: shape differs from the base LoRA's")
-        files, comps = {}, sorted(set(lr.layers) | set(ls.layers))
-        results["formula"] = "W0 + (1+w) s_r B_r A_r - w s_s B_s A_s (cat LoRA, scale 1)"
-    else:
-        files, specs, ucfg = _base_modules(base_p)
-        ls = read_lora(lora_p, _module_names(specs), ucfg)
-        _check_shapes(ls, specs)
-        comps = sorted(files)
-        results["formula"] = FORMULA
+    _read_pair(job, results)
+    ls = job.ls
     results.update({
-        "w": ws, "dry_run": bool(dry_run), "lora_format_in": ls.format,
-        "output_kind": ("lora-" + lora_format) if as_lora else "fused-folder",
+        "w": job.ws, "dry_run": bool(request.options.dry_run), "lora_format_in": ls.format,
+        "output_kind": ("lora-" + job.lora_format) if job.as_lora else "fused-folder",
         "lora_modules": {c: len(m) for c, m in ls.layers.items()}, "lora_ranks": ls.ranks(),
         "lora_scales": sorted({round(l.scale, 6) for _, _, l in ls.modules()}),
     })
-    if dry_run:
-        results["outputs"] = [{"w": w, "path": str(o)} for w, o in zip(ws, outs)]
-        results["seconds"] = round(time.perf_counter() - t0, 3)
+    if request.options.dry_run:
+        results["outputs"] = [{"w": w, "path": str(o)} for w, o in zip(job.ws, job.outs)]
+        results["seconds"] = round(time.perf_counter() - job.t0, 3)
         return results
     import contextlib
 
     from neon_cli.fsutil import exclusive_lock, lock_path, remove_stale_tmp
 
     with contextlib.ExitStack() as stack:
-        for o in outs:
+        for o in job.outs:
             remove_stale_tmp(o)
             stack.enter_context(exclusive_lock(o, f"-o {o}", folder=False))
             stack.callback(lambda p=lock_path(o, False): p.unlink(missing_ok=True))
-        return _write_outputs(base_p, lora_p, ws, outs, files, comps, ls, lr if base_is_lora else None, as_lora, lora_format,
-                              odt, results, report, progress, t0, allow_nonfinite)
+        return _write_outputs(job, results, report, progress)
 
 
-def _write_outputs(base_p: Path, lora_p: Path, ws: Sequence[float], outs: Sequence[Path], files: Mapping[str, Path],
-                   comps: Sequence[str], ls: Lora, lr: Lora | None, as_lora: bool, lora_format: str, odt: str | None,
-                   results: dict[str, Any], report: Any, progress: ProgressFn, t0: float,
-                   allow_nonfinite: bool = False) -> dict[str, Any]:
+def _write_outputs(job: _LoraJob, results: dict[str, Any], report: Any, progress: ProgressFn) -> dict[str, Any]:
+    """Write one output per w of ``job`` (cat LoRA, negated LoRA or fused folder), the provenance in
+    each header; fill ``results`` (and the report's inputs and outputs)."""
     from neon_cli.fsutil import sha256_path
 
+    base_p, lora_p, ls, lr = job.base_p, job.lora_p, job.ls, job.lr
     prov = {"neon.formula": results["formula"], "neon.base": base_p.name, "neon.selftrained": lora_p.name,
             "neon.base_sha256": sha256_path(base_p), "neon.selftrained_sha256": sha256_path(lora_p)}
     if report is not None:
         report.inputs.append({"role": "base", "path": str(base_p), "sha256": prov["neon.base_sha256"]})
         report.inputs.append({"role": "selftrained", "path": str(lora_p), "sha256": prov["neon.selftrained_sha256"]})
     res_outs = []
-    for w, o in zip(ws, outs):
+    for w, o in zip(job.ws, job.outs):
         meta = {**prov, "neon.w": repr(float(w))}
         if lr is not None:
             cat = neon_cat(lr, ls, w)
-            _write_lora_file(cat, o, lora_format, comps, meta)
+            _write_lora_file(cat, o, job.lora_format, job.comps, meta)
             info: dict[str, Any] = {"ranks": cat.ranks()}
-        elif as_lora:
-            _write_lora_file(negated(ls, w), o, lora_format, comps, meta)
+        elif job.as_lora:
+            _write_lora_file(negated(ls, w), o, job.lora_format, job.comps, meta)
             info = {}
         else:
-            info = _write_fused(base_p, files, ls, -float(w), o, odt, meta, progress, allow_nonfinite)
+            info = _write_fused(job, -float(w), o, meta, progress)
         if report is not None:
             report.add_output("merged", o)
         res_outs.append({"w": w, "path": str(o), **info})
     results["outputs"] = res_outs
-    results["seconds"] = round(time.perf_counter() - t0, 3)
+    results["seconds"] = round(time.perf_counter() - job.t0, 3)
     return results

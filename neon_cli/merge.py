@@ -1061,9 +1061,7 @@ def _merge_lora(request: MergeRequest, report: Any, progress: ProgressFn) -> dic
     for flag, val in (("--key", o.key), ("--exclude", o.exclude), ("--allow-missing", o.allow_missing), ("--shard-size", o.shard_size)):
         if val:
             raise UsageError(f"{flag}: not used when theta_s is a LoRA ({request.selftrained})")
-    return merge_lora(request.base, request.selftrained, list(request.ws), list(request.outputs), as_lora=o.as_lora,
-                      lora_format=o.lora_format, dtype=o.dtype, dry_run=o.dry_run, report=report, progress=progress,
-                      report_path=request.report, allow_nonfinite=o.allow_nonfinite)
+    return merge_lora(request, report, progress)
 
 
 @dataclass

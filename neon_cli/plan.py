@@ -500,13 +500,14 @@ def inspect_plan(*, checkpoint: Any, report: Any = None) -> Plan:
     return _build("inspect", read("CHECKPOINT", checkpoint), [], report)
 
 
-def tune_plan(*, family: str, base: Any, selftrained: Sequence[Any], output: Any = None, cache: Any = None,
-              plot: Any = None, control: Any = None, detector: Any = None, ref_stats: Any = None,
-              set_pairs: Sequence[str] = (), report: Any = None) -> Plan:
-    """``neon tune-w``: reads ``--base``/default, every ``--selftrained`` match (with ``--control``
-    also the ``finetune.json`` beside it: the recipe), ``--control`` when it is a checkpoint, the
-    detector, reference statistics and the family's files; writes ``-o`` (lock), ``--cache``
-    (lock), ``--plot`` and the report."""
+def tune_plan(request: Any) -> Plan:
+    """``neon tune-w`` (a :class:`neon_cli.requests.TuneRequest`): reads ``--base``/default, every
+    ``--selftrained`` match (with ``--control`` also the ``finetune.json`` beside it: the recipe),
+    ``--control`` when it is a checkpoint, the detector, reference statistics and the family's files;
+    writes ``-o`` (lock), ``--cache`` (lock), ``--plot`` and the report."""
+    family, base, selftrained, control = request.family, request.base, request.selftrained or (), request.control
+    output, cache, plot, report = request.outputs.out, request.outputs.cache, request.outputs.plot, request.outputs.report
+    detector, ref_stats, set_pairs = request.scoring.detector, request.scoring.ref_stats, request.set_pairs
     fam = load_family(family)
     reads = model_reads(fam, base, "--base") + glob_reads("--selftrained", selftrained)
     if control is not None and str(control) != "":  # the control's recipe: finetune.json beside each snapshot

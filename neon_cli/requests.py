@@ -405,3 +405,192 @@ class PluginsRequest:
 
     def settings(self) -> dict[str, Any]:
         return {}
+
+
+# ---- tune-w / demo ----------------------------------------------------------------------------
+# neon demo
+
+
+@dataclass(frozen=True)
+class DemoRequest:
+    """``neon demo``: the paper's protocol (Algorithm 1, Sec. 4) on ``family``'s ``base`` (None: its
+    embedded default), working in ``out`` (S, theta_s, the control, ``neon.safetensors``, caches).
+
+    ``num_synthetic``: |S| (images); ``budget``: fine-tuning budget in images seen (None:
+    ``budget_fraction`` x the base's recorded ``train_images``); ``lr``: fine-tuning learning rate
+    (None: the family's recipe); ``bounds``: the w box; ``gamma``: the guidance box (LO, HI) searched
+    for the base, the control and Neon (None or a family without guidance: no gamma search);
+    ``max_evals``: evaluations per search (None: each search's own; at least 7); ``num_samples``:
+    images per search evaluation; ``confirm_samples``: images of the final comparison (disjoint
+    seeds); ``control``: also fine-tune the base on real data; ``seed``: of S and fine-tuning;
+    ``report``: the ``--report`` path. See :func:`neon_cli.demo.demo`.
+    """
+
+    family: str = "digits"
+    base: Optional[Path] = None
+    out: Path = Path("neon-demo")
+    num_synthetic: int = 4000
+    budget: Optional[int] = None
+    budget_fraction: float = 0.03
+    lr: Optional[float] = None
+    bounds: tuple[float, float] = (0.0, 3.0)
+    gamma: Optional[tuple[float, float]] = (1.0, 4.0)
+    max_evals: Optional[int] = None
+    num_samples: int = 2000
+    confirm_samples: int = 5000
+    control: bool = True
+    seed: int = 0
+    report: Optional[Path] = None
+
+    def validate(self) -> "DemoRequest":
+        """UsageError naming the flag for: ``--num-synthetic`` < 1, ``--num-samples`` or
+        ``--confirm-samples`` < 2, ``--budget-fraction`` not > 0, seeds beyond 2**63 - 1, ``--lr``
+        not > 0, ``--gamma`` not finite LO < HI. (``--budget`` and ``--max-evals`` are checked by
+        :func:`neon_cli.demo.demo` once the family is known, as before.) Returns the request."""
+        from neon_cli import validate
+
+        for flag, v in (("--num-synthetic", self.num_synthetic), ("--num-samples", self.num_samples),
+                        ("--confirm-samples", self.confirm_samples)):
+            validate.integer(flag, v, low=2 if flag != "--num-synthetic" else 1)
+        validate.finite("--budget-fraction", self.budget_fraction, low=0.0, low_open=True)
+        validate.seed("--seed", self.seed, self.num_synthetic)
+        if self.lr is not None:
+            validate.positive("--lr", self.lr)
+        if self.gamma is not None:
+            lo, hi = (validate.finite("--gamma", g) for g in self.gamma)
+            if not lo < hi:
+                raise UsageError(f"--gamma {lo:g} {hi:g}: need finite LO < HI")
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.demo_plan`: reads the base, the family's and scoring files; writes ``-o`` and the report."""
+        from neon_cli.plan import demo_plan
+
+        return demo_plan(family=self.family, base=self.base, out=self.out, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (as ``neon demo`` always recorded them)."""
+        return dict(out=self.out, family=self.family, base=self.base, num_synthetic=self.num_synthetic, budget=self.budget,
+                    budget_fraction=self.budget_fraction, lr=self.lr,
+                    gamma=None if self.gamma is None else list(self.gamma), max_evals=self.max_evals,
+                    control=self.control, num_samples=self.num_samples, confirm_samples=self.confirm_samples, seed=self.seed)
+
+
+# neon tune-w
+
+#: The keywords of :func:`neon_cli.tune.run_tune_w` that are not fields of :class:`TuneRequest`
+#: (they go into its shared :class:`Outputs`, :class:`Scoring`, :class:`Trust`).
+_TUNE_KEYWORDS = {"output": ("outputs", "out"), "cache": ("outputs", "cache"), "plot": ("outputs", "plot"),
+                  "report_path": ("outputs", "report"), "detector": ("scoring", "detector"),
+                  "ref_stats": ("scoring", "ref_stats"), "trust_pickle": ("trust", "pickle")}
+
+
+@dataclass(frozen=True)
+class TuneRequest:
+    """``neon tune-w``: the best (snapshot, w[, gamma]) for theta_Neon = theta_r - w (theta_s - theta_r)
+    (paper Sec. 4, App. C; see :func:`neon_cli.tune.run.tune_w` for what each step does).
+
+    ``family``; ``base`` (theta_r; None: the family's embedded default); ``selftrained``: theta_s
+    checkpoints or glob patterns as typed (None: the base alone, :func:`neon_cli.tune.run.tune_base_gamma`).
+    Search: ``bounds`` (the w interval), ``gamma`` (the guidance box; None: w only), ``base_gamma`` /
+    ``tune_base`` (the base's own gamma box, default ``gamma``; ``tune_base=False``: none),
+    ``joint`` (``"line"``/``"design"``), ``line_gamma`` (gamma of the joint search's w line; None:
+    the settings'), ``xtol`` (w units), ``max_evals``, ``rounds``, ``refine`` (default
+    :data:`neon_cli.tune.common.REFINE_DEFAULT`), ``gamma_scale``, ``abandon_margin`` (relative; None:
+    never abandon), ``metric`` (None: the family's first). Seed plans: ``num_samples`` images on
+    seeds ``seed ..``; stage 2 ``confirm_samples`` per block (0: none), ``keep`` candidates, up to
+    ``max_images`` images (None: one block); ``labels`` (:mod:`neon_cli.labels`; None: balanced).
+    ``set_pairs`` (``--set KEY=VALUE``), ``batch`` (sampling batch, images), ``plot_points``,
+    ``control`` (``"real"`` or a checkpoint path) / ``control_samples``, ``write_anyway``,
+    ``require_improvement`` (NoImprovement, exit 5, when Neon does not beat the base).
+    ``outputs``: ``out`` (``-o``), ``report``, ``cache``, ``plot``; ``scoring``: detector and
+    reference statistics; ``trust``: ``--trust-pickle``. ``flags``: the flags as typed (the report's
+    ``settings``), from :meth:`from_flags`.
+    """
+
+    family: str
+    base: Optional[Path] = None
+    selftrained: Optional[tuple[Any, ...]] = ()
+    bounds: tuple[float, float] = (0.0, 3.0)
+    gamma: Optional[tuple[float, float]] = None
+    base_gamma: Optional[tuple[float, float]] = None
+    tune_base: Optional[bool] = None
+    joint: str = "line"
+    line_gamma: Optional[float] = None
+    xtol: float = 0.05
+    max_evals: Optional[int] = None
+    rounds: int = 1
+    refine: int = 2  # neon_cli.tune.common.REFINE_DEFAULT (this module does not import the tune package)
+    gamma_scale: str = "auto"
+    metric: Optional[str] = None
+    num_samples: int = 2000
+    seed: int = 10_000_000
+    confirm_samples: int = 0
+    keep: int = 3
+    max_images: Optional[int] = None
+    set_pairs: tuple[str, ...] = ()
+    batch: int = 1000
+    plot_points: int = 9
+    abandon_margin: Optional[float] = 0.02
+    control: Optional[str] = None
+    control_samples: Optional[int] = None
+    write_anyway: bool = False
+    require_improvement: bool = True
+    labels: Optional[str] = None
+    outputs: Outputs = field(default_factory=Outputs)
+    scoring: Scoring = field(default_factory=Scoring)
+    trust: Trust = field(default_factory=Trust)
+    flags: Optional[dict[str, Any]] = field(default=None, compare=False)
+
+    @classmethod
+    def from_keywords(cls, family: str, base: Optional[Path], selftrained: Any, **options: Any) -> "TuneRequest":
+        """From :func:`neon_cli.tune.run_tune_w`'s keywords: ``output``, ``cache``, ``plot``,
+        ``report_path`` -> :class:`Outputs`; ``detector``, ``ref_stats`` -> :class:`Scoring`;
+        ``trust_pickle`` -> :class:`Trust`; the others are fields (TypeError for an unknown keyword)."""
+        shared: dict[str, dict[str, Any]] = {"outputs": {}, "scoring": {}, "trust": {}}
+        for key, (group, name) in _TUNE_KEYWORDS.items():
+            if key in options:
+                shared[group][name] = options.pop(key)
+        if "set_pairs" in options:
+            options["set_pairs"] = tuple(options["set_pairs"])
+        return cls(family, base, None if selftrained is None else tuple(selftrained), **options,
+                   outputs=Outputs(**shared["outputs"]), scoring=Scoring(**shared["scoring"]), trust=Trust(**shared["trust"]))
+
+    @classmethod
+    def from_flags(cls, family: str, base: Optional[Path], selftrained: Sequence[Any], abandon_margin: float,
+                   report: Optional[Path], **options: Any) -> "TuneRequest":
+        """From the command line: ``abandon_margin`` inf means never (None); the flags as typed are
+        kept for the report's ``settings`` (``family, base, selftrained, abandon_margin``, then ``options``)."""
+        flags = dict(family=family, base=base, selftrained=list(selftrained), abandon_margin=abandon_margin, **options)
+        margin = None if abandon_margin == float("inf") else abandon_margin
+        req = cls.from_keywords(family, base, selftrained, abandon_margin=margin, report_path=report, **options)
+        object.__setattr__(req, "flags", flags)
+        return req
+
+    def search_plan(self) -> Any:
+        """The validated :class:`neon_cli.tune.plan.Plan` (:func:`neon_cli.tune.plan.check_flags`:
+        UsageError naming the flag)."""
+        from neon_cli.tune.plan import check_flags
+
+        return check_flags(self)
+
+    def validate(self) -> "TuneRequest":
+        """UsageError naming the flag for any bad number or choice (:meth:`search_plan`). Returns the request."""
+        self.search_plan()
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.tune_plan`: reads the base, every snapshot match (and its recipe with
+        ``--control``), the control checkpoint, scoring and family files; writes ``-o``, ``--cache``,
+        ``--plot`` and the report."""
+        from neon_cli.plan import tune_plan
+
+        return tune_plan(self)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings``: the flags as typed (or the fields, for a request built in code)."""
+        if self.flags is not None:
+            return dict(self.flags)
+        from dataclasses import asdict
+
+        return {k: v for k, v in asdict(self).items() if k != "flags"}

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import typer
 
 from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, complete_family, run
+from neon_cli.requests import DemoRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -48,22 +49,17 @@ def register(app: typer.Typer) -> None:
         \b
             neon demo --report demo.json
         """
-        from neon_cli.demo import demo as demo_fn
-        from neon_cli.plan import demo_plan
+        req = DemoRequest(family, base, out, num_synthetic, budget, budget_fraction, lr, gamma=tuple(gamma),
+                          max_evals=max_evals, num_samples=num_samples, confirm_samples=confirm_samples, control=control,
+                          seed=seed, report=report)
 
-        report_file = report
-        run(
-            "demo",
-            lambda report, progress: demo_fn(family_name=family, base=base, out_dir=out, num_synthetic=num_synthetic,
-                                             budget=budget, budget_fraction=budget_fraction, lr=lr, gamma=tuple(gamma),
-                                             max_evals=max_evals, num_samples=num_samples, confirm_samples=confirm_samples, control=control,
-                                             seed=seed, report_path=report_file, report=report, progress=progress),
-            settings=dict(out=out, family=family, base=base, num_synthetic=num_synthetic, budget=budget,
-                          budget_fraction=budget_fraction, lr=lr, gamma=list(gamma), max_evals=max_evals, control=control,
-                          num_samples=num_samples, confirm_samples=confirm_samples, seed=seed),
-            report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
-            plan=lambda: demo_plan(family=family, base=base, out=out, report=report_file),
-        )
+        def fn(report: Any, progress: Any) -> dict[str, Any]:
+            from neon_cli.demo import demo as demo_fn
+
+            return demo_fn(req, report=report, progress=progress)
+
+        run("demo", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
+            plan=req.plan)
 
 
 def _g(v) -> str:

@@ -9,6 +9,7 @@ import typer
 
 from neon_cli.commands._common import (DetectorOpt, DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt,
                                        TrustOpt, complete_family, run)
+from neon_cli.requests import TuneRequest
 
 
 GammaOpt = typer.Option(
@@ -133,12 +134,9 @@ def register(app: typer.Typer) -> None:
             neon tune-w digits --selftrained runs/ft/theta_s-000031457.safetensors --gamma 1 4 --control real --plot tune.png
         """
         items = list(selftrained or []) + list(extra or [])
-        from neon_cli.plan import tune_plan
-        from neon_cli.tune import run_tune_w
-        from neon_cli.tune.run import STAGE2_IMAGES_FACTOR
+        from neon_cli.tune.run import STAGE2_IMAGES_FACTOR, tune_w as tune_fn
 
-        if confirm_samples is None:
-            confirm_samples = num_samples
+        confirm_samples = num_samples if confirm_samples is None else confirm_samples
         if max_images is None and isinstance(num_samples, int):
             max_images = STAGE2_IMAGES_FACTOR * num_samples
 
@@ -148,15 +146,9 @@ def register(app: typer.Typer) -> None:
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
                     detector=detector, ref_stats=ref_stats, labels=labels)
-        margin = None if abandon_margin == float("inf") else abandon_margin
-        report_file = report
-        run("tune-w",
-            lambda report, progress: run_tune_w(family, base, items, abandon_margin=margin, report_path=report_file,
-                                                report=report, progress=progress, **opts),
-            settings=dict(family=family, base=base, selftrained=items, abandon_margin=abandon_margin, **opts),
-            report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run,
-            plan=lambda: tune_plan(family=family, base=base, selftrained=items, output=out, cache=cache, plot=plot, control=control,
-                                   detector=detector, ref_stats=ref_stats, set_pairs=set_ or [], report=report_file))
+        req = TuneRequest.from_flags(family, base, items, abandon_margin, report, **opts)
+        run("tune-w", lambda report, progress: tune_fn(req, report=report, progress=progress), settings=req.settings(),
+            report=report, json_out=json_out, quiet=quiet, show=_show, dry_run=dry_run, plan=req.plan)
 
 
 def _f(v, digits: int = 4) -> str:

@@ -74,7 +74,7 @@ from neon_cli.tune.quadratic import (
     resolve_gamma_scale,
 )
 from neon_cli.tune.recorded import apply_recorded, model_settings, recorded_settings
-from neon_cli.tune.run import expand_checkpoints, run_tune_w
+from neon_cli.tune.run import expand_checkpoints, run_tune_w, tune_w
 from neon_cli.tune.snapshots import SnapshotOutcome, SnapshotSearch, abandonment_rule, search_snapshots
 
 __all__ = [name for name in dir() if not name.startswith("__")]

@@ -24,6 +24,7 @@ Torch-free; works on plain callables.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from neon_cli.tune.brent import brent_search, parabola_minimum
@@ -53,25 +54,29 @@ def default_joint_budget() -> int:
     return MAX_EVALS
 
 
-def joint_search(
-    f: Callable[[float, float], float],
-    w_bounds: tuple[float, float],
-    g_bounds: tuple[float, float],
-    *,
-    gamma0: float,
-    gamma_scale: str = "auto",
-    line_evals: int = LINE_EVALS,
-    min_evals: int = MIN_EVALS,
-    max_evals: int | None = None,
-    xtol: float = 0.05,
-    line_max_evals: int = BRENT_DEFAULT_EVALS,
-    resolved_tol: float = RESOLVED_TOL,
-    shrink: float = 0.5,
-    gamma_step: float = GAMMA_STEP,
-    w_step: float = W_STEP,
-    should_stop: StopFn | None = None,
-) -> QuadraticResult:
+@dataclass(frozen=True)
+class JointOptions:
+    """The settings of :func:`joint_search` (each documented there); a keyword of that name overrides a field."""
+
+    gamma0: float | None = None
+    gamma_scale: str = "auto"
+    line_evals: int = LINE_EVALS
+    min_evals: int = MIN_EVALS
+    max_evals: int | None = None
+    xtol: float = 0.05
+    line_max_evals: int = BRENT_DEFAULT_EVALS
+    resolved_tol: float = RESOLVED_TOL
+    shrink: float = 0.5
+    gamma_step: float = GAMMA_STEP
+    w_step: float = W_STEP
+    should_stop: StopFn | None = None
+
+
+def joint_search(f: Callable[[float, float], float], w_bounds: tuple[float, float], g_bounds: tuple[float, float],
+                 options: JointOptions | None = None, **settings: Any) -> QuadraticResult:
     """Minimise ``f(w, gamma)`` over the box: a w line at ``gamma0``, then a refined quadratic.
+
+    The settings below are the fields of ``options`` (default :class:`JointOptions`), each overridable by keyword.
 
     Args:
         f: objective of (w, gamma), minimised; non-finite counts as +inf.
@@ -98,6 +103,14 @@ def joint_search(
         ValueError: a bad box, ``line_evals < 3``, ``max_evals < line_evals + 3`` or shrink
             outside (0, 1).
     """
+    import dataclasses as _dc
+
+    o = _dc.replace(options or JointOptions(), **settings)
+    if o.gamma0 is None:
+        raise TypeError("joint_search() missing required keyword argument: 'gamma0'")
+    gamma0, gamma_scale, line_evals, min_evals = o.gamma0, o.gamma_scale, o.line_evals, o.min_evals
+    max_evals, xtol, line_max_evals, resolved_tol = o.max_evals, o.xtol, o.line_max_evals, o.resolved_tol
+    shrink, gamma_step, w_step, should_stop = o.shrink, o.gamma_step, o.w_step, o.should_stop
     _check_box(w_bounds, g_bounds)
     budget = MAX_EVALS if max_evals is None else int(max_evals)
     if line_evals < 3:

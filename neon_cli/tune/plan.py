@@ -69,14 +69,27 @@ def _box(flag: str, box: Any) -> tuple[float, float]:
     return lo, hi
 
 
-def check_flags(*, bounds: Any, gamma: Any, base_gamma: Any, xtol: Any, max_evals: Any, rounds: Any, refine: Any,
-                gamma_scale: str, joint: str, num_samples: Any, seed: Any, confirm_samples: Any, batch: Any,
-                abandon_margin: Any, plot_points: Any, control: str | None, control_samples: Any, keep: Any = 3,
-                max_images: Any = None, labels: str | None = None) -> Plan:
-    """Every tune-w number and choice checked, each error naming its flag (UsageError)."""
+def _base_box(gamma: Any, base_gamma: Any, tune_base: bool | None) -> Any:
+    """The base's own gamma box: ``base_gamma``, else ``gamma``; None with ``tune_base=False``."""
+    if tune_base is False:
+        return None
+    return base_gamma if base_gamma is not None else gamma
+
+
+def check_flags(request: Any) -> Plan:
+    """Every tune-w number and choice of a :class:`neon_cli.requests.TuneRequest` checked, each
+    error naming its flag (UsageError); the base's gamma box is ``base_gamma`` (default ``gamma``;
+    none with ``tune_base=False``)."""
     from neon_cli.labels import check as check_labels
 
-    labels = check_labels(labels, 0, 0).protocol  # the name here; per model (classes, -n) when the Evaluator is built
+    r = request
+    bounds, gamma, xtol, max_evals, rounds, refine = r.bounds, r.gamma, r.xtol, r.max_evals, r.rounds, r.refine
+    gamma_scale, joint, num_samples, seed, confirm_samples, batch = (r.gamma_scale, r.joint, r.num_samples, r.seed,
+                                                                     r.confirm_samples, r.batch)
+    abandon_margin, plot_points, control, control_samples = r.abandon_margin, r.plot_points, r.control, r.control_samples
+    keep, max_images = r.keep, r.max_images
+    base_gamma = _base_box(gamma, r.base_gamma, r.tune_base)
+    labels = check_labels(r.labels, 0, 0).protocol  # the name here; per model (classes, -n) when the Evaluator is built
     w_box = _box("--bounds", bounds)
     g_box = _box("--gamma", gamma) if gamma is not None else None
     bg_box = _box("--base-gamma", base_gamma) if base_gamma is not None else None

@@ -339,20 +339,24 @@ def _nearest_fit(pts: np.ndarray, vals: np.ndarray, centre: np.ndarray, scale: n
     return None
 
 
-def quadratic_search(
-    f: Callable[[float, float], float],
-    w_bounds: tuple[float, float],
-    g_bounds: tuple[float, float],
-    *,
-    rounds: int = 1,
-    refine: int = REFINE_DEFAULT,
-    shrink: float = 0.5,
-    radius: float = DESIGN_RADIUS,
-    gamma_scale: str = "auto",
-    max_evals: int | None = None,
-    should_stop: StopFn | None = None,
-) -> QuadraticResult:
+@dataclass(frozen=True)
+class QuadraticOptions:
+    """The settings of :func:`quadratic_search` (each documented there); a keyword of that name overrides a field."""
+
+    rounds: int = 1
+    refine: int = REFINE_DEFAULT
+    shrink: float = 0.5
+    radius: float = DESIGN_RADIUS
+    gamma_scale: str = "auto"
+    max_evals: int | None = None
+    should_stop: StopFn | None = None
+
+
+def quadratic_search(f: Callable[[float, float], float], w_bounds: tuple[float, float], g_bounds: tuple[float, float],
+                     options: QuadraticOptions | None = None, **settings: Any) -> QuadraticResult:
     """Minimise ``f(w, gamma)`` with the 6-point quadratic surface fit (paper App. C).
+
+    The settings below are the fields of ``options`` (default :class:`QuadraticOptions`), each overridable by keyword.
 
     The fit works in coordinates (w, s) with s = ln gamma (``gamma_scale="log"``, the default for
     a positive gamma box) or s = gamma (``"linear"``): f = a + b w + c s + d w^2 + e s^2 + h w s.
@@ -397,6 +401,11 @@ def quadratic_search(
         ValueError: bad bounds, ``rounds < 1``, ``refine < 0``, shrink outside (0, 1), radius
             outside (0, 1], ``max_evals < 7``, or a bad ``gamma_scale``.
     """
+    import dataclasses as _dc
+
+    o = _dc.replace(options or QuadraticOptions(), **settings)
+    rounds, refine, shrink, radius = o.rounds, o.refine, o.shrink, o.radius
+    gamma_scale, max_evals, should_stop = o.gamma_scale, o.max_evals, o.should_stop
     _check_box(w_bounds, g_bounds)
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")

@@ -1,6 +1,6 @@
 """``neon tune-w`` as a few named steps over the pure searches.
 
-:func:`run_tune_w` = :func:`check_flags` -> :func:`prepare` -> (under the output locks)
+:func:`tune_w` (a :class:`neon_cli.requests.TuneRequest`) = :func:`check_flags` -> :func:`prepare` -> (under the output locks)
 :func:`measure_baselines` (the base at its default and, asked, at its own best gamma) ->
 :func:`search` (every snapshot) -> :func:`summarize` -> :func:`confirm` (disjoint seeds) ->
 :func:`control` (``--control real``) -> :func:`verdict` (does Neon beat the base?) ->
@@ -21,10 +21,10 @@ from neon_cli.progress import ProgressFn, null_progress
 from neon_cli.tune.baseline import measure_baselines, real_control, snapshot_recipe
 from neon_cli.tune.brent import BrentResult
 from neon_cli.tune.common import REFINE_DEFAULT, _rkey
-from neon_cli.tune.plan import Plan, check_flags
+from neon_cli.tune.plan import Plan
 from neon_cli.tune.quadratic import QuadraticResult
 from neon_cli.tune.scorer import Context, Scorer
-from neon_cli.tune.snapshots import SnapshotSearch, search_snapshots
+from neon_cli.tune.snapshots import SnapshotSearch, SnapshotSearchOptions, search_snapshots
 
 
 #: ``neon tune-w``'s default stage-2 budget, in units of ``--num-samples``: with the default
@@ -73,19 +73,19 @@ def _check_plot_available(plot: Path | None) -> None:
         raise UsageError(f"--plot {plot}: matplotlib is not installed; pip install '.[plot]' from the neon clone (or matplotlib)") from None
 
 
-def run_tune_w(
-    family_name: str, base: Path | None, selftrained: Sequence[str | os.PathLike[str]], *,
-    bounds: tuple[float, float] = (0.0, 3.0), gamma: tuple[float, float] | None = None,
-    base_gamma: tuple[float, float] | None = None, tune_base: bool | None = None, joint: str = "line",
-    line_gamma: float | None = None, xtol: float = 0.05, max_evals: int | None = None, rounds: int = 1,
-    refine: int = REFINE_DEFAULT, gamma_scale: str = "auto", metric: str | None = None, num_samples: int = 2000,
-    seed: int = 10_000_000, confirm_samples: int = 0, keep: int = 3, max_images: int | None = None,
-    set_pairs: Sequence[str] = (), batch: int = 1000, cache: Path | None = None, output: Path | None = None, plot: Path | None = None, plot_points: int = 9,
-    abandon_margin: float | None = 0.02, control: str | None = None, control_samples: int | None = None,
-    write_anyway: bool = False, require_improvement: bool = True, trust_pickle: bool = False,
-    detector: Path | None = None, ref_stats: Path | None = None, report_path: Path | None = None,
-    labels: str | None = None, report: Any, progress: ProgressFn = null_progress,
-) -> dict[str, Any]:
+def run_tune_w(family_name: str, base: Path | None, selftrained: Sequence[str | os.PathLike[str]] | None, *, report: Any,
+               progress: ProgressFn = null_progress, **options: Any) -> dict[str, Any]:
+    """:func:`tune_w` with the request's fields as keywords (the library's long-standing call form,
+    kept for scripts, tests and benchmarks): :meth:`neon_cli.requests.TuneRequest.from_keywords`
+    maps ``output``, ``cache``, ``plot``, ``report_path``, ``detector``, ``ref_stats``,
+    ``trust_pickle`` to its shared parts; every other keyword is a :class:`~neon_cli.requests.TuneRequest`
+    field (TypeError for an unknown one)."""
+    from neon_cli.requests import TuneRequest
+
+    return tune_w(TuneRequest.from_keywords(family_name, base, selftrained, **options), report=report, progress=progress)
+
+
+def tune_w(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """``neon tune-w``: the best (snapshot, w[, gamma]) for theta_Neon = theta_r - w (theta_s - theta_r).
 
     Each candidate is merged in memory (``neon_cli.merge.merge_state_dicts``, float32) and scored
@@ -94,8 +94,9 @@ def run_tune_w(
     (:func:`neon_cli.tune.joint.joint_search`: w at the default gamma first, so never worse than
     the w-only search; the default) or ``"design"`` (:func:`neon_cli.tune.quadratic_search`).
 
-    Args:
-        family_name, base, selftrained: the family; theta_r (None: the family's embedded default);
+    ``request``: a :class:`neon_cli.requests.TuneRequest` (validated here; its fields):
+
+        family, base, selftrained: the family; theta_r (None: the family's embedded default);
             theta_s checkpoints or glob patterns (natural order).
         bounds, gamma: the w interval; the gamma box (None: w only, at the settings' gamma).
         base_gamma, tune_base: the box of the base's own gamma search (default: ``gamma``);
@@ -111,43 +112,39 @@ def run_tune_w(
             blocks until the choice is resolved or ``max_images`` (stage 2's images) would be passed;
             None: one block.
         set_pairs: ``--set KEY=VALUE``; on top of the settings recorded in ``base``'s metadata.
-        batch: sampling batch size. cache: JSON-lines evaluation cache. output: merged best (only
-            when it beats the base, or ``write_anyway``). plot, plot_points: PNG; evaluations along w
-            at the chosen gamma for its FID / precision / recall panels.
+        batch: sampling batch size. outputs.cache: JSON-lines evaluation cache. outputs.out: merged
+            best (only when it beats the base, or ``write_anyway``). outputs.plot, plot_points: PNG;
+            evaluations along w at the chosen gamma for its FID / precision / recall panels.
         abandon_margin: early abandonment of snapshots (None: never).
         control, control_samples: ``"real"``: also fine-tune theta_r on real data (the family's
             ``real_samples``) with the chosen snapshot's budget and recipe, scored the same way;
             a path: score that checkpoint as the control (e.g. one ``neon demo`` trained).
         require_improvement: raise :class:`NoImprovement` (exit 5) when Neon does not beat the base.
-        detector, ref_stats: Inception files (:func:`neon_cli.scoring.scoring_files`).
-        report_path: the ``--report`` file, checked against the inputs like every output.
+        scoring: Inception files (:func:`neon_cli.scoring.scoring_files`); trust.pickle: ``--trust-pickle``.
+        outputs.report: the ``--report`` file, checked against the inputs like every output.
         labels: the class-label protocol of the seed plans (``--labels``, :mod:`neon_cli.labels`;
             None: ``balanced``), recorded in the report and in every cache key.
-        report, progress: the :class:`neon_cli.report.Report` (results documented in README) and callback.
 
+    ``report``, ``progress``: the :class:`neon_cli.report.Report` (results documented in README) and callback.
     Returns ``report.results``. Raises UsageError / FamilyError / CheckpointError for bad input
     (before any evaluation), NoImprovement after recording everything in the report.
     """
     from neon_cli.scoring import scoring_files
 
-    plan = check_flags(bounds=bounds, gamma=gamma, base_gamma=_base_box(gamma, base_gamma, tune_base), xtol=xtol,
-                       max_evals=max_evals, rounds=rounds, refine=refine, gamma_scale=gamma_scale, joint=joint,
-                       num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, batch=batch,
-                       abandon_margin=abandon_margin, plot_points=plot_points, control=control,
-                       control_samples=control_samples, keep=keep, max_images=max_images, labels=labels)
+    plan = request.search_plan()
     report.results["labels"] = plan.labels
-    outputs = {"-o": output, "--cache": cache, "--plot": plot, "--report": report_path}
-    with scoring_files(detector, ref_stats) as scoring:
+    o, sc = request.outputs, request.scoring
+    outputs = {"-o": o.out, "--cache": o.cache, "--plot": o.plot, "--report": o.report}
+    with scoring_files(sc.detector, sc.ref_stats) as scoring:
         report.results["scoring"] = scoring
-        ctx = prepare(family_name, base, selftrained, plan, metric=metric, set_pairs=set_pairs, cache=cache,
-                      outputs=outputs, extra_inputs={"--detector": detector, "--ref-stats": ref_stats,
-                                                     "--control": _control_path(control)},
-                      trust_pickle=trust_pickle, scoring=scoring, report=report, progress=progress)
-        ctx.line_gamma = line_gamma
-        with _locks(cache, output):
-            results = _steps(ctx, output, plot, cache, write_anyway)
-    if not results["improved"] and require_improvement:
-        raise NoImprovement(_no_improvement_message(ctx, results, output, write_anyway))
+        ctx = prepare(request, plan, outputs, {"--detector": sc.detector, "--ref-stats": sc.ref_stats,
+                                               "--control": _control_path(request.control)},
+                      scoring, report, progress)
+        ctx.line_gamma = request.line_gamma
+        with _locks(o.cache, o.out):
+            results = _steps(ctx, o.out, o.plot, o.cache, request.write_anyway)
+    if not results["improved"] and request.require_improvement:
+        raise NoImprovement(_no_improvement_message(ctx, results, o.out, request.write_anyway))
     return results
 
 
@@ -155,37 +152,33 @@ def _control_path(control: str | None) -> Path | None:
     return None if control in (None, "real") else Path(control)
 
 
-def tune_base_gamma(family_name: str, base: Path | None, gamma: tuple[float, float], *, max_evals: int | None = None,
-                    joint: str = "line", num_samples: int = 2000, seed: int = 10_000_000, set_pairs: Sequence[str] = (),
-                    batch: int = 1000, metric: str | None = None, cache: Path | None = None, trust_pickle: bool = False,
-                    detector: Path | None = None, ref_stats: Path | None = None, labels: str | None = None,
-                    report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """The base alone at its default settings and at its own best gamma in ``gamma``
+def tune_base_gamma(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """The base alone at its default settings and at its own best gamma in ``request.gamma``
     (:func:`neon_cli.tune.baseline.measure_baselines`), with the same plan, keys and cache as
-    :func:`run_tune_w` given the same arguments (so a later tune-w run finds these evaluations in
-    the cache). ``max_evals`` defaults to the per-snapshot budget of a (w, gamma) search with
-    ``joint``. Returns (and puts in ``report.results``) ``{"default": ..., "best": ...}``."""
+    :func:`tune_w` given the same request (so a later tune-w run finds these evaluations in
+    the cache). Of the :class:`neon_cli.requests.TuneRequest` it uses ``family``, ``base``,
+    ``gamma``, ``max_evals`` (default: the per-snapshot budget of a (w, gamma) search with
+    ``joint``), ``joint``, ``num_samples``, ``seed``, ``set_pairs``, ``batch``, ``metric``,
+    ``outputs.cache``, ``trust``, ``scoring``, ``labels``. Returns (and puts in ``report.results``)
+    ``{"default": ..., "best": ...}``."""
+    import dataclasses
+
     from neon_cli.scoring import scoring_files
 
-    plan = check_flags(bounds=(0.0, 1.0), gamma=gamma, base_gamma=gamma, xtol=0.05, max_evals=max_evals, rounds=1,
-                       refine=REFINE_DEFAULT, gamma_scale="auto", joint=joint, num_samples=num_samples, seed=seed,
-                       confirm_samples=0, batch=batch, abandon_margin=None, plot_points=0, control=None,
-                       control_samples=None, labels=labels)
-    with scoring_files(detector, ref_stats) as scoring:
-        ctx = prepare(family_name, base, None, plan, metric=metric, set_pairs=set_pairs, cache=cache,
-                      outputs={"--cache": cache}, extra_inputs={"--detector": detector, "--ref-stats": ref_stats},
-                      trust_pickle=trust_pickle, scoring=scoring, report=report, progress=progress)
+    request = dataclasses.replace(request, selftrained=None, bounds=(0.0, 1.0), base_gamma=request.gamma, tune_base=None,
+                                  xtol=0.05, rounds=1, refine=REFINE_DEFAULT, gamma_scale="auto", confirm_samples=0,
+                                  abandon_margin=None, plot_points=0, control=None, control_samples=None, keep=3,
+                                  max_images=None)
+    plan = request.search_plan()
+    cache, sc = request.outputs.cache, request.scoring
+    with scoring_files(sc.detector, sc.ref_stats) as scoring:
+        ctx = prepare(request, plan, {"--cache": cache}, {"--detector": sc.detector, "--ref-stats": sc.ref_stats},
+                      scoring, report, progress)
         with _locks(cache, None):
             baselines = measure_baselines(ctx, Scorer(ctx, total=plan.per_snapshot + 1))
-    report.results.update(baselines=baselines, metric=ctx.metric, num_samples=num_samples, seed=seed, scoring=scoring,
-                          labels=plan.labels)
+    report.results.update(baselines=baselines, metric=ctx.metric, num_samples=request.num_samples, seed=request.seed,
+                          scoring=scoring, labels=plan.labels)
     return baselines
-
-
-def _base_box(gamma: Any, base_gamma: Any, tune_base: bool | None) -> Any:
-    if tune_base is False:
-        return None
-    return base_gamma if base_gamma is not None else gamma
 
 
 @contextlib.contextmanager
@@ -242,11 +235,11 @@ def images_by_stage(log: Sequence[Mapping[str, Any]]) -> dict[str, int]:
     return out
 
 
-def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | None, plan: Plan, *, metric: str | None,
-            set_pairs: Sequence[str], cache: Path | None, outputs: Mapping[str, Any], extra_inputs: Mapping[str, Any],
-            trust_pickle: bool, scoring: Mapping[str, Any], report: Any, progress: ProgressFn) -> Context:
-    """Resolve the family, paths, settings and metric, check outputs against inputs, load theta_r.
-    ``selftrained`` None: the base alone (:func:`tune_base_gamma`)."""
+def prepare(request: Any, plan: Plan, outputs: Mapping[str, Any], extra_inputs: Mapping[str, Any],
+            scoring: Mapping[str, Any], report: Any, progress: ProgressFn) -> Context:
+    """Resolve the family, paths, settings and metric of a :class:`neon_cli.requests.TuneRequest`,
+    check ``outputs`` (flag -> path) against the inputs (and ``extra_inputs``), load theta_r.
+    ``request.selftrained`` None: the base alone (:func:`tune_base_gamma`)."""
     from neon_cli.dist import is_main
     from neon_cli.evaluate import classes_of
     from neon_cli.family import get_family, load_model, model_path, plugin_version, resolve_metric
@@ -255,6 +248,8 @@ def prepare(family_name: str, base: Path | None, selftrained: Sequence[Any] | No
     from neon_cli.tune.cache import EvalCache, static_key
     from neon_cli.tune.recorded import apply_recorded
 
+    family_name, base, selftrained, metric = request.family, request.base, request.selftrained, request.metric
+    set_pairs, cache, trust_pickle = request.set_pairs, request.outputs.cache, request.trust.pickle
     snaps = [] if selftrained is None else expand_checkpoints(selftrained)
     _check_plot_available(outputs.get("--plot"))
     family = get_family(family_name)
@@ -333,10 +328,11 @@ def search(ctx: Context, scorer: Scorer) -> SnapshotSearch:
     def objective(i: int, w: float, g: float | None) -> float:
         return ctx.sign * float(scorer(i, w, g, ctx.evaluator, "search")[ctx.metric])
 
-    found = search_snapshots(objective, len(ctx.snaps), bounds=plan.bounds, gamma_bounds=plan.gamma, xtol=plan.xtol,
-                             max_evals=plan.max_evals, rounds=plan.rounds, refine=plan.refine,
-                             gamma_scale=plan.gamma_scale, abandon_margin=plan.abandon_margin, joint=plan.joint,
-                             gamma0=ctx.line_gamma if ctx.line_gamma is not None else ctx.default_gamma)
+    options = SnapshotSearchOptions(bounds=plan.bounds, gamma_bounds=plan.gamma, xtol=plan.xtol, max_evals=plan.max_evals,
+                                    rounds=plan.rounds, refine=plan.refine, gamma_scale=plan.gamma_scale,
+                                    abandon_margin=plan.abandon_margin, joint=plan.joint,
+                                    gamma0=ctx.line_gamma if ctx.line_gamma is not None else ctx.default_gamma)
+    found = search_snapshots(objective, len(ctx.snaps), options)
     phases = {}
     for oc in found.outcomes:
         for e in oc.result.evaluations:
@@ -480,34 +476,19 @@ def _pair(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> tuple[floa
     return d["diff"], d["se"]
 
 
-def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
-    """Stage 2 (issue 23): re-score the search's best ``plan.keep`` candidates and the base (at its
-    best gamma, or at the chosen gamma without a base gamma search, and at its default settings) on
-    blocks of ``confirm_samples`` fresh seeds after the search's (block j: seeds ``seed +
-    num_samples + j*B ..``), and choose on those.
+def _confirm_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int,
+                    cseed: int) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[int, dict[str, Any]], int, int]:
+    """Stage 2's blocks (see :func:`confirm`): ``(rows, dropped, comparisons, images, blocks)``:
+    each candidate's log rows per block, the self-trained candidates dropped (resolved worse than
+    the leader) and the last comparisons with the leader, images sampled, blocks scored."""
+    from neon_cli.metrics import combine_differences
 
-    After each block, each candidate's value is its mean over the blocks it was scored on; the
-    leader is the best mean; every other candidate is compared with it *paired* (same seeds: the
-    mean of the per-block differences, each with its jackknife SE, :func:`neon_cli.metrics.combine_differences`)
-    and "resolved" when the 95 % interval of the difference excludes 0. A self-trained candidate
-    resolved worse is dropped; blocks are added until the leader is resolved against every
-    candidate left (the runner-up and the bases) or the next block would pass ``plan.max_images``
-    (None: one block). ``results["chosen"]`` becomes the leader when it is a merge; a base leader,
-    or a leader not resolved against the strongest base, is "no improvement" (exit 5).
-    """
-    from neon_cli.metrics import Z95, combine_differences, jackknife
-
-    plan, sign, m = ctx.plan, ctx.sign, ctx.metric
-    if not plan.confirm_samples:
-        results["confirmation"] = None
-        return
-    B, cseed = plan.confirm_samples, plan.seed + plan.num_samples
-    cands = _candidates(ctx, scorer, results)
+    sign, m = ctx.sign, ctx.metric
     alive = list(range(len(cands)))
     rows: dict[int, list[dict[str, Any]]] = {i: [] for i in alive}
     dropped: dict[int, dict[str, Any]] = {}
     images, blocks = 0, 0
-    budget = plan.max_images
+    budget = ctx.plan.max_images
     comparisons: dict[int, dict[str, Any]] = {}
     leader = 0
     while True:
@@ -538,26 +519,67 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
         nxt = len(alive) * B
         if not unresolved or budget is None or images + nxt > budget:
             break
+    return rows, dropped, comparisons, images, blocks
+
+
+def _summary(ctx: Context, cands: list[tuple[Any, float, float | None]], rows: Mapping[int, list[dict[str, Any]]],
+             dropped: Mapping[int, Any], i: int) -> dict[str, Any]:
+    """Candidate ``i`` over its stage-2 blocks: mean value, SE, bias-corrected mean, blocks, dropped."""
+    from neon_cli.metrics import jackknife
+
+    m = ctx.metric
+    r = rows[i]
+    vals = [float(x["metrics"][m]) for x in r]
+    ses = [float(x["metrics"].get(f"{m}_se", float("nan"))) for x in r]
+    bcs = [jackknife(float(x["metrics"][m]), x["jackknife"])["bias_corrected"] if x.get("jackknife") else float(x["metrics"][m])
+           for x in r]
+    who, w, g = cands[i]
+    return {"model": "base" if who == "base" else "neon", "snapshot": None if who == "base" else str(ctx.snaps[who]),
+            "w": w, "gamma": g, "value": sum(vals) / len(vals), "se": (sum(x * x for x in ses) ** 0.5) / len(ses),
+            "bias_corrected": sum(bcs) / len(bcs), "blocks": len(r), "dropped": i in dropped}
+
+
+def _mean_metrics(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Every metric's mean over the blocks (``*_se``: the SE of that mean, root of the summed squares / blocks)."""
+    keys = rows[0]["metrics"].keys()
+    out = {k: sum(float(x["metrics"][k]) for x in rows) / len(rows) for k in keys if not k.endswith("_se")}
+    for k in keys:
+        if k.endswith("_se"):
+            out[k] = (sum(float(x["metrics"][k]) ** 2 for x in rows) ** 0.5) / len(rows)
+    return out
+
+
+def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[str, Any]) -> None:
+    """Stage 2 (issue 23): re-score the search's best ``plan.keep`` candidates and the base (at its
+    best gamma, or at the chosen gamma without a base gamma search, and at its default settings) on
+    blocks of ``confirm_samples`` fresh seeds after the search's (block j: seeds ``seed +
+    num_samples + j*B ..``), and choose on those.
+
+    After each block, each candidate's value is its mean over the blocks it was scored on; the
+    leader is the best mean; every other candidate is compared with it *paired* (same seeds: the
+    mean of the per-block differences, each with its jackknife SE, :func:`neon_cli.metrics.combine_differences`)
+    and "resolved" when the 95 % interval of the difference excludes 0. A self-trained candidate
+    resolved worse is dropped; blocks are added until the leader is resolved against every
+    candidate left (the runner-up and the bases) or the next block would pass ``plan.max_images``
+    (None: one block). ``results["chosen"]`` becomes the leader when it is a merge; a base leader,
+    or a leader not resolved against the strongest base, is "no improvement" (exit 5).
+    """
+    from neon_cli.metrics import Z95
+
+    plan, sign, m = ctx.plan, ctx.sign, ctx.metric
+    if not plan.confirm_samples:
+        results["confirmation"] = None
+        return
+    B, cseed = plan.confirm_samples, plan.seed + plan.num_samples
+    cands = _candidates(ctx, scorer, results)
+    rows, dropped, comparisons, images, blocks = _confirm_blocks(ctx, scorer, cands, B, cseed)
     comparisons.update(dropped)
 
     def summary(i: int) -> dict[str, Any]:
-        r = rows[i]
-        vals = [float(x["metrics"][m]) for x in r]
-        ses = [float(x["metrics"].get(f"{m}_se", float("nan"))) for x in r]
-        bcs = [jackknife(float(x["metrics"][m]), x["jackknife"])["bias_corrected"] if x.get("jackknife") else float(x["metrics"][m])
-               for x in r]
-        who, w, g = cands[i]
-        return {"model": "base" if who == "base" else "neon", "snapshot": None if who == "base" else str(ctx.snaps[who]),
-                "w": w, "gamma": g, "value": sum(vals) / len(vals), "se": (sum(x * x for x in ses) ** 0.5) / len(ses),
-                "bias_corrected": sum(bcs) / len(bcs), "blocks": len(r), "dropped": i in dropped}
+        return _summary(ctx, cands, rows, dropped, i)
 
     def mean_metrics(i: int) -> dict[str, float]:
-        keys = rows[i][0]["metrics"].keys()
-        out = {k: sum(float(x["metrics"][k]) for x in rows[i]) / len(rows[i]) for k in keys if not k.endswith("_se")}
-        for k in keys:
-            if k.endswith("_se"):
-                out[k] = (sum(float(x["metrics"][k]) ** 2 for x in rows[i]) ** 0.5) / len(rows[i])
-        return out
+        return _mean_metrics(rows[i])
 
     base_idx = [i for i, c in enumerate(cands) if c[0] == "base"]
     neon_idx = [i for i, c in enumerate(cands) if c[0] != "base"]
@@ -584,7 +606,7 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
                              confirmed_se=summary(best_neon)["se"])
     results["confirmation"] = {
         "seed": cseed, "num_samples": B, "seeds": [cseed, cseed + blocks * B - 1], "blocks": blocks, "images": images,
-        "max_images": budget, "keep": plan.keep, "z": Z95,
+        "max_images": plan.max_images, "keep": plan.keep, "z": Z95,
         "candidates": [summary(i) for i in range(len(cands))],
         "comparisons": [{"candidate": _label(ctx, cands[i]), **c} for i, c in sorted(comparisons.items())],
         "vs_base": vs_base, "vs_runner_up": vs_runner,

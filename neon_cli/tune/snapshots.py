@@ -4,12 +4,12 @@ early abandonment of hopeless ones. Torch-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from neon_cli.tune.brent import BrentResult, brent_search
 from neon_cli.tune.common import BRENT_DEFAULT_EVALS, REFINE_DEFAULT, Evaluation, StopFn
-from neon_cli.tune.joint import joint_search
-from neon_cli.tune.quadratic import QuadraticResult, quadratic_search
+from neon_cli.tune.joint import JointOptions, joint_search
+from neon_cli.tune.quadratic import QuadraticOptions, QuadraticResult, quadratic_search
 
 
 @dataclass
@@ -61,24 +61,32 @@ def abandonment_rule(best_overall: float, margin: float, min_evals: int = 3) -> 
     return rule
 
 
-def search_snapshots(
-    objective: Callable[[int, float, float | None], float],
-    n: int,
-    *,
-    bounds: tuple[float, float] = (0.0, 3.0),
-    gamma_bounds: tuple[float, float] | None = None,
-    xtol: float = 0.05,
-    max_evals: int | None = None,
-    rounds: int = 1,
-    refine: int = REFINE_DEFAULT,
-    gamma_scale: str = "auto",
-    abandon_margin: float | None = 0.02,
-    abandon_after: int = 3,
-    joint: str = "design",
-    gamma0: float | None = None,
-) -> SnapshotSearch:
+@dataclass(frozen=True)
+class SnapshotSearchOptions:
+    """The settings of :func:`search_snapshots` (each documented there): the w interval ``bounds``,
+    the gamma box ``gamma_bounds`` (None: w only), ``xtol`` (w units), ``max_evals`` (per
+    snapshot), ``rounds``, ``refine``, ``gamma_scale``, ``abandon_margin`` (relative; None: never),
+    ``abandon_after`` (evaluations), ``joint`` (``"design"``/``"line"``), ``gamma0`` (the line's gamma)."""
+
+    bounds: tuple[float, float] = (0.0, 3.0)
+    gamma_bounds: tuple[float, float] | None = None
+    xtol: float = 0.05
+    max_evals: int | None = None
+    rounds: int = 1
+    refine: int = REFINE_DEFAULT
+    gamma_scale: str = "auto"
+    abandon_margin: float | None = 0.02
+    abandon_after: int = 3
+    joint: str = "design"
+    gamma0: float | None = None
+
+
+def search_snapshots(objective: Callable[[int, float, float | None], float], n: int,
+                     options: SnapshotSearchOptions | None = None, **settings: Any) -> SnapshotSearch:
     """Tune every snapshot in order and pick the best (snapshot, w[, gamma]).
 
+    ``options`` (default :class:`SnapshotSearchOptions`), with any of its fields overridden by
+    keyword (``bounds=(0, 2)``; TypeError for an unknown one).
     Snapshot i is searched with :func:`brent_search` over ``bounds`` (objective
     ``objective(i, w, None)``) or, with ``gamma_bounds``, over (w, gamma) (``objective(i, w,
     gamma)``): ``joint="line"`` with :func:`neon_cli.tune.joint.joint_search` (w at ``gamma0``
@@ -91,6 +99,11 @@ def search_snapshots(
     Raises:
         ValueError: ``n < 1`` or invalid search parameters (see the two searches).
     """
+    import dataclasses
+
+    o = dataclasses.replace(options or SnapshotSearchOptions(), **settings)
+    bounds, gamma_bounds, xtol, max_evals, joint, gamma0 = o.bounds, o.gamma_bounds, o.xtol, o.max_evals, o.joint, o.gamma0
+    rounds, refine, gamma_scale, abandon_margin, abandon_after = o.rounds, o.refine, o.gamma_scale, o.abandon_margin, o.abandon_after
     if n < 1:
         raise ValueError("need at least one snapshot")
     outcomes: list[SnapshotOutcome] = []
@@ -106,11 +119,12 @@ def search_snapshots(
         elif joint == "line":
             if gamma0 is None:
                 raise ValueError("joint='line' needs gamma0, the default gamma")
-            res = joint_search(lambda w, g, i=i: objective(i, w, g), bounds, gamma_bounds, gamma0=gamma0,
-                               gamma_scale=gamma_scale, max_evals=max_evals, should_stop=rule)
+            res = joint_search(lambda w, g, i=i: objective(i, w, g), bounds, gamma_bounds,
+                               JointOptions(gamma0=gamma0, gamma_scale=gamma_scale, max_evals=max_evals, should_stop=rule))
         else:
-            res = quadratic_search(lambda w, g, i=i: objective(i, w, g), bounds, gamma_bounds, rounds=rounds,
-                                   refine=refine, gamma_scale=gamma_scale, max_evals=max_evals, should_stop=rule)
+            res = quadratic_search(lambda w, g, i=i: objective(i, w, g), bounds, gamma_bounds,
+                                   QuadraticOptions(rounds=rounds, refine=refine, gamma_scale=gamma_scale, max_evals=max_evals,
+                                                    should_stop=rule))
         outcomes.append(SnapshotOutcome(i, res))
         if best_i is None or res.value < outcomes[best_i].result.value:
             best_i = i
