@@ -405,3 +405,107 @@ class PluginsRequest:
 
     def settings(self) -> dict[str, Any]:
         return {}
+
+
+# --------------------------------------------------------------------------------------------
+# ---- synth / finetune / eval / fid / ref-stats ----
+
+
+@dataclass(frozen=True)
+class SynthRequest:
+    """``neon synth`` (paper Algorithm 1, step 1; :func:`neon_cli.synth.run_synth`): ``draw.num``
+    images from theta_r (``model``; None: the family's embedded default) with seeds ``draw.seed ..
+    draw.seed + draw.num - 1`` into the folder ``out``, ``shard_size`` images per shard, sampled
+    ``batch`` at a time; ``labels``: the class-label protocol name (``--labels``; None: balanced);
+    ``set_pairs``: ``--set KEY=VALUE``; ``trust``; ``report``."""
+
+    family: str
+    model: Optional[Path]
+    out: Path
+    draw: SeedPlan = field(default_factory=SeedPlan)
+    set_pairs: tuple[str, ...] = ()
+    shard_size: int = 1000
+    batch: int = 500
+    labels: Optional[str] = None
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "SynthRequest":
+        """UsageError naming the flag: ``--num-images``, ``--shard-size``, ``--batch`` < 1, seeds
+        out of 0 .. 2**63 - 1 (``--seed``), more shards than :data:`neon_cli.synth.MAX_SHARDS`; an
+        unknown ``--labels`` protocol; ResourceError: S cannot fit on the disk
+        (:func:`neon_cli.synth.check_size`). Returns the request with the numbers as ints."""
+        import dataclasses
+
+        from neon_cli import labels as label_protocols
+        from neon_cli import validate
+        from neon_cli.synth import check_size
+
+        num = validate.positive_int("--num-images", self.draw.num)
+        shard_size = validate.positive_int("--shard-size", self.shard_size)
+        batch = validate.positive_int("--batch", self.batch)
+        seed = validate.seed("--seed", self.draw.seed, count=num)
+        check_size(num, shard_size, Path(self.out))  # before the family loads or anything is sampled
+        label_protocols.check(self.labels, 0, 0)  # the name, before anything is read
+        return dataclasses.replace(self, out=Path(self.out), draw=SeedPlan(seed=seed, num=num), shard_size=shard_size,
+                                   batch=batch)
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.synth_plan`: reads the model and the family's files; writes ``-o``
+        (plan.json, manifest.json, every shard) and the report."""
+        from neon_cli.plan import synth_plan
+
+        return synth_plan(family=self.family, model=self.model, out=self.out, num=self.draw.num, shard_size=self.shard_size,
+                          set_pairs=list(self.set_pairs), report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        return dict(family=self.family, model=self.model, num=self.draw.num, out=self.out, seed=self.draw.seed,
+                    set=list(self.set_pairs), shard_size=self.shard_size, batch=self.batch, labels=self.labels,
+                    trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class FidRequest:
+    """``neon fid A B`` (:func:`neon_cli.fid.fid`; pytorch-fid / clean-fid / EDM fid.py): ``a`` the
+    generated side, ``b`` the reference (image sources or statistics files); ``scoring.detector``
+    (``--detector``; None: ``$NEON_INCEPTION``); ``prdc``: also precision/recall/density/coverage;
+    ``num_images``/``seed``: a seeded subset of each image side (None: all); ``batch``: images per
+    detector call; ``device``: torch device (None: cuda if available); ``trust``; ``report``."""
+
+    a: Path
+    b: Path
+    scoring: Scoring = field(default_factory=Scoring)
+    prdc: bool = False
+    num_images: Optional[int] = None
+    seed: int = 0
+    batch: int = 64
+    device: Optional[str] = None
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "FidRequest":
+        """UsageError naming the flag: ``--batch`` < 1, ``--num-images`` < 2, ``--seed`` < 0, A or B
+        that does not exist. Returns the request with the numbers as ints."""
+        import dataclasses
+
+        from neon_cli import validate
+
+        batch = validate.positive_int("--batch", self.batch)
+        num_images = None if self.num_images is None else validate.integer("--num-images", self.num_images, low=2)
+        seed = validate.integer("--seed", self.seed, low=0)
+        for flag, p in (("A", Path(self.a)), ("B", Path(self.b))):
+            if not p.exists():
+                raise UsageError(f"{flag}: {p} does not exist")
+        return dataclasses.replace(self, batch=batch, num_images=num_images, seed=seed)
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.fid_plan`: reads A, B and the detector; writes only the report."""
+        from neon_cli.plan import fid_plan
+
+        return fid_plan(a=self.a, b=self.b, detector=self.scoring.detector, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        return dict(a=self.a, b=self.b, detector=self.scoring.detector, prdc=self.prdc, num_images=self.num_images,
+                    seed=self.seed, batch=self.batch, device=self.device, trust_pickle=self.trust.pickle)

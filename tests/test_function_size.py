@@ -20,6 +20,8 @@ FILES = [
     "neon_cli/commands/boundary.py",
     "neon_cli/commands/logs.py",
     "neon_cli/commands/completion.py",
+    "neon_cli/synth.py",
+    "neon_cli/fid.py",
 ]
 MAX_LINES = 80
 MAX_PARAMS = 8
