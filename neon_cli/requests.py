@@ -509,3 +509,121 @@ class FidRequest:
         """The report's ``settings`` (flag names)."""
         return dict(a=self.a, b=self.b, detector=self.scoring.detector, prdc=self.prdc, num_images=self.num_images,
                     seed=self.seed, batch=self.batch, device=self.device, trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class RefStatsRequest:
+    """``neon ref-stats`` (:func:`neon_cli.inception.ref_stats`; EDM fid.py ref): statistics of the
+    images ``images`` written to the ``.npz`` ``out``; ``scoring.detector`` (``--detector``; None:
+    ``$NEON_INCEPTION``); ``batch``: images per detector call; ``device``; ``keep_features``: also
+    the features [N, D]; ``pixels``: statistics of the raw pixels, no detector; ``trust``; ``report``."""
+
+    images: Path
+    out: Path
+    scoring: Scoring = field(default_factory=Scoring)
+    batch: int = 64
+    device: Optional[str] = None
+    keep_features: bool = False
+    pixels: bool = False
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "RefStatsRequest":
+        """UsageError naming the flag: ``--batch`` < 1, an ``-o`` that is not a ``.npz``, ``--pixels``
+        with ``--keep-features``. Returns the request."""
+        from neon_cli.validate import positive_int
+
+        positive_int("--batch", self.batch)
+        if Path(self.out).suffix.lower() != ".npz":
+            raise UsageError(f"-o: {Path(self.out)}: the statistics file must end in .npz")
+        if self.pixels and self.keep_features:
+            raise UsageError("--pixels: --keep-features stores Inception features; pixel statistics keep none")
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.refstats_plan`: reads ``--images`` and the detector; writes ``-o`` and the report."""
+        from neon_cli.plan import refstats_plan
+
+        return refstats_plan(images=self.images, out=self.out, detector=self.scoring.detector, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        return dict(images=self.images, out=self.out, detector=self.scoring.detector, batch=self.batch, device=self.device,
+                    keep_features=self.keep_features, pixels=self.pixels, trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class EvalGates:
+    """The thresholds of ``neon eval`` (:func:`neon_cli.evaluate.parse_thresholds`): ``max_fid``
+    (``--max-fid``), ``max_metric`` / ``min_metric`` (``--max-metric`` / ``--min-metric``
+    ``METRIC=X``), ``gate_se`` (``--gate-se K``: fail only beyond K standard errors, >= 0) and
+    ``thresholds`` (library use: pairs ``(metric, maximum)``)."""
+
+    max_fid: Optional[float] = None
+    max_metric: tuple[str, ...] = ()
+    min_metric: tuple[str, ...] = ()
+    gate_se: float = 0.0
+    thresholds: tuple[tuple[str, float], ...] = ()
+
+    def limits(self) -> dict[str, tuple[float, str]]:
+        """``{metric: (X, flag)}`` of every threshold; UsageError naming the flag of one that is not a finite number."""
+        from neon_cli import validate
+        from neon_cli.evaluate import parse_thresholds
+
+        limits = parse_thresholds(self.max_fid, self.max_metric, self.min_metric)
+        validate.finite("--gate-se", self.gate_se, low=0.0)
+        for name, value in self.thresholds:
+            limits[name] = (validate.finite(f"--max-metric {name}", value), f"--max-metric {name}")
+        return limits
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """``neon eval`` (:func:`neon_cli.evaluate.evaluate`): the family's metrics of ``model`` (None:
+    the family's embedded default) on the seed plan ``draw`` (seeds ``draw.seed .. draw.seed +
+    draw.num - 1``), sampled ``batch`` at a time with ``--set`` pairs ``set_pairs`` and label
+    protocol ``labels`` (None: balanced); ``gates``: :class:`EvalGates`; ``scoring``: the
+    Inception files; ``trust``; ``report``."""
+
+    family: str
+    model: Optional[Path] = None
+    draw: SeedPlan = field(default_factory=lambda: SeedPlan(seed=20_000_000, num=2000))
+    set_pairs: tuple[str, ...] = ()
+    batch: int = 1000
+    labels: Optional[str] = None
+    gates: EvalGates = field(default_factory=EvalGates)
+    scoring: Scoring = field(default_factory=Scoring)
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "EvalRequest":
+        """UsageError naming the flag, before any file is read: ``--num-samples`` < 2, ``--seed`` out
+        of range, ``--batch`` < 1 (:func:`neon_cli.evaluate.check_plan_numbers`), an unknown
+        ``--labels``, a threshold or ``--gate-se`` that is not a finite number (or a negative
+        ``--gate-se``). Returns the request (``gates.gate_se`` as a float)."""
+        import dataclasses
+
+        from neon_cli import validate
+        from neon_cli.evaluate import check_plan_numbers
+        from neon_cli.labels import check as check_labels
+
+        check_plan_numbers(self.draw.num, self.draw.seed, self.batch)
+        check_labels(self.labels, 0, 0)
+        self.gates.limits()
+        gate_se = validate.finite("--gate-se", self.gates.gate_se, low=0.0)
+        return dataclasses.replace(self, gates=dataclasses.replace(self.gates, gate_se=gate_se))
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.eval_plan`: reads the model, the scoring files and the family's files; writes only the report."""
+        from neon_cli.plan import eval_plan
+
+        return eval_plan(family=self.family, model=self.model, detector=self.scoring.detector, ref_stats=self.scoring.ref_stats,
+                         set_pairs=list(self.set_pairs), report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        g = self.gates
+        return dict(family=self.family, model=self.model, set=list(self.set_pairs), num_samples=self.draw.num, seed=self.draw.seed,
+                    batch=self.batch, labels=self.labels, max_fid=g.max_fid, max_metric=list(g.max_metric),
+                    min_metric=list(g.min_metric), gate_se=g.gate_se, detector=self.scoring.detector,
+                    ref_stats=self.scoring.ref_stats, trust_pickle=self.trust.pickle)

@@ -22,6 +22,8 @@ FILES = [
     "neon_cli/commands/completion.py",
     "neon_cli/synth.py",
     "neon_cli/fid.py",
+    "neon_cli/inception.py",
+    "neon_cli/evaluate.py",
 ]
 MAX_LINES = 80
 MAX_PARAMS = 8
@@ -32,6 +34,8 @@ ALLOWED = {
                                               "and the modules of tune, synth, finetune, eval, fid, demo are being "
                                               "rewritten on other branches; it takes a request in the next round",
     ("neon_cli/plan.py", "tune_plan"): "11 parameters: tune-w's options, to be folded into TuneRequest with tune/",
+    ("neon_cli/evaluate.py", "__init__"): "Evaluator: 9 parameters; tune/scorer.py (rewritten on another branch), the "
+                                          "autoregressive plugin and tests call it positionally; to take a SeedPlan next",
 }
 
 
