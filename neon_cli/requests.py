@@ -627,3 +627,75 @@ class EvalRequest:
                     batch=self.batch, labels=self.labels, max_fid=g.max_fid, max_metric=list(g.max_metric),
                     min_metric=list(g.min_metric), gate_se=g.gate_se, detector=self.scoring.detector,
                     ref_stats=self.scoring.ref_stats, trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How ``neon finetune`` trains (budgets in images seen; None: the recipe's value):
+    ``budget`` (B), ``lr``, ``batch`` (images per optimiser step), ``warmup`` (images of linear
+    lr ramp-up), ``save_every`` (images between snapshots; None: only at the end),
+    ``ema_halflife`` (images; 0: no EMA), ``seed`` (data order and training noise), ``recipe``
+    (``default``: the family's ``train_defaults``; ``paper`` or another of its ``recipes``)."""
+
+    budget: int
+    lr: Optional[float] = None
+    batch: Optional[int] = None
+    warmup: Optional[int] = None
+    save_every: Optional[int] = None
+    ema_halflife: Optional[int] = None
+    seed: int = 0
+    recipe: str = "default"
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """``neon finetune`` (paper Algorithm 1, step 2; :func:`neon_cli.finetune.run_finetune`): theta_s
+    from theta_r (``model``; None: the family's embedded default) fine-tuned on the synthetic set
+    ``data`` (a ``neon synth`` folder) into the folder ``out``; ``options``:
+    :class:`FinetuneOptions`; ``set_pairs``: ``--set KEY=VALUE``; ``trust``; ``report``."""
+
+    family: str
+    model: Optional[Path]
+    data: Path
+    out: Path
+    options: FinetuneOptions
+    set_pairs: tuple[str, ...] = ()
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "FinetuneRequest":
+        """UsageError naming the flag, before any file is read: ``--budget`` < 1, ``--lr`` <= 0,
+        ``--batch`` < 1, ``--warmup`` < 0, ``--save-every`` < 1, ``--ema-halflife`` < 0, ``--seed``
+        outside 0 .. :data:`neon_cli.train.MAX_TRAIN_SEED`. Returns the request."""
+        from neon_cli import validate
+
+        o = self.options
+        validate.positive_int("--budget", o.budget)
+        if o.lr is not None:
+            validate.positive("--lr", o.lr)
+        if o.batch is not None:
+            validate.positive_int("--batch", o.batch)
+        if o.warmup is not None:
+            validate.integer("--warmup", o.warmup, low=0)
+        if o.save_every is not None:
+            validate.positive_int("--save-every", o.save_every)
+        if o.ema_halflife is not None:
+            validate.integer("--ema-halflife", o.ema_halflife, low=0)
+        from neon_cli.train import MAX_TRAIN_SEED  # imports torch: after the checks that need none
+
+        validate.integer("--seed", o.seed, low=0, high=MAX_TRAIN_SEED)
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.finetune_plan`: reads the model, S and the family's files; writes ``-o`` and the report."""
+        from neon_cli.plan import finetune_plan
+
+        return finetune_plan(family=self.family, model=self.model, data=self.data, out=self.out, set_pairs=list(self.set_pairs),
+                             report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        o = self.options
+        return dict(family=self.family, model=self.model, data=self.data, budget=o.budget, lr=o.lr, out=self.out, warmup=o.warmup,
+                    batch=o.batch, save_every=o.save_every, ema_halflife=o.ema_halflife, seed=o.seed, set=list(self.set_pairs),
+                    recipe=o.recipe, trust_pickle=self.trust.pickle)
