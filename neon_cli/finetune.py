@@ -249,7 +249,7 @@ def _train(run: _Run) -> list[dict[str, Any]]:
     import torch
 
     from neon_cli.family import snapshot_name
-    from neon_cli.train import train_loop
+    from neon_cli.train import Saving, train_loop
 
     family, cfg, out_dir, progress = run.family, run.cfg, Path(run.req.out), run.progress
     suffix = run.suffix
@@ -275,10 +275,10 @@ def _train(run: _Run) -> list[dict[str, Any]]:
         progress("finetune", seen, cfg.budget, message=f"snapshot {f.name}")
         return {"file": name, "images_seen": seen, "sha256": sha256_path(f)}
 
-    train_loop(family, run.model, run.data, None, cfg, state_path=out_dir / "train_state.pt",
-               on_snapshot=on_snapshot, progress=progress,
-               provenance={"base_sha256": run.base_sha, "synthetic_set_sha256": run.data_sha}, snapshots=ledger,
-               legacy_provenance={"synthetic_set_sha256": run.manifest_sha})
+    saving = Saving(state_path=out_dir / "train_state.pt", on_snapshot=on_snapshot,
+                    provenance={"base_sha256": run.base_sha, "synthetic_set_sha256": run.data_sha},
+                    legacy_provenance={"synthetic_set_sha256": run.manifest_sha}, snapshots=ledger)
+    train_loop(family, run.model, run.data, None, cfg, saving, progress=progress)
     return ledger
 
 
