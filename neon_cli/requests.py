@@ -18,7 +18,9 @@ dataclass:
 
 Requests of this module: :class:`MergeRequest` (+ :class:`MergeOptions`), :class:`AlignRequest` (+
 :class:`AlignOptions`),
-:class:`InspectRequest`, :class:`ExportRequest`, :class:`PluginsRequest`. Torch-free (imported by the command modules).
+:class:`InspectRequest`, :class:`ExportRequest`, :class:`PluginsRequest`, :class:`SynthRequest`,
+:class:`FinetuneRequest` (+ :class:`FinetuneOptions`), :class:`EvalRequest` (+ :class:`EvalGates`),
+:class:`FidRequest`, :class:`RefStatsRequest`. Torch-free (imported by the command modules).
 """
 
 from __future__ import annotations
