@@ -335,6 +335,7 @@ def evaluate(request: Any, *, report: Any, progress: ProgressFn = null_progress)
     """
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version
     from neon_cli.labels import check as check_labels
+    from neon_cli.metrics import with_uncertainty
     from neon_cli.scoring import check_family_scoring, scoring_files
     from neon_cli.tune.recorded import apply_recorded
 
@@ -358,8 +359,6 @@ def evaluate(request: Any, *, report: Any, progress: ProgressFn = null_progress)
                        labels=protocol)
         metrics, reps = ev.score_model_jk(model)
     seconds = metrics.pop("seconds", None)
-    from neon_cli.metrics import with_uncertainty
-
     _, corrected = with_uncertainty({k: v for k, v in metrics.items() if not k.endswith("_se")}, reps)
     report.results.update(metrics=metrics, num_samples=num_samples, seed=seed, seeds=[seed, seed + num_samples - 1],
                           bias_corrected=corrected if reps else None, seconds=seconds, scoring=scoring, labels=protocol,

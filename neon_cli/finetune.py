@@ -147,6 +147,8 @@ def run_finetune(request: Any, *, report: Any, progress: ProgressFn = null_progr
     ``report.results``). Raises UsageError for bad numbers/paths or another run's state,
     DataError for an incomplete synthetic set, CheckpointError for an unreadable model or state.
     """
+    import torch  # noqa: F401  (imported before the checks, as always: a refused run's report names its version)
+
     from neon_cli.dataset import check_family, read_manifest
     from neon_cli.dist import broadcast_object, main_rank_lock, run_on_main
     from neon_cli.family import get_family, model_path as resolve_model, plugin_version

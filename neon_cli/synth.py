@@ -100,6 +100,8 @@ def run_synth(request: Any, *, report: Any, progress: ProgressFn = null_progress
     its fix. Returns the manifest dict. Raises UsageError for bad numbers or paths, DataError if
     ``out`` holds shards of a different plan (another model, settings or seeds).
     """
+    import torch  # noqa: F401  (imported before the checks, as always: a refused run's report names its version)
+
     from neon_cli.dist import main_rank_lock, run_on_main
     from neon_cli.family import get_family, model_path as resolve_model, plugin_version
     from neon_cli.fsutil import remove_stale_tmp_in
