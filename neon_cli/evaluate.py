@@ -306,12 +306,7 @@ class Evaluator:
 EVAL_SEED = 20_000_000
 
 
-def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str], num_samples: int, seed: int,
-             batch: int, thresholds: Mapping[str, Any] | None = None, report: Any, progress: ProgressFn = null_progress,
-             trust_pickle: bool = False, detector: Path | None = None, ref_stats: Path | None = None,
-             max_fid: float | None = None, max_metric: list[str] | tuple[str, ...] = (),
-             labels: str | None = None, min_metric: list[str] | tuple[str, ...] = (), gate_se: float = 0.0
-             ) -> dict[str, float]:
+def evaluate(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, float]:
     """``neon eval``: metrics of one checkpoint on the seed plan, each with its standard error;
     raises ThresholdExceeded past a threshold.
 
@@ -320,7 +315,10 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     bias-corrected values (Quenouille; for comparing numbers taken at different N) and
     ``report.results["seconds"]`` the time (timings are not metrics).
 
-    Thresholds: ``max_fid`` (``--max-fid``), ``max_metric`` (``--max-metric METRIC=X``: fail above X),
+    ``request``: an :class:`~neon_cli.requests.EvalRequest` (family, model, seed plan ``draw``,
+    ``set_pairs``, ``batch``, ``labels``, ``gates``, ``scoring``, ``trust``), validated first.
+
+    Thresholds (``request.gates``): ``max_fid`` (``--max-fid``), ``max_metric`` (``--max-metric METRIC=X``: fail above X),
     ``min_metric`` (``--min-metric METRIC=X``: fail below X, for higher-is-better metrics such as
     precision), see :func:`parse_thresholds`, and ``thresholds`` (a mapping metric -> maximum, for
     library use). ``gate_se`` (``--gate-se K``, >= 0): fail only when a threshold is passed by more
@@ -328,38 +326,36 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     :class:`ThresholdExceeded` message (exit 1) and in ``report.results["exceeded"]``, after the
     results are recorded. Numbers are checked before any file is read (:func:`check_plan_numbers`,
     finite thresholds), threshold metric names before the model is loaded
-    (:func:`check_metric_names`), and ``--report`` may not be an input. ``model_path`` None means the family's
-    embedded default checkpoint. ``detector`` / ``ref_stats`` (``--detector`` / ``--ref-stats``)
+    (:func:`check_metric_names`), and ``--report`` may not be an input. ``model`` None means the family's
+    embedded default checkpoint. ``scoring.detector`` / ``scoring.ref_stats`` (``--detector`` / ``--ref-stats``)
     override ``$NEON_INCEPTION`` / ``$NEON_REF_STATS`` for families scored with Inception FID
     (:mod:`neon_cli.scoring`); their sha256 go to ``report.results["scoring"]``. ``labels``: the
     class-label protocol of the seed plan (``--labels``, :mod:`neon_cli.labels`; None: ``balanced``),
     recorded as ``report.results["labels"]``.
     """
-    from neon_cli import validate
     from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version
     from neon_cli.labels import check as check_labels
     from neon_cli.metrics import with_uncertainty
     from neon_cli.scoring import check_family_scoring, scoring_files
     from neon_cli.tune.recorded import apply_recorded
 
-    check_plan_numbers(num_samples, seed, batch)
-    protocol = check_labels(labels, 0, 0).protocol
-    limits = parse_thresholds(max_fid, max_metric, min_metric)
-    gate_se = validate.finite("--gate-se", gate_se, low=0.0)
-    for name, value in (thresholds or {}).items():
-        limits[name] = (validate.finite(f"--max-metric {name}", value), f"--max-metric {name}")
+    req = request.validate()
+    protocol = check_labels(req.labels, 0, 0).protocol
+    limits = req.gates.limits()
+    num_samples, seed, family_name = req.draw.num, req.draw.seed, req.family
+    detector, ref_stats = req.scoring.detector, req.scoring.ref_stats
     family = get_family(family_name)
     report.family = plugin_version(family_name)
-    path = resolve_model(family, model_path)
+    path = resolve_model(family, req.model)
     report.check_outputs({"--model": path, "--detector": detector, "--ref-stats": ref_stats}, {})
-    settings = apply_recorded(family, path, set_pairs, report, progress, "sample")  # tune-w's choice, then --set
+    settings = apply_recorded(family, path, list(req.set_pairs), report, progress, "sample")  # tune-w's choice, then --set
     report.settings.update(resolved_settings=settings)
     report.add_input("model", path)
     with scoring_files(detector, ref_stats) as scoring:
         check_metric_names(family, family_name, limits, progress)  # inside: a family's metrics may depend on the detector
         check_family_scoring(family, family_name, detector, ref_stats)  # before the model loads or a sample is drawn
-        model = load_model(family, path, settings=settings, trust_pickle=trust_pickle)
-        ev = Evaluator(family, settings, num_samples, seed, batch, progress, num_classes=classes_of(family, path, settings),
+        model = load_model(family, path, settings=settings, trust_pickle=req.trust.pickle)
+        ev = Evaluator(family, settings, num_samples, seed, req.batch, progress, num_classes=classes_of(family, path, settings),
                        labels=protocol)
         metrics, reps = ev.score_model_jk(model)
     seconds = metrics.pop("seconds", None)
@@ -370,6 +366,13 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
     for key, (_, flag) in limits.items():
         if _metric_of(key) not in metrics:
             raise UsageError(f"{flag}: family {family_name!r} reports no metric {_metric_of(key)!r}")
+    _gate(metrics, limits, req.gates.gate_se, report)
+    return metrics
+
+
+def _gate(metrics: Mapping[str, float], limits: dict[str, tuple[float, str]], gate_se: float, report: Any) -> None:
+    """Raise :class:`ThresholdExceeded` naming every threshold ``metrics`` pass (recorded first in
+    ``report.results["exceeded"]``); nothing when none is passed."""
     exceeded = check_thresholds(metrics, limits, gate_se)
     if exceeded:
         report.results["exceeded"] = exceeded
@@ -383,4 +386,3 @@ def evaluate(family_name: str, model_path: Path | None, *, set_pairs: list[str],
             parts.append(f"{name} = {e['value']:.4g}{se} {' and '.join(sides)}")
         tail = f" by more than {gate_se:g} standard errors" if gate_se else ""
         raise ThresholdExceeded("; ".join(parts) + tail)
-    return metrics

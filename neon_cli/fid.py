@@ -128,26 +128,15 @@ def _fid_uncertainty(side_a: "_Side", side_b: "_Side") -> dict[str, Any]:
     return {"fid_se": var ** 0.5, "fid_bias_corrected": full + corr}
 
 
-def fid(
-    a: str | os.PathLike[str],
-    b: str | os.PathLike[str],
-    *,
-    detector: str | os.PathLike[str] | None = None,
-    batch: int = 64,
-    num_images: int | None = None,
-    seed: int = 0,
-    prdc: bool = False,
-    device: str | None = None,
-    trust_pickle: bool = False,
-    report: Any,
-    progress: ProgressFn = null_progress,
-) -> dict[str, Any]:
+def fid(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """``neon fid A B``: the FID of A against B, optionally precision/recall/density/coverage.
 
-    Args:
+    ``request``: a :class:`~neon_cli.requests.FidRequest`, validated first
+    (:meth:`~neon_cli.requests.FidRequest.validate`). Its fields:
+
         a, b: each an image source or a statistics file (module docstring); A is the generated
             set, B the reference (the order matters only for precision/recall).
-        detector: ``--detector`` (None: ``$NEON_INCEPTION``); not needed when both sides are statistics.
+        scoring.detector: ``--detector`` (None: ``$NEON_INCEPTION``); not needed when both sides are statistics.
         batch: images per detector call (does not change the result beyond float rounding).
         num_images: use this many images of each image side, chosen as EDM ``fid.py --num`` does
             (a seeded random subset, :func:`neon_cli.inception.subset`); None: all of them.
@@ -155,7 +144,7 @@ def fid(
         prdc: also precision, recall, density, coverage with k = 5 (:func:`neon_cli.metrics.prdc`,
             real = B, fake = A); needs features of both sides.
         device: torch device (default cuda if available, else cpu).
-        trust_pickle: let a pickled detector without a TorchScript archive inside run the code
+        trust.pickle: let a pickled detector without a TorchScript archive inside run the code
             stored in it (``--trust-pickle``; :func:`neon_cli.inception.load_detector`).
 
     Returns (also ``report.results``): ``fid`` (float), ``fid_se`` (its standard error: a
@@ -173,31 +162,32 @@ def fid(
         side. DataError: unreadable images or statistics, fewer images than ``--num-images``,
         feature dimensions that differ. CheckpointError: an unloadable detector.
     """
-    from neon_cli import validate
-    from neon_cli.inception import _dist, compute_features, detector_path, load_detector
-    from neon_cli.metrics import feature_stats, frechet_distance
-    from neon_cli.metrics import prdc as prdc_fn
+    from neon_cli.inception import _dist, detector_path, load_detector
 
-    batch = validate.positive_int("--batch", batch)
-    if num_images is not None:
-        num_images = validate.integer("--num-images", num_images, low=2)
-    seed = validate.integer("--seed", seed, low=0)
-    paths = {"A": Path(a), "B": Path(b)}
-    for flag, p in paths.items():
-        if not p.exists():
-            raise UsageError(f"{flag}: {p} does not exist")
-    report.check_outputs({**paths, "--detector": detector_path(detector)}, {})
-    sides = [_Side(flag, p, num_images, seed, prdc) for flag, p in paths.items()]
+    req = request.validate()
+    paths = {"A": Path(req.a), "B": Path(req.b)}
+    report.check_outputs({**paths, "--detector": detector_path(req.scoring.detector)}, {})
+    sides = [_Side(flag, p, req.num_images, req.seed, req.prdc) for flag, p in paths.items()]
 
     det = None
     if any(s.source is not None for s in sides):
-        det = load_detector(detector, device, trust_pickle=trust_pickle)
+        det = load_detector(req.scoring.detector, req.device, trust_pickle=req.trust.pickle)
     _, rank, world = _dist()
     if rank == 0:
         for s in sides:
             report.add_input(s.flag.lower(), s.path)
         if det is not None:
             report.add_input("detector", det.path, sha256=det.sha256)
+    _side_features(sides, det, req.batch, progress)
+    results = _fid_results(req, sides, det, world)
+    report.results.update(results)
+    return results
+
+
+def _side_features(sides: list["_Side"], det: Any, batch: int, progress: ProgressFn) -> None:
+    """Features (and their mean and covariance) of each image side, with the detector ``det``."""
+    from neon_cli.inception import compute_features
+    from neon_cli.metrics import feature_stats
 
     for s in sides:
         if s.source is None:
@@ -212,13 +202,19 @@ def fid(
         s.features = compute_features(det, s.source, batch=batch, progress=side_progress)
         s.mu, s.sigma = feature_stats(s.features)
 
+
+def _fid_results(req: Any, sides: list["_Side"], det: Any, world: int) -> dict[str, Any]:
+    """The FID of side A against side B, its uncertainty and (``req.prdc``) PRDC: :func:`fid`'s results."""
+    from neon_cli.metrics import frechet_distance
+    from neon_cli.metrics import prdc as prdc_fn
+
     side_a, side_b = sides
     if side_a.mu.shape != side_b.mu.shape:
         raise DataError(f"A and B have features of different dimension ({side_a.mu.shape[0]} in {side_a.path}, "
                         f"{side_b.mu.shape[0]} in {side_b.path}): statistics of another detector?")
     results: dict[str, Any] = {"fid": frechet_distance(side_a.mu, side_a.sigma, side_b.mu, side_b.sigma)}
     results.update(_fid_uncertainty(side_a, side_b))
-    if prdc:
+    if req.prdc:
         results.update(prdc_fn(side_b.features, side_a.features, k=PRDC_K))
         results["k"] = PRDC_K
     results.update(
@@ -226,9 +222,8 @@ def fid(
         b=side_b.describe(),
         feature_dim=int(side_a.mu.shape[0]),
         detector_sha256=det.sha256 if det is not None else None,
-        num_images_limit=num_images,
-        seed=seed,
+        num_images_limit=req.num_images,
+        seed=req.seed,
         world_size=world,
     )
-    report.results.update(results)
     return results

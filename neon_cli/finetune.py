@@ -23,6 +23,7 @@ S, computed once and cached beside S (``S/encoded-<key>/``; under ``-o`` when S 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,36 +81,57 @@ def short_budget_warnings(cfg: Any, recipe: str) -> list[str]:
     return out
 
 
-def finetune(
-    family_name: str,
-    model_path: Path | None,
-    data_dir: Path,
-    *,
-    budget: int,
-    lr: float | None,
-    out_dir: Path,
-    batch: int | None = None,
-    warmup: int | None = None,
-    save_every: int | None = None,
-    ema_halflife: int | None = None,
-    seed: int = 0,
-    set_pairs: list[str] | tuple[str, ...] = (),
-    trust_pickle: bool = False,
-    recipe: str = "default",
-    report: Any,
-    progress: ProgressFn = null_progress,
-) -> dict[str, Any]:
-    """Fine-tune ``model_path`` on the synthetic set in ``data_dir`` for ``budget`` images seen.
+def finetune(family_name: str, model_path: Path | None, data_dir: Path, *, report: Any, progress: ProgressFn = null_progress,
+             **options: Any) -> dict[str, Any]:
+    """Keyword form of :func:`run_finetune` (tests, benchmarks and ``neon demo`` call it):
+    ``options`` are ``out_dir``, ``set_pairs`` (()), ``trust_pickle`` (False) and the fields of
+    :class:`~neon_cli.requests.FinetuneOptions` (``budget``, ``lr``, ``batch``, ``warmup``,
+    ``save_every``, ``ema_halflife``, ``seed``, ``recipe``). Returns and raises as :func:`run_finetune`."""
+    from neon_cli.requests import FinetuneOptions, FinetuneRequest, Trust
 
-    ``lr``/``batch``/``warmup``/``ema_halflife`` default to the recipe's (``ema_halflife`` 0: no
+    o = dict(options)
+    out, pairs, trust = o.pop("out_dir"), tuple(o.pop("set_pairs", ())), Trust(pickle=o.pop("trust_pickle", False))
+    req = FinetuneRequest(family_name, model_path, data_dir, out, FinetuneOptions(**o), pairs, trust)
+    return run_finetune(req, report=report, progress=progress)
+
+
+@dataclass
+class _Run:
+    """One fine-tune as it is being set up: what :func:`run_finetune`'s steps share."""
+
+    req: Any
+    report: Any
+    progress: ProgressFn
+    family: Any = None
+    path: Any = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    cfg: Any = None
+    recipe: str = "default"
+    warmup_spec: Any = 0
+    data: Any = None
+    base_sha: str = ""
+    data_sha: str = ""
+    manifest_sha: str = ""
+    base_images: int = 0
+    model: Any = None
+    suffix: str | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def run_finetune(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Fine-tune ``request.model`` on the synthetic set ``request.data`` for ``options.budget`` images
+    seen, into ``request.out``; ``request``: a :class:`~neon_cli.requests.FinetuneRequest`.
+
+    ``options.lr``/``batch``/``warmup``/``ema_halflife`` default to the recipe's (``ema_halflife`` 0: no
     EMA): ``recipe`` ``"default"`` is the family's ``train_defaults``, another name one of the
     family's ``recipes`` (e.g. ``"paper"``: the Neon paper's own scripts, see :func:`recipe_plan`),
-    whose settings are defaults that ``--set`` overrides. ``set_pairs`` (``--set KEY=VALUE``)
+    whose settings are defaults that ``--set`` overrides. ``request.set_pairs`` (``--set KEY=VALUE``)
     resolve against the family's settings and its optional ``train_settings``; they and
-    ``trust_pickle`` reach the family's
+    ``request.trust`` reach the family's
     ``load`` (purpose ``"train"``, see :func:`neon_cli.family.load_model`).
 
-    Every number is checked before any file is read; ``-o`` and ``--report`` may not be an input
+    Every number is checked before any file is read
+    (:meth:`~neon_cli.requests.FinetuneRequest.validate`); ``-o`` and ``--report`` may not be an input
     (:func:`neon_cli.fsutil.check_outputs`), and ``-o`` is locked for the run (a second run on it
     is refused). The training state records the sha256 of the base model and the content identity
     of the synthetic set (:func:`neon_cli.identity.synthetic_set_sha256`: its manifest, which lists
@@ -125,49 +147,57 @@ def finetune(
     ``report.results``). Raises UsageError for bad numbers/paths or another run's state,
     DataError for an incomplete synthetic set, CheckpointError for an unreadable model or state.
     """
-    import torch
+    import torch  # noqa: F401  (imported before the checks, as always: a refused run's report names its version)
 
-    from neon_cli import validate
-    from neon_cli.dist import broadcast_object, is_main, main_rank_lock, run_on_main
-    from neon_cli.family import get_family, load_model, model_path as resolve_model, plugin_version, resolve_settings
-    from neon_cli.family import snapshot_name
+    from neon_cli.dataset import check_family, read_manifest
+    from neon_cli.dist import broadcast_object, main_rank_lock, run_on_main
+    from neon_cli.family import get_family, model_path as resolve_model, plugin_version
     from neon_cli.fsutil import remove_stale_tmp_in
-    from neon_cli.repo import provenance
-    from neon_cli.dataset import check_family, encoded_set, open_synthetic, read_manifest
-    from neon_cli.identity import synthetic_set_sha256
-    from neon_cli.train import MAX_TRAIN_SEED, TrainConfig, snapshot_points, train_loop
 
-    # ---- numbers first: nothing is read or written for a value that cannot work ----
-    validate.positive_int("--budget", budget)
-    if lr is not None:
-        validate.positive("--lr", lr)
-    if batch is not None:
-        validate.positive_int("--batch", batch)
-    if warmup is not None:
-        validate.integer("--warmup", warmup, low=0)
-    if save_every is not None:
-        validate.positive_int("--save-every", save_every)
-    if ema_halflife is not None:
-        validate.integer("--ema-halflife", ema_halflife, low=0)
-    validate.integer("--seed", seed, low=0, high=MAX_TRAIN_SEED)
-    family = get_family(family_name)
-    report.family = plugin_version(family_name)
-    path = resolve_model(family, model_path)
-    recipe_name, defaults, recipe_settings = recipe_plan(family, recipe, path)
+    req = request.validate()
+    run = _Run(req, report, progress)
+    run.family = get_family(req.family)
+    report.family = plugin_version(req.family)
+    run.path = resolve_model(run.family, req.model)
+    _configure(run)
+    out_dir, data_dir = Path(req.out), req.data
+    report.check_outputs({"--model": run.path, "--data": data_dir}, {"-o": out_dir})
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"-o: {out_dir} exists and is not a directory")
+    check_family(read_manifest(Path(data_dir)), run.family, data_dir)  # S of another family: refused before any work
+    with main_rank_lock(out_dir, "-o", folder=True):
+        run_on_main(remove_stale_tmp_in, out_dir)  # what a killed run left half-written
+        _open_inputs(run)
+        ledger = _train(run)
+        results = broadcast_object(_write_results(run, ledger))
+    for s in results["snapshots"]:
+        report.add_output("selftrained", s["path"], s["sha256"])
+    report.results.update(results)
+    return results
+
+
+def _configure(run: _Run) -> None:
+    """The recipe, the resolved settings and the :class:`~neon_cli.train.TrainConfig` (flags over
+    the recipe's defaults); UsageError for a value that cannot train or snapshots of one name."""
+    from neon_cli.family import resolve_settings, snapshot_name
+    from neon_cli.train import TrainConfig, snapshot_points
+
+    o, family = run.req.options, run.family
+    run.recipe, defaults, recipe_settings = recipe_plan(family, o.recipe, run.path)
+    set_pairs = list(run.req.set_pairs)
     given = {p.split("=", 1)[0].strip() for p in set_pairs if "=" in p}
-    settings = resolve_settings(family, set_pairs, {k: v for k, v in recipe_settings.items() if k not in given}, train=True)
-    warmup_spec = warmup if warmup is not None else defaults.get("warmup_images", 0)
-    if ema_halflife is None:
-        ema_halflife = defaults.get("ema_halflife_images")
+    run.settings = resolve_settings(family, set_pairs, {k: v for k, v in recipe_settings.items() if k not in given}, train=True)
+    run.warmup_spec = warmup_spec = o.warmup if o.warmup is not None else defaults.get("warmup_images", 0)
+    ema_halflife = o.ema_halflife if o.ema_halflife is not None else defaults.get("ema_halflife_images")
     cfg = TrainConfig(
-        budget=budget,
-        lr=lr if lr is not None else float(defaults.get("lr", 1e-4)),
-        batch=batch if batch is not None else int(defaults.get("batch", 64)),
-        warmup=_default_warmup(warmup_spec, budget, 1) if str(warmup_spec).startswith("epochs:") else
-        _default_warmup(warmup_spec, budget),
+        budget=o.budget,
+        lr=o.lr if o.lr is not None else float(defaults.get("lr", 1e-4)),
+        batch=o.batch if o.batch is not None else int(defaults.get("batch", 64)),
+        warmup=_default_warmup(warmup_spec, o.budget, 1) if str(warmup_spec).startswith("epochs:") else
+        _default_warmup(warmup_spec, o.budget),
         ema_halflife=ema_halflife or None,
-        save_every=save_every,
-        seed=seed,
+        save_every=o.save_every,
+        seed=o.seed,
     )
     cfg.check()
     points = snapshot_points(cfg.budget, cfg.batch, cfg.save_every)
@@ -176,78 +206,99 @@ def finetune(
         if na == nb:  # e.g. EDM's network-snapshot-{kimg:06d}.pkl with snapshots less than 1000 images apart
             raise UsageError(f"--save-every: the snapshots after {a} and {b} images would both be named {na} "
                              f"(family {family.name!r}'s snapshot names); give a larger --save-every")
-    out_dir = Path(out_dir)
-    report.check_outputs({"--model": path, "--data": data_dir}, {"-o": out_dir})
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"-o: {out_dir} exists and is not a directory")
-    check_family(read_manifest(Path(data_dir)), family, data_dir)  # S of another family: refused before any work
-    with main_rank_lock(out_dir, "-o", folder=True):
-        run_on_main(remove_stale_tmp_in, out_dir)  # what a killed run left half-written
-        base_sha = report.add_input("base", path)
-        data = open_synthetic(data_dir)  # streamed from the shards: memory does not grow with |S|
-        manifest_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
-        # S by content (its manifest without paths): a moved S, or one re-made from the same base
-        # at another path, is the same S; states of older neon recorded the manifest file's sha256
-        data_sha = synthetic_set_sha256(data_dir)
-        if str(warmup_spec).startswith("epochs:"):  # xAR's --warmup_epochs: passes over S
-            cfg.warmup = _default_warmup(warmup_spec, budget, len(data))
-            cfg.check()
-        warnings = short_budget_warnings(cfg, recipe_name)
-        for msg in warnings:
-            progress("finetune", 0, cfg.budget, message=f"warning: {msg}")
-        report.settings.update(train_config=cfg.__dict__, resolved_settings=settings, recipe=recipe_name)
-        base_meta = family.read_metadata(str(path)) if hasattr(family, "read_metadata") else {}
-        base_images = int(base_meta.get("train_images", 0) or 0)
-        model = load_model(family, path, settings=settings, trust_pickle=trust_pickle, purpose="train")
-        use_set = getattr(family, "use_synthetic_set", None)
-        if callable(use_set):  # optional: the family reads what S's labels index (t2i: the manifest's prompts)
-            use_set(model, data.manifest)
-        suffix = saved_suffix(family, model, out_dir)  # what its save writes, when it does not say
-        if callable(getattr(family, "encode", None)) and callable(getattr(family, "encode_key", None)):
-            from neon_cli.dist import device
+    run.cfg = cfg
 
-            model.to(device())
-            data, encoded = encoded_set(family, model, data, settings, fallback_dir=out_dir, progress=progress)
-            report.settings.update(encoded=encoded)
-        torch.manual_seed(seed)
-        ledger: list[dict[str, Any]] = []
 
-        def on_snapshot(seen: int, weights: Any) -> dict[str, Any]:
-            name = snapshot_name(family, seen, suffix)
-            if Path(name).name != name or name in ("", ".", ".."):
-                raise FamilyError(f"family {family.name!r}: snapshot_name({seen}) = {name!r} is not a plain file name")
-            f = out_dir / name
-            meta = {
-                "neon_role": "selftrained",
-                "finetune_images": str(seen),
-                "train_images": str(base_images + seen),
-                "base_sha256": base_sha,
-                "synthetic_set_sha256": data_sha,
-                "lr": repr(cfg.lr),
-                "batch": str(cfg.batch),
-            }
-            with atomic_path(f) as tmp:
-                family.save(weights, str(tmp), meta)
-            progress("finetune", seen, cfg.budget, message=f"snapshot {f.name}")
-            return {"file": name, "images_seen": seen, "sha256": sha256_path(f)}
+def _open_inputs(run: _Run) -> None:
+    """Hash the base and S, stream S, load the model (and S's encoding, for a family with one)."""
+    from neon_cli.dataset import encoded_set, open_synthetic
+    from neon_cli.family import load_model
+    from neon_cli.identity import synthetic_set_sha256
 
-        train_loop(family, model, data, None, cfg, state_path=out_dir / "train_state.pt",
-                   on_snapshot=on_snapshot, progress=progress,
-                   provenance={"base_sha256": base_sha, "synthetic_set_sha256": data_sha}, snapshots=ledger,
-                   legacy_provenance={"synthetic_set_sha256": manifest_sha})
-        results = None
-        if is_main():  # rank 0 made the snapshots and holds the ledger; it writes finetune.json
-            results = _results(out_dir, ledger, cfg, len(data), base_images)
-            precision = family.precision(model) if callable(getattr(family, "precision", None)) else None
-            results.update(recipe=recipe_name, warnings=warnings, checkouts=provenance([family.name]), precision=precision)
-            write_json(out_dir / "finetune.json", {"schema": "neon.finetune/1", "config": cfg.__dict__, "recipe": recipe_name,
-                                                   "base": {"path": str(path), "sha256": base_sha},
-                                                   "synthetic_set": {"path": str(data_dir), "sha256": data_sha},
-                                                   **results})
-        results = broadcast_object(results)
-    for s in results["snapshots"]:
-        report.add_output("selftrained", s["path"], s["sha256"])
-    report.results.update(results)
+    req, report, family, cfg = run.req, run.report, run.family, run.cfg
+    data_dir, out_dir = req.data, Path(req.out)
+    run.base_sha = report.add_input("base", run.path)
+    run.data = open_synthetic(data_dir)  # streamed from the shards: memory does not grow with |S|
+    run.manifest_sha = report.add_input("synthetic_set", Path(data_dir) / "manifest.json")
+    # S by content (its manifest without paths): a moved S, or one re-made from the same base
+    # at another path, is the same S; states of older neon recorded the manifest file's sha256
+    run.data_sha = synthetic_set_sha256(data_dir)
+    if str(run.warmup_spec).startswith("epochs:"):  # xAR's --warmup_epochs: passes over S
+        cfg.warmup = _default_warmup(run.warmup_spec, cfg.budget, len(run.data))
+        cfg.check()
+    run.warnings = short_budget_warnings(cfg, run.recipe)
+    for msg in run.warnings:
+        run.progress("finetune", 0, cfg.budget, message=f"warning: {msg}")
+    report.settings.update(train_config=cfg.__dict__, resolved_settings=run.settings, recipe=run.recipe)
+    base_meta = family.read_metadata(str(run.path)) if hasattr(family, "read_metadata") else {}
+    run.base_images = int(base_meta.get("train_images", 0) or 0)
+    run.model = model = load_model(family, run.path, settings=run.settings, trust_pickle=req.trust.pickle, purpose="train")
+    use_set = getattr(family, "use_synthetic_set", None)
+    if callable(use_set):  # optional: the family reads what S's labels index (t2i: the manifest's prompts)
+        use_set(model, run.data.manifest)
+    run.suffix = saved_suffix(family, model, out_dir)  # what its save writes, when it does not say
+    if callable(getattr(family, "encode", None)) and callable(getattr(family, "encode_key", None)):
+        from neon_cli.dist import device
+
+        model.to(device())
+        run.data, encoded = encoded_set(family, model, run.data, run.settings, fallback_dir=out_dir, progress=run.progress)
+        report.settings.update(encoded=encoded)
+
+
+def _train(run: _Run) -> list[dict[str, Any]]:
+    """:func:`neon_cli.train.train_loop` over S, each snapshot written atomically under the family's
+    name with its metadata; returns the snapshot ledger (rank 0's)."""
+    import torch
+
+    from neon_cli.family import snapshot_name
+    from neon_cli.train import Saving, train_loop
+
+    family, cfg, out_dir, progress = run.family, run.cfg, Path(run.req.out), run.progress
+    suffix = run.suffix
+    torch.manual_seed(run.req.options.seed)
+    ledger: list[dict[str, Any]] = []
+
+    def on_snapshot(seen: int, weights: Any) -> dict[str, Any]:
+        name = snapshot_name(family, seen, suffix)
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise FamilyError(f"family {family.name!r}: snapshot_name({seen}) = {name!r} is not a plain file name")
+        f = out_dir / name
+        meta = {
+            "neon_role": "selftrained",
+            "finetune_images": str(seen),
+            "train_images": str(run.base_images + seen),
+            "base_sha256": run.base_sha,
+            "synthetic_set_sha256": run.data_sha,
+            "lr": repr(cfg.lr),
+            "batch": str(cfg.batch),
+        }
+        with atomic_path(f) as tmp:
+            family.save(weights, str(tmp), meta)
+        progress("finetune", seen, cfg.budget, message=f"snapshot {f.name}")
+        return {"file": name, "images_seen": seen, "sha256": sha256_path(f)}
+
+    saving = Saving(state_path=out_dir / "train_state.pt", on_snapshot=on_snapshot,
+                    provenance={"base_sha256": run.base_sha, "synthetic_set_sha256": run.data_sha},
+                    legacy_provenance={"synthetic_set_sha256": run.manifest_sha}, snapshots=ledger)
+    train_loop(family, run.model, run.data, None, cfg, saving, progress=progress)
+    return ledger
+
+
+def _write_results(run: _Run, ledger: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Rank 0 (which made the snapshots and holds the ledger) writes finetune.json; None on other ranks."""
+    from neon_cli.dist import is_main
+    from neon_cli.repo import provenance
+
+    if not is_main():
+        return None
+    family, cfg, out_dir = run.family, run.cfg, Path(run.req.out)
+    results = _results(out_dir, ledger, cfg, len(run.data), run.base_images)
+    precision = family.precision(run.model) if callable(getattr(family, "precision", None)) else None
+    results.update(recipe=run.recipe, warnings=run.warnings, checkouts=provenance([family.name]), precision=precision)
+    write_json(out_dir / "finetune.json", {"schema": "neon.finetune/1", "config": cfg.__dict__, "recipe": run.recipe,
+                                           "base": {"path": str(run.path), "sha256": run.base_sha},
+                                           "synthetic_set": {"path": str(run.req.data), "sha256": run.data_sha},
+                                           **results})
     return results
 
 

@@ -933,34 +933,25 @@ def check_pixel_size(dim: int, shape: Sequence[int], where: str, memory: int | N
     return cov
 
 
-def ref_stats(
-    images: str | os.PathLike[str],
-    out: str | os.PathLike[str],
-    *,
-    detector: str | os.PathLike[str] | None = None,
-    batch: int = 64,
-    device: str | None = None,
-    keep_features: bool = False,
-    pixels: bool = False,
-    trust_pickle: bool = False,
-    report: Any,
-    progress: ProgressFn = null_progress,
-) -> dict[str, Any]:
+def ref_stats(request: Any, *, report: Any, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """``neon ref-stats``: Inception statistics of a set of images, written as EDM-style ``.npz``.
 
-    Reads ``images`` with :func:`open_images`, extracts features in batches (split across ranks
-    under torchrun), and writes ``out`` with ``mu`` [D] and ``sigma`` [D, D] float64 (plus
-    ``features`` float32 [N, D] with ``keep_features``), atomically; under torch.distributed only
-    rank 0 writes. Fills the report: inputs ``images`` and ``detector`` (sha256), output ``stats``,
-    results ``num_images``, ``feature_dim``, ``image_source``, ``detector_sha256``,
-    ``stats_sha256``, ``world_size``. Returns those results.
+    ``request``: a :class:`~neon_cli.requests.RefStatsRequest` (``images``, ``out``,
+    ``scoring.detector``, ``batch``, ``device``, ``keep_features``, ``pixels``, ``trust``), validated
+    first (:meth:`~neon_cli.requests.RefStatsRequest.validate`). Reads ``images`` with
+    :func:`open_images`, extracts features in batches (split across ranks under torchrun), and
+    writes ``out`` with ``mu`` [D] and ``sigma`` [D, D] float64 (plus ``features`` float32 [N, D]
+    with ``keep_features``), atomically; under torch.distributed only rank 0 writes. Fills the
+    report: inputs ``images`` and ``detector`` (sha256), output ``stats``, results ``num_images``,
+    ``feature_dim``, ``image_source``, ``detector_sha256``, ``stats_sha256``, ``world_size``.
+    Returns those results.
 
     ``pixels`` (``--pixels``): no detector; the statistics are of the raw pixels
     (:class:`PixelFeatures`: ``mu`` [C*H*W], ``sigma`` [C*H*W, C*H*W] float64, values in [0, 1],
     channel-major), the reference of the image families' ``pixel_fid``; sizes whose covariance would
     not fit in memory are refused first (:func:`check_pixel_size`); a detector given (or
     ``$NEON_INCEPTION``) is not used; ``detector_sha256`` is None and
-    ``kind`` is ``"pixels"`` (else ``"inception"``). ``trust_pickle``: as :func:`load_detector`.
+    ``kind`` is ``"pixels"`` (else ``"inception"``). ``trust.pickle``: as :func:`load_detector`.
 
     Raises UsageError (no detector, bad flags, ``out`` equal to the input, ``--pixels`` with
     ``--keep-features``), DataError (bad images), CheckpointError (unloadable
@@ -969,15 +960,10 @@ def ref_stats(
     from neon_cli.fsutil import sha256_file
     from neon_cli.metrics import save_stats
 
-    out = Path(out)
-    src_path = Path(images)
-    _check_batch(batch)
-    if out.suffix.lower() != ".npz":
-        raise UsageError(f"-o: {out}: the statistics file must end in .npz")
-    if pixels and keep_features:
-        raise UsageError("--pixels: --keep-features stores Inception features; pixel statistics keep none")
+    req = request.validate()
+    out, src_path, pixels, detector = Path(req.out), Path(req.images), req.pixels, req.scoring.detector
     report.check_outputs({"--images": src_path, "--detector": None if pixels else detector_path(detector)}, {"-o": out})
-    det = PixelFeatures() if pixels else load_detector(detector, device, trust_pickle=trust_pickle)
+    det = PixelFeatures() if pixels else load_detector(detector, req.device, trust_pickle=req.trust.pickle)
     source = open_images(src_path)
     if len(source) < 2:
         raise DataError(f"{src_path}: need at least 2 images for a covariance, found {len(source)}")
@@ -987,7 +973,7 @@ def ref_stats(
     else:
         report.add_input("detector", det.path, sha256=det.sha256)
     report.add_input("images", src_path)
-    mu, sigma, feats = compute_stats(det, source, batch=batch, progress=progress, keep_features=keep_features)
+    mu, sigma, feats = compute_stats(det, source, batch=req.batch, progress=progress, keep_features=req.keep_features)
     dist, rank, world = _dist()
     results: dict[str, Any] = {
         "num_images": len(source),

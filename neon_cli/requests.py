@@ -18,7 +18,9 @@ dataclass:
 
 Requests of this module: :class:`MergeRequest` (+ :class:`MergeOptions`), :class:`AlignRequest` (+
 :class:`AlignOptions`),
-:class:`InspectRequest`, :class:`ExportRequest`, :class:`PluginsRequest`. Torch-free (imported by the command modules).
+:class:`InspectRequest`, :class:`ExportRequest`, :class:`PluginsRequest`, :class:`SynthRequest`,
+:class:`FinetuneRequest` (+ :class:`FinetuneOptions`), :class:`EvalRequest` (+ :class:`EvalGates`),
+:class:`FidRequest`, :class:`RefStatsRequest`. Torch-free (imported by the command modules).
 """
 
 from __future__ import annotations
@@ -594,3 +596,297 @@ class TuneRequest:
         from dataclasses import asdict
 
         return {k: v for k, v in asdict(self).items() if k != "flags"}
+
+
+# --------------------------------------------------------------------------------------------
+# ---- synth / finetune / eval / fid / ref-stats ----
+
+
+@dataclass(frozen=True)
+class SynthRequest:
+    """``neon synth`` (paper Algorithm 1, step 1; :func:`neon_cli.synth.run_synth`): ``draw.num``
+    images from theta_r (``model``; None: the family's embedded default) with seeds ``draw.seed ..
+    draw.seed + draw.num - 1`` into the folder ``out``, ``shard_size`` images per shard, sampled
+    ``batch`` at a time; ``labels``: the class-label protocol name (``--labels``; None: balanced);
+    ``set_pairs``: ``--set KEY=VALUE``; ``trust``; ``report``."""
+
+    family: str
+    model: Optional[Path]
+    out: Path
+    draw: SeedPlan = field(default_factory=SeedPlan)
+    set_pairs: tuple[str, ...] = ()
+    shard_size: int = 1000
+    batch: int = 500
+    labels: Optional[str] = None
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "SynthRequest":
+        """UsageError naming the flag: ``--num-images``, ``--shard-size``, ``--batch`` < 1, seeds
+        out of 0 .. 2**63 - 1 (``--seed``), more shards than :data:`neon_cli.synth.MAX_SHARDS`; an
+        unknown ``--labels`` protocol; ResourceError: S cannot fit on the disk
+        (:func:`neon_cli.synth.check_size`). Returns the request with the numbers as ints."""
+        import dataclasses
+
+        from neon_cli import labels as label_protocols
+        from neon_cli import validate
+        from neon_cli.synth import check_size
+
+        num = validate.positive_int("--num-images", self.draw.num)
+        shard_size = validate.positive_int("--shard-size", self.shard_size)
+        batch = validate.positive_int("--batch", self.batch)
+        seed = validate.seed("--seed", self.draw.seed, count=num)
+        check_size(num, shard_size, Path(self.out))  # before the family loads or anything is sampled
+        label_protocols.check(self.labels, 0, 0)  # the name, before anything is read
+        return dataclasses.replace(self, out=Path(self.out), draw=SeedPlan(seed=seed, num=num), shard_size=shard_size,
+                                   batch=batch)
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.synth_plan`: reads the model and the family's files; writes ``-o``
+        (plan.json, manifest.json, every shard) and the report."""
+        from neon_cli.plan import synth_plan
+
+        return synth_plan(family=self.family, model=self.model, out=self.out, num=self.draw.num, shard_size=self.shard_size,
+                          set_pairs=list(self.set_pairs), report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        return dict(family=self.family, model=self.model, num=self.draw.num, out=self.out, seed=self.draw.seed,
+                    set=list(self.set_pairs), shard_size=self.shard_size, batch=self.batch, labels=self.labels,
+                    trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class FidRequest:
+    """``neon fid A B`` (:func:`neon_cli.fid.fid`; pytorch-fid / clean-fid / EDM fid.py): ``a`` the
+    generated side, ``b`` the reference (image sources or statistics files); ``scoring.detector``
+    (``--detector``; None: ``$NEON_INCEPTION``); ``prdc``: also precision/recall/density/coverage;
+    ``num_images``/``seed``: a seeded subset of each image side (None: all); ``batch``: images per
+    detector call; ``device``: torch device (None: cuda if available); ``trust``; ``report``."""
+
+    a: Path
+    b: Path
+    scoring: Scoring = field(default_factory=Scoring)
+    prdc: bool = False
+    num_images: Optional[int] = None
+    seed: int = 0
+    batch: int = 64
+    device: Optional[str] = None
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "FidRequest":
+        """UsageError naming the flag: ``--batch`` < 1, ``--num-images`` < 2, ``--seed`` < 0, A or B
+        that does not exist. Returns the request with the numbers as ints."""
+        import dataclasses
+
+        from neon_cli import validate
+
+        batch = validate.positive_int("--batch", self.batch)
+        num_images = None if self.num_images is None else validate.integer("--num-images", self.num_images, low=2)
+        seed = validate.integer("--seed", self.seed, low=0)
+        for flag, p in (("A", Path(self.a)), ("B", Path(self.b))):
+            if not p.exists():
+                raise UsageError(f"{flag}: {p} does not exist")
+        return dataclasses.replace(self, batch=batch, num_images=num_images, seed=seed)
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.fid_plan`: reads A, B and the detector; writes only the report."""
+        from neon_cli.plan import fid_plan
+
+        return fid_plan(a=self.a, b=self.b, detector=self.scoring.detector, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        return dict(a=self.a, b=self.b, detector=self.scoring.detector, prdc=self.prdc, num_images=self.num_images,
+                    seed=self.seed, batch=self.batch, device=self.device, trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class RefStatsRequest:
+    """``neon ref-stats`` (:func:`neon_cli.inception.ref_stats`; EDM fid.py ref): statistics of the
+    images ``images`` written to the ``.npz`` ``out``; ``scoring.detector`` (``--detector``; None:
+    ``$NEON_INCEPTION``); ``batch``: images per detector call; ``device``; ``keep_features``: also
+    the features [N, D]; ``pixels``: statistics of the raw pixels, no detector; ``trust``; ``report``."""
+
+    images: Path
+    out: Path
+    scoring: Scoring = field(default_factory=Scoring)
+    batch: int = 64
+    device: Optional[str] = None
+    keep_features: bool = False
+    pixels: bool = False
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "RefStatsRequest":
+        """UsageError naming the flag: ``--batch`` < 1, an ``-o`` that is not a ``.npz``, ``--pixels``
+        with ``--keep-features``. Returns the request."""
+        from neon_cli.validate import positive_int
+
+        positive_int("--batch", self.batch)
+        if Path(self.out).suffix.lower() != ".npz":
+            raise UsageError(f"-o: {Path(self.out)}: the statistics file must end in .npz")
+        if self.pixels and self.keep_features:
+            raise UsageError("--pixels: --keep-features stores Inception features; pixel statistics keep none")
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.refstats_plan`: reads ``--images`` and the detector; writes ``-o`` and the report."""
+        from neon_cli.plan import refstats_plan
+
+        return refstats_plan(images=self.images, out=self.out, detector=self.scoring.detector, report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        return dict(images=self.images, out=self.out, detector=self.scoring.detector, batch=self.batch, device=self.device,
+                    keep_features=self.keep_features, pixels=self.pixels, trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class EvalGates:
+    """The thresholds of ``neon eval`` (:func:`neon_cli.evaluate.parse_thresholds`): ``max_fid``
+    (``--max-fid``), ``max_metric`` / ``min_metric`` (``--max-metric`` / ``--min-metric``
+    ``METRIC=X``), ``gate_se`` (``--gate-se K``: fail only beyond K standard errors, >= 0) and
+    ``thresholds`` (library use: pairs ``(metric, maximum)``)."""
+
+    max_fid: Optional[float] = None
+    max_metric: tuple[str, ...] = ()
+    min_metric: tuple[str, ...] = ()
+    gate_se: float = 0.0
+    thresholds: tuple[tuple[str, float], ...] = ()
+
+    def limits(self) -> dict[str, tuple[float, str]]:
+        """``{metric: (X, flag)}`` of every threshold; UsageError naming the flag of one that is not a finite number."""
+        from neon_cli import validate
+        from neon_cli.evaluate import parse_thresholds
+
+        limits = parse_thresholds(self.max_fid, self.max_metric, self.min_metric)
+        validate.finite("--gate-se", self.gate_se, low=0.0)
+        for name, value in self.thresholds:
+            limits[name] = (validate.finite(f"--max-metric {name}", value), f"--max-metric {name}")
+        return limits
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """``neon eval`` (:func:`neon_cli.evaluate.evaluate`): the family's metrics of ``model`` (None:
+    the family's embedded default) on the seed plan ``draw`` (seeds ``draw.seed .. draw.seed +
+    draw.num - 1``), sampled ``batch`` at a time with ``--set`` pairs ``set_pairs`` and label
+    protocol ``labels`` (None: balanced); ``gates``: :class:`EvalGates`; ``scoring``: the
+    Inception files; ``trust``; ``report``."""
+
+    family: str
+    model: Optional[Path] = None
+    draw: SeedPlan = field(default_factory=lambda: SeedPlan(seed=20_000_000, num=2000))
+    set_pairs: tuple[str, ...] = ()
+    batch: int = 1000
+    labels: Optional[str] = None
+    gates: EvalGates = field(default_factory=EvalGates)
+    scoring: Scoring = field(default_factory=Scoring)
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "EvalRequest":
+        """UsageError naming the flag, before any file is read: ``--num-samples`` < 2, ``--seed`` out
+        of range, ``--batch`` < 1 (:func:`neon_cli.evaluate.check_plan_numbers`), an unknown
+        ``--labels``, a threshold or ``--gate-se`` that is not a finite number (or a negative
+        ``--gate-se``). Returns the request (``gates.gate_se`` as a float)."""
+        import dataclasses
+
+        from neon_cli import validate
+        from neon_cli.evaluate import check_plan_numbers
+        from neon_cli.labels import check as check_labels
+
+        check_plan_numbers(self.draw.num, self.draw.seed, self.batch)
+        check_labels(self.labels, 0, 0)
+        self.gates.limits()
+        gate_se = validate.finite("--gate-se", self.gates.gate_se, low=0.0)
+        return dataclasses.replace(self, gates=dataclasses.replace(self.gates, gate_se=gate_se))
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.eval_plan`: reads the model, the scoring files and the family's files; writes only the report."""
+        from neon_cli.plan import eval_plan
+
+        return eval_plan(family=self.family, model=self.model, detector=self.scoring.detector, ref_stats=self.scoring.ref_stats,
+                         set_pairs=list(self.set_pairs), report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        g = self.gates
+        return dict(family=self.family, model=self.model, set=list(self.set_pairs), num_samples=self.draw.num, seed=self.draw.seed,
+                    batch=self.batch, labels=self.labels, max_fid=g.max_fid, max_metric=list(g.max_metric),
+                    min_metric=list(g.min_metric), gate_se=g.gate_se, detector=self.scoring.detector,
+                    ref_stats=self.scoring.ref_stats, trust_pickle=self.trust.pickle)
+
+
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How ``neon finetune`` trains (budgets in images seen; None: the recipe's value):
+    ``budget`` (B), ``lr``, ``batch`` (images per optimiser step), ``warmup`` (images of linear
+    lr ramp-up), ``save_every`` (images between snapshots; None: only at the end),
+    ``ema_halflife`` (images; 0: no EMA), ``seed`` (data order and training noise), ``recipe``
+    (``default``: the family's ``train_defaults``; ``paper`` or another of its ``recipes``)."""
+
+    budget: int
+    lr: Optional[float] = None
+    batch: Optional[int] = None
+    warmup: Optional[int] = None
+    save_every: Optional[int] = None
+    ema_halflife: Optional[int] = None
+    seed: int = 0
+    recipe: str = "default"
+
+
+@dataclass(frozen=True)
+class FinetuneRequest:
+    """``neon finetune`` (paper Algorithm 1, step 2; :func:`neon_cli.finetune.run_finetune`): theta_s
+    from theta_r (``model``; None: the family's embedded default) fine-tuned on the synthetic set
+    ``data`` (a ``neon synth`` folder) into the folder ``out``; ``options``:
+    :class:`FinetuneOptions`; ``set_pairs``: ``--set KEY=VALUE``; ``trust``; ``report``."""
+
+    family: str
+    model: Optional[Path]
+    data: Path
+    out: Path
+    options: FinetuneOptions
+    set_pairs: tuple[str, ...] = ()
+    trust: Trust = field(default_factory=Trust)
+    report: Optional[Path] = None
+
+    def validate(self) -> "FinetuneRequest":
+        """UsageError naming the flag, before any file is read: ``--budget`` < 1, ``--lr`` <= 0,
+        ``--batch`` < 1, ``--warmup`` < 0, ``--save-every`` < 1, ``--ema-halflife`` < 0, ``--seed``
+        outside 0 .. :data:`neon_cli.train.MAX_TRAIN_SEED`. Returns the request."""
+        from neon_cli import validate
+
+        o = self.options
+        validate.positive_int("--budget", o.budget)
+        if o.lr is not None:
+            validate.positive("--lr", o.lr)
+        if o.batch is not None:
+            validate.positive_int("--batch", o.batch)
+        if o.warmup is not None:
+            validate.integer("--warmup", o.warmup, low=0)
+        if o.save_every is not None:
+            validate.positive_int("--save-every", o.save_every)
+        if o.ema_halflife is not None:
+            validate.integer("--ema-halflife", o.ema_halflife, low=0)
+        from neon_cli.train import MAX_TRAIN_SEED  # imports torch: after the checks that need none
+
+        validate.integer("--seed", o.seed, low=0, high=MAX_TRAIN_SEED)
+        return self
+
+    def plan(self) -> Plan:
+        """:func:`neon_cli.plan.finetune_plan`: reads the model, S and the family's files; writes ``-o`` and the report."""
+        from neon_cli.plan import finetune_plan
+
+        return finetune_plan(family=self.family, model=self.model, data=self.data, out=self.out, set_pairs=list(self.set_pairs),
+                             report=self.report)
+
+    def settings(self) -> dict[str, Any]:
+        """The report's ``settings`` (flag names)."""
+        o = self.options
+        return dict(family=self.family, model=self.model, data=self.data, budget=o.budget, lr=o.lr, out=self.out, warmup=o.warmup,
+                    batch=o.batch, save_every=o.save_every, ema_halflife=o.ema_halflife, seed=o.seed, set=list(self.set_pairs),
+                    recipe=o.recipe, trust_pickle=self.trust.pickle)

@@ -125,36 +125,40 @@ def batch_indices(n: int, seed: int, start: int, size: int) -> torch.Tensor:
     return DataOrder(n, seed).indices(start, size)
 
 
-def train_loop(
-    family: Any,
-    model: torch.nn.Module,
-    images: Any,
-    labels: torch.Tensor | None,
-    cfg: TrainConfig,
-    *,
-    state_path: Path | None = None,
-    on_snapshot: Callable[[int, torch.nn.Module], Any] | None = None,
-    progress: ProgressFn = null_progress,
-    task: str = "finetune",
-    provenance: dict[str, Any] | None = None,
-    legacy_provenance: dict[str, Any] | None = None,
-    snapshots: list[Any] | None = None,
-) -> torch.nn.Module:
+@dataclass
+class Saving:
+    """What a training run writes and resumes from (see :func:`train_loop`).
+
+    state_path: the training state (None: no state, no resume); on_snapshot(images_seen, weights):
+    called at each snapshot, its return value recorded in the ledger; provenance: the run's inputs
+    stored in the state (e.g. ``{"base_sha256": .., "synthetic_set_sha256": ..}``) and required to
+    match on resume; legacy_provenance: per key, the value an older neon recorded, also accepted;
+    snapshots: a list that receives the ledger (the resumed state's records first).
+    """
+
+    state_path: Path | None = None
+    on_snapshot: Callable[[int, torch.nn.Module], Any] | None = None
+    provenance: dict[str, Any] | None = None
+    legacy_provenance: dict[str, Any] | None = None
+    snapshots: list[Any] | None = None
+
+
+def train_loop(family: Any, model: torch.nn.Module, images: Any, labels: torch.Tensor | None, cfg: TrainConfig,
+               saving: Saving | None = None, *, progress: ProgressFn = null_progress, task: str = "finetune") -> torch.nn.Module:
     """Train ``model`` in place on (images uint8 [N, ...], labels int64 [N] or None) for cfg.budget images.
 
     ``images`` may instead be a set read batch by batch (``len(set)`` and ``set.batch(idx) ->
     (inputs, labels)``: :class:`neon_cli.dataset.SyntheticSet`, streamed from S's shards), with
     ``labels`` None; memory then does not grow with N. The batches are the same either way.
 
-    Calls ``on_snapshot(images_seen, weights)`` every ``cfg.save_every`` images and at the end,
-    where ``weights`` is the EMA model if ``cfg.ema_halflife`` is set, else ``model``. With
-    ``state_path``, a training state is saved atomically at each snapshot and, if present, loaded
-    at the start (resume) when it belongs to the same run: the same config (budget and snapshot
-    interval may differ) and the same ``provenance`` (e.g. ``{"base_sha256": ..,
-    "synthetic_set_sha256": ..}``, stored in the state; ``legacy_provenance``: per key, the value an
-    older neon recorded for the same input, also accepted). Returns the final weights (EMA or raw).
+    ``saving`` (:class:`Saving`): calls ``saving.on_snapshot(images_seen, weights)`` every
+    ``cfg.save_every`` images and at the end, where ``weights`` is the EMA model if
+    ``cfg.ema_halflife`` is set, else ``model``. With ``saving.state_path``, a training state is
+    saved atomically at each snapshot and, if present, loaded at the start (resume) when it belongs
+    to the same run: the same config (budget and snapshot interval may differ) and the same
+    ``saving.provenance`` (``legacy_provenance`` also accepted). Returns the final weights (EMA or raw).
 
-    ``snapshots``: a list that receives what ``on_snapshot`` returns for each snapshot of this run,
+    ``saving.snapshots``: a list that receives what ``on_snapshot`` returns for each snapshot of this run,
     the ones of the resumed state first (the state keeps this ledger, so a resumed run knows its
     earlier snapshots without looking at file names).
 
@@ -168,47 +172,73 @@ def train_loop(
         from neon_cli.dataset import TensorSet
 
         data = TensorSet(images, labels)
-    order = DataOrder(len(data), cfg.seed)
-    from neon_cli.dist import device
+    loop = _Loop(family, model, data, cfg, saving or Saving(), progress, task)
+    loop.start()
+    while loop.seen < cfg.budget:
+        loop.step_once()
+    model.eval()
+    return loop.ema if loop.ema is not None else model
 
-    dev = device()
-    model.to(dev)
-    opt = family.make_optimizer(model.parameters(), cfg.lr)
-    ema = copy.deepcopy(model).eval() if cfg.ema_halflife else None
-    seen = 0
-    ledger: list[Any] = []
-    if state_path is not None and state_path.exists():
-        state = _load_state(state_path, dev)
-        _check_resumable(state_path, state, cfg, provenance or {}, legacy_provenance or {})
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        seen = int(state["images_seen"])
-        ledger = list(state.get("snapshots") or [])
-        progress(task, seen, cfg.budget, message=f"resuming from {state_path.name} at {seen} images")
-    if snapshots is not None:
-        snapshots[:] = ledger
-    from neon_cli.dist import barrier, is_main, rank_world
 
-    rank, world = rank_world()
-    if world > 1 and cfg.batch % world:
-        raise UsageError(f"--batch: the global batch {cfg.batch} must be divisible by the {world} ranks")
-    loss_model: Any = model
-    if world > 1:  # DistributedDataParallel: per-rank share of the global batch, gradients averaged
-        from torch.nn.parallel import DistributedDataParallel
+class _Loop:
+    """The state of :func:`train_loop`: model, optimizer, EMA, images seen, step, ledger, ranks."""
 
-        loss_model = DistributedDataParallel(model)
-    model.train()
-    step = seen // cfg.batch
-    next_save = _next_mark(seen, cfg.save_every, cfg.budget)
-    while seen < cfg.budget:
+    def __init__(self, family: Any, model: torch.nn.Module, data: Any, cfg: TrainConfig, saving: Saving,
+                 progress: ProgressFn, task: str):
+        from neon_cli.dist import device
+
+        self.family, self.model, self.data, self.cfg, self.saving = family, model, data, cfg, saving
+        self.progress, self.task = progress, task
+        self.order = DataOrder(len(data), cfg.seed)
+        self.dev = device()
+        model.to(self.dev)
+        self.opt = family.make_optimizer(model.parameters(), cfg.lr)
+        self.ema = copy.deepcopy(model).eval() if cfg.ema_halflife else None
+        self.seen = 0
+        self.ledger: list[Any] = []
+
+    def start(self) -> None:
+        """Resume from the state (when there is one), wrap in DDP under several ranks, set train mode."""
+        from neon_cli.dist import rank_world
+
+        cfg, model, saving = self.cfg, self.model, self.saving
+        if saving.state_path is not None and saving.state_path.exists():
+            self._resume(saving.state_path)
+        if saving.snapshots is not None:
+            saving.snapshots[:] = self.ledger
+        self.rank, self.world = rank_world()
+        if self.world > 1 and cfg.batch % self.world:
+            raise UsageError(f"--batch: the global batch {cfg.batch} must be divisible by the {self.world} ranks")
+        self.loss_model: Any = model
+        if self.world > 1:  # DistributedDataParallel: per-rank share of the global batch, gradients averaged
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.loss_model = DistributedDataParallel(model)
+        model.train()
+        self.step = self.seen // cfg.batch
+        self.next_save = _next_mark(self.seen, cfg.save_every, cfg.budget)
+
+    def _resume(self, state_path: Path) -> None:
+        state = _load_state(state_path, self.dev)
+        _check_resumable(state_path, state, self.cfg, self.saving.provenance or {}, self.saving.legacy_provenance or {})
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.seen = int(state["images_seen"])
+        self.ledger = list(state.get("snapshots") or [])
+        self.progress(self.task, self.seen, self.cfg.budget, message=f"resuming from {state_path.name} at {self.seen} images")
+
+    def step_once(self) -> None:
+        """One optimiser step on the next global batch (EDM's lr ramp-up, this rank's share), the EMA
+        update, the finite checks, progress, and a snapshot when one is due."""
+        cfg, seen, rank, world = self.cfg, self.seen, self.rank, self.world
         size = min(cfg.batch, cfg.budget - seen)
-        idx = order.indices(seen, size)
+        idx = self.order.indices(seen, size)
         lr = cfg.lr * min(1.0, seen / cfg.warmup) if cfg.warmup else cfg.lr  # images seen before this step (EDM)
-        for g in opt.param_groups:
+        for g in self.opt.param_groups:
             g["lr"] = lr
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + rank * 2**40)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.step + rank * 2**40)
         weight = 1.0
         if world > 1:
             part = torch.tensor_split(idx, world)[rank]
@@ -219,42 +249,53 @@ def train_loop(
             if len(part) == 0:
                 part = idx[:1]
             idx = part
-        batch_inputs, batch_labels = data.batch(idx)
-        batch_labels = batch_labels.to(dev) if batch_labels is not None else None
-        loss = family.loss(loss_model, batch_inputs.to(dev), batch_labels, gen) * weight
-        opt.zero_grad(set_to_none=True)
+        batch_inputs, batch_labels = self.data.batch(idx)
+        batch_labels = batch_labels.to(self.dev) if batch_labels is not None else None
+        loss = self.family.loss(self.loss_model, batch_inputs.to(self.dev), batch_labels, gen) * weight
+        self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt.step()
-        seen += size
-        step += 1
-        if ema is not None:
-            beta = 0.5 ** (size / cfg.ema_halflife)
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm.detach(), 1 - beta)
-                for be, bm in zip(ema.buffers(), model.buffers()):
-                    be.copy_(bm)
+        self.opt.step()
+        self.seen += size
+        self.step += 1
+        if self.ema is not None:
+            _ema_update(self.ema, self.model, size, cfg.ema_halflife)
         loss_value = float(loss.detach())
-        _check_finite_loss(loss_value, seen, step, cfg, ledger, world, dev)
-        progress(task, seen, cfg.budget, unit="img", loss=loss_value)
-        if seen >= next_save:
-            weights = (ema if ema is not None else model)
-            _check_finite_weights(model, ema, seen, cfg, ledger)  # never a NaN snapshot or training state
-            if is_main():  # only rank 0 writes; the weights are identical on every rank
-                if on_snapshot is not None:
-                    model.eval()
-                    record = on_snapshot(seen, weights)
-                    model.train()
-                    if record is not None:
-                        ledger.append(record)
-                        if snapshots is not None:
-                            snapshots.append(record)
-                if state_path is not None:
-                    _save_state(state_path, model, opt, ema, seen, cfg, provenance or {}, ledger)
-            barrier()
-            next_save = _next_mark(seen, cfg.save_every, cfg.budget)
-    model.eval()
-    return ema if ema is not None else model
+        _check_finite_loss(loss_value, self.seen, self.step, cfg, self.ledger, world, self.dev)
+        self.progress(self.task, self.seen, cfg.budget, unit="img", loss=loss_value)
+        if self.seen >= self.next_save:
+            self._save()
+
+    def _save(self) -> None:
+        """A snapshot and the training state (rank 0 writes; every rank waits at the barrier)."""
+        from neon_cli.dist import barrier, is_main
+
+        model, ema, saving, seen = self.model, self.ema, self.saving, self.seen
+        weights = (ema if ema is not None else model)
+        _check_finite_weights(model, ema, seen, self.cfg, self.ledger)  # never a NaN snapshot or training state
+        if is_main():  # only rank 0 writes; the weights are identical on every rank
+            if saving.on_snapshot is not None:
+                model.eval()
+                record = saving.on_snapshot(seen, weights)
+                model.train()
+                if record is not None:
+                    self.ledger.append(record)
+                    if saving.snapshots is not None:
+                        saving.snapshots.append(record)
+            if saving.state_path is not None:
+                _save_state(saving.state_path, model, self.opt, ema, seen, self.cfg, saving.provenance or {}, self.ledger)
+        barrier()
+        self.next_save = _next_mark(seen, self.cfg.save_every, self.cfg.budget)
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, size: int, halflife: float) -> None:
+    """EMA after a step of ``size`` images: beta = 0.5 ** (size / halflife) (EDM's ema_halflife_kimg
+    rule in images); buffers are copied."""
+    beta = 0.5 ** (size / halflife)
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm.detach(), 1 - beta)
+        for be, bm in zip(ema.buffers(), model.buffers()):
+            be.copy_(bm)
 
 
 def _last_kept(ledger: list[Any]) -> str:

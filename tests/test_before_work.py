@@ -94,6 +94,7 @@ def test_reference_statistics_are_checked_before_the_model_loads(tmp_path, monke
     model is even loaded (a folder that is no pipeline at all), so before any sample."""
     from neon_cli.errors import UsageError
     from neon_cli.evaluate import evaluate
+    from neon_cli.requests import EvalRequest, SeedPlan
     from neon_cli.report import Report
     from neon_cli.tune import run_tune_w
 
@@ -101,7 +102,7 @@ def test_reference_statistics_are_checked_before_the_model_loads(tmp_path, monke
     (tmp_path / "not-a-pipeline").mkdir()
     (tmp_path / "snap").mkdir()
     with pytest.raises(UsageError, match="NEON_REF_STATS: set it to the reference pixel statistics"):
-        evaluate("diffusers", tmp_path / "not-a-pipeline", set_pairs=[], num_samples=4, seed=0, batch=4, report=Report("eval"))
+        evaluate(EvalRequest("diffusers", tmp_path / "not-a-pipeline", SeedPlan(seed=0, num=4), batch=4), report=Report("eval"))
     with pytest.raises(UsageError, match="NEON_REF_STATS: set it"):
         run_tune_w("diffusers", tmp_path / "not-a-pipeline", [tmp_path / "snap"], bounds=(0.0, 1.0), num_samples=4,
                    report=Report("tune-w"))

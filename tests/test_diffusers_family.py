@@ -261,6 +261,7 @@ def test_save_writes_loadable_pipeline(fam, cond_dir, tmp_path):
 
 def test_synth_finetune_merge_reload_in_diffusers(fam, cond_dir, tmp_path, monkeypatch):
     from neon_cli.evaluate import evaluate
+    from neon_cli.requests import EvalRequest, SeedPlan
     from neon_cli.finetune import finetune
     from neon_cli.synth import load_synthetic, synthesize
 
@@ -309,7 +310,7 @@ def test_synth_finetune_merge_reload_in_diffusers(fam, cond_dir, tmp_path, monke
     info = SC.write_pixel_stats(S, stats)
     assert info == {"path": str(stats), "num_images": 12, "dim": 192}
     monkeypatch.setenv("NEON_REF_STATS", str(stats))
-    metrics = evaluate("diffusers", out, set_pairs=pairs, num_samples=6, seed=0, batch=6, thresholds=None, report=Report("eval"))
+    metrics = evaluate(EvalRequest("diffusers", out, SeedPlan(seed=0, num=6), tuple(pairs), batch=6), report=Report("eval"))
     model = fam.load(str(out))
     fake = fam.sample(model, torch.arange(6), torch.arange(6) % 3, settings).reshape(6, -1).double().numpy() / 255
     real = images.reshape(12, -1).double().numpy() / 255

@@ -346,7 +346,7 @@ def test_optimizer_is_adam_with_edms_betas_eps_and_gradient_cleanup(fam):
 def test_train_loop_follows_edms_lr_ramp_and_ema_halflife(fam, pkls):
     """training_loop.py: lr = lr * min(cur_nimg / rampup, 1) with cur_nimg the images seen *before*
     the step; ema = beta ema + (1 - beta) net with beta = 0.5 ** (batch / halflife)."""
-    from neon_cli.train import TrainConfig, snapshot_points, train_loop
+    from neon_cli.train import Saving, TrainConfig, snapshot_points, train_loop
 
     lrs = []
 
@@ -370,7 +370,7 @@ def test_train_loop_follows_edms_lr_ramp_and_ema_halflife(fam, pkls):
     net = load_model(fam, pkls["cond"], trust_pickle=True, purpose="train", settings={"augment": 0.0, "dropout": 0.0})
     made = []
     train_loop(Recording(), net, images, labels, TrainConfig(budget=36, lr=0.1, batch=8, warmup=16, save_every=12),
-               on_snapshot=lambda seen, w: made.append(seen))
+               Saving(on_snapshot=lambda seen, w: made.append(seen)))
     assert lrs == pytest.approx([0.1 * min(k * 8 / 16, 1) for k in range(5)]) == [0.0, 0.05, 0.1, 0.1, 0.1]
     assert made == snapshot_points(36, 8, 12) == [16, 24, 36]  # first step at or past 12, 24, 36: finetune names snapshots from this
 

@@ -23,6 +23,7 @@ from neon_cli import inception as I
 from neon_cli import metrics as M
 from neon_cli.errors import CheckpointError, DataError, UsageError
 from neon_cli.report import Report
+from neon_cli.requests import RefStatsRequest, Scoring
 
 # The detector format is TorchScript, which torch >= 2.10 marks deprecated; the tests build one.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning")
@@ -313,11 +314,12 @@ def test_ref_stats_cli_env_var_and_errors(cli_app, detector_file, tmp_path):
 def test_ref_stats_library_records_report(detector_file, tmp_path):
     np.save(tmp_path / "real.npy", _images(12, seed=10))
     rep = Report("ref-stats", argv=["neon", "ref-stats"])
-    results = I.ref_stats(tmp_path / "real.npy", tmp_path / "o.npz", detector=detector_file, batch=5, device="cpu", report=rep)
+    results = I.ref_stats(RefStatsRequest(tmp_path / "real.npy", tmp_path / "o.npz", Scoring(detector=detector_file), batch=5,
+                                          device="cpu"), report=rep)
     assert results["stats_sha256"] == hashlib.sha256((tmp_path / "o.npz").read_bytes()).hexdigest()
     assert [i["role"] for i in rep.inputs] == ["detector", "images"]
     with pytest.raises(UsageError, match=r"\.npz"):
-        I.ref_stats(tmp_path / "real.npy", tmp_path / "o.txt", detector=detector_file, report=rep)
+        I.ref_stats(RefStatsRequest(tmp_path / "real.npy", tmp_path / "o.txt", Scoring(detector=detector_file)), report=rep)
 
 
 # ---------------------------------------------------------------------------- torch.distributed

@@ -90,3 +90,64 @@ def test_align_and_export_requests_validate_and_plan(tmp_path):
     with pytest.raises(UsageError, match="^-o: .*x.tar: the edm-zip format is a .zip file"):
         ExportRequest(tmp_path, tmp_path / "x.tar").validate()
     assert ExportRequest(tmp_path, tmp_path / "x.zip").plan().roles() >= {"-o", "-o lock"}
+
+
+# ---- synth / finetune / eval / fid / ref-stats ----
+
+from neon_cli.requests import (  # noqa: E402
+    EvalGates,
+    EvalRequest,
+    FidRequest,
+    FinetuneOptions,
+    FinetuneRequest,
+    RefStatsRequest,
+    Scoring,
+    SynthRequest,
+)
+
+
+@pytest.mark.parametrize("req, message", [
+    (SynthRequest("digits", None, Path("S"), SeedPlan(seed=0, num=0), shard_size=0), "^--num-images: must be >= 1, got 0$"),
+    (SynthRequest("digits", None, Path("S"), SeedPlan(seed=0, num=5), shard_size=0, batch=0), "^--shard-size: must be >= 1"),
+    (SynthRequest("digits", None, Path("S"), SeedPlan(seed=2**63 - 3, num=5)), "^--seed: seeds must stay within"),
+    (SynthRequest("digits", None, Path("S"), SeedPlan(seed=0, num=5), labels="nope"), "^--labels: unknown protocol 'nope'"),
+    (FinetuneRequest("toy", None, Path("S"), Path("ft"), FinetuneOptions(budget=0, lr=-1.0)), "^--budget: must be >= 1"),
+    (FinetuneRequest("toy", None, Path("S"), Path("ft"), FinetuneOptions(budget=8, lr=-1.0, batch=0)), "^--lr: must be > 0"),
+    (FinetuneRequest("toy", None, Path("S"), Path("ft"), FinetuneOptions(budget=8, ema_halflife=-1)), "^--ema-halflife"),
+    (FinetuneRequest("toy", None, Path("S"), Path("ft"), FinetuneOptions(budget=8, seed=2**42)), "^--seed"),
+    (EvalRequest("digits", draw=SeedPlan(seed=0, num=1)), "^--num-samples: must be >= 2, got 1$"),
+    (EvalRequest("digits", gates=EvalGates(max_metric=("fd_digits",))), "^--max-metric 'fd_digits': expected METRIC=NUMBER$"),
+    (EvalRequest("digits", gates=EvalGates(gate_se=-1.0)), "^--gate-se"),
+    (EvalRequest("digits", gates=EvalGates(thresholds=(("fd_digits", float("nan")),))), "^--max-metric fd_digits"),
+    (FidRequest(Path("a.npz"), Path("b.npz"), batch=0, num_images=1), "^--batch: must be >= 1"),
+    (FidRequest(Path("a.npz"), Path("b.npz"), num_images=1), "^--num-images: must be >= 2"),
+    (FidRequest(Path("nowhere-a.npz"), Path("b.npz")), "^A: nowhere-a.npz does not exist$"),
+    (RefStatsRequest(Path("i"), Path("o.txt"), batch=0), "^--batch: must be >= 1"),
+    (RefStatsRequest(Path("i"), Path("o.txt")), r"^-o: o.txt: the statistics file must end in \.npz$"),
+    (RefStatsRequest(Path("i"), Path("o.npz"), keep_features=True, pixels=True), "^--pixels: --keep-features"),
+])
+def test_new_requests_validate_in_the_commands_order_naming_the_flag(req, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths: nothing outside tmp_path is looked at
+    with pytest.raises(UsageError, match=message):
+        req.validate()
+
+
+def test_new_requests_settings_and_plans(tmp_path):
+    synth = SynthRequest("digits", None, tmp_path / "S", SeedPlan(seed=3, num=25), ("steps=2",), shard_size=10,
+                         report=tmp_path / "r.json")
+    assert synth.validate() == synth and list(synth.settings()) == [
+        "family", "model", "num", "out", "seed", "set", "shard_size", "batch", "labels", "trust_pickle"]
+    assert {str(e.path) for e in synth.plan().writes} >= {str(tmp_path / "S" / f"shard-0000{k}.safetensors") for k in range(3)}
+    ft = FinetuneRequest("digits", None, tmp_path / "S", tmp_path / "ft", FinetuneOptions(budget=48, recipe="paper"))
+    assert ft.validate() is ft and ft.settings()["recipe"] == "paper" and ft.settings()["set"] == []
+    assert any(e.role == "--data" for e in ft.plan().reads)
+    ev = EvalRequest("digits", gates=EvalGates(max_fid=2, min_metric=("precision=0.5",), gate_se=1))
+    assert ev.validate().gates.gate_se == 1.0 and isinstance(ev.validate().gates.gate_se, float)
+    assert ev.gates.limits() == {"fid": (2.0, "--max-fid"), "precision<min": (0.5, "--min-metric precision")}
+    assert ev.settings()["num_samples"] == 2000 and ev.settings()["seed"] == 20_000_000
+    stats = tmp_path / "ref.npz"
+    stats.write_bytes(b"")
+    fid = FidRequest(stats, stats, Scoring(detector="det.pt"), num_images=10)
+    assert fid.validate() == fid and fid.settings()["detector"] == "det.pt"
+    rs = RefStatsRequest(stats, tmp_path / "o.npz").plan()
+    assert rs.roles() >= {"-o", "-o lock"} and any(e.role == "--images" for e in rs.reads)

@@ -280,6 +280,7 @@ def test_fp16_loss_scaling_follows_vars_amp_optimizer():
 
 def test_synth_finetune_tunew_merge_eval(fam, ckpts, stand_in, tmp_path, monkeypatch):
     from neon_cli.evaluate import evaluate
+    from neon_cli.requests import EvalRequest, SeedPlan
     from neon_cli.finetune import finetune
     from neon_cli.merge import merge_checkpoints
     from neon_cli.metrics import feature_stats, frechet_distance
@@ -342,7 +343,7 @@ def test_synth_finetune_tunew_merge_eval(fam, ckpts, stand_in, tmp_path, monkeyp
     merge_checkpoints(ckpts[0], final, [1.5], [merged], report=Report("merge"))
     _fresh(stand_in, merged)
     monkeypatch.setenv("NEON_REF_STATS", str(stats))
-    metrics = evaluate("var", merged, set_pairs=pairs, num_samples=8, seed=0, batch=8, thresholds=None, report=Report("eval"))
+    metrics = evaluate(EvalRequest("var", merged, SeedPlan(seed=0, num=8), tuple(pairs), batch=8), report=Report("eval"))
     model = fam.load(str(merged), settings=resolve_settings(fam, pairs))
     fake = fam.sample(model, torch.arange(8), torch.arange(8) % 4, resolve_settings(fam, pairs))
     fake = fake.reshape(8, -1).double().numpy() / 255

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from neon_cli.commands._common import (DetectorOpt, DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, RefStatsOpt, ReportOpt, SetOpt,
                                        TrustOpt, complete_family, run)
+from neon_cli.requests import EvalGates, EvalRequest, Scoring, SeedPlan, Trust
 
 
 def register(app: typer.Typer) -> None:
@@ -44,23 +45,17 @@ def register(app: typer.Typer) -> None:
         \b
             neon eval digits --model neon.safetensors --num-samples 5000 --max-metric fd_digits=2.0 --json
         """
-        from neon_cli.evaluate import evaluate
-        from neon_cli.plan import eval_plan
+        req = EvalRequest(family, model, SeedPlan(seed=seed, num=num_samples), tuple(set_ or ()), batch, labels,
+                          EvalGates(max_fid, tuple(max_metric or ()), tuple(min_metric or ()), gate_se),
+                          Scoring(detector, ref_stats), Trust(pickle=trust_pickle), report)
 
-        run(
-            "eval",
-            lambda report, progress: evaluate(family, model, set_pairs=set_ or [], num_samples=num_samples, seed=seed,
-                                              batch=batch, max_fid=max_fid, max_metric=max_metric or [],
-                                              min_metric=min_metric or [], gate_se=gate_se, trust_pickle=trust_pickle, detector=detector,
-                                              ref_stats=ref_stats, labels=labels, report=report, progress=progress),
-            settings=dict(family=family, model=model, set=set_ or [], num_samples=num_samples, seed=seed, batch=batch, labels=labels,
-                          max_fid=max_fid, max_metric=max_metric or [], min_metric=min_metric or [], gate_se=gate_se, detector=detector, ref_stats=ref_stats,
-                          trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
-            plan=lambda: eval_plan(family=family, model=model, detector=detector, ref_stats=ref_stats, set_pairs=set_ or [],
-                                   report=report),
-            show=_show,
-        )
+        def fn(report: Any, progress: Any) -> Any:
+            from neon_cli.evaluate import evaluate
+
+            return evaluate(req, report=report, progress=progress)
+
+        run("eval", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, dry_run=dry_run, plan=req.plan,
+            show=_show)
 
 
 def _show(metrics, console) -> None:

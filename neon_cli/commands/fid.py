@@ -8,6 +8,7 @@ from typing import Any, Optional
 import typer
 
 from neon_cli.commands._common import DetectorTrustOpt, DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.requests import FidRequest, Scoring, Trust
 
 
 def register(app: typer.Typer) -> None:
@@ -47,19 +48,16 @@ def register(app: typer.Typer) -> None:
             neon fid fid-tmp/ ref.npz --num-images 50000 --report fid.json
             torchrun --standalone --nproc_per_node=8 -m neon_cli fid samples/ ref.npz
         """
-        from neon_cli.fid import fid
-        from neon_cli.plan import fid_plan
+        req = FidRequest(a, b, Scoring(detector=detector), prdc, num_images, seed, batch, device, Trust(pickle=trust_pickle),
+                         report)
 
-        run(
-            "fid",
-            lambda report, progress: fid(a, b, detector=detector, batch=batch, num_images=num_images, seed=seed, prdc=prdc,
-                                         device=device, trust_pickle=trust_pickle, report=report, progress=progress),
-            settings=dict(a=a, b=b, detector=detector, prdc=prdc, num_images=num_images, seed=seed, batch=batch, device=device,
-                          trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
-            plan=lambda: fid_plan(a=a, b=b, detector=detector, report=report),
-            show=_show,
-        )
+        def fn(report: Any, progress: Any) -> Any:
+            from neon_cli.fid import fid
+
+            return fid(req, report=report, progress=progress)
+
+        run("fid", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, dry_run=dry_run, plan=req.plan,
+            show=_show)
 
 
 def _show(results: dict[str, Any], console: Any) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from neon_cli.commands._common import DryRunOpt, JsonOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, complete_setting, run
+from neon_cli.requests import FinetuneOptions, FinetuneRequest, Trust
 
 
 def register(app: typer.Typer) -> None:
@@ -47,22 +48,17 @@ def register(app: typer.Typer) -> None:
         \b
             neon finetune digits --data runs/S --budget 200000 --lr 2e-4 --save-every 50000 -o runs/ft
         """
-        from neon_cli.finetune import finetune as finetune_fn
-        from neon_cli.plan import finetune_plan
+        req = FinetuneRequest(family, model, data, out,
+                              FinetuneOptions(budget, lr, batch, warmup, save_every, ema_halflife, seed, recipe),
+                              tuple(set_ or ()), Trust(pickle=trust_pickle), report)
 
-        run(
-            "finetune",
-            lambda report, progress: finetune_fn(family, model, data, budget=budget, lr=lr, out_dir=out, batch=batch,
-                                                 warmup=warmup, save_every=save_every, ema_halflife=ema_halflife,
-                                                 seed=seed, set_pairs=set_ or [], trust_pickle=trust_pickle,
-                                                 recipe=recipe, report=report, progress=progress),
-            settings=dict(family=family, model=model, data=data, budget=budget, lr=lr, out=out, warmup=warmup, batch=batch,
-                          save_every=save_every, ema_halflife=ema_halflife, seed=seed, set=set_ or [], recipe=recipe,
-                          trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
-            plan=lambda: finetune_plan(family=family, model=model, data=data, out=out, set_pairs=set_ or [], report=report),
-            show=_show,
-        )
+        def fn(report: Any, progress: Any) -> Any:
+            from neon_cli.finetune import run_finetune
+
+            return run_finetune(req, report=report, progress=progress)
+
+        run("finetune", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=req.plan, show=_show)
 
 
 def _show(r: dict, console: object) -> None:

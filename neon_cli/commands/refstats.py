@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
 from neon_cli.commands._common import DetectorTrustOpt, DryRunOpt, JsonOpt, QuietOpt, ReportOpt, run
+from neon_cli.requests import RefStatsRequest, Scoring, Trust
 
 
 def register(app: typer.Typer) -> None:
@@ -46,20 +47,16 @@ def register(app: typer.Typer) -> None:
             neon ref-stats --images synth/ -o s.npz --keep-features
             neon ref-stats --images cifar10.npz -o cifar10-pixels.npz --pixels
         """
-        from neon_cli.inception import ref_stats
-        from neon_cli.plan import refstats_plan
+        req = RefStatsRequest(images, out, Scoring(detector=detector), batch, device, keep_features, pixels,
+                              Trust(pickle=trust_pickle), report)
 
-        run(
-            "ref-stats",
-            lambda report, progress: ref_stats(images, out, detector=detector, batch=batch, device=device,
-                                               keep_features=keep_features, pixels=pixels, trust_pickle=trust_pickle,
-                                               report=report, progress=progress),
-            settings=dict(images=images, out=out, detector=detector, batch=batch, device=device, keep_features=keep_features,
-                          pixels=pixels, trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
-            plan=lambda: refstats_plan(images=images, out=out, detector=detector, report=report),
-            show=_show,
-        )
+        def fn(report: Any, progress: Any) -> Any:
+            from neon_cli.inception import ref_stats
+
+            return ref_stats(req, report=report, progress=progress)
+
+        run("ref-stats", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
+            plan=req.plan, show=_show)
 
 
 def _show(results, console) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import typer
 
 from neon_cli.commands._common import DryRunOpt, JsonOpt, LabelsOpt, QuietOpt, ReportOpt, SetOpt, TrustOpt, complete_family, run
+from neon_cli.requests import SeedPlan, SynthRequest, Trust
 
 
 def register(app: typer.Typer) -> None:
@@ -38,18 +39,13 @@ def register(app: typer.Typer) -> None:
         \b
             neon synth digits --num-images 4000 --set guidance=2 -o runs/S --report synth.json
         """
-        from neon_cli.plan import synth_plan
-        from neon_cli.synth import synthesize
+        req = SynthRequest(family, model, out, SeedPlan(seed=seed, num=num), tuple(set_ or ()), shard_size, batch, labels,
+                           Trust(pickle=trust_pickle), report)
 
-        run(
-            "synth",
-            lambda report, progress: synthesize(family, model, num=num, out_dir=out, seed=seed, set_pairs=set_ or [],
-                                                shard_size=shard_size, batch=batch, trust_pickle=trust_pickle,
-                                                labels=labels, report=report, progress=progress),
-            settings=dict(family=family, model=model, num=num, out=out, seed=seed, set=set_ or [], shard_size=shard_size, batch=batch,
-                          labels=labels, trust_pickle=trust_pickle),
-            report=report, json_out=json_out, quiet=quiet, dry_run=dry_run,
-            plan=lambda: synth_plan(family=family, model=model, out=out, num=num, shard_size=shard_size, set_pairs=set_ or [],
-                                    report=report),
-            show=lambda r, c: c.print(f"synthetic set: {r['num']} images in {len(r['shards'])} shards -> {out}/manifest.json"),
-        )
+        def fn(report: Any, progress: Any) -> Any:
+            from neon_cli.synth import run_synth
+
+            return run_synth(req, report=report, progress=progress)
+
+        run("synth", fn, settings=req.settings(), report=report, json_out=json_out, quiet=quiet, dry_run=dry_run, plan=req.plan,
+            show=lambda r, c: c.print(f"synthetic set: {r['num']} images in {len(r['shards'])} shards -> {out}/manifest.json"))
