@@ -500,7 +500,8 @@ class TuneRequest:
     the settings'), ``xtol`` (w units), ``max_evals``, ``rounds``, ``refine`` (default
     :data:`neon_cli.tune.common.REFINE_DEFAULT`), ``gamma_scale``, ``abandon_margin`` (relative; None:
     never abandon), ``metric`` (None: the family's first). Seed plans: ``num_samples`` images on
-    seeds ``seed ..``; stage 2 ``confirm_samples`` per block (0: none), ``keep`` candidates, up to
+    seeds ``seed ..``; stage 2 ``confirm_samples`` per block (0: none), ``keep`` candidates and the
+    refit probes ``w +- refit_width`` (w units; 0: no refit, :mod:`neon_cli.tune.refit`), up to
     ``max_images`` images (None: one block); ``labels`` (:mod:`neon_cli.labels`; None: balanced).
     ``set_pairs`` (``--set KEY=VALUE``), ``batch`` (sampling batch, images), ``plot_points``,
     ``control`` (``"real"`` or a checkpoint path) / ``control_samples``, ``write_anyway``,
@@ -528,8 +529,9 @@ class TuneRequest:
     num_samples: int = 2000
     seed: int = 10_000_000
     confirm_samples: int = 0
-    keep: int = 3
+    keep: int = 1
     max_images: Optional[int] = None
+    refit_width: float = 0.2  # neon_cli.tune.refit.REFIT_WIDTH_DEFAULT
     set_pairs: tuple[str, ...] = ()
     batch: int = 1000
     plot_points: int = 9

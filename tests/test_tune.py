@@ -411,13 +411,22 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
                      seed=0, confirm_samples=128, output=out, report=rep,
                      progress=lambda task, done, total=None, **info: rows.append((task, done, total, info.get("row"))))
     w_star, _ = closed_form(THETA_S, 0, 64)
-    assert abs(res["chosen"]["w"] - w_star) <= 0.01
+    assert abs(res["search_choice"]["w"] - w_star) <= 0.01  # Brent on the search seeds
+    # stage 2's refit: "dist" is exactly quadratic in w, so the parabola through the probes w1 +- 0.2 on
+    # the fresh seeds 64..191 has its vertex at those seeds' exact optimum, and that is chosen
+    w2_star, _ = closed_form(THETA_S, 64, 128)
+    assert abs(w2_star - w_star) > 1e-3  # the fresh seeds' optimum really differs from the search's
+    assert res["chosen"]["w"] == pytest.approx(w2_star, abs=1e-6)  # float32 merge
+    fit = res["confirmation"]["refit"]
+    assert fit["convex"] and not fit["clipped"] and fit["vertex"] == res["chosen"]["w"]
+    assert fit["ws"] == pytest.approx([res["search_choice"]["w"] + d for d in (-0.2, 0.0, 0.2)])
     assert res["mode"] == "brent" and res["metric"] == "dist" and res["direction"] == "min"
     ev = res["evaluations"]
     n_search = res["snapshots"][0]["n_evals"]
-    # + the base on the search seeds, + stage 2 (one block here): the 3 best search points and the base
-    assert n_search <= 12 and len(ev) == n_search + 1 + 3 + 1 and res["n_evals"] == len(ev)
-    assert res["images"]["confirmation"] == 4 * 128 and res["images"]["search"] == n_search * 64
+    # + the base on the search seeds, + stage 2 (one block here): the search's best, its two probes and the
+    # base, then the vertex; the vertex once more on the search seeds (comparable with the baselines)
+    assert n_search <= 12 and len(ev) == n_search + 1 + 3 + 1 + 1 + 1 and res["n_evals"] == len(ev)
+    assert res["images"]["confirmation"] == 5 * 128 and res["images"]["search"] == (n_search + 1) * 64
     # theta_r itself (w = 0) is scored first on the search seeds, and the chosen w beats it
     assert res["base"]["w"] == 0.0 and res["base"]["value"] == ev[0]["value"]
     assert res["baselines"]["default"]["value"] == ev[0]["value"] and res["baselines"]["best"] is None  # no gamma box
@@ -427,7 +436,7 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
         assert {"w", "gamma", "snapshot", "metrics", "seconds", "cached", "phase", "value", "seed", "num_samples"} <= set(e)
         assert e["cached"] is False and e["value"] == e["metrics"]["dist"]
         assert e["gamma"] == 1.8  # the family's default guidance, held fixed
-    assert [e["phase"] for e in ev] == ["base"] + ["brent"] * n_search + ["confirm"] * 3 + ["confirm-base"]
+    assert [e["phase"] for e in ev] == ["base"] + ["brent"] * n_search + ["confirm"] * 3 + ["confirm-base", "confirm", "search"]
     # every search evaluation used the same seeds (common random numbers)
     search_calls = fam.seen[1:n_search + 1]
     assert all(torch.equal(s[0], torch.arange(0, 64)) for s in fam.seen[:n_search + 1])  # base and search: same seeds
@@ -439,9 +448,10 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     # confirmation: disjoint, larger seed range; the base is scored at w = 0
     conf = res["confirmation"]
     assert conf["seeds"] == [64, 64 + 128 - 1]
-    for seeds, th, g in fam.seen[n_search + 1:]:
+    for seeds, th, g in fam.seen[n_search + 1:-1]:
         assert torch.equal(seeds, torch.arange(64, 192))
-    assert torch.equal(fam.seen[-1][1], torch.tensor(THETA_R, dtype=torch.float64))
+    assert torch.equal(fam.seen[-1][0], torch.arange(0, 64))  # the vertex on the search seeds
+    assert torch.equal(fam.seen[-3][1], torch.tensor(THETA_R, dtype=torch.float64))  # the base on stage 2's
     assert conf["neon"]["dist"] < conf["base"]["dist"]
     assert conf["relative_improvement"] == pytest.approx((conf["base"]["dist"] - conf["neon"]["dist"]) / conf["base"]["dist"])
     # the merged best checkpoint: the formula at the chosen w, buffers from theta_r, provenance metadata
@@ -611,7 +621,9 @@ def test_cli_tune_w_json_report_and_glob(fam, cli, tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     w_star, g_star = closed_form(THETA_S, 10_000_000, 32, gamma=True)  # the CLI default seed
-    assert res["chosen"]["w"] == pytest.approx(w_star, abs=1e-4) and res["chosen"]["gamma"] == pytest.approx(g_star, abs=1e-4)
+    search = res["search_choice"]  # the joint fit on the search seeds; stage 2 then refits w at its gamma
+    assert search["w"] == pytest.approx(w_star, abs=1e-4) and search["gamma"] == pytest.approx(g_star, abs=1e-4)
+    assert res["chosen"]["gamma"] == search["gamma"] and res["chosen"]["w"] == res["confirmation"]["refit"]["vertex"]
     assert res["bounds"] == [-0.5, 3.0] and len(res["snapshots"]) == 2
     report = json.loads(rep.read_text())
     assert report["status"] == "ok" and report["command"] == "tune-w"

@@ -169,7 +169,7 @@ def test_stage2_extends_until_budget_and_noise_is_exit_5(fam, monkeypatch):
     rep = Report("t", argv=[])
     with pytest.raises(NoImprovement, match="inside the noise"):
         run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], num_samples=64, seed=0, confirm_samples=32,
-                   keep=2, max_images=300, report=rep)
+                   keep=2, max_images=300, refit_width=0.0, report=rep)
     conf = rep.results["confirmation"]
     assert conf["blocks"] == 3 and conf["images"] == 3 * 3 * 32  # 2 candidates + the base; 3 blocks of 96 fit in 300
     assert conf["seeds"] == [64, 64 + 3 * 32 - 1] and not conf["resolved_vs_base"] and not conf["contradicts"]

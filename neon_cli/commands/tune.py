@@ -42,7 +42,11 @@ ConfirmOpt = typer.Option(
     help="Stage 2: re-score the search's --keep best candidates and the base on blocks of this many fresh seeds, adding "
          "blocks until the winner is resolved (95% interval of the paired difference excludes 0) or --max-images is "
          "spent, and choose on those (0: no stage 2; the verdict is then taken on the search seeds).")
-KeepOpt = typer.Option(3, "--keep", help="Candidates of the search re-scored in stage 2 (best first; the base is added).")
+KeepOpt = typer.Option(1, "--keep", help="Candidates of the search re-scored in stage 2 (best first; the base and the refit probes are added).")
+RefitOpt = typer.Option(
+    0.2, "--refit-width",
+    help="Stage 2: also score w-W and w+W (w units) at the chosen gamma and choose the vertex of the parabola through the "
+         "three on the fresh seeds, when it is not resolved worse than the best scored (0: no refit).")
 MaxImagesOpt = typer.Option(
     None, "--max-images", show_default="10 x --num-samples",
     help="Most images stage 2 samples (whole blocks; at least one block is scored).")
@@ -92,6 +96,7 @@ def register(app: typer.Typer) -> None:
         seed: int = SeedOpt,
         confirm_samples: Optional[int] = ConfirmOpt,
         keep: int = KeepOpt,
+        refit_width: float = RefitOpt,
         max_images: Optional[int] = MaxImagesOpt,
         set_: Optional[List[str]] = SetOpt,
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size (does not change the images)."),
@@ -142,7 +147,7 @@ def register(app: typer.Typer) -> None:
 
         opts = dict(bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, base_gamma=tuple(base_gamma) if base_gamma else None,
                     tune_base=tune_base, joint=joint, xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine,
-                    gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, keep=keep, max_images=max_images,
+                    gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, keep=keep, max_images=max_images, refit_width=refit_width,
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
                     detector=detector, ref_stats=ref_stats, labels=labels)

@@ -46,8 +46,9 @@ class Plan:
     control: str | None
     control_samples: int | None
     labels: str = "balanced"
-    keep: int = 3
+    keep: int = 1
     max_images: int | None = None
+    refit_width: float = 0.0
 
     @property
     def per_snapshot(self) -> int:
@@ -88,6 +89,7 @@ def check_flags(request: Any) -> Plan:
                                                                      r.confirm_samples, r.batch)
     abandon_margin, plot_points, control, control_samples = r.abandon_margin, r.plot_points, r.control, r.control_samples
     keep, max_images = r.keep, r.max_images
+    refit_width = validate.finite("--refit-width", getattr(r, "refit_width", 0.0), low=0.0)
     base_gamma = _base_box(gamma, r.base_gamma, r.tune_base)
     labels = check_labels(r.labels, 0, 0).protocol  # the name here; per model (classes, -n) when the Evaluator is built
     w_box = _box("--bounds", bounds)
@@ -137,4 +139,5 @@ def check_flags(request: Any) -> Plan:
                 refine=refine, gamma_scale=scales.get("--gamma", gamma_scale),
                 base_gamma_scale=scales.get("--base-gamma", gamma_scale), joint=joint, num_samples=num_samples, seed=seed,
                 confirm_samples=confirm_samples, batch=batch, abandon_margin=abandon_margin, plot_points=plot_points,
-                control=control, control_samples=control_samples, keep=keep, max_images=max_images, labels=labels)
+                control=control, control_samples=control_samples, keep=keep, max_images=max_images, labels=labels,
+                refit_width=refit_width)

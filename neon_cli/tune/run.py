@@ -446,8 +446,13 @@ def _candidates(ctx: Context, scorer: Scorer, results: Mapping[str, Any]) -> lis
     rows = sorted((r for r in scorer.log if r["model"] == "neon" and r["seed"] == ev.seed and r["num_samples"] == ev.num_samples
                    and r["phase"] != "plot"), key=lambda r: sign * r["value"])
     out: list[tuple[Any, float, float | None]] = [(ch["snapshot"], float(ch["w"]), ch["gamma"])]
+    for w in _probe_ws(ctx, float(ch["w"])):
+        c = (ch["snapshot"], w, ch["gamma"])
+        if all((c[0], _rkey(c[1]), _rkey(c[2])) != (o[0], _rkey(o[1]), _rkey(o[2])) for o in out):
+            out.append(c)
+    room = len(out) + ctx.plan.keep - 1  # the chosen counts as the first of --keep
     for r in rows:
-        if len(out) >= ctx.plan.keep:
+        if len(out) >= room:
             break
         c = (index[r["snapshot"]], float(r["w"]), r["gamma"] if ctx.plan.gamma else ch["gamma"])
         if all((c[0], _rkey(c[1]), _rkey(c[2])) != (o[0], _rkey(o[1]), _rkey(o[2])) for o in out):
@@ -456,6 +461,24 @@ def _candidates(ctx: Context, scorer: Scorer, results: Mapping[str, Any]) -> lis
     for g in dict.fromkeys([best["gamma"] if best else ch["gamma"], ctx.default_gamma]):
         out.append(("base", 0.0, g))
     return out
+
+
+def _probe_ws(ctx: Context, w1: float) -> tuple[float, ...]:
+    """Stage 2's refit probes around ``w1`` (:func:`neon_cli.tune.refit.probes`; none with ``--refit-width 0``)."""
+    from neon_cli.tune.refit import probes
+
+    width = ctx.plan.refit_width
+    return probes(w1, width, ctx.plan.bounds) if width else ()
+
+
+def _probe_index(ctx: Context, cands: Sequence[tuple[Any, float, float | None]]) -> list[int]:
+    """Indices of the three refit probes among ``cands`` (the chosen snapshot and gamma), or []."""
+    if not cands or cands[0][0] == "base":
+        return []
+    who, w1, g = cands[0]
+    ws = [_rkey(w) for w in _probe_ws(ctx, w1)]
+    idx = [i for i, c in enumerate(cands) if c[0] == who and _rkey(c[2]) == _rkey(g) and _rkey(c[1]) in ws]
+    return idx if len(idx) == 3 else []
 
 
 def _label(ctx: Context, c: tuple[Any, float, float | None]) -> str:
@@ -477,7 +500,7 @@ def _pair(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> tuple[floa
 
 
 def _confirm_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int,
-                    cseed: int) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[int, dict[str, Any]], int, int]:
+                    cseed: int, pinned: Sequence[int] = ()) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[int, dict[str, Any]], int, int]:
     """Stage 2's blocks (see :func:`confirm`): ``(rows, dropped, comparisons, images, blocks)``:
     each candidate's log rows per block, the self-trained candidates dropped (resolved worse than
     the leader) and the last comparisons with the leader, images sampled, blocks scored."""
@@ -512,7 +535,7 @@ def _confirm_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, 
             per = [_pair(rows[i][j], rows[leader][j], m) for j in range(k)]
             comparisons[i] = {**combine_differences(per), "against": _label(ctx, cands[i])}
         for i, c in list(comparisons.items()):
-            if cands[i][0] != "base" and c["resolved"]:
+            if cands[i][0] != "base" and c["resolved"] and i not in pinned:
                 alive.remove(i)
                 dropped[i] = {**c, "after_blocks": blocks}
         unresolved = [i for i, c in comparisons.items() if not c["resolved"] and i in alive]
@@ -572,7 +595,10 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
         return
     B, cseed = plan.confirm_samples, plan.seed + plan.num_samples
     cands = _candidates(ctx, scorer, results)
-    rows, dropped, comparisons, images, blocks = _confirm_blocks(ctx, scorer, cands, B, cseed)
+    pinned = _probe_index(ctx, cands)
+    rows, dropped, comparisons, images, blocks = _confirm_blocks(ctx, scorer, cands, B, cseed, pinned)
+    fit, extra = _refit(ctx, scorer, cands, rows, pinned, B, cseed, blocks)
+    images += extra
     comparisons.update(dropped)
 
     def summary(i: int) -> dict[str, Any]:
@@ -585,7 +611,7 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
     neon_idx = [i for i, c in enumerate(cands) if c[0] != "base"]
     strongest = min(base_idx, key=lambda i: sign * summary(i)["value"])
     live = [i for i in neon_idx if i not in dropped] or neon_idx  # all dropped: a base led, resolved
-    best_neon = min(live, key=lambda i: sign * summary(i)["value"])
+    best_neon = _stage2_choice(ctx, rows, fit, min(live, key=lambda i: sign * summary(i)["value"]))
     vs_base = _paired_over(ctx, rows, best_neon, strongest)
     runners = [i for i in neon_idx if i != best_neon]
     runner = min(runners, key=lambda i: sign * summary(i)["value"]) if runners else None
@@ -606,7 +632,7 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
                              confirmed_se=summary(best_neon)["se"])
     results["confirmation"] = {
         "seed": cseed, "num_samples": B, "seeds": [cseed, cseed + blocks * B - 1], "blocks": blocks, "images": images,
-        "max_images": plan.max_images, "keep": plan.keep, "z": Z95,
+        "max_images": plan.max_images, "keep": plan.keep, "z": Z95, "refit": fit,
         "candidates": [summary(i) for i in range(len(cands))],
         "comparisons": [{"candidate": _label(ctx, cands[i]), **c} for i, c in sorted(comparisons.items())],
         "vs_base": vs_base, "vs_runner_up": vs_runner,
@@ -622,6 +648,46 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
         "strongest_base_is_searched": best is not None,
         "contradicts": not neon_wins,
     }
+
+
+def _refit(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], rows: dict[int, list[dict[str, Any]]],
+           pinned: Sequence[int], B: int, cseed: int, blocks: int) -> tuple[dict[str, Any] | None, int]:
+    """Stage 2's local refit (:mod:`neon_cli.tune.refit`): the vertex of the parabola through the
+    probes' means over the stage-2 blocks, scored on those same blocks and appended to ``cands`` /
+    ``rows`` (so it is compared paired with every other candidate, and chosen when it leads).
+    Returns (the refit as JSON, None without probes; images sampled for the vertex)."""
+    from neon_cli.tune.refit import refit
+
+    if len(pinned) != 3:
+        return None, 0
+    vals = [[float(rows[i][j]["metrics"][ctx.metric]) for i in pinned] for j in range(blocks)]
+    reps = [[rows[i][j]["jackknife"] for i in pinned] for j in range(blocks)]
+    if any(not r for blk in reps for r in blk):
+        reps = None
+    fit = refit([cands[i][1] for i in pinned], vals, reps, sign=ctx.sign, bounds=ctx.plan.bounds)
+    who, _, g = cands[pinned[0]]
+    c = (who, fit.vertex, g)
+    same = [i for i, o in enumerate(cands) if (o[0], _rkey(o[1]), _rkey(o[2])) == (c[0], _rkey(c[1]), _rkey(c[2]))]
+    if same:
+        return {**fit.as_json(), "candidate": same[0]}, 0
+    cands.append(c)
+    i = len(cands) - 1
+    rows[i] = [scorer.measure(who, fit.vertex, g, ctx.evaluator_for(B, cseed + j * B), "confirm") for j in range(blocks)]
+    return {**fit.as_json(), "candidate": i}, B * blocks
+
+
+def _stage2_choice(ctx: Context, rows: Mapping[int, list[dict[str, Any]]], fit: Mapping[str, Any] | None, leader: int) -> int:
+    """The refit's vertex when the parabola is convex and the vertex is not resolved worse than the
+    best-measured candidate (paired, 95 %); otherwise that candidate. The vertex pools all three
+    probes (its error is the block's tilt alone), where picking the best-measured point adds the
+    noise of a selection among close values."""
+    if not fit or not fit["convex"]:
+        return leader
+    v = int(fit["candidate"])
+    if v == leader:
+        return v
+    d = _paired_over(ctx, rows, v, leader)
+    return leader if (d["resolved"] and ctx.sign * d["diff"] > 0) else v
 
 
 def _paired_over(ctx: Context, rows: Mapping[int, list[dict[str, Any]]], a: int, b: int) -> dict[str, Any]:
