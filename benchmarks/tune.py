@@ -106,7 +106,7 @@ class Bench:
         self.base_sha = sha256_path(self.base)
         self.settings = resolve_settings(self.family, [])
         self.static = static_key(self.family, plugin_version(args.family)["version"], batch=args.batch)
-        self.cache = EvalCache(args.workdir / "evals.jsonl")
+        self.cache = EvalCache(getattr(args, "cache", None) or args.workdir / "evals.jsonl")
         self.model = self.family.load(str(self.base))
         self.base_sd = self.model.state_dict()
         self.evaluators: dict = {}

@@ -39,16 +39,51 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from neon_cli.tune.refit import REFIT_WIDTH_DEFAULT  # noqa: E402
+from neon_cli.tune.run import STAGE2_IMAGES_FACTOR  # noqa: E402
+
 DIGITS_CONFIGS = ["T1:4000:0.03:0", "T2:4000:0.10:0", "H1:1000:0.03:1", "H2:16000:0.05:2", "H3:2000:0.01:3",
                   "R1:500:0.02:4", "R2:8000:0.03:5", "R3:2000:0.05:6@2.5", "R4:1000:0.10:7@1.5"]
 GAUSS_CONFIGS = ["G1:1000:0.02:0", "G2:500:0.05:1", "G3:2000:0.01:2", "G4:250:0.03:3", "G5:1000:0.10:4"]
 DEFAULT_METHODS = ["paper", "brent@1000", "brent@2000", "brent@5000", "joint@1000", "joint@2000", "joint@5000", "default"]
+DEFAULT_SAMPLES = 2000  # neon tune-w --num-samples (stage 2: blocks of as many, up to 10x: the CLI's defaults)
 SEARCH_SEED0 = 30_000_000  # blocks of 1,000,000 seeds each: search, then stage 2 inside the block
 TRUTH_SEED = 90_000_000
 
 
 def _quiet(*_a, **_k):
     return None
+
+
+def metric_only(family, metric: str) -> bool:
+    """Make the digits family score ``metric`` alone (fd_digits or pixel_fid, with its jackknife
+    replicates), skipping precision/recall/density/coverage, whose k-NN passes are most of an
+    evaluation's time at 20,000 samples. Benchmark-only (the regret is of one metric); other
+    families are left alone. Returns whether the family was patched."""
+    if family.name != "digits" or metric not in ("fd_digits", "pixel_fid"):
+        return False
+    import torch
+
+    from neon_cli.metrics import frechet_replicates
+    from neon_digits import WEIGHTS
+    from neon_digits.io import DigitsScorer
+
+    scorer = DigitsScorer(WEIGHTS / "classifier.safetensors")
+
+    def _feats(images):
+        if metric == "pixel_fid":
+            return images.reshape(-1, 64).double().numpy() / 255.0, scorer.real_pix_stats
+        with torch.no_grad():
+            return scorer.net(images)[0].double().numpy(), scorer.real_stats
+
+    def score_jackknife(images, labels, groups):
+        f, ref = _feats(images)
+        full, reps = frechet_replicates(f, *ref, groups)
+        return {metric: full}, {metric: reps}
+
+    family.score_jackknife = score_jackknife
+    family.score = lambda images, labels: score_jackknife(images, labels, [])[0]
+    return True
 
 
 class Regret:
@@ -58,11 +93,12 @@ class Regret:
 
         self.args = args
         self.family = get_family(args.family)
+        self.metric_only = args.metric_only and metric_only(self.family, args.metric)
         self.guidance = getattr(self.family, "guidance", None)
         bargs = argparse.Namespace(family=args.family, workdir=args.workdir, batch=args.batch, metric=args.metric,
-                                   num_samples=args.truth_samples, seed=TRUTH_SEED)
+                                   num_samples=args.truth_samples, seed=TRUTH_SEED, cache=args.cache)
         self.bench = Bench(bargs)
-        self.cache = args.workdir / "evals.jsonl"
+        self.cache = args.cache
 
     def truth(self, snap, w: float, g: float | None) -> float:
         g = self._g(g)
@@ -106,8 +142,14 @@ class Regret:
         g_s = snap["gamma_S"]
         box = tuple(self.args.gamma) if self.guidance else None
         pin = [f"{self.guidance}={g_s!r}"] if self.guidance else []
-        if name == "default":
-            return self.run_tune(snap, seed, gamma=box, num_samples=2000, confirm_samples=2000, keep=3, max_images=20000)
+        if name == "default":  # what `neon tune-w --gamma LO HI` does with no other flag
+            n = DEFAULT_SAMPLES
+            return self.run_tune(snap, seed, gamma=box, num_samples=n, confirm_samples=n, keep=1,
+                                 max_images=STAGE2_IMAGES_FACTOR * n, refit_width=REFIT_WIDTH_DEFAULT)
+        if name.startswith("staged@"):  # staged@N1:B:MAX[:WIDTH]: stage 1 at N1, stage 2 blocks of B up to MAX images
+            n1, b, mx, *wd = name.split("@")[1].split(":")
+            return self.run_tune(snap, seed, gamma=box, num_samples=int(n1), confirm_samples=int(b), keep=1,
+                                 max_images=int(mx), refit_width=float(wd[0]) if wd else REFIT_WIDTH_DEFAULT)
         if name == "paper":
             from tune import PAPER_SAMPLES, paper_sweep_2d, paper_sweep_w
 
@@ -121,6 +163,9 @@ class Regret:
         kind, n = name.split("@")
         if kind == "brent":
             return self.run_tune(snap, seed, num_samples=int(n), confirm_samples=0, tune_base=False, set_pairs=pin)
+        if kind == "rescore":  # the previous stage 2: --keep 3 re-scored, no refit, blocks of N up to 10 N
+            return self.run_tune(snap, seed, gamma=box, num_samples=int(n), confirm_samples=int(n), keep=3,
+                                 max_images=10 * int(n), refit_width=0.0)
         if kind == "joint":
             if box is None:
                 raise SystemExit(f"{name}: family {self.args.family} has no guidance to search")
@@ -165,6 +210,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--family", default="digits")
     ap.add_argument("--workdir", type=Path, default=Path("bench-regret-work"))
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="evaluation cache (default WORKDIR/evals.jsonl; one per process: tune-w locks it)")
     ap.add_argument("--configs", nargs="*", default=None, help="NAME:|S|:BUDGET_FRACTION:SEED[@GAMMA_S]")
     ap.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
     ap.add_argument("--blocks", type=int, default=5, help="disjoint search seed blocks per theta_s")
@@ -175,6 +222,10 @@ def main() -> None:
     ap.add_argument("--bounds", type=float, nargs=2, default=(0.0, 3.0))
     ap.add_argument("--gamma", type=float, nargs=2, default=(1.0, 4.0))
     ap.add_argument("--sweep-stop", type=float, default=0.03)
+    ap.add_argument("--all-metrics", dest="metric_only", action="store_false",
+                    help="digits: score every metric (default: the regret's metric alone, ~2x faster)")
+    ap.add_argument("--paper-blocks", type=int, default=None,
+                    help="run the paper protocol on the first K blocks only (it samples ~10^6 images per block on digits)")
     ap.add_argument("--quick", action="store_true", help="2 theta_s x 2 blocks, truth 10k, methods brent@1000 joint@1000 default")
     args = ap.parse_args()
     import torch
@@ -192,6 +243,7 @@ def main() -> None:
     if not fam.guidance:
         args.methods = [m for m in args.methods if not m.startswith("joint")]
     args.workdir.mkdir(parents=True, exist_ok=True)
+    args.cache = args.cache or args.workdir / "evals.jsonl"
     r = Regret(args)
     t0 = time.perf_counter()
     g_star = r.bench.gamma_s() if fam.guidance else None
@@ -201,7 +253,8 @@ def main() -> None:
         g_s = float(spec.split("@")[1]) if "@" in spec else g_star
         snap = r.bench.selftrained(name, int(num), float(frac), int(seed), g_s) if fam.guidance else \
             _selftrained_nog(r, name, int(num), float(frac), int(seed))
-        chosen = {(m, b): r.method(m, snap, b) for b in range(args.blocks) for m in args.methods}
+        chosen = {(m, b): r.method(m, snap, b) for b in range(args.blocks) for m in args.methods
+                  if not (m == "paper" and args.paper_blocks is not None and b >= args.paper_blocks)}
         pts = {(round(w, 9), None if g is None else round(g, 9)) for w, g, _ in chosen.values()}
         if not args.no_truth_search:
             pts |= {(round(w, 9), None if g is None else round(g, 9)) for w, g in r.truth_search(snap)}
@@ -211,13 +264,14 @@ def main() -> None:
               + (f", gamma_S {g_s:.4g}" if g_s else "") + f"; truth on {args.truth_samples} seeds: best {best:.5g}", flush=True)
         for m in args.methods:
             regs = []
-            for b in range(args.blocks):
+            done = [b for b in range(args.blocks) if (m, b) in chosen]
+            for b in done:
                 w, g, imgs = chosen[(m, b)]
                 reg = 100 * (truths[(round(w, 9), None if g is None else round(g, 9))] - best) / abs(best)
                 regs.append(reg)
                 out[m].append((reg, imgs))
             print(f"  {m:12} regret % per block: {' '.join(f'{x:6.2f}' for x in regs)}   images/block "
-                  f"{statistics.mean(chosen[(m, b)][2] for b in range(args.blocks)):.0f}", flush=True)
+                  f"{statistics.mean(chosen[(m, b)][2] for b in done):.0f}", flush=True)
     print(f"\nsummary over {len(args.configs)} theta_s x {args.blocks} blocks ({args.family}, {args.metric}, "
           f"truth {args.truth_samples} seeds)")
     paper_imgs = statistics.mean(i for _, i in out["paper"]) if out.get("paper") else None

@@ -9,7 +9,8 @@ following the paper's protocol (Sec. 4: every model at its FID-optimal inference
    and recipe;
 5. tune-w: (w, gamma) jointly (w at S's gamma first, then the quadratic surface), the control's
    own best gamma, merge -> ``OUT/neon.safetensors``;
-6. confirmation on a larger, disjoint seed range (tune-w's stage 2 with ``keep=1``, one block):
+6. confirmation on a larger, disjoint seed range (tune-w's stage 2 with ``keep=1``, one block, no
+   w refit, so the demo stays a few minutes; ``neon tune-w`` itself refits w there by default):
    the base at its default settings, the base at its best gamma, the control and Neon; the
    headline gain is against the base at its best, with the standard error of the paired
    difference (same seeds) and whether it is resolved.
@@ -119,7 +120,7 @@ class _Pipeline:
         tuned = self.step("tune-w", lambda **k: tune_w(TuneRequest(
             self.family_name, self.base, (ft["final"],), bounds=bounds, gamma=self.gamma, line_gamma=gamma_s,
             num_samples=self.num_samples, seed=eval_seed, confirm_samples=self.confirm_samples, keep=1,
-            max_evals=self.max_evals, control=ctl, require_improvement=False, write_anyway=True,
+            refit_width=0.0, max_evals=self.max_evals, control=ctl, require_improvement=False, write_anyway=True,
             outputs=Outputs(out=neon_path, cache=self.cache)), **k))
         return self._results(tuned, gamma_s, ft, neon_path, ctl)
 

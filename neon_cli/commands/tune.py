@@ -48,8 +48,8 @@ RefitOpt = typer.Option(
     help="Stage 2: also score w-W and w+W (w units) at the chosen gamma and choose the vertex of the parabola through the "
          "three on the fresh seeds, when it is not resolved worse than the best scored (0: no refit).")
 MaxImagesOpt = typer.Option(
-    None, "--max-images", show_default="10 x --num-samples",
-    help="Most images stage 2 samples (whole blocks; at least one block is scored).")
+    None, "--max-images", show_default="20 x --num-samples",
+    help="Most images stage 2 samples (whole blocks, the refit's vertex included; at least one block is scored).")
 AbandonOpt = typer.Option(
     0.02, "--abandon-margin",
     help="Drop a snapshot whose best is this fraction worse than the best so far and whose quadratic prediction cannot "

@@ -27,9 +27,10 @@ from neon_cli.tune.scorer import Context, Scorer
 from neon_cli.tune.snapshots import SnapshotSearch, SnapshotSearchOptions, search_snapshots
 
 
-#: ``neon tune-w``'s default stage-2 budget, in units of ``--num-samples``: with the default
-#: ``--keep 3`` and the base at two gammas, two blocks of fresh seeds (README, "Tuning w and gamma").
-STAGE2_IMAGES_FACTOR = 10
+#: ``neon tune-w``'s default stage-2 budget (``--max-images``), in units of ``--num-samples``: with the
+#: default refit (3 probes, the vertex) and the base at two gammas, three blocks of fresh seeds, so
+#: the refit pools 3 x ``--num-samples`` per probe (README, "Tuning w and gamma").
+STAGE2_IMAGES_FACTOR = 20
 
 
 def _natural_key(p: Path) -> list[Any]:
@@ -539,7 +540,7 @@ def _confirm_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, 
                 alive.remove(i)
                 dropped[i] = {**c, "after_blocks": blocks}
         unresolved = [i for i, c in comparisons.items() if not c["resolved"] and i in alive]
-        nxt = len(alive) * B
+        nxt = len(alive) * B + (B * (blocks + 1) if pinned else 0)  # and a refit's vertex, on every block
         if not unresolved or budget is None or images + nxt > budget:
             break
     return rows, dropped, comparisons, images, blocks
