@@ -217,6 +217,12 @@ def _show(results, console) -> None:
         if (results.get("control") or {}).get("confirmation"):
             ct.add_row("control (first block)", _f(results["control"]["confirmation"][metric], 5), "", "", "1")
         console.print(ct)
+        fit = conf.get("refit")
+        if fit:
+            console.print(f"refit over w: probes {', '.join(_f(x) for x in fit['ws'])} -> "
+                          + (f"vertex w = {_f(fit['vertex'])}" + (f" ± {fit['vertex_se']:.2g}" if fit.get("vertex_se") else "")
+                             + (" (clipped: the optimum may lie further out)" if fit["clipped"] else "")
+                             if fit["convex"] else "not convex: the best probe"))
         d = conf["vs_base"]
         what = "the best base (its own best gamma)" if conf.get("strongest_base_is_searched") else \
             "the base (no base gamma search: at the chosen and default gamma, not its best)"
