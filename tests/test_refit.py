@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from neon_cli.tune.refit import REFIT_REACH, probes, refit
+from neon_cli.tune.refit import REFIT_REACH, probes, refit, refit_points
 
 
 def _parabola(w, c=3.0, w0=1.07, floor=0.5):
@@ -52,6 +52,21 @@ def test_concave_fit_falls_back_to_the_best_probe():
     ws = (0.8, 1.0, 1.2)
     fit = refit(ws, [[1.0, 1.5, 0.9]], None)
     assert not fit.convex and fit.vertex == 1.2
+
+
+def test_probes_that_moved_between_blocks_pool_through_block_offsets():
+    """Block 0 probed around 0.6 (the vertex clipped), block 1 around 1.0; each block has its own
+    offset. The fit with one offset per block recovers the exact vertex from both sets together."""
+    pts = [(0, w, _parabola(w) + 0.4, None) for w in (0.4, 0.6, 0.8)] + \
+          [(1, w, _parabola(w) - 0.2, None) for w in (0.8, 1.0, 1.2)]
+    fit = refit_points(pts, center=1.0, width=0.2)
+    assert fit.vertex == pytest.approx(1.07, abs=1e-9) and fit.curvature == pytest.approx(3.0, rel=1e-9)
+    assert fit.ws == pytest.approx((0.8, 1.0, 1.2)) and not fit.clipped
+    # two points only on a block cannot fit a parabola alone, but pool with the others
+    pts2 = pts[:2] + pts[3:]
+    assert refit_points(pts2, center=1.0, width=0.2).vertex == pytest.approx(1.07, abs=1e-9)
+    with pytest.raises(ValueError, match="three distinct"):
+        refit_points(pts[:2], center=1.0, width=0.2)
 
 
 def test_probes_shift_inside_the_bounds():

@@ -73,66 +73,97 @@ def probes(w1: float, width: float, bounds: tuple[float, float]) -> tuple[float,
     return (c - width, c, c + width)
 
 
-def _vertex(ws: Sequence[float], ys: Sequence[float], sign: float, bounds: tuple[float, float],
-            width: float) -> tuple[float, float, bool, bool]:
-    """(vertex, curvature, clipped, convex) of the parabola through three points of ``sign * y``."""
-    x = np.asarray(ws, dtype=float)
-    y = sign * np.asarray(ys, dtype=float)
-    c2, c1, _ = np.polyfit(x, y, 2)
-    lo = max(bounds[0], x[1] - REFIT_REACH * width)
-    hi = min(bounds[1], x[1] + REFIT_REACH * width)
-    if not (np.isfinite(c2) and c2 > 0):
-        return float(x[int(np.argmin(y))]), float(c2), False, False
-    v = -c1 / (2 * c2)
-    clipped = not (lo <= v <= hi)
-    return float(min(max(v, lo), hi)), float(c2), clipped, True
+def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | None]], *, center: float, width: float,
+                 sign: float = 1.0, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Refit:
+    """The vertex of ``y = a_j + b w + c w^2`` fitted to probes measured on several blocks ``j``.
+
+    Each block has its own offset ``a_j`` (every probe of a block shares its seeds: the offset is
+    common to them and cancels, as in a paired comparison), so probes may move between blocks
+    (stage 2 re-centres them on a clipped vertex) and still pool into one slope ``b`` and curvature
+    ``c`` (ordinary least squares, ``numpy.linalg.lstsq``).
+
+    Args:
+        points: ``(block, w, value, replicates)``: a probe's metric on a block and its G
+            leave-one-group-out values (None or empty: no SE). At least three distinct w.
+        center, width: the latest probes' centre and spacing; the vertex is clipped to
+            ``center +- REFIT_REACH * width`` and to ``bounds``.
+        sign: +1 for a minimised metric, -1 for a maximised one.
+
+    The SE deletes one group of one block at a time (that block's points take their replicates),
+    refits, and takes ``(n - 1) / n * sum (v - v_bar)^2`` over the ``n = sum_j G`` deletions.
+    ``means``/``ws`` of the result: the latest three probes and their fitted values (the block
+    offsets averaged).
+
+    Raises:
+        ValueError: fewer than three distinct w.
+    """
+    blocks = sorted({int(p[0]) for p in points})
+    ws = np.array([float(p[1]) for p in points])
+    if len(set(ws.tolist())) < 3:
+        raise ValueError(f"the refit needs three distinct probes, got {sorted(set(ws.tolist()))!r}")
+    y = sign * np.array([float(p[2]) for p in points])
+    col = {b: k for k, b in enumerate(blocks)}
+    X = np.zeros((len(points), len(blocks) + 2))
+    for r, p in enumerate(points):
+        X[r, col[int(p[0])]] = 1.0
+    X[:, -2], X[:, -1] = ws - center, (ws - center) ** 2  # centred: a well-conditioned fit
+
+    lo = max(bounds[0], center - REFIT_REACH * width)
+    hi = min(bounds[1], center + REFIT_REACH * width)
+
+    def vertex(yv: np.ndarray) -> tuple[float, float, float, bool, bool, np.ndarray]:
+        coef = np.linalg.lstsq(X, yv, rcond=None)[0]
+        b, c = float(coef[-2]), float(coef[-1])
+        if not (np.isfinite(c) and c > 0):  # not convex: the best fitted probe
+            fitted = b * (ws - center) + c * (ws - center) ** 2
+            return float(ws[int(np.argmin(fitted))]), b, c, False, False, coef
+        v = center - b / (2 * c)
+        return float(min(max(v, lo), hi)), b, c, not (lo <= v <= hi), True, coef
+
+    v, b, c, clipped, convex, coef = vertex(y)
+    deletions = []
+    for p_idx, p in enumerate(points):
+        reps = p[3]
+        if reps is None or len(reps) == 0:
+            deletions = []
+            break
+    else:
+        for blk in blocks:
+            rows = [r for r, p in enumerate(points) if int(p[0]) == blk]
+            G = min(len(points[r][3]) for r in rows)
+            for g in range(G):
+                yy = y.copy()
+                for r in rows:
+                    yy[r] = sign * float(points[r][3][g])
+                deletions.append(vertex(yy)[0])
+    se = math.nan
+    if len(deletions) > 1:
+        arr = np.asarray(deletions)
+        n = len(arr)
+        se = float(math.sqrt((n - 1) / n * float(((arr - arr.mean()) ** 2).sum())))
+    latest = probes(center, width, bounds) if math.isfinite(width) and width > 0 else tuple(sorted(set(ws.tolist()))[:3])
+    off = float(np.mean(coef[:-2]))
+    means = tuple(sign * (off + b * (x - center) + c * (x - center) ** 2) for x in latest)
+    return Refit(ws=tuple(float(x) for x in latest), means=means, curvature=c, vertex=v, vertex_se=se,
+                 clipped=clipped, convex=convex)
 
 
 def refit(ws: Sequence[float], blocks: Sequence[Sequence[float]], replicates: Sequence[Sequence[Sequence[float]]] | None,
           *, sign: float = 1.0, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Refit:
-    """The vertex of the parabola through the probes' block-pooled means, with its jackknife SE.
-
-    Args:
-        ws: the three probes (w), any order.
-        blocks: ``blocks[j][i]``: the metric of probe ``i`` on stage-2 block ``j`` (all probes scored on
-            the same seeds in a block: common random numbers). k >= 1 blocks.
-        replicates: ``replicates[j][i]``: probe ``i``'s G leave-one-group-out values on block ``j``
-            (:meth:`neon_cli.evaluate.Evaluator.score_model_jk`); None: no SE (nan).
-        sign: +1 for a minimised metric, -1 for a maximised one.
-        bounds: the search's w bounds (the vertex is clipped to them).
-
-    The pooled mean of probe i is the mean over blocks. Deleting group g of block j replaces that
-    block's value by its replicate, so the pooled replicate is ``mean + (rep - value) / k``; the
-    vertex is recomputed for each of the ``k * G`` deletions and the jackknife variance is
-    ``(n - 1) / n * sum (v_(j,g) - v_bar)^2`` with ``n = k * G`` (Efron & Stein 1981; the groups are
-    class-balanced, as for every other SE in neon).
+    """:func:`refit_points` for the same three probes ``ws`` on every block: ``blocks[j][i]`` is probe
+    ``i``'s metric on block ``j``, ``replicates[j][i]`` its G leave-one-group-out values (None: no SE).
+    With one set of probes the block offsets cancel exactly, so the vertex is that of the parabola
+    through the probes' block means.
 
     Raises:
         ValueError: not exactly three distinct probes, or blocks of the wrong shape.
     """
-    order = np.argsort(np.asarray(ws, dtype=float))
-    x = np.asarray(ws, dtype=float)[order]
-    if len(x) != 3 or len(set(x.tolist())) != 3:
+    x = sorted(float(w) for w in ws)
+    if len(x) != 3 or len(set(x)) != 3:
         raise ValueError(f"the refit needs three distinct probes, got {list(ws)!r}")
     vals = np.asarray(blocks, dtype=float)
     if vals.ndim != 2 or vals.shape[1] != 3 or vals.shape[0] < 1:
         raise ValueError(f"blocks must be k x 3 values, got shape {vals.shape}")
-    vals = vals[:, order]
-    k = vals.shape[0]
-    means = vals.mean(axis=0)
-    width = float(x[1] - x[0])
-    v, c2, clipped, convex = _vertex(x, means, sign, bounds, width)
-    se = math.nan
-    if replicates is not None:
-        reps = np.asarray(replicates, dtype=float)[:, order, :]  # k x 3 x G
-        outs = []
-        for j in range(k):
-            for g in range(reps.shape[2]):
-                m = means + (reps[j, :, g] - vals[j]) / k
-                outs.append(_vertex(x, m, sign, bounds, width)[0])
-        n = len(outs)
-        if n > 1:
-            arr = np.asarray(outs)
-            se = float(math.sqrt((n - 1) / n * float(((arr - arr.mean()) ** 2).sum())))
-    return Refit(ws=(float(x[0]), float(x[1]), float(x[2])), means=tuple(float(m) for m in means), curvature=c2,
-                 vertex=v, vertex_se=se, clipped=clipped, convex=convex)
+    pts = [(j, float(ws[i]), float(vals[j, i]), None if replicates is None else list(replicates[j][i]))
+           for j in range(vals.shape[0]) for i in range(3)]
+    return refit_points(pts, center=x[1], width=x[1] - x[0], sign=sign, bounds=bounds)

@@ -447,13 +447,8 @@ def _candidates(ctx: Context, scorer: Scorer, results: Mapping[str, Any]) -> lis
     rows = sorted((r for r in scorer.log if r["model"] == "neon" and r["seed"] == ev.seed and r["num_samples"] == ev.num_samples
                    and r["phase"] != "plot"), key=lambda r: sign * r["value"])
     out: list[tuple[Any, float, float | None]] = [(ch["snapshot"], float(ch["w"]), ch["gamma"])]
-    for w in _probe_ws(ctx, float(ch["w"])):
-        c = (ch["snapshot"], w, ch["gamma"])
-        if all((c[0], _rkey(c[1]), _rkey(c[2])) != (o[0], _rkey(o[1]), _rkey(o[2])) for o in out):
-            out.append(c)
-    room = len(out) + ctx.plan.keep - 1  # the chosen counts as the first of --keep
     for r in rows:
-        if len(out) >= room:
+        if len(out) >= ctx.plan.keep:
             break
         c = (index[r["snapshot"]], float(r["w"]), r["gamma"] if ctx.plan.gamma else ch["gamma"])
         if all((c[0], _rkey(c[1]), _rkey(c[2])) != (o[0], _rkey(o[1]), _rkey(o[2])) for o in out):
@@ -462,24 +457,6 @@ def _candidates(ctx: Context, scorer: Scorer, results: Mapping[str, Any]) -> lis
     for g in dict.fromkeys([best["gamma"] if best else ch["gamma"], ctx.default_gamma]):
         out.append(("base", 0.0, g))
     return out
-
-
-def _probe_ws(ctx: Context, w1: float) -> tuple[float, ...]:
-    """Stage 2's refit probes around ``w1`` (:func:`neon_cli.tune.refit.probes`; none with ``--refit-width 0``)."""
-    from neon_cli.tune.refit import probes
-
-    width = ctx.plan.refit_width
-    return probes(w1, width, ctx.plan.bounds) if width else ()
-
-
-def _probe_index(ctx: Context, cands: Sequence[tuple[Any, float, float | None]]) -> list[int]:
-    """Indices of the three refit probes among ``cands`` (the chosen snapshot and gamma), or []."""
-    if not cands or cands[0][0] == "base":
-        return []
-    who, w1, g = cands[0]
-    ws = [_rkey(w) for w in _probe_ws(ctx, w1)]
-    idx = [i for i, c in enumerate(cands) if c[0] == who and _rkey(c[2]) == _rkey(g) and _rkey(c[1]) in ws]
-    return idx if len(idx) == 3 else []
 
 
 def _label(ctx: Context, c: tuple[Any, float, float | None]) -> str:
@@ -501,7 +478,7 @@ def _pair(a: Mapping[str, Any], b: Mapping[str, Any], metric: str) -> tuple[floa
 
 
 def _confirm_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int,
-                    cseed: int, pinned: Sequence[int] = ()) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[int, dict[str, Any]], int, int]:
+                    cseed: int) -> tuple[dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]], dict[int, dict[str, Any]], int, int]:
     """Stage 2's blocks (see :func:`confirm`): ``(rows, dropped, comparisons, images, blocks)``:
     each candidate's log rows per block, the self-trained candidates dropped (resolved worse than
     the leader) and the last comparisons with the leader, images sampled, blocks scored."""
@@ -536,11 +513,11 @@ def _confirm_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, 
             per = [_pair(rows[i][j], rows[leader][j], m) for j in range(k)]
             comparisons[i] = {**combine_differences(per), "against": _label(ctx, cands[i])}
         for i, c in list(comparisons.items()):
-            if cands[i][0] != "base" and c["resolved"] and i not in pinned:
+            if cands[i][0] != "base" and c["resolved"]:
                 alive.remove(i)
                 dropped[i] = {**c, "after_blocks": blocks}
         unresolved = [i for i, c in comparisons.items() if not c["resolved"] and i in alive]
-        nxt = len(alive) * B + (B * (blocks + 1) if pinned else 0)  # and a refit's vertex, on every block
+        nxt = len(alive) * B
         if not unresolved or budget is None or images + nxt > budget:
             break
     return rows, dropped, comparisons, images, blocks
@@ -596,10 +573,12 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
         return
     B, cseed = plan.confirm_samples, plan.seed + plan.num_samples
     cands = _candidates(ctx, scorer, results)
-    pinned = _probe_index(ctx, cands)
-    rows, dropped, comparisons, images, blocks = _confirm_blocks(ctx, scorer, cands, B, cseed, pinned)
-    fit, extra = _refit(ctx, scorer, cands, rows, pinned, B, cseed, blocks)
-    images += extra
+    if plan.refit_width:
+        cands, rows, comparisons, images, blocks, fit = _refit_blocks(ctx, scorer, cands, B, cseed)
+        dropped: dict[int, dict[str, Any]] = {}
+    else:
+        rows, dropped, comparisons, images, blocks = _confirm_blocks(ctx, scorer, cands, B, cseed)
+        fit = None
     comparisons.update(dropped)
 
     def summary(i: int) -> dict[str, Any]:
@@ -622,7 +601,8 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
     g_best = best["gamma"] if best else results["chosen"]["gamma"]
     by_gamma = {cands[i][2]: i for i in base_idx}
     who, w, g = cands[best_neon]
-    if best_neon != 0:  # the fresh seeds chose another candidate than the search's best
+    ch = results["chosen"]
+    if (who, _rkey(w), _rkey(g)) != (ch["snapshot"], _rkey(float(ch["w"])), _rkey(ch["gamma"])):  # stage 2 chose another
         row = scorer.measure(who, w, g, ctx.evaluator, "search")  # measured in the search: from memory
         results["search_choice"] = dict(results["chosen"])
         results["chosen"] = {"snapshot": who, "path": str(ctx.snaps[who]), "sha256": ctx.snap_shas[who], "w": w,
@@ -651,30 +631,55 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
     }
 
 
-def _refit(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], rows: dict[int, list[dict[str, Any]]],
-           pinned: Sequence[int], B: int, cseed: int, blocks: int) -> tuple[dict[str, Any] | None, int]:
-    """Stage 2's local refit (:mod:`neon_cli.tune.refit`): the vertex of the parabola through the
-    probes' means over the stage-2 blocks, scored on those same blocks and appended to ``cands`` /
-    ``rows`` (so it is compared paired with every other candidate, and chosen when it leads).
-    Returns (the refit as JSON, None without probes; images sampled for the vertex)."""
-    from neon_cli.tune.refit import refit
+def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int, cseed: int
+                  ) -> tuple[list[tuple[Any, float, float | None]], dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]],
+                             int, int, dict[str, Any]]:
+    """Stage 2 with the refit over w (:mod:`neon_cli.tune.refit`).
 
-    if len(pinned) != 3:
-        return None, 0
-    vals = [[float(rows[i][j]["metrics"][ctx.metric]) for i in pinned] for j in range(blocks)]
-    reps = [[rows[i][j]["jackknife"] for i in pinned] for j in range(blocks)]
-    if any(not r for blk in reps for r in blk):
-        reps = None
-    fit = refit([cands[i][1] for i in pinned], vals, reps, sign=ctx.sign, bounds=ctx.plan.bounds)
-    who, _, g = cands[pinned[0]]
-    c = (who, fit.vertex, g)
-    same = [i for i, o in enumerate(cands) if (o[0], _rkey(o[1]), _rkey(o[2])) == (c[0], _rkey(c[1]), _rkey(c[2]))]
-    if same:
-        return {**fit.as_json(), "candidate": same[0]}, 0
-    cands.append(c)
-    i = len(cands) - 1
-    rows[i] = [scorer.measure(who, fit.vertex, g, ctx.evaluator_for(B, cseed + j * B), "confirm") for j in range(blocks)]
-    return {**fit.as_json(), "candidate": i}, B * blocks
+    Block j (seeds ``cseed + j*B ..``) scores three probes ``c - W, c, c + W`` (``W`` =
+    ``--refit-width``, ``c`` the search's w at first) at the chosen gamma, the search's other kept
+    candidates and the bases. After each block the probes so far are fitted with one offset per
+    block (:func:`neon_cli.tune.refit.refit_points`); a vertex clipped at ``c +- 2W`` re-centres the
+    next block's probes on it. Blocks are added until the vertex is inside the reach with a
+    jackknife SE <= ``--xtol`` / 2, or the next block and the vertex's own evaluations would pass
+    ``--max-images`` (None: one block). The vertex is then scored on every block and becomes the
+    first candidate. Returns ``(cands, rows, comparisons, images, blocks, refit JSON)``: the
+    candidates (vertex, kept, bases), each one's rows per block, each compared paired with the vertex.
+    """
+    from neon_cli.metrics import combine_differences
+    from neon_cli.tune.refit import probes, refit_points
+
+    plan, m = ctx.plan, ctx.metric
+    who, w1, g = cands[0]
+    rest = cands[1:]  # the search's other kept candidates and the bases: every block
+    rows: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(rest))}
+    points: list[tuple[int, float, float, list[float]]] = []
+    center, images, blocks, fit = w1, 0, 0, None
+    while True:
+        ev = ctx.evaluator_for(B, cseed + blocks * B)
+        for w in probes(center, plan.refit_width, plan.bounds):
+            row = scorer.measure(who, w, g, ev, "confirm")
+            points.append((blocks, w, float(row["metrics"][m]), row["jackknife"]))
+        for i, (cw, ww, gg) in enumerate(rest):
+            rows[i].append(scorer.measure(cw, ww, gg, ev, "confirm" if cw != "base" else "confirm-base"))
+        images += (3 + len(rest)) * B
+        blocks += 1
+        fit = refit_points(points, center=center, width=plan.refit_width, sign=ctx.sign, bounds=plan.bounds)
+        if fit.clipped:
+            center = fit.vertex
+        settled = fit.convex and not fit.clipped and fit.vertex_se <= plan.xtol / 2
+        nxt = (3 + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
+        if settled or plan.max_images is None or images + nxt > plan.max_images:
+            break
+    vrows = [scorer.measure(who, fit.vertex, g, ctx.evaluator_for(B, cseed + j * B), "confirm") for j in range(blocks)]
+    images += blocks * B
+    out = [(who, fit.vertex, g)] + list(rest)
+    all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
+    comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
+                       "against": _label(ctx, out[i])} for i in range(1, len(out))}
+    doc = {**fit.as_json(), "width": plan.refit_width, "candidate": 0,
+           "points": [{"block": b, "w": w, "value": v} for b, w, v, _ in points]}
+    return out, all_rows, comparisons, images, blocks, doc
 
 
 def _stage2_choice(ctx: Context, rows: Mapping[int, list[dict[str, Any]]], fit: Mapping[str, Any] | None, leader: int) -> int:
