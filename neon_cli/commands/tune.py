@@ -42,11 +42,12 @@ ConfirmOpt = typer.Option(
     help="Stage 2: re-score the search's --keep best candidates and the base on blocks of this many fresh seeds, adding "
          "blocks until the winner is resolved (95% interval of the paired difference excludes 0) or --max-images is "
          "spent, and choose on those (0: no stage 2; the verdict is then taken on the search seeds).")
-KeepOpt = typer.Option(1, "--keep", help="Candidates of the search re-scored in stage 2 (best first; the base and the refit probes are added).")
+KeepOpt = typer.Option(1, "--keep", help="Candidates of the search re-scored in stage 2 (best first; the base is added; with the refit, the ones after the first).")
 RefitOpt = typer.Option(
     0.2, "--refit-width",
-    help="Stage 2: also score w-W and w+W (w units) at the chosen gamma and choose the vertex of the parabola through the "
-         "three on the fresh seeds, when it is not resolved worse than the best scored (0: no refit).")
+    help="Stage 2: score w-W, w, w+W (w units) at the chosen gamma on each block of fresh seeds and choose the vertex of "
+         "the parabola fitted to them (one offset per block; re-centred when it falls beyond 2W), until its SE <= --xtol/2 "
+         "or --max-images is spent (0: no refit, re-score the --keep best instead).")
 MaxImagesOpt = typer.Option(
     None, "--max-images", show_default="20 x --num-samples",
     help="Most images stage 2 samples (whole blocks, the refit's vertex included; at least one block is scored).")
