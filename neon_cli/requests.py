@@ -501,7 +501,8 @@ class TuneRequest:
     :data:`neon_cli.tune.common.REFINE_DEFAULT`), ``gamma_scale``, ``abandon_margin`` (relative; None:
     never abandon), ``metric`` (None: the family's first). Seed plans: ``num_samples`` images on
     seeds ``seed ..``; stage 2 ``confirm_samples`` per block (0: none), ``keep`` candidates and the
-    refit probes ``w +- refit_width`` (w units; 0: no refit, :mod:`neon_cli.tune.refit`), up to
+    refit probes ``w +- refit_width`` (w units; 0: no refit, :mod:`neon_cli.tune.refit`) and, with a
+    gamma box, ``refit_gamma`` (the surface refit's half-width in ln gamma or gamma; 0: w only), up to
     ``max_images`` images (None: one block); ``labels`` (:mod:`neon_cli.labels`; None: balanced).
     ``set_pairs`` (``--set KEY=VALUE``), ``batch`` (sampling batch, images), ``plot_points``,
     ``control`` (``"real"`` or a checkpoint path) / ``control_samples``, ``write_anyway``,
@@ -532,6 +533,7 @@ class TuneRequest:
     keep: int = 1
     max_images: Optional[int] = None
     refit_width: float = 0.2  # neon_cli.tune.refit.REFIT_WIDTH_DEFAULT
+    refit_gamma: float = 0.0  # with a gamma box: probe half-width in ln gamma (or gamma), 0: w only
     set_pairs: tuple[str, ...] = ()
     batch: int = 1000
     plot_points: int = 9

@@ -65,6 +65,7 @@ EXTRA_BAD: dict[tuple[str, str], list[str]] = {
     ("tune-w", "--keep"): ["0"],
     ("tune-w", "--max-images"): ["-1"],
     ("tune-w", "--refit-width"): ["-0.1", "nan"],
+    ("tune-w", "--refit-gamma"): ["-0.1", "inf"],
     ("tune-w", "--batch"): ["0"],
     ("tune-w", "--abandon-margin"): ["-0.5"],
     ("tune-w", "--base-gamma"): [],

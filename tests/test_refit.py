@@ -119,3 +119,28 @@ def test_vertex_se_matches_the_spread_of_independent_draws():
     assert np.mean(ses) == pytest.approx(spread, rel=0.25)
     # the tilt's own theory: vertex shift = -mean(a) / (2 c), sd 0.6 / sqrt(400) / 6
     assert spread == pytest.approx(0.6 / math.sqrt(400) / 6, rel=0.2)
+
+
+def _surface(w, s, w0=1.1, s0=0.35):
+    return 2.0 * (w - w0) ** 2 + 5.0 * (s - s0) ** 2 + 1.5 * (w - w0) * (s - s0) + 0.4
+
+
+def test_surface_refit_recovers_the_exact_minimum_across_moved_probes_and_block_offsets():
+    from neon_cli.tune.refit import probes2, refit_surface
+
+    box = ((0.0, 3.0), (0.0, math.log(4.0)))
+    p0 = probes2((0.9, 0.3), (0.2, 0.1), box)
+    p1 = probes2((1.1, 0.4), (0.2, 0.1), box)
+    pts = [(0, w, s, _surface(w, s) + 0.3, None) for w, s in p0] + [(1, w, s, _surface(w, s) - 0.1, None) for w, s in p1]
+    fit = refit_surface(pts, center=(1.1, 0.4), width=(0.2, 0.1), box=box)
+    assert fit.convex and not fit.clipped
+    assert fit.vertex == pytest.approx((1.1, 0.35), abs=1e-9)
+    assert fit.hessian[0][0] == pytest.approx(4.0) and fit.hessian[0][1] == pytest.approx(1.5)
+    # a maximised metric: the same surface negated
+    neg = [(b, w, s, -v, r) for b, w, s, v, r in pts]
+    assert refit_surface(neg, center=(1.1, 0.4), width=(0.2, 0.1), sign=-1.0, box=box).vertex == pytest.approx((1.1, 0.35))
+    # a saddle: the best fitted probe
+    sad = [(b, w, s, (w - 1.0) ** 2 - (s - 0.35) ** 2, None) for b, w, s, _, _ in pts]
+    fit = refit_surface(sad, center=(1.1, 0.4), width=(0.2, 0.1), box=box)
+    assert not fit.convex and fit.vertex in {(w, s) for _, w, s, _, _ in pts}
+    assert probes2((0.05, 0.3), (0.2, 0.1), box)[1] == pytest.approx((0.0, 0.3))  # shifted inside

@@ -471,6 +471,24 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     json.dumps(rep.to_dict(), default=str)  # the report is JSON
 
 
+def test_stage2_surface_refit_moves_w_and_gamma_to_the_fresh_seeds_optimum(fam):
+    """--refit-gamma: the fake metric is exactly quadratic in (w, gamma), so the surface fitted to the
+    six probes on the fresh seeds (one block) has its minimum at those seeds' exact joint optimum."""
+    rep = Report("tune-w", argv=[])
+    res = run_tune_w("fake-tune", fam.paths["base"], [str(fam.paths["good"])], bounds=(0.0, 3.0), gamma=(1.0, 4.0),
+                     gamma_scale="linear", tune_base=False, num_samples=32, seed=5, confirm_samples=64,
+                     refit_gamma=0.2, report=rep)
+    w2, g2 = closed_form(THETA_S, 5 + 32, 64, gamma=True)
+    w1, g1 = closed_form(THETA_S, 5, 32, gamma=True)
+    assert abs(w2 - w1) > 1e-3 and abs(g2 - g1) > 5e-4  # the fresh seeds' optimum differs from the search's
+    fit = res["confirmation"]["refit"]
+    assert fit["convex"] and not fit["clipped"] and fit["space"] == ["w", "gamma"] and len(fit["points"]) == 6
+    assert res["chosen"]["w"] == pytest.approx(w2, abs=1e-5) and res["chosen"]["gamma"] == pytest.approx(g2, abs=1e-5)
+    assert res["search_choice"]["w"] == pytest.approx(w1, abs=1e-4)
+    # six probes, the base at the chosen and at the default gamma (no base gamma search), the vertex
+    assert res["images"]["confirmation"] == (6 + 2 + 1) * 64
+
+
 def test_run_tune_w_gamma_fit_is_exact_and_reports_fit(fam):
     rep = Report("tune-w", argv=[])
     res = run_tune_w("fake-tune", fam.paths["base"], [str(fam.paths["good"])], bounds=(0.0, 3.0), gamma=(1.0, 4.0),

@@ -48,6 +48,10 @@ RefitOpt = typer.Option(
     help="Stage 2: score w-W, w, w+W (w units) at the chosen gamma on each block of fresh seeds and choose the vertex of "
          "the parabola fitted to them (one offset per block; re-centred when it falls beyond 2W), until its SE <= --xtol/2 "
          "or --max-images is spent (0: no refit, re-score the --keep best instead).")
+RefitGammaOpt = typer.Option(
+    0.0, "--refit-gamma",
+    help="With --gamma: the refit also moves gamma: six probes around (w, s) with s = ln gamma (or gamma with --gamma-scale "
+         "linear) this far apart in s, and the minimum of the fitted quadratic surface (0: w only).")
 MaxImagesOpt = typer.Option(
     None, "--max-images", show_default="20 x --num-samples",
     help="Most images stage 2 samples (whole blocks, the refit's vertex included; at least one block is scored).")
@@ -98,6 +102,7 @@ def register(app: typer.Typer) -> None:
         confirm_samples: Optional[int] = ConfirmOpt,
         keep: int = KeepOpt,
         refit_width: float = RefitOpt,
+        refit_gamma: float = RefitGammaOpt,
         max_images: Optional[int] = MaxImagesOpt,
         set_: Optional[List[str]] = SetOpt,
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size (does not change the images)."),
@@ -148,7 +153,7 @@ def register(app: typer.Typer) -> None:
 
         opts = dict(bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, base_gamma=tuple(base_gamma) if base_gamma else None,
                     tune_base=tune_base, joint=joint, xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine,
-                    gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, keep=keep, max_images=max_images, refit_width=refit_width,
+                    gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, keep=keep, max_images=max_images, refit_width=refit_width, refit_gamma=refit_gamma,
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
                     detector=detector, ref_stats=ref_stats, labels=labels)
@@ -219,7 +224,12 @@ def _show(results, console) -> None:
             ct.add_row("control (first block)", _f(results["control"]["confirmation"][metric], 5), "", "", "1")
         console.print(ct)
         fit = conf.get("refit")
-        if fit:
+        if fit and fit.get("probes"):
+            ch = fit["chosen"]
+            console.print(f"refit over (w, gamma): vertex w = {_f(ch['w'])}, gamma = {_f(ch['gamma'])}"
+                          + (" (clipped: the optimum may lie further out)" if fit["clipped"] else "")
+                          + ("" if fit["convex"] else " (not convex: the best probe)"))
+        elif fit:
             console.print(f"refit over w: probes {', '.join(_f(x) for x in fit['ws'])} -> "
                           + (f"vertex w = {_f(fit['vertex'])}" + (f" ± {fit['vertex_se']:.2g}" if fit.get("vertex_se") else "")
                              + (" (clipped: the optimum may lie further out)" if fit["clipped"] else "")

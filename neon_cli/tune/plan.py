@@ -49,6 +49,7 @@ class Plan:
     keep: int = 1
     max_images: int | None = None
     refit_width: float = 0.0
+    refit_gamma: float = 0.0
 
     @property
     def per_snapshot(self) -> int:
@@ -90,6 +91,9 @@ def check_flags(request: Any) -> Plan:
     abandon_margin, plot_points, control, control_samples = r.abandon_margin, r.plot_points, r.control, r.control_samples
     keep, max_images = r.keep, r.max_images
     refit_width = validate.finite("--refit-width", getattr(r, "refit_width", 0.0), low=0.0)
+    refit_gamma = validate.finite("--refit-gamma", getattr(r, "refit_gamma", 0.0), low=0.0)
+    if refit_gamma and not refit_width:
+        raise UsageError("--refit-gamma: needs the refit over w too (--refit-width > 0)")
     base_gamma = _base_box(gamma, r.base_gamma, r.tune_base)
     labels = check_labels(r.labels, 0, 0).protocol  # the name here; per model (classes, -n) when the Evaluator is built
     w_box = _box("--bounds", bounds)
@@ -140,4 +144,4 @@ def check_flags(request: Any) -> Plan:
                 base_gamma_scale=scales.get("--base-gamma", gamma_scale), joint=joint, num_samples=num_samples, seed=seed,
                 confirm_samples=confirm_samples, batch=batch, abandon_margin=abandon_margin, plot_points=plot_points,
                 control=control, control_samples=control_samples, keep=keep, max_images=max_images, labels=labels,
-                refit_width=refit_width)
+                refit_width=refit_width, refit_gamma=refit_gamma)

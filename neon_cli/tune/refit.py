@@ -167,3 +167,103 @@ def refit(ws: Sequence[float], blocks: Sequence[Sequence[float]], replicates: Se
     pts = [(j, float(ws[i]), float(vals[j, i]), None if replicates is None else list(replicates[j][i]))
            for j in range(vals.shape[0]) for i in range(3)]
     return refit_points(pts, center=x[1], width=x[1] - x[0], sign=sign, bounds=bounds)
+
+
+#: the 2-D refit's probe design in units of (W, V): the centre, +-1 on each axis and (+1, +1) for the cross term
+STAR6 = ((0.0, 0.0), (-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0), (1.0, 1.0))
+
+
+@dataclass(frozen=True)
+class Refit2:
+    """The quadratic surface in (w, s) (s = ln gamma or gamma) fitted to the 2-D probes.
+
+    Attributes:
+        probes: the latest six probes ``(w, s)``.
+        vertex: the chosen ``(w, s)``: the surface's minimum clipped to ``centre +- REFIT_REACH * (W, V)``
+            and the box, or the best fitted probe when the Hessian is not positive definite.
+        vertex_se: jackknife standard errors of the two coordinates (nan without replicates).
+        hessian: the fitted Hessian (``sign``-adjusted: positive definite at a minimum).
+        clipped, convex: as :class:`Refit`.
+    """
+
+    probes: tuple[tuple[float, float], ...]
+    vertex: tuple[float, float]
+    vertex_se: tuple[float, float]
+    hessian: tuple[tuple[float, float], tuple[float, float]]
+    clipped: bool
+    convex: bool
+
+    def as_json(self) -> dict:
+        return {"probes": [list(p) for p in self.probes], "vertex": list(self.vertex),
+                "vertex_se": [None if math.isnan(x) else x for x in self.vertex_se],
+                "hessian": [list(r) for r in self.hessian], "clipped": self.clipped, "convex": self.convex}
+
+
+def probes2(center: tuple[float, float], width: tuple[float, float], box: tuple[tuple[float, float], tuple[float, float]]
+            ) -> tuple[tuple[float, float], ...]:
+    """The six probes of :data:`STAR6` around ``center`` (w, s), the centre shifted so that every
+    probe lies in ``box`` ((w lo, w hi), (s lo, s hi)); a width shrinks only for a box narrower than
+    two widths."""
+    out_c, out_w = [], []
+    for c, wd, (lo, hi) in zip(center, width, box):
+        wd = min(wd, (hi - lo) / 2)
+        out_c.append(min(max(c, lo + wd), hi - wd))
+        out_w.append(wd)
+    return tuple((out_c[0] + a * out_w[0], out_c[1] + b * out_w[1]) for a, b in STAR6)
+
+
+def refit_surface(points: Sequence[tuple[int, float, float, float, Sequence[float] | None]], *, center: tuple[float, float],
+                  width: tuple[float, float], sign: float = 1.0,
+                  box: tuple[tuple[float, float], tuple[float, float]] = ((-math.inf, math.inf), (-math.inf, math.inf))) -> Refit2:
+    """The minimum of ``y = a_j + b.x + x'Cx`` (x = (w, s) - centre; one offset per block ``j``)
+    fitted by least squares to probes ``(block, w, s, value, replicates)`` from several blocks, as
+    :func:`refit_points` in two dimensions (paper App. C: the metric is locally quadratic in
+    (w, gamma)); jackknife SEs of both coordinates over every (block, group) deletion.
+
+    Raises:
+        ValueError: fewer than six distinct probes.
+    """
+    pts = np.array([[float(p[1]), float(p[2])] for p in points])
+    if len({(a, b) for a, b in pts.tolist()}) < 6:
+        raise ValueError("the surface refit needs six distinct probes")
+    blocks = sorted({int(p[0]) for p in points})
+    col = {b: k for k, b in enumerate(blocks)}
+    d = pts - np.asarray(center)
+    X = np.zeros((len(points), len(blocks) + 5))
+    for r, p in enumerate(points):
+        X[r, col[int(p[0])]] = 1.0
+    X[:, -5:] = np.stack([d[:, 0], d[:, 1], d[:, 0] ** 2, d[:, 1] ** 2, d[:, 0] * d[:, 1]], 1)
+    lo = [max(box[i][0], center[i] - REFIT_REACH * width[i]) for i in range(2)]
+    hi = [min(box[i][1], center[i] + REFIT_REACH * width[i]) for i in range(2)]
+
+    def vertex(yv):
+        coef = np.linalg.lstsq(X, yv, rcond=None)[0]
+        b1, b2, c11, c22, c12 = (float(x) for x in coef[-5:])
+        H = np.array([[2 * c11, c12], [c12, 2 * c22]])
+        if not (np.all(np.isfinite(H)) and np.all(np.linalg.eigvalsh(H) > 0)):
+            fitted = X[:, -5:] @ coef[-5:]
+            k = int(np.argmin(fitted))
+            return (float(pts[k, 0]), float(pts[k, 1])), H, False, False
+        x = -np.linalg.solve(H, np.array([b1, b2])) + np.asarray(center)
+        v = tuple(float(min(max(x[i], lo[i]), hi[i])) for i in range(2))
+        return v, H, any(not (lo[i] <= x[i] <= hi[i]) for i in range(2)), True
+
+    y = sign * np.array([float(p[3]) for p in points])
+    v, H, clipped, convex = vertex(y)
+    dels = []
+    if all(p[4] is not None and len(p[4]) for p in points):
+        for blk in blocks:
+            rows = [r for r, p in enumerate(points) if int(p[0]) == blk]
+            for g in range(min(len(points[r][4]) for r in rows)):
+                yy = y.copy()
+                for r in rows:
+                    yy[r] = sign * float(points[r][4][g])
+                dels.append(vertex(yy)[0])
+    se = (math.nan, math.nan)
+    if len(dels) > 1:
+        arr = np.asarray(dels)
+        n = len(arr)
+        se = tuple(float(math.sqrt((n - 1) / n * float(((arr[:, i] - arr[:, i].mean()) ** 2).sum()))) for i in range(2))
+    return Refit2(probes=probes2(center, width, box), vertex=v, vertex_se=se,
+                  hessian=((float(H[0, 0]), float(H[0, 1])), (float(H[1, 0]), float(H[1, 1]))), clipped=clipped,
+                  convex=convex)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import math
 import os
 import re
 from pathlib import Path
@@ -634,51 +635,68 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
 def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int, cseed: int
                   ) -> tuple[list[tuple[Any, float, float | None]], dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]],
                              int, int, dict[str, Any]]:
-    """Stage 2 with the refit over w (:mod:`neon_cli.tune.refit`).
+    """Stage 2 with the refit (:mod:`neon_cli.tune.refit`).
 
-    Block j (seeds ``cseed + j*B ..``) scores three probes ``c - W, c, c + W`` (``W`` =
-    ``--refit-width``, ``c`` the search's w at first) at the chosen gamma, the search's other kept
-    candidates and the bases. After each block the probes so far are fitted with one offset per
-    block (:func:`neon_cli.tune.refit.refit_points`); a vertex clipped at ``c +- 2W`` re-centres the
-    next block's probes on it. Blocks are added until the vertex is inside the reach with a
-    jackknife SE <= ``--xtol`` / 2, or the next block and the vertex's own evaluations would pass
-    ``--max-images`` (None: one block). The vertex is then scored on every block and becomes the
-    first candidate. Returns ``(cands, rows, comparisons, images, blocks, refit JSON)``: the
-    candidates (vertex, kept, bases), each one's rows per block, each compared paired with the vertex.
+    Block j (seeds ``cseed + j*B ..``) scores the probes around the centre (at first the search's
+    choice): over w, ``c - W, c, c + W`` at the chosen gamma (W = ``--refit-width``); with
+    ``--refit-gamma V`` and a gamma box, the six probes of :data:`neon_cli.tune.refit.STAR6` in
+    (w, s), s = ln gamma (or gamma with ``--gamma-scale linear``). It also scores the search's other
+    kept candidates and the bases. After each block every probe so far is fitted with one offset per
+    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`); a
+    vertex clipped at the centre +- 2 widths re-centres the next block's probes on it. Blocks are
+    added until the vertex is inside that reach with jackknife SEs <= ``--xtol`` / 2 (and V / 2 in
+    s), or the next block and the vertex's own evaluations would pass ``--max-images`` (None: one
+    block). The vertex is then scored on every block and becomes the first candidate. Returns
+    ``(cands, rows, comparisons, images, blocks, refit JSON)``: the candidates (vertex, kept,
+    bases), each one's rows per block, each compared paired with the vertex.
     """
     from neon_cli.metrics import combine_differences
-    from neon_cli.tune.refit import probes, refit_points
+    from neon_cli.tune.refit import probes, probes2, refit_points, refit_surface
 
     plan, m = ctx.plan, ctx.metric
     who, w1, g = cands[0]
+    two = bool(plan.refit_gamma) and plan.gamma is not None and g is not None
+    to_s, from_s = (math.log, math.exp) if plan.gamma_scale == "log" else (float, float)
+    box = (plan.bounds, (to_s(plan.gamma[0]), to_s(plan.gamma[1]))) if two else None
+    width = (plan.refit_width, plan.refit_gamma) if two else plan.refit_width
     rest = cands[1:]  # the search's other kept candidates and the bases: every block
     rows: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(rest))}
-    points: list[tuple[int, float, float, list[float]]] = []
-    center, images, blocks, fit = w1, 0, 0, None
+    points: list[tuple] = []
+    center: Any = (w1, to_s(g)) if two else w1
+    images, blocks, fit = 0, 0, None
     while True:
         ev = ctx.evaluator_for(B, cseed + blocks * B)
-        for w in probes(center, plan.refit_width, plan.bounds):
-            row = scorer.measure(who, w, g, ev, "confirm")
-            points.append((blocks, w, float(row["metrics"][m]), row["jackknife"]))
+        grid = probes2(center, width, box) if two else [(w, None) for w in probes(center, width, plan.bounds)]
+        for w, sv in grid:
+            row = scorer.measure(who, w, from_s(sv) if two else g, ev, "confirm")
+            points.append((blocks, w, sv, float(row["metrics"][m]), row["jackknife"]) if two else
+                          (blocks, w, float(row["metrics"][m]), row["jackknife"]))
         for i, (cw, ww, gg) in enumerate(rest):
             rows[i].append(scorer.measure(cw, ww, gg, ev, "confirm" if cw != "base" else "confirm-base"))
-        images += (3 + len(rest)) * B
+        images += (len(grid) + len(rest)) * B
         blocks += 1
-        fit = refit_points(points, center=center, width=plan.refit_width, sign=ctx.sign, bounds=plan.bounds)
+        if two:
+            fit = refit_surface(points, center=center, width=width, sign=ctx.sign, box=box)
+            tight = fit.vertex_se[0] <= plan.xtol / 2 and fit.vertex_se[1] <= plan.refit_gamma / 2
+        else:
+            fit = refit_points(points, center=center, width=width, sign=ctx.sign, bounds=plan.bounds)
+            tight = fit.vertex_se <= plan.xtol / 2
         if fit.clipped:
             center = fit.vertex
-        settled = fit.convex and not fit.clipped and fit.vertex_se <= plan.xtol / 2
-        nxt = (3 + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
-        if settled or plan.max_images is None or images + nxt > plan.max_images:
+        nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
+        if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
-    vrows = [scorer.measure(who, fit.vertex, g, ctx.evaluator_for(B, cseed + j * B), "confirm") for j in range(blocks)]
+    vw, vg = (fit.vertex[0], from_s(fit.vertex[1])) if two else (fit.vertex, g)
+    vrows = [scorer.measure(who, vw, vg, ctx.evaluator_for(B, cseed + j * B), "confirm") for j in range(blocks)]
     images += blocks * B
-    out = [(who, fit.vertex, g)] + list(rest)
+    out = [(who, vw, vg)] + list(rest)
     all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
     comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
                        "against": _label(ctx, out[i])} for i in range(1, len(out))}
-    doc = {**fit.as_json(), "width": plan.refit_width, "candidate": 0,
-           "points": [{"block": b, "w": w, "value": v} for b, w, v, _ in points]}
+    doc = {**fit.as_json(), "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
+           "space": ["w", "ln_gamma" if plan.gamma_scale == "log" else "gamma"] if two else ["w"],
+           "chosen": {"w": vw, "gamma": vg}, "candidate": 0,
+           "points": [{"block": p[0], "w": p[1], **({"gamma": from_s(p[2])} if two else {}), "value": p[-2]} for p in points]}
     return out, all_rows, comparisons, images, blocks, doc
 
 
