@@ -15,8 +15,11 @@ Methods (``NAME@N``: N samples per evaluation):
 * ``brent@N``: Brent over w at gamma_S (``neon tune-w`` without ``--gamma``, no stage 2);
 * ``joint@N``: the (w, gamma) search (``neon tune-w --gamma``; no stage 2, no base gamma search);
 * ``default``: ``neon tune-w``'s defaults (the base's own gamma search, the joint search at
-  ``--num-samples 2000``, stage 2 with ``--keep 3`` on blocks of 2,000 fresh seeds up to
-  ``--max-images 20000``) through :func:`neon_cli.tune.run_tune_w` itself.
+  ``--num-samples`` 2,000, stage 2's refit over w on blocks of 2,000 fresh seeds up to
+  ``--max-images`` 40,000) through :func:`neon_cli.tune.run_tune_w` itself;
+* ``staged@N1:B:MAX[:W[:V]]``: the same with stage 1 at N1, stage-2 blocks of B up to MAX images,
+  refit widths W in w and V in ln gamma (``--refit-gamma``; 0 or absent: w only);
+* ``rescore@N``: the first stage 2 (``--refit-width 0 --keep 3``, blocks of N up to 10 N).
 
 Every evaluation goes to ``WORKDIR/evals.jsonl`` (tune-w's cache format), the theta_s to
 ``WORKDIR/NAME/``, so a rerun resumes where the last one stopped. Printed: per theta_s and method,
@@ -146,10 +149,11 @@ class Regret:
             n = DEFAULT_SAMPLES
             return self.run_tune(snap, seed, gamma=box, num_samples=n, confirm_samples=n, keep=1,
                                  max_images=STAGE2_IMAGES_FACTOR * n, refit_width=REFIT_WIDTH_DEFAULT)
-        if name.startswith("staged@"):  # staged@N1:B:MAX[:WIDTH]: stage 1 at N1, stage 2 blocks of B up to MAX images
-            n1, b, mx, *wd = name.split("@")[1].split(":")
+        if name.startswith("staged@"):  # staged@N1:B:MAX[:W[:V]]: stage 1 at N1, stage 2 blocks of B up to MAX images,
+            n1, b, mx, *wd = name.split("@")[1].split(":")  # refit widths W (w) and V (ln gamma; 0: w only)
             return self.run_tune(snap, seed, gamma=box, num_samples=int(n1), confirm_samples=int(b), keep=1,
-                                 max_images=int(mx), refit_width=float(wd[0]) if wd else REFIT_WIDTH_DEFAULT)
+                                 max_images=int(mx), refit_width=float(wd[0]) if wd else REFIT_WIDTH_DEFAULT,
+                                 refit_gamma=float(wd[1]) if len(wd) > 1 and box else 0.0)
         if name == "paper":
             from tune import PAPER_SAMPLES, paper_sweep_2d, paper_sweep_w
 
