@@ -533,7 +533,7 @@ class TuneRequest:
     keep: int = 1
     max_images: Optional[int] = None
     refit_width: float = 0.2  # neon_cli.tune.refit.REFIT_WIDTH_DEFAULT
-    refit_gamma: float = 0.0  # with a gamma box: probe half-width in ln gamma (or gamma), 0: w only
+    refit_gamma: float = 0.1  # neon_cli.tune.refit.REFIT_GAMMA_DEFAULT: with a gamma box, half-width in ln gamma (or gamma)
     set_pairs: tuple[str, ...] = ()
     batch: int = 1000
     plot_points: int = 9

@@ -641,7 +641,8 @@ def test_cli_tune_w_json_report_and_glob(fam, cli, tmp_path):
     w_star, g_star = closed_form(THETA_S, 10_000_000, 32, gamma=True)  # the CLI default seed
     search = res["search_choice"]  # the joint fit on the search seeds; stage 2 then refits w at its gamma
     assert search["w"] == pytest.approx(w_star, abs=1e-4) and search["gamma"] == pytest.approx(g_star, abs=1e-4)
-    assert res["chosen"]["gamma"] == search["gamma"] and res["chosen"]["w"] == res["confirmation"]["refit"]["vertex"]
+    refit = res["confirmation"]["refit"]  # the surface refit (--refit-gamma 0.1 by default with --gamma)
+    assert refit["space"] == ["w", "gamma"] and (res["chosen"]["w"], res["chosen"]["gamma"]) == (refit["chosen"]["w"], refit["chosen"]["gamma"])
     assert res["bounds"] == [-0.5, 3.0] and len(res["snapshots"]) == 2
     report = json.loads(rep.read_text())
     assert report["status"] == "ok" and report["command"] == "tune-w"

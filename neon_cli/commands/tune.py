@@ -49,9 +49,9 @@ RefitOpt = typer.Option(
          "the parabola fitted to them (one offset per block; re-centred when it falls beyond 2W), until its SE <= --xtol/2 "
          "or --max-images is spent (0: no refit, re-score the --keep best instead).")
 RefitGammaOpt = typer.Option(
-    0.0, "--refit-gamma",
+    0.1, "--refit-gamma",
     help="With --gamma: the refit also moves gamma: six probes around (w, s) with s = ln gamma (or gamma with --gamma-scale "
-         "linear) this far apart in s, and the minimum of the fitted quadratic surface (0: w only).")
+         "linear) this far apart in s, and the minimum of the fitted quadratic surface (0: w only; --refit-width 0: no refit).")
 MaxImagesOpt = typer.Option(
     None, "--max-images", show_default="20 x --num-samples",
     help="Most images stage 2 samples (whole blocks, the refit's vertex included; at least one block is scored).")

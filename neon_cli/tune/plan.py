@@ -92,8 +92,8 @@ def check_flags(request: Any) -> Plan:
     keep, max_images = r.keep, r.max_images
     refit_width = validate.finite("--refit-width", getattr(r, "refit_width", 0.0), low=0.0)
     refit_gamma = validate.finite("--refit-gamma", getattr(r, "refit_gamma", 0.0), low=0.0)
-    if refit_gamma and not refit_width:
-        raise UsageError("--refit-gamma: needs the refit over w too (--refit-width > 0)")
+    if not refit_width:  # --refit-width 0: no refit at all (the first stage 2), --refit-gamma with it
+        refit_gamma = 0.0
     base_gamma = _base_box(gamma, r.base_gamma, r.tune_base)
     labels = check_labels(r.labels, 0, 0).protocol  # the name here; per model (classes, -n) when the Evaluator is built
     w_box = _box("--bounds", bounds)

@@ -22,6 +22,10 @@ import numpy as np
 #: stage-2 design study (README, "Tuning w and gamma": 0.2 gave the lowest regret of 0.1-0.3).
 REFIT_WIDTH_DEFAULT = 0.2
 
+#: ``neon tune-w --refit-gamma``'s default with a gamma box: the surface refit's probe half-width in
+#: ln gamma (about 10 % in gamma), set from ``benchmarks/tune_regret.py`` on digits (README).
+REFIT_GAMMA_DEFAULT = 0.1
+
 #: how far from the centre probe the vertex may go, in probe widths (beyond it the parabola is extrapolated)
 REFIT_REACH = 2.0
 
