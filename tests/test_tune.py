@@ -420,6 +420,9 @@ def test_run_tune_w_brent_recovers_closed_form_optimum_and_fills_report(fam, tmp
     fit = res["confirmation"]["refit"]
     assert fit["convex"] and not fit["clipped"] and fit["vertex"] == res["chosen"]["w"]
     assert fit["ws"] == pytest.approx([res["search_choice"]["w"] + d for d in (-0.2, 0.0, 0.2)])
+    # the runner-up of a refit: the probe closest in value, paired with the vertex on its block
+    ru = res["confirmation"]["vs_runner_up"]
+    assert ru["blocks"] == 1 and ru["diff"] > 0 and "w=" in ru["against"]
     assert res["mode"] == "brent" and res["metric"] == "dist" and res["direction"] == "min"
     ev = res["evaluations"]
     n_search = res["snapshots"][0]["n_evals"]

@@ -596,7 +596,7 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
     vs_base = _paired_over(ctx, rows, best_neon, strongest)
     runners = [i for i in neon_idx if i != best_neon]
     runner = min(runners, key=lambda i: sign * summary(i)["value"]) if runners else None
-    vs_runner = _paired_over(ctx, rows, runner, best_neon) if runner is not None else None
+    vs_runner = _paired_over(ctx, rows, runner, best_neon) if runner is not None else (fit or {}).get("vs_best_probe")
     neon_wins = bool(sign * vs_base["diff"] < 0)
     best = results["baselines"].get("best")
     g_best = best["gamma"] if best else results["chosen"]["gamma"]
@@ -619,7 +619,7 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
         "comparisons": [{"candidate": _label(ctx, cands[i]), **c} for i, c in sorted(comparisons.items())],
         "vs_base": vs_base, "vs_runner_up": vs_runner,
         "resolved_vs_base": bool(vs_base["resolved"]) and neon_wins,
-        "resolved_vs_runner_up": None if vs_runner is None else bool(vs_runner["resolved"]),
+        "resolved_vs_runner_up": None if vs_runner is None else bool(vs_runner["resolved"]) and sign * vs_runner["diff"] > 0,
         "neon": mean_metrics(best_neon), "base": mean_metrics(by_gamma[g_best]),
         "base_default": mean_metrics(by_gamma[ctx.default_gamma]),
         "base_best": mean_metrics(by_gamma[best["gamma"]]) if best else None,
@@ -662,6 +662,7 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     rest = cands[1:]  # the search's other kept candidates and the bases: every block
     rows: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(rest))}
     points: list[tuple] = []
+    probe_rows: dict[tuple[float, Any], dict[int, dict[str, Any]]] = {}
     center: Any = (w1, to_s(g)) if two else w1
     images, blocks, fit = 0, 0, None
     while True:
@@ -669,6 +670,7 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         grid = probes2(center, width, box) if two else [(w, None) for w in probes(center, width, plan.bounds)]
         for w, sv in grid:
             row = scorer.measure(who, w, from_s(sv) if two else g, ev, "confirm")
+            probe_rows.setdefault((w, from_s(sv) if two else g), {})[blocks] = row
             points.append((blocks, w, sv, float(row["metrics"][m]), row["jackknife"]) if two else
                           (blocks, w, float(row["metrics"][m]), row["jackknife"]))
         for i, (cw, ww, gg) in enumerate(rest):
@@ -693,11 +695,27 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
     comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
                        "against": _label(ctx, out[i])} for i in range(1, len(out))}
-    doc = {**fit.as_json(), "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
+    doc = {**fit.as_json(), "vs_best_probe": _vs_best_probe(ctx, who, probe_rows, vrows), "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
            "space": ["w", "ln_gamma" if plan.gamma_scale == "log" else "gamma"] if two else ["w"],
            "chosen": {"w": vw, "gamma": vg}, "candidate": 0,
            "points": [{"block": p[0], "w": p[1], **({"gamma": from_s(p[2])} if two else {}), "value": p[-2]} for p in points]}
     return out, all_rows, comparisons, images, blocks, doc
+
+
+def _vs_best_probe(ctx: Context, who: Any, probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]],
+                   vrows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """The refit's runner-up: the probe whose paired difference with the vertex (probe - vertex, over
+    the blocks the probe was scored on) is the most in its favour; None when the vertex is a probe."""
+    from neon_cli.metrics import combine_differences
+
+    best = None
+    for (w, g), by_block in probe_rows.items():
+        if _rkey(w) == _rkey(float(vrows[0]["w"])) and _rkey(g) == _rkey(vrows[0]["gamma"]):
+            continue
+        d = combine_differences([_pair(by_block[j], vrows[j], ctx.metric) for j in sorted(by_block)])
+        if best is None or ctx.sign * d["diff"] < ctx.sign * best["diff"]:
+            best = {**d, "against": _label(ctx, (who, w, g)), "blocks": len(by_block)}
+    return best
 
 
 def _stage2_choice(ctx: Context, rows: Mapping[int, list[dict[str, Any]]], fit: Mapping[str, Any] | None, leader: int) -> int:
