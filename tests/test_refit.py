@@ -67,6 +67,10 @@ def test_probes_that_moved_between_blocks_pool_through_block_offsets():
     assert refit_points(pts2, center=1.0, width=0.2).vertex == pytest.approx(1.07, abs=1e-9)
     with pytest.raises(ValueError, match="three distinct"):
         refit_points(pts[:2], center=1.0, width=0.2)
+    # an exact metric (the scorer's [] replicates): SE 0, so stage 2 stops after one block; unknown: nan
+    exact = [(b, w, v, []) for b, w, v, _ in pts]
+    assert refit_points(exact, center=1.0, width=0.2).vertex_se == 0.0
+    assert math.isnan(refit_points(pts, center=1.0, width=0.2).vertex_se)
 
 
 def test_probes_shift_inside_the_bounds():

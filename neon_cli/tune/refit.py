@@ -88,7 +88,8 @@ def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | Non
 
     Args:
         points: ``(block, w, value, replicates)``: a probe's metric on a block and its G
-            leave-one-group-out values (None or empty: no SE). At least three distinct w.
+            leave-one-group-out values (None: no SE, nan; ``[]`` on every point: an exact metric, SE 0).
+            At least three distinct w.
         center, width: the latest probes' centre and spacing; the vertex is clipped to
             ``center +- REFIT_REACH * width`` and to ``bounds``.
         sign: +1 for a minimised metric, -1 for a maximised one.
@@ -140,7 +141,8 @@ def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | Non
                 for r in rows:
                     yy[r] = sign * float(points[r][3][g])
                 deletions.append(vertex(yy)[0])
-    se = math.nan
+    exact = all(p[3] is not None and len(p[3]) == 0 for p in points)  # [] = an exact metric (no sampling noise)
+    se = 0.0 if exact else math.nan
     if len(deletions) > 1:
         arr = np.asarray(deletions)
         n = len(arr)
@@ -263,7 +265,8 @@ def refit_surface(points: Sequence[tuple[int, float, float, float, Sequence[floa
                 for r in rows:
                     yy[r] = sign * float(points[r][4][g])
                 dels.append(vertex(yy)[0])
-    se = (math.nan, math.nan)
+    exact = all(p[4] is not None and len(p[4]) == 0 for p in points)  # [] = an exact metric (no sampling noise)
+    se = (0.0, 0.0) if exact else (math.nan, math.nan)
     if len(dels) > 1:
         arr = np.asarray(dels)
         n = len(arr)
