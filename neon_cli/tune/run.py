@@ -31,7 +31,7 @@ from neon_cli.tune.snapshots import SnapshotSearch, SnapshotSearchOptions, searc
 #: ``neon tune-w``'s default stage-2 budget (``--max-images``), in units of ``--num-samples``: the
 #: refit's blocks, the vertex's evaluations included. Set from ``benchmarks/tune_regret.py`` on 8 digits
 #: theta_s x 5 blocks: 30 (three blocks of the (w, gamma) refit) gave mean / 90th-percentile regret
-#: 1.02 % / 2.39 % at 0.09 of the paper protocol's images, 20 gave 1.48 % / 2.75 % at 0.075 (README).
+#: 1.03 % / 2.38 % at 0.09 of the paper protocol's images, 20 gave 1.49 % / 2.75 % at 0.075 (README).
 STAGE2_IMAGES_FACTOR = 30
 
 
