@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -77,6 +77,31 @@ def probes(w1: float, width: float, bounds: tuple[float, float]) -> tuple[float,
     return (c - width, c, c + width)
 
 
+def _deletion_se(y: np.ndarray, blocks: Sequence[int], replicates: Sequence[Sequence[float] | None], sign: float,
+                 vertex_of: Callable[[np.ndarray], Sequence[float]]) -> tuple[float, ...]:
+    """Jackknife SEs of a refit's vertex coordinates: delete one group of one block at a time (that
+    block's points take their replicate ``g``; ``y`` holds ``sign * value``), recompute the vertex
+    with ``vertex_of``, and apply :func:`neon_cli.metrics.jackknife` to each coordinate over the
+    ``sum_j G`` deletions. Every replicate list ``[]``: an exact metric, SEs 0; any None or empty
+    (or fewer than 2 deletions): nan."""
+    from neon_cli.metrics import jackknife
+
+    dims = len(vertex_of(y))
+    if all(r is not None and len(r) == 0 for r in replicates):
+        return (0.0,) * dims
+    if any(r is None or len(r) == 0 for r in replicates):
+        return (math.nan,) * dims
+    outs = []
+    for blk in sorted(set(blocks)):
+        rows = [i for i, b in enumerate(blocks) if b == blk]
+        for g in range(min(len(replicates[i]) for i in rows)):
+            yy = y.copy()
+            for i in rows:
+                yy[i] = sign * float(replicates[i][g])
+            outs.append(vertex_of(yy))
+    return tuple(jackknife(0.0, [o[k] for o in outs])["se"] for k in range(dims))
+
+
 def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | None]], *, center: float, width: float,
                  sign: float = 1.0, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Refit:
     """The vertex of ``y = a_j + b w + c w^2`` fitted to probes measured on several blocks ``j``.
@@ -126,27 +151,7 @@ def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | Non
         return float(min(max(v, lo), hi)), b, c, not (lo <= v <= hi), True, coef
 
     v, b, c, clipped, convex, coef = vertex(y)
-    deletions = []
-    for p_idx, p in enumerate(points):
-        reps = p[3]
-        if reps is None or len(reps) == 0:
-            deletions = []
-            break
-    else:
-        for blk in blocks:
-            rows = [r for r, p in enumerate(points) if int(p[0]) == blk]
-            G = min(len(points[r][3]) for r in rows)
-            for g in range(G):
-                yy = y.copy()
-                for r in rows:
-                    yy[r] = sign * float(points[r][3][g])
-                deletions.append(vertex(yy)[0])
-    exact = all(p[3] is not None and len(p[3]) == 0 for p in points)  # [] = an exact metric (no sampling noise)
-    se = 0.0 if exact else math.nan
-    if len(deletions) > 1:
-        arr = np.asarray(deletions)
-        n = len(arr)
-        se = float(math.sqrt((n - 1) / n * float(((arr - arr.mean()) ** 2).sum())))
+    se = _deletion_se(y, [int(p[0]) for p in points], [p[3] for p in points], sign, lambda yy: (vertex(yy)[0],))[0]
     latest = probes(center, width, bounds) if math.isfinite(width) and width > 0 else tuple(sorted(set(ws.tolist()))[:3])
     off = float(np.mean(coef[:-2]))
     means = tuple(sign * (off + b * (x - center) + c * (x - center) ** 2) for x in latest)
@@ -256,21 +261,7 @@ def refit_surface(points: Sequence[tuple[int, float, float, float, Sequence[floa
 
     y = sign * np.array([float(p[3]) for p in points])
     v, H, clipped, convex = vertex(y)
-    dels = []
-    if all(p[4] is not None and len(p[4]) for p in points):
-        for blk in blocks:
-            rows = [r for r, p in enumerate(points) if int(p[0]) == blk]
-            for g in range(min(len(points[r][4]) for r in rows)):
-                yy = y.copy()
-                for r in rows:
-                    yy[r] = sign * float(points[r][4][g])
-                dels.append(vertex(yy)[0])
-    exact = all(p[4] is not None and len(p[4]) == 0 for p in points)  # [] = an exact metric (no sampling noise)
-    se = (0.0, 0.0) if exact else (math.nan, math.nan)
-    if len(dels) > 1:
-        arr = np.asarray(dels)
-        n = len(arr)
-        se = tuple(float(math.sqrt((n - 1) / n * float(((arr[:, i] - arr[:, i].mean()) ** 2).sum()))) for i in range(2))
+    se = _deletion_se(y, [int(p[0]) for p in points], [p[4] for p in points], sign, lambda yy: vertex(yy)[0])
     return Refit2(probes=probes2(center, width, box), vertex=v, vertex_se=se,
                   hessian=((float(H[0, 0]), float(H[0, 1])), (float(H[1, 0]), float(H[1, 1]))), clipped=clipped,
                   convex=convex)
