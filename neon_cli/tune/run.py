@@ -670,8 +670,9 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         ev = ctx.evaluator_for(B, cseed + blocks * B)
         grid = probes2(center, width, box) if two else [(w, None) for w in probes(center, width, plan.bounds)]
         for w, sv in grid:
-            row = scorer.measure(who, w, from_s(sv) if two else g, ev, "confirm")
-            probe_rows.setdefault((w, from_s(sv) if two else g), {})[blocks] = row
+            gp = from_s(sv) if two else g
+            row = scorer.measure(who, w, gp, ev, "confirm")
+            probe_rows.setdefault((w, gp), {})[blocks] = row
             points.append((blocks, w, sv, float(row["metrics"][m]), row["jackknife"]) if two else
                           (blocks, w, float(row["metrics"][m]), row["jackknife"]))
         for i, (cw, ww, gg) in enumerate(rest):
@@ -691,7 +692,7 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
             break
     vw, vg = (fit.vertex[0], from_s(fit.vertex[1])) if two else (fit.vertex, g)
     vrows = [scorer.measure(who, vw, vg, ctx.evaluator_for(B, cseed + j * B), "confirm") for j in range(blocks)]
-    images += blocks * B
+    images += B * sum(j not in probe_rows.get((vw, vg), {}) for j in range(blocks))  # a probe's blocks: from memory
     out = [(who, vw, vg)] + list(rest)
     all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
     comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
