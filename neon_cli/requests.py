@@ -502,8 +502,9 @@ class TuneRequest:
     never abandon), ``metric`` (None: the family's first). Seed plans: ``num_samples`` images on
     seeds ``seed ..``; stage 2 ``confirm_samples`` per block (0: none), ``keep`` candidates and the
     refit probes ``w +- refit_width`` (w units; 0: no refit, :mod:`neon_cli.tune.refit`) and, with a
-    gamma box, ``refit_gamma`` (the surface refit's half-width in ln gamma or gamma; 0: w only), up to
-    ``max_images`` images (None: one block); ``labels`` (:mod:`neon_cli.labels`; None: balanced).
+    gamma box, ``refit_gamma`` (the surface refit's half-width in ln gamma or gamma; 0: w only), until
+    the refit's expected regret is at most ``target_regret`` (a fraction) or up to ``max_images``
+    images (None: one block); ``labels`` (:mod:`neon_cli.labels`; None: balanced).
     ``set_pairs`` (``--set KEY=VALUE``), ``batch`` (sampling batch, images), ``plot_points``,
     ``control`` (``"real"`` or a checkpoint path) / ``control_samples``, ``write_anyway``,
     ``require_improvement`` (NoImprovement, exit 5, when Neon does not beat the base).
@@ -534,6 +535,7 @@ class TuneRequest:
     max_images: Optional[int] = None
     refit_width: float = 0.2  # neon_cli.tune.refit.REFIT_WIDTH_DEFAULT
     refit_gamma: float = 0.1  # neon_cli.tune.refit.REFIT_GAMMA_DEFAULT: with a gamma box, half-width in ln gamma (or gamma)
+    target_regret: float = 0.005  # neon_cli.tune.refit.TARGET_REGRET_DEFAULT: stage 2 stops at this expected regret
     set_pairs: tuple[str, ...] = ()
     batch: int = 1000
     plot_points: int = 9

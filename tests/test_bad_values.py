@@ -66,6 +66,7 @@ EXTRA_BAD: dict[tuple[str, str], list[str]] = {
     ("tune-w", "--max-images"): ["-1"],
     ("tune-w", "--refit-width"): ["-0.1", "nan"],
     ("tune-w", "--refit-gamma"): ["-0.1", "inf"],
+    ("tune-w", "--target-regret"): ["-0.01", "nan"],
     ("tune-w", "--batch"): ["0"],
     ("tune-w", "--abandon-margin"): ["-0.5"],
     ("tune-w", "--base-gamma"): [],

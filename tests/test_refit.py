@@ -148,3 +148,58 @@ def test_surface_refit_recovers_the_exact_minimum_across_moved_probes_and_block_
     fit = refit_surface(sad, center=(1.1, 0.4), width=(0.2, 0.1), box=box)
     assert not fit.convex and fit.vertex in {(w, s) for _, w, s, _, _ in pts}
     assert probes2((0.05, 0.3), (0.2, 0.1), box)[1] == pytest.approx((0.0, 0.3))  # shifted inside
+
+
+def test_expected_regret_matches_the_mean_regret_of_independent_draws_over_w():
+    """The refit's expected regret (curvature * SE^2 / value) against the regret its vertex really
+    has on the true parabola (c (v - w0)^2 / floor), averaged over 400 draws of two tilted blocks."""
+    rng = np.random.default_rng(1)
+    ws = (0.8, 1.0, 1.2)
+    real, pred = [], []
+    for _ in range(400):
+        blocks = [_block(rng, ws) for _ in range(2)]
+        fit = refit(ws, [v for v, _ in blocks], [r for _, r in blocks])
+        real.append(_parabola(fit.vertex) / _parabola(1.07) - 1)
+        pred.append(fit.expected_regret)
+        assert fit.expected_regret == pytest.approx(fit.curvature * fit.vertex_se ** 2 / abs(fit.value))
+    assert np.mean(real) > 1e-4  # the tilt costs something
+    assert np.mean(pred) == pytest.approx(np.mean(real), rel=0.35)
+
+
+def _surface_block(rng, probes_, n=200, groups=10):
+    """A block on the surface: each sample has an offset and a random gradient (g_w, g_s), so the
+    block's surface is tilted in both directions, with contiguous delete-a-group replicates."""
+    b = rng.normal(0, 1.0, n)
+    gw, gs = rng.normal(0, 0.5, n), rng.normal(0, 0.3, n)
+    idx = np.array_split(np.arange(n), groups)
+
+    def at(w, s, keep):
+        return _surface(w, s) + float(np.mean(b[keep] + gw[keep] * (w - 1.1) + gs[keep] * (s - 0.35)))
+
+    every = np.arange(n)
+    return [(w, s, at(w, s, every), [at(w, s, np.setdiff1d(every, g)) for g in idx]) for w, s in probes_]
+
+
+def test_surface_expected_regret_and_covariance_against_independent_draws():
+    """Over (w, ln gamma): the jackknife covariance's diagonal is the per-coordinate jackknife SE
+    (neon_cli.metrics.jackknife's formula), and tr(H cov) / (2 value) matches the mean regret the
+    vertex has on the true surface over 300 draws of two blocks."""
+    from neon_cli.tune.refit import probes2, refit_surface
+
+    rng = np.random.default_rng(2)
+    box = ((0.0, 3.0), (0.0, math.log(4.0)))
+    pr = probes2((1.0, 0.3), (0.2, 0.1), box)
+    real, pred, vs, ses = [], [], [], []
+    for _ in range(300):
+        pts = [(j, w, s, v, r) for j in range(2) for w, s, v, r in _surface_block(rng, pr)]
+        fit = refit_surface(pts, center=(1.0, 0.3), width=(0.2, 0.1), box=box)
+        assert fit.convex and not fit.clipped
+        assert fit.vertex_se == pytest.approx((math.sqrt(fit.vertex_cov[0][0]), math.sqrt(fit.vertex_cov[1][1])))
+        real.append(_surface(*fit.vertex) / 0.4 - 1)
+        pred.append(fit.expected_regret)
+        vs.append(fit.vertex)
+        ses.append(fit.vertex_se)
+    spread = np.std(np.array(vs), axis=0, ddof=1)
+    assert np.mean(ses, axis=0) == pytest.approx(spread, rel=0.3)
+    assert np.mean(real) > 1e-4
+    assert np.mean(pred) == pytest.approx(np.mean(real), rel=0.35)

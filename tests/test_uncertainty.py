@@ -179,6 +179,44 @@ def test_stage2_extends_until_budget_and_noise_is_exit_5(fam, monkeypatch):
     assert img["confirmation"] == 288 and img["total"] == img["search"] + img["base"] + 288
 
 
+def test_refit_adds_blocks_until_the_expected_regret_meets_the_target(fam, monkeypatch):
+    """Stage 2's stopping rule: the fake metric is exact on stage 2's blocks but its jackknife
+    replicates are noisy, so the vertex has an SE and an expected regret (curvature * SE^2 / value,
+    as reported). A target below it adds blocks until --max-images; a target above it stops after
+    the second (one block's jackknife SE is too noisy to stop on)."""
+    import itertools
+
+    import torch
+
+    from neon_cli.report import Report
+    from neon_cli.tune import run_tune_w
+
+    real, calls = fam.score, itertools.count()
+
+    def score(images, labels):
+        out = real(images, labels)
+        if len(images) < 32:  # a replicate of a stage-2 block (blocks of 32; the search's are 64)
+            out["dist"] += 0.002 * float(np.random.default_rng(next(calls)).normal())
+        return out
+
+    monkeypatch.setattr(fam, "score", score)
+    blocks = {}
+    for target in (1e-12, 10.0):
+        rep = Report("t", argv=[])
+        res = run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], num_samples=64, seed=0, confirm_samples=32,
+                         max_images=1000, target_regret=target, require_improvement=False, report=rep)
+        fit, conf = res["confirmation"]["refit"], res["confirmation"]
+        assert fit["convex"] and not fit["clipped"] and fit["vertex_se"] > 0
+        assert fit["expected_regret"] == pytest.approx(fit["curvature"] * fit["vertex_se"] ** 2 / abs(fit["value"]))
+        assert conf["images"] <= 1000
+        blocks[target] = conf["blocks"]
+        if target > 1:
+            assert fit["expected_regret"] < target
+        else:  # never met: blocks until the next (3 probes + the base, 128 images) and the vertex's would pass 1000
+            assert conf["images"] + 4 * 32 + (conf["blocks"] + 1) * 32 > 1000
+    assert blocks[10.0] == 2 and blocks[1e-12] > 3
+
+
 def test_image_families_replicates_equal_the_generic_jackknife(tmp_path, monkeypatch):
     """The image families' one-pass jackknife (pixel_fid here; Inception FID takes the same
     frechet_replicates path) equals scoring every leave-one-group-out subset again."""

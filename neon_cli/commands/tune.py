@@ -46,8 +46,13 @@ KeepOpt = typer.Option(1, "--keep", help="Candidates of the search re-scored in 
 RefitOpt = typer.Option(
     0.2, "--refit-width",
     help="Stage 2: score w-W, w, w+W (w units) at the chosen gamma on each block of fresh seeds and choose the vertex of "
-         "the parabola fitted to them (one offset per block; re-centred when it falls beyond 2W), until its SE <= --xtol/2 "
-         "or --max-images is spent (0: no refit, re-score the --keep best instead).")
+         "the parabola fitted to them (one offset per block; re-centred when it falls beyond 2W), until its expected regret "
+         "<= --target-regret or --max-images is spent (0: no refit, re-score the --keep best instead).")
+TargetRegretOpt = typer.Option(
+    0.005, "--target-regret",
+    help="Stage 2 stops adding blocks once the refit's expected regret, tr(H cov)/(2 f) from the fitted curvature H and "
+         "the vertex's jackknife covariance (a fraction: 0.005 = 0.5 % worse than the true optimum, on average), is this "
+         "small (or --max-images is spent).")
 RefitGammaOpt = typer.Option(
     0.1, "--refit-gamma",
     help="With --gamma: the refit also moves gamma: six probes around (w, s) with s = ln gamma (or gamma with --gamma-scale "
@@ -103,6 +108,7 @@ def register(app: typer.Typer) -> None:
         keep: int = KeepOpt,
         refit_width: float = RefitOpt,
         refit_gamma: float = RefitGammaOpt,
+        target_regret: float = TargetRegretOpt,
         max_images: Optional[int] = MaxImagesOpt,
         set_: Optional[List[str]] = SetOpt,
         batch: int = typer.Option(1000, "--batch", help="Sampling batch size (does not change the images)."),
@@ -154,6 +160,7 @@ def register(app: typer.Typer) -> None:
         opts = dict(bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, base_gamma=tuple(base_gamma) if base_gamma else None,
                     tune_base=tune_base, joint=joint, xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine,
                     gamma_scale=gamma_scale, metric=metric, num_samples=num_samples, seed=seed, confirm_samples=confirm_samples, keep=keep, max_images=max_images, refit_width=refit_width, refit_gamma=refit_gamma,
+                    target_regret=target_regret,
                     set_pairs=set_ or [], batch=batch, cache=cache, output=out, plot=plot, plot_points=plot_points,
                     control=control, control_samples=control_samples, write_anyway=write_anyway, trust_pickle=trust_pickle,
                     detector=detector, ref_stats=ref_stats, labels=labels)
@@ -224,16 +231,17 @@ def _show(results, console) -> None:
             ct.add_row("control (first block)", _f(results["control"]["confirmation"][metric], 5), "", "", "1")
         console.print(ct)
         fit = conf.get("refit")
+        er = f"; expected regret {100 * fit['expected_regret']:.2g}%" if fit and fit.get("expected_regret") is not None else ""
         if fit and fit.get("probes"):
             ch = fit["chosen"]
             console.print(f"refit over (w, gamma): vertex w = {_f(ch['w'])}, gamma = {_f(ch['gamma'])}"
                           + (" (clipped: the optimum may lie further out)" if fit["clipped"] else "")
-                          + ("" if fit["convex"] else " (not convex: the best probe)"))
+                          + ("" if fit["convex"] else " (not convex: the best probe)") + er)
         elif fit:
             console.print(f"refit over w: probes {', '.join(_f(x) for x in fit['ws'])} -> "
                           + (f"vertex w = {_f(fit['vertex'])}" + (f" ± {fit['vertex_se']:.2g}" if fit.get("vertex_se") else "")
                              + (" (clipped: the optimum may lie further out)" if fit["clipped"] else "")
-                             if fit["convex"] else "not convex: the best probe"))
+                             if fit["convex"] else "not convex: the best probe") + er)
         d = conf["vs_base"]
         what = "the best base (its own best gamma)" if conf.get("strongest_base_is_searched") else \
             "the base (no base gamma search: at the chosen and default gamma, not its best)"

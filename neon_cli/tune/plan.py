@@ -50,6 +50,7 @@ class Plan:
     max_images: int | None = None
     refit_width: float = 0.0
     refit_gamma: float = 0.0
+    target_regret: float = 0.0
 
     @property
     def per_snapshot(self) -> int:
@@ -92,6 +93,7 @@ def check_flags(request: Any) -> Plan:
     keep, max_images = r.keep, r.max_images
     refit_width = validate.finite("--refit-width", getattr(r, "refit_width", 0.0), low=0.0)
     refit_gamma = validate.finite("--refit-gamma", getattr(r, "refit_gamma", 0.0), low=0.0)
+    target_regret = validate.finite("--target-regret", getattr(r, "target_regret", 0.0), low=0.0)
     if not refit_width:  # --refit-width 0: no refit at all (the first stage 2), --refit-gamma with it
         refit_gamma = 0.0
     base_gamma = _base_box(gamma, r.base_gamma, r.tune_base)
@@ -144,4 +146,4 @@ def check_flags(request: Any) -> Plan:
                 base_gamma_scale=scales.get("--base-gamma", gamma_scale), joint=joint, num_samples=num_samples, seed=seed,
                 confirm_samples=confirm_samples, batch=batch, abandon_margin=abandon_margin, plot_points=plot_points,
                 control=control, control_samples=control_samples, keep=keep, max_images=max_images, labels=labels,
-                refit_width=refit_width, refit_gamma=refit_gamma)
+                refit_width=refit_width, refit_gamma=refit_gamma, target_regret=target_regret)

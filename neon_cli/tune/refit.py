@@ -26,6 +26,11 @@ REFIT_WIDTH_DEFAULT = 0.2
 #: ln gamma (about 10 % in gamma), set from ``benchmarks/tune_regret.py`` on digits (README).
 REFIT_GAMMA_DEFAULT = 0.1
 
+#: ``neon tune-w --target-regret``'s default: stage 2 stops adding blocks once the refit's expected
+#: regret (:func:`expected_regret`, a fraction) is at most this. Half the issue's 1 % mean target, as the
+#: expected regret is itself estimated from the blocks scored so far (README, "Tuning w and gamma").
+TARGET_REGRET_DEFAULT = 0.005
+
 #: how far from the centre probe the vertex may go, in probe widths (beyond it the parabola is extrapolated)
 REFIT_REACH = 2.0
 
@@ -44,6 +49,9 @@ class Refit:
         vertex_se: the jackknife standard error of ``vertex`` (w units; nan without replicates).
         clipped: True when the vertex hit the reach or the bounds (the optimum may lie further out).
         convex: False when the fitted parabola opens the wrong way (the best probe is used).
+        value: the fitted metric at ``vertex`` (metric units; block offsets averaged).
+        expected_regret: :func:`expected_regret` of the vertex (a fraction: ``curvature * vertex_se^2
+            / |value|``); nan when clipped, not convex or without an SE.
     """
 
     ws: tuple[float, float, float]
@@ -53,11 +61,18 @@ class Refit:
     vertex_se: float
     clipped: bool
     convex: bool
+    value: float = math.nan
+    expected_regret: float = math.nan
 
     def as_json(self) -> dict:
         return {"ws": list(self.ws), "means": list(self.means), "curvature": self.curvature, "vertex": self.vertex,
-                "vertex_se": None if math.isnan(self.vertex_se) else self.vertex_se, "clipped": self.clipped,
-                "convex": self.convex}
+                "vertex_se": _num(self.vertex_se), "clipped": self.clipped, "convex": self.convex,
+                "value": _num(self.value), "expected_regret": _num(self.expected_regret)}
+
+
+def _num(x: float) -> float | None:
+    """A float for a JSON report: None for nan."""
+    return None if math.isnan(x) else float(x)
 
 
 def probes(w1: float, width: float, bounds: tuple[float, float]) -> tuple[float, float, float]:
@@ -77,20 +92,19 @@ def probes(w1: float, width: float, bounds: tuple[float, float]) -> tuple[float,
     return (c - width, c, c + width)
 
 
-def _deletion_se(y: np.ndarray, blocks: Sequence[int], replicates: Sequence[Sequence[float] | None], sign: float,
-                 vertex_of: Callable[[np.ndarray], Sequence[float]]) -> tuple[float, ...]:
-    """Jackknife SEs of a refit's vertex coordinates: delete one group of one block at a time (that
-    block's points take their replicate ``g``; ``y`` holds ``sign * value``), recompute the vertex
-    with ``vertex_of``, and apply :func:`neon_cli.metrics.jackknife` to each coordinate over the
-    ``sum_j G`` deletions. Every replicate list ``[]``: an exact metric, SEs 0; any None or empty
-    (or fewer than 2 deletions): nan."""
-    from neon_cli.metrics import jackknife
-
+def _deletion_cov(y: np.ndarray, blocks: Sequence[int], replicates: Sequence[Sequence[float] | None], sign: float,
+                  vertex_of: Callable[[np.ndarray], Sequence[float]]) -> np.ndarray:
+    """Jackknife covariance (d x d) of a refit's vertex coordinates: delete one group of one block at
+    a time (that block's points take their replicate ``g``; ``y`` holds ``sign * value``), recompute
+    the vertex with ``vertex_of``, and take ``(n - 1) / n * sum (v - v_bar)(v - v_bar)'`` over the
+    ``n = sum_j G`` deletions (the delete-a-group formula of :func:`neon_cli.metrics.jackknife`, whose
+    SE its diagonal's square root is). Every replicate list ``[]``: an exact metric, zeros; any None
+    or empty (or fewer than 2 deletions): nan."""
     dims = len(vertex_of(y))
     if all(r is not None and len(r) == 0 for r in replicates):
-        return (0.0,) * dims
+        return np.zeros((dims, dims))
     if any(r is None or len(r) == 0 for r in replicates):
-        return (math.nan,) * dims
+        return np.full((dims, dims), math.nan)
     outs = []
     for blk in sorted(set(blocks)):
         rows = [i for i, b in enumerate(blocks) if b == blk]
@@ -99,7 +113,36 @@ def _deletion_se(y: np.ndarray, blocks: Sequence[int], replicates: Sequence[Sequ
             for i in rows:
                 yy[i] = sign * float(replicates[i][g])
             outs.append(vertex_of(yy))
-    return tuple(jackknife(0.0, [o[k] for o in outs])["se"] for k in range(dims))
+    v = np.asarray(outs, dtype=np.float64).reshape(len(outs), dims)
+    n = v.shape[0]
+    if n < 2:
+        return np.full((dims, dims), math.nan)
+    if not np.isfinite(v).all():
+        return np.full((dims, dims), math.inf)
+    d = v - v.mean(axis=0)
+    return (n - 1) / n * (d.T @ d)
+
+
+def expected_regret(hessian: np.ndarray, cov: np.ndarray, value: float) -> float:
+    """The relative regret a vertex with covariance ``cov`` is expected to have on a quadratic with
+    Hessian ``hessian`` (both in the refit's coordinates; ``sign``-adjusted, positive definite) and
+    minimum ``value`` (metric units): ``E[f(x_hat) - f(x*)] / |f(x*)| = tr(H cov) / (2 |value|)``
+    (x_hat ~ (x*, cov); a second-order expansion, exact for a quadratic). A fraction (0.01 = 1 %);
+    nan when ``cov`` is nan or ``value`` is 0."""
+    h, c = np.atleast_2d(np.asarray(hessian, dtype=np.float64)), np.atleast_2d(np.asarray(cov, dtype=np.float64))
+    if not (np.isfinite(c).all() and np.isfinite(h).all()) or value == 0 or not math.isfinite(value):
+        return math.nan
+    return float(np.trace(h @ c)) / (2.0 * abs(value))
+
+
+def _local(points: Sequence[tuple], dist: Callable[[tuple], tuple[float, ...]], need: int,
+           where: Callable[[tuple], object]) -> list[tuple]:
+    """The points within :data:`REFIT_REACH` widths of the centre on every axis (``dist``: a point's
+    distances in widths), when at least ``need`` distinct locations (``where``) remain; else all.
+    The metric is quadratic only locally: probes left far behind by a re-centred centre would bend
+    the fit toward their side (an asymmetric valley)."""
+    near = [p for p in points if all(d <= REFIT_REACH * (1 + 1e-9) for d in dist(p))]
+    return near if len({where(p) for p in near}) >= need else list(points)
 
 
 def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | None]], *, center: float, width: float,
@@ -127,10 +170,11 @@ def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | Non
     Raises:
         ValueError: fewer than three distinct w.
     """
+    if len({float(p[1]) for p in points}) < 3:
+        raise ValueError(f"the refit needs three distinct probes, got {sorted({float(p[1]) for p in points})!r}")
+    points = _local(points, lambda p: (abs(float(p[1]) - center) / width,) if width > 0 else (0.0,), 3, lambda p: float(p[1]))
     blocks = sorted({int(p[0]) for p in points})
     ws = np.array([float(p[1]) for p in points])
-    if len(set(ws.tolist())) < 3:
-        raise ValueError(f"the refit needs three distinct probes, got {sorted(set(ws.tolist()))!r}")
     y = sign * np.array([float(p[2]) for p in points])
     col = {b: k for k, b in enumerate(blocks)}
     X = np.zeros((len(points), len(blocks) + 2))
@@ -151,12 +195,18 @@ def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | Non
         return float(min(max(v, lo), hi)), b, c, not (lo <= v <= hi), True, coef
 
     v, b, c, clipped, convex, coef = vertex(y)
-    se = _deletion_se(y, [int(p[0]) for p in points], [p[3] for p in points], sign, lambda yy: (vertex(yy)[0],))[0]
+    cov = _deletion_cov(y, [int(p[0]) for p in points], [p[3] for p in points], sign, lambda yy: (vertex(yy)[0],))
+    se = math.sqrt(cov[0, 0]) if cov[0, 0] >= 0 else math.nan
     latest = probes(center, width, bounds) if math.isfinite(width) and width > 0 else tuple(sorted(set(ws.tolist()))[:3])
     off = float(np.mean(coef[:-2]))
-    means = tuple(sign * (off + b * (x - center) + c * (x - center) ** 2) for x in latest)
-    return Refit(ws=tuple(float(x) for x in latest), means=means, curvature=c, vertex=v, vertex_se=se,
-                 clipped=clipped, convex=convex)
+
+    def fitted(x: float) -> float:
+        return sign * (off + b * (x - center) + c * (x - center) ** 2)
+
+    value = fitted(v)
+    er = expected_regret(np.array([[2 * c]]), cov, value) if convex and not clipped else math.nan
+    return Refit(ws=tuple(float(x) for x in latest), means=tuple(fitted(x) for x in latest), curvature=c, vertex=v,
+                 vertex_se=se, clipped=clipped, convex=convex, value=value, expected_regret=er)
 
 
 def refit(ws: Sequence[float], blocks: Sequence[Sequence[float]], replicates: Sequence[Sequence[Sequence[float]]] | None,
@@ -195,6 +245,8 @@ class Refit2:
         vertex_se: jackknife standard errors of the two coordinates (nan without replicates).
         hessian: the fitted Hessian (``sign``-adjusted: positive definite at a minimum).
         clipped, convex: as :class:`Refit`.
+        vertex_cov: the jackknife covariance of ``vertex`` (2 x 2; ``vertex_se`` is its diagonal's root).
+        value, expected_regret: as :class:`Refit` (``tr(H vertex_cov) / (2 |value|)``).
     """
 
     probes: tuple[tuple[float, float], ...]
@@ -203,11 +255,15 @@ class Refit2:
     hessian: tuple[tuple[float, float], tuple[float, float]]
     clipped: bool
     convex: bool
+    vertex_cov: tuple[tuple[float, float], tuple[float, float]] = ((math.nan, math.nan), (math.nan, math.nan))
+    value: float = math.nan
+    expected_regret: float = math.nan
 
     def as_json(self) -> dict:
         return {"probes": [list(p) for p in self.probes], "vertex": list(self.vertex),
-                "vertex_se": [None if math.isnan(x) else x for x in self.vertex_se],
-                "hessian": [list(r) for r in self.hessian], "clipped": self.clipped, "convex": self.convex}
+                "vertex_se": [_num(x) for x in self.vertex_se], "vertex_cov": [[_num(x) for x in r] for r in self.vertex_cov],
+                "hessian": [list(r) for r in self.hessian], "clipped": self.clipped, "convex": self.convex,
+                "value": _num(self.value), "expected_regret": _num(self.expected_regret)}
 
 
 def probes2(center: tuple[float, float], width: tuple[float, float], box: tuple[tuple[float, float], tuple[float, float]]
@@ -234,9 +290,11 @@ def refit_surface(points: Sequence[tuple[int, float, float, float, Sequence[floa
     Raises:
         ValueError: fewer than six distinct probes.
     """
-    pts = np.array([[float(p[1]), float(p[2])] for p in points])
-    if len({(a, b) for a, b in pts.tolist()}) < 6:
+    if len({(float(p[1]), float(p[2])) for p in points}) < 6:
         raise ValueError("the surface refit needs six distinct probes")
+    points = _local(points, lambda p: tuple(abs(float(p[1 + i]) - center[i]) / width[i] if width[i] > 0 else 0.0
+                                            for i in range(2)), 6, lambda p: (float(p[1]), float(p[2])))
+    pts = np.array([[float(p[1]), float(p[2])] for p in points])
     blocks = sorted({int(p[0]) for p in points})
     col = {b: k for k, b in enumerate(blocks)}
     d = pts - np.asarray(center)
@@ -254,14 +312,19 @@ def refit_surface(points: Sequence[tuple[int, float, float, float, Sequence[floa
         if not (np.all(np.isfinite(H)) and np.all(np.linalg.eigvalsh(H) > 0)):
             fitted = X[:, -5:] @ coef[-5:]
             k = int(np.argmin(fitted))
-            return (float(pts[k, 0]), float(pts[k, 1])), H, False, False
+            return (float(pts[k, 0]), float(pts[k, 1])), H, False, False, coef
         x = -np.linalg.solve(H, np.array([b1, b2])) + np.asarray(center)
         v = tuple(float(min(max(x[i], lo[i]), hi[i])) for i in range(2))
-        return v, H, any(not (lo[i] <= x[i] <= hi[i]) for i in range(2)), True
+        return v, H, any(not (lo[i] <= x[i] <= hi[i]) for i in range(2)), True, coef
 
     y = sign * np.array([float(p[3]) for p in points])
-    v, H, clipped, convex = vertex(y)
-    se = _deletion_se(y, [int(p[0]) for p in points], [p[4] for p in points], sign, lambda yy: vertex(yy)[0])
+    v, H, clipped, convex, coef = vertex(y)
+    cov = _deletion_cov(y, [int(p[0]) for p in points], [p[4] for p in points], sign, lambda yy: vertex(yy)[0])
+    se = tuple(math.sqrt(cov[i, i]) if cov[i, i] >= 0 else math.nan for i in range(2))
+    dv = np.asarray(v) - np.asarray(center)
+    value = sign * float(np.mean(coef[:-5]) + coef[-5:] @ np.array([dv[0], dv[1], dv[0] ** 2, dv[1] ** 2, dv[0] * dv[1]]))
+    er = expected_regret(H, cov, value) if convex and not clipped else math.nan
     return Refit2(probes=probes2(center, width, box), vertex=v, vertex_se=se,
                   hessian=((float(H[0, 0]), float(H[0, 1])), (float(H[1, 0]), float(H[1, 1]))), clipped=clipped,
-                  convex=convex)
+                  convex=convex, vertex_cov=((float(cov[0, 0]), float(cov[0, 1])), (float(cov[1, 0]), float(cov[1, 1]))),
+                  value=value, expected_regret=er)

@@ -633,6 +633,9 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
     }
 
 
+RECENTER_EVERY_BLOCK = True
+
+
 def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int, cseed: int
                   ) -> tuple[list[tuple[Any, float, float | None]], dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]],
                              int, int, dict[str, Any]]:
@@ -645,9 +648,10 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     kept candidates and the bases. After each block every probe so far is fitted with one offset per
     block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`); a
     vertex clipped at the centre +- 2 widths re-centres the next block's probes on it. Blocks are
-    added until the vertex is inside that reach with jackknife SEs <= ``--xtol`` / 2 (and V / 2 in
-    s), or the next block and the vertex's own evaluations would pass ``--max-images`` (None: one
-    block). The vertex is then scored on every block and becomes the first candidate. Returns
+    added until the vertex is inside that reach with an expected regret (``tr(H cov) / (2 |f|)``,
+    cov the vertex's jackknife covariance: :func:`~neon_cli.tune.refit.expected_regret`) <=
+    ``--target-regret`` (after two blocks at least, unless the metric is exact), or the next block and the vertex's own evaluations would pass
+    ``--max-images`` (None: one block). The vertex is then scored on every block and becomes the first candidate. Returns
     ``(cands, rows, comparisons, images, blocks, refit JSON)``: the candidates (vertex, kept,
     bases), each one's rows per block, each compared paired with the vertex.
     """
@@ -681,11 +685,12 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         blocks += 1
         if two:
             fit = refit_surface(points, center=center, width=width, sign=ctx.sign, box=box)
-            tight = fit.vertex_se[0] <= plan.xtol / 2 and fit.vertex_se[1] <= plan.refit_gamma / 2
         else:
             fit = refit_points(points, center=center, width=width, sign=ctx.sign, bounds=plan.bounds)
-            tight = fit.vertex_se <= plan.xtol / 2
-        if fit.clipped:
+        # nan (no SE): never; an SE from one block's jackknife is itself noisy (10 groups), so a metric
+        # with replicates needs two blocks before it may stop (an exact metric, SE 0, stops at once)
+        tight = fit.expected_regret <= plan.target_regret and (blocks >= 2 or fit.expected_regret == 0)
+        if RECENTER_EVERY_BLOCK or fit.clipped:
             center = fit.vertex
         nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
