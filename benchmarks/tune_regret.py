@@ -4,7 +4,9 @@ For each theta_s of ``--configs`` (made here: synth at gamma_S, finetune; resuma
 ``--blocks`` disjoint search seed blocks, every method of ``--methods`` chooses a point on that
 block's seeds alone; each chosen point is then scored on ``--truth-samples`` fresh seeds shared by
 all (the "truth": common random numbers, never used by any search). The truth's optimum is the best
-truth value of every chosen point and of the same search run on the truth seeds (``--truth-search``).
+truth value of every chosen point, of every point the cache holds on the truth seeds (any earlier
+run's), and of the same search run on the truth seeds (or, with ``--no-truth-search``, of the
+minimum of a quadratic through the 10 best truth points).
 
     regret = (truth(chosen) - truth(best)) / truth(best)            (per cent)
 
@@ -16,9 +18,9 @@ Methods (``NAME@N``: N samples per evaluation):
 * ``joint@N``: the (w, gamma) search (``neon tune-w --gamma``; no stage 2, no base gamma search);
 * ``default``: ``neon tune-w``'s defaults (the base's own gamma search, the joint search at
   ``--num-samples`` 2,000, stage 2's refit over w, and over (w, ln gamma) with a gamma box, on
-  blocks of 2,000 fresh seeds up to ``--max-images`` 40,000) through :func:`neon_cli.tune.run_tune_w` itself;
-* ``staged@N1:B:MAX[:W[:V]]``: the same with stage 1 at N1, stage-2 blocks of B up to MAX images,
-  refit widths W in w and V in ln gamma (``--refit-gamma``; 0 or absent: w only);
+  blocks of 2,000 fresh seeds until the expected regret is 0.5 % or ``--max-images`` 60,000) through :func:`neon_cli.tune.run_tune_w` itself;
+* ``staged@N1:B:MAX[:W[:V[:T]]]``: the same with stage 1 at N1, stage-2 blocks of B up to MAX images,
+  refit widths W in w and V in ln gamma (``--refit-gamma``; 0 or absent: w only), ``--target-regret`` T;
 * ``rescore@N``: the first stage 2 (``--refit-width 0 --keep 3``, blocks of N up to 10 N).
 
 Every evaluation goes to ``WORKDIR/evals.jsonl`` (tune-w's cache format), the theta_s to
@@ -42,7 +44,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from neon_cli.tune.refit import REFIT_GAMMA_DEFAULT, REFIT_WIDTH_DEFAULT  # noqa: E402
+from neon_cli.tune.refit import REFIT_GAMMA_DEFAULT, REFIT_WIDTH_DEFAULT, TARGET_REGRET_DEFAULT  # noqa: E402
 from neon_cli.tune.run import STAGE2_IMAGES_FACTOR  # noqa: E402
 
 DIGITS_CONFIGS = ["T1:4000:0.03:0", "T2:4000:0.10:0", "H1:1000:0.03:1", "H2:16000:0.05:2", "H3:2000:0.01:3",
@@ -109,6 +111,17 @@ class Regret:
             return self._truth_nog(snap, w)
         return float(self.bench.metrics(snap, w, g, n=self.args.truth_samples, seed=TRUTH_SEED)[self.args.metric])
 
+    def cached_truths(self, snap) -> dict:
+        """{(w, gamma): truth value} of every evaluation of ``snap`` on the truth seeds in the cache."""
+        out = {}
+        for rec in self.bench.cache.records():
+            k = rec["key"]
+            if (k.get("selftrained") == snap["sha256"] and k.get("seed") == TRUTH_SEED
+                    and k.get("num_samples") == self.args.truth_samples and self.args.metric in rec["metrics"]):
+                g = k.get("gamma")
+                out[(round(float(k["w"]), 9), None if g is None else round(float(g), 9))] = float(rec["metrics"][self.args.metric])
+        return out
+
     def _g(self, g):
         return None if self.guidance is None else float(g)
 
@@ -150,11 +163,12 @@ class Regret:
             return self.run_tune(snap, seed, gamma=box, num_samples=n, confirm_samples=n, keep=1,
                                  max_images=STAGE2_IMAGES_FACTOR * n, refit_width=REFIT_WIDTH_DEFAULT,
                                  refit_gamma=REFIT_GAMMA_DEFAULT if box else 0.0)
-        if name.startswith("staged@"):  # staged@N1:B:MAX[:W[:V]]: stage 1 at N1, stage 2 blocks of B up to MAX images,
-            n1, b, mx, *wd = name.split("@")[1].split(":")  # refit widths W (w) and V (ln gamma; 0: w only)
-            return self.run_tune(snap, seed, gamma=box, num_samples=int(n1), confirm_samples=int(b), keep=1,
+        if name.startswith("staged@"):  # staged@N1:B:MAX[:W[:V[:T]]]: stage 1 at N1, stage 2 blocks of B up to MAX
+            n1, b, mx, *wd = name.split("@")[1].split(":")  # images, refit widths W (w) and V (ln gamma; 0: w only),
+            return self.run_tune(snap, seed, gamma=box, num_samples=int(n1), confirm_samples=int(b), keep=1,  # target T
                                  max_images=int(mx), refit_width=float(wd[0]) if wd else REFIT_WIDTH_DEFAULT,
-                                 refit_gamma=float(wd[1]) if len(wd) > 1 and box else 0.0)
+                                 refit_gamma=float(wd[1]) if len(wd) > 1 and box else 0.0,
+                                 target_regret=float(wd[2]) if len(wd) > 2 else TARGET_REGRET_DEFAULT)
         if name == "paper":
             from tune import PAPER_SAMPLES, paper_sweep_2d, paper_sweep_w
 
@@ -247,8 +261,9 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=5, help="disjoint search seed blocks per theta_s")
     ap.add_argument("--truth-samples", type=int, default=20_000)
     ap.add_argument("--no-truth-search", action="store_true",
-                    help="truth optimum = the best of the chosen points and of the minimum of a quadratic through the "
-                         "10 best of them (one truth evaluation instead of a search on the truth seeds)")
+                    help="truth optimum = the best of the chosen points, of every point the cache holds on the truth "
+                         "seeds, and of the minimum of a quadratic through the 10 best of them (one truth evaluation "
+                         "instead of a search on the truth seeds)")
     ap.add_argument("--metric", default=None, help="default: the family's first metric")
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--bounds", type=float, nargs=2, default=(0.0, 3.0))
@@ -291,6 +306,8 @@ def main() -> None:
         if not args.no_truth_search:
             pts |= {(round(w, 9), None if g is None else round(g, 9)) for w, g in r.truth_search(snap)}
         truths = {p: r.truth(snap, *p) for p in pts}
+        # every point any run scored on the truth seeds (the cache's) competes for the optimum
+        truths.update({p: v for p, v in r.cached_truths(snap).items() if p not in truths})
         if args.no_truth_search:  # a cheaper stand-in: the truth at the minimum of a quadratic through the truth points
             v = truth_vertex(truths, tuple(args.bounds), tuple(args.gamma) if fam.guidance else None)
             if v is not None:
