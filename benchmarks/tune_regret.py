@@ -294,7 +294,7 @@ def main() -> None:
     r = Regret(args)
     t0 = time.perf_counter()
     g_star = r.bench.gamma_s() if fam.guidance else None
-    out: dict[str, list[tuple[float, int]]] = {m: [] for m in args.methods}
+    out: dict[str, list[tuple[float, int, str]]] = {m: [] for m in args.methods}
     for spec in args.configs:
         name, num, frac, seed = spec.split("@")[0].split(":")
         g_s = float(spec.split("@")[1]) if "@" in spec else g_star
@@ -322,18 +322,24 @@ def main() -> None:
                 w, g, imgs = chosen[(m, b)]
                 reg = 100 * (truths[(round(w, 9), None if g is None else round(g, 9))] - best) / abs(best)
                 regs.append(reg)
-                out[m].append((reg, imgs))
+                out[m].append((reg, imgs, name))
             print(f"  {m:12} regret % per block: {' '.join(f'{x:6.2f}' for x in regs)}   images/block "
                   f"{statistics.mean(chosen[(m, b)][2] for b in done):.0f}", flush=True)
     print(f"\nsummary over {len(args.configs)} theta_s x {args.blocks} blocks ({args.family}, {args.metric}, "
           f"truth {args.truth_samples} seeds)")
-    paper_imgs = statistics.mean(i for _, i in out["paper"]) if out.get("paper") else None
+    paper_imgs = statistics.mean(i for _, i, _ in out["paper"]) if out.get("paper") else None
     for m, rows in out.items():
-        regs = [x for x, _ in rows]
-        imgs = statistics.mean(i for _, i in rows)
+        if not rows:
+            continue
+        regs = [x for x, _, _ in rows]
+        imgs = statistics.mean(i for _, i, _ in rows)
         frac = f"  ({imgs / paper_imgs:.2f} of paper's)" if paper_imgs else ""
+        names = sorted({n for _, _, n in rows})
+        meets = sum(statistics.mean(x for x, _, n in rows if n == t) <= 1.0 and _pct([x for x, _, n in rows if n == t], 0.9) <= 2.0
+                    for t in names)
         print(f"  {m:12} regret mean {statistics.mean(regs):6.2f}%  median {statistics.median(regs):6.2f}%  "
-              f"p90 {_pct(regs, 0.9):6.2f}%  max {max(regs):6.2f}%   images {imgs:9.0f}{frac}")
+              f"p90 {_pct(regs, 0.9):6.2f}%  max {max(regs):6.2f}%   target met on {meets}/{len(names)} theta_s   "
+              f"images {imgs:9.0f}{frac}")
     print(f"wall {time.perf_counter() - t0:.0f} s; cache {r.cache}")
 
 

@@ -6,8 +6,12 @@ offset cancels but the slope error does not; ``benchmarks/tune_regret.py``). Re-
 search's best few points on fresh seeds cannot move the choice off the tilted block's region, so
 stage 2 measures three probes ``w1 - width, w1, w1 + width`` on blocks of fresh seeds and takes
 the vertex of the parabola through their pooled means (paper App. C: the metric is locally
-quadratic in w). The vertex's standard error is a delete-a-group jackknife over every (block,
-group) of the probes' class-balanced jackknife replicates (:func:`neon_cli.metrics.jackknife`).
+quadratic in w; with a gamma box, six probes and a quadratic surface in (w, ln gamma)). The caller
+re-centres each block's probes on the latest vertex, and the fit keeps the probes within
+:data:`REFIT_REACH` widths of the centre. The vertex's covariance is a delete-a-group jackknife over
+every (block, group) of the probes' class-balanced jackknife replicates (the formula of
+:func:`neon_cli.metrics.jackknife`), and its expected regret ``tr(H cov) / (2 |f|)``
+(:func:`expected_regret`) is what stage 2 stops on.
 """
 
 from __future__ import annotations

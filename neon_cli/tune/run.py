@@ -633,9 +633,6 @@ def confirm(ctx: Context, scorer: Scorer, found: SnapshotSearch, results: dict[s
     }
 
 
-RECENTER_EVERY_BLOCK = True
-
-
 def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, float | None]], B: int, cseed: int
                   ) -> tuple[list[tuple[Any, float, float | None]], dict[int, list[dict[str, Any]]], dict[int, dict[str, Any]],
                              int, int, dict[str, Any]]:
@@ -646,8 +643,9 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     ``--refit-gamma V`` and a gamma box, the six probes of :data:`neon_cli.tune.refit.STAR6` in
     (w, s), s = ln gamma (or gamma with ``--gamma-scale linear``). It also scores the search's other
     kept candidates and the bases. After each block every probe so far is fitted with one offset per
-    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`); a
-    vertex clipped at the centre +- 2 widths re-centres the next block's probes on it. Blocks are
+    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`:
+    probes within 2 widths of the centre); the vertex, clipped at the centre +- 2 widths, is the next
+    block's centre. Blocks are
     added until the vertex is inside that reach with an expected regret (``tr(H cov) / (2 |f|)``,
     cov the vertex's jackknife covariance: :func:`~neon_cli.tune.refit.expected_regret`) <=
     ``--target-regret`` (after two blocks at least, unless the metric is exact), or the next block and the vertex's own evaluations would pass
@@ -690,8 +688,7 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         # nan (no SE): never; an SE from one block's jackknife is itself noisy (10 groups), so a metric
         # with replicates needs two blocks before it may stop (an exact metric, SE 0, stops at once)
         tight = fit.expected_regret <= plan.target_regret and (blocks >= 2 or fit.expected_regret == 0)
-        if RECENTER_EVERY_BLOCK or fit.clipped:
-            center = fit.vertex
+        center = fit.vertex  # the next block's probes bracket the latest vertex (clipped: the reach's edge)
         nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
