@@ -204,16 +204,3 @@ def test_surface_expected_regret_and_covariance_against_independent_draws():
     assert np.mean(real) > 1e-4
     assert np.mean(pred) == pytest.approx(np.mean(real), rel=0.35)
 
-
-def test_probes_beyond_the_reach_of_the_centre_are_left_out_of_the_fit():
-    """An asymmetric valley: steeper left of 0.5. Block 0 probed there before the centre moved to
-    1.0; with width 0.2 (reach 0.6-1.4) only block 1's probes enter the fit, whose vertex is then the
-    exact minimum; a width that reaches block 0 bends the vertex toward it."""
-    def f(w):
-        return _parabola(w) if w >= 0.5 else _parabola(w) + 8.0 * (0.5 - w) ** 3
-
-    pts = [(0, w, f(w), None) for w in (0.1, 0.3, 0.5)] + [(1, w, f(w), None) for w in (0.8, 1.0, 1.2)]
-    assert refit_points(pts, center=1.0, width=0.2).vertex == pytest.approx(1.07, abs=1e-12)
-    assert abs(refit_points(pts, center=1.0, width=0.5).vertex - 1.07) > 0.01
-    # too few local probes left: every probe is used (no error)
-    assert refit_points(pts[:4], center=1.0, width=0.2).convex

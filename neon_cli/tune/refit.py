@@ -7,8 +7,7 @@ search's best few points on fresh seeds cannot move the choice off the tilted bl
 stage 2 measures three probes ``w1 - width, w1, w1 + width`` on blocks of fresh seeds and takes
 the vertex of the parabola through their pooled means (paper App. C: the metric is locally
 quadratic in w; with a gamma box, six probes and a quadratic surface in (w, ln gamma)). The caller
-re-centres each block's probes on the latest vertex, and the fit keeps the probes within
-:data:`REFIT_REACH` widths of the centre. The vertex's covariance is a delete-a-group jackknife over
+re-centres the next block's probes on a vertex that lies beyond them. The vertex's covariance is a delete-a-group jackknife over
 every (block, group) of the probes' class-balanced jackknife replicates (the formula of
 :func:`neon_cli.metrics.jackknife`), and its expected regret ``tr(H cov) / (2 |f|)``
 (:func:`expected_regret`) is what stage 2 stops on.
@@ -139,16 +138,6 @@ def expected_regret(hessian: np.ndarray, cov: np.ndarray, value: float) -> float
     return float(np.trace(h @ c)) / (2.0 * abs(value))
 
 
-def _local(points: Sequence[tuple], dist: Callable[[tuple], tuple[float, ...]], need: int,
-           where: Callable[[tuple], object]) -> list[tuple]:
-    """The points within :data:`REFIT_REACH` widths of the centre on every axis (``dist``: a point's
-    distances in widths), when at least ``need`` distinct locations (``where``) remain; else all.
-    The metric is quadratic only locally: probes left far behind by a re-centred centre would bend
-    the fit toward their side (an asymmetric valley)."""
-    near = [p for p in points if all(d <= REFIT_REACH * (1 + 1e-9) for d in dist(p))]
-    return near if len({where(p) for p in near}) >= need else list(points)
-
-
 def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | None]], *, center: float, width: float,
                  sign: float = 1.0, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Refit:
     """The vertex of ``y = a_j + b w + c w^2`` fitted to probes measured on several blocks ``j``.
@@ -176,7 +165,6 @@ def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | Non
     """
     if len({float(p[1]) for p in points}) < 3:
         raise ValueError(f"the refit needs three distinct probes, got {sorted({float(p[1]) for p in points})!r}")
-    points = _local(points, lambda p: (abs(float(p[1]) - center) / width,) if width > 0 else (0.0,), 3, lambda p: float(p[1]))
     blocks = sorted({int(p[0]) for p in points})
     ws = np.array([float(p[1]) for p in points])
     y = sign * np.array([float(p[2]) for p in points])
@@ -296,8 +284,6 @@ def refit_surface(points: Sequence[tuple[int, float, float, float, Sequence[floa
     """
     if len({(float(p[1]), float(p[2])) for p in points}) < 6:
         raise ValueError("the surface refit needs six distinct probes")
-    points = _local(points, lambda p: tuple(abs(float(p[1 + i]) - center[i]) / width[i] if width[i] > 0 else 0.0
-                                            for i in range(2)), 6, lambda p: (float(p[1]), float(p[2])))
     pts = np.array([[float(p[1]), float(p[2])] for p in points])
     blocks = sorted({int(p[0]) for p in points})
     col = {b: k for k, b in enumerate(blocks)}

@@ -643,13 +643,13 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     ``--refit-gamma V`` and a gamma box, the six probes of :data:`neon_cli.tune.refit.STAR6` in
     (w, s), s = ln gamma (or gamma with ``--gamma-scale linear``). It also scores the search's other
     kept candidates and the bases. After each block every probe so far is fitted with one offset per
-    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`:
-    probes within 2 widths of the centre); the vertex, clipped at the centre +- 2 widths, is the next
-    block's centre. Blocks are
+    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`); a
+    vertex (clipped at the centre +- 2 widths) beyond the probes becomes the next block's centre. Blocks are
     added until the vertex is inside that reach with an expected regret (``tr(H cov) / (2 |f|)``,
     cov the vertex's jackknife covariance: :func:`~neon_cli.tune.refit.expected_regret`) <=
     ``--target-regret`` (after two blocks at least, unless the metric is exact), or the next block and the vertex's own evaluations would pass
-    ``--max-images`` (None: one block). The vertex is then scored on every block and becomes the first candidate. Returns
+    ``--max-images`` (None: one block). The vertex is then scored on every block and becomes the first
+    candidate, unless a probe is resolved better than it (paired): then that probe (``fallback``). Returns
     ``(cands, rows, comparisons, images, blocks, refit JSON)``: the candidates (vertex, kept,
     bases), each one's rows per block, each compared paired with the vertex.
     """
@@ -688,22 +688,47 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         # nan (no SE): never; an SE from one block's jackknife is itself noisy (10 groups), so a metric
         # with replicates needs two blocks before it may stop (an exact metric, SE 0, stops at once)
         tight = fit.expected_regret <= plan.target_regret and (blocks >= 2 or fit.expected_regret == 0)
-        center = fit.vertex  # the next block's probes bracket the latest vertex (clipped: the reach's edge)
+        if _outside_probes(fit.vertex, center, width):  # the fit points beyond the probes: follow it (a vertex
+            center = fit.vertex                           # inside them: the probes stay, pooling at the same places)
         nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
     vw, vg = (fit.vertex[0], from_s(fit.vertex[1])) if two else (fit.vertex, g)
-    vrows = [scorer.measure(who, vw, vg, ctx.evaluator_for(B, cseed + j * B), "confirm") for j in range(blocks)]
-    images += B * sum(j not in probe_rows.get((vw, vg), {}) for j in range(blocks))  # a probe's blocks: from memory
+
+    def on_every_block(w: float, gg: Any) -> tuple[list[dict[str, Any]], int]:
+        have = probe_rows.get((w, gg), {})  # a probe's blocks: from memory
+        got = [have[j] if j in have else scorer.measure(who, w, gg, ctx.evaluator_for(B, cseed + j * B), "confirm")
+               for j in range(blocks)]
+        return got, B * sum(j not in have for j in range(blocks))
+
+    vrows, n = on_every_block(vw, vg)
+    images += n
+    fallback = _vs_best_probe(ctx, who, probe_rows, vrows)
+    if fallback is not None and fallback["resolved"] and ctx.sign * fallback["diff"] < 0:
+        # a probe measured resolved better than the fitted vertex (paired): the quadratic misled (a valley
+        # far from quadratic, an extrapolated vertex); the probe is chosen and scored on every block
+        vw, vg = fallback["w"], fallback["gamma"]
+        vrows, n = on_every_block(vw, vg)
+        images += n
+    else:
+        fallback = None
     out = [(who, vw, vg)] + list(rest)
     all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
     comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
                        "against": _label(ctx, out[i])} for i in range(1, len(out))}
-    doc = {**fit.as_json(), "vs_best_probe": _vs_best_probe(ctx, who, probe_rows, vrows), "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
+    doc = {**fit.as_json(), "vs_best_probe": _vs_best_probe(ctx, who, probe_rows, vrows),
+           "fallback": None if fallback is None else {k: fallback[k] for k in ("w", "gamma", "diff", "se", "ci")}, "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
            "space": ["w", "ln_gamma" if plan.gamma_scale == "log" else "gamma"] if two else ["w"],
            "chosen": {"w": vw, "gamma": vg}, "candidate": 0,
            "points": [{"block": p[0], "w": p[1], **({"gamma": from_s(p[2])} if two else {}), "value": p[-2]} for p in points]}
     return out, all_rows, comparisons, images, blocks, doc
+
+
+def _outside_probes(vertex: Any, center: Any, width: Any) -> bool:
+    """Whether the refit's vertex lies beyond the probes (more than one width from their centre on
+    an axis): stage 2 then centres the next block's probes on it."""
+    v, c, wd = (vertex, center, width) if isinstance(vertex, tuple) else ((vertex,), (center,), (width,))
+    return any(abs(a - b) > d * (1 + 1e-9) for a, b, d in zip(v, c, wd))
 
 
 def _vs_best_probe(ctx: Context, who: Any, probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]],
@@ -718,7 +743,7 @@ def _vs_best_probe(ctx: Context, who: Any, probe_rows: Mapping[tuple[float, Any]
             continue
         d = combine_differences([_pair(by_block[j], vrows[j], ctx.metric) for j in sorted(by_block)])
         if best is None or ctx.sign * d["diff"] < ctx.sign * best["diff"]:
-            best = {**d, "against": _label(ctx, (who, w, g)), "blocks": len(by_block)}
+            best = {**d, "against": _label(ctx, (who, w, g)), "blocks": len(by_block), "w": w, "gamma": g}
     return best
 
 
