@@ -678,3 +678,41 @@ def test_cli_help_has_example(cli):
     runner, app = cli
     r = runner.invoke(app, ["tune-w", "--help"])
     assert r.exit_code == 0 and "Example" in r.stdout and "--selftrained" in r.stdout and "--gamma" in r.stdout
+
+
+def test_refit_falls_back_to_a_probe_resolved_better_than_the_vertex(fam, monkeypatch):
+    """A metric far from quadratic on stage 2's seeds: |w - k| with its kink between two probes.
+    The parabola through the probes c - 0.2, c, c + 0.2 puts the vertex 0.3 right of c, where the
+    metric is worse than at the probe c + 0.2; the paired comparison resolves it (exact metric: SE
+    0), so the probe is chosen and the report says so."""
+    w_star, _ = closed_form(THETA_S, 0, 64)
+    k = w_star + 0.15
+    real = fam.score
+
+    def score(images, labels):
+        if len(images) > 32:  # the search's 64 seeds (and their replicates): the quadratic metric
+            return real(images, labels)
+        w = 2 * float(fam.seen[-1][1][1])  # theta(w) = (1 - w/2, w/2): the w just sampled
+        return {"dist": abs(w - k), "recall": math.exp(-abs(w - k))}
+
+    monkeypatch.setattr(fam, "score", score)
+    rep = Report("tune-w", argv=[])
+    res = run_tune_w("fake-tune", fam.paths["base"], [fam.paths["good"]], bounds=(0.0, 3.0), num_samples=64, seed=0,
+                     confirm_samples=32, max_images=1000, require_improvement=False, report=rep)
+    fit = res["confirmation"]["refit"]
+    c = fit["ws"][1]
+    assert fit["convex"] and not fit["clipped"] and fit["vertex"] == pytest.approx(c + 0.3, abs=0.02)
+    assert fit["fallback"] is not None and fit["fallback"]["diff"] < 0
+    assert res["chosen"]["w"] == pytest.approx(c + 0.2) and fit["chosen"]["w"] == res["chosen"]["w"]
+    assert res["confirmation"]["blocks"] == 1  # exact metric: expected regret 0 after one block
+
+
+def test_stage2_recentres_only_on_a_vertex_beyond_the_probes():
+    """Re-centring on every block's noisy vertex let the centre wander along an elongated valley and
+    leave its data behind (benchmarks/tune_regret.py, digits H3); the probes move only when the fit
+    points beyond them (more than one width from the centre on an axis)."""
+    from neon_cli.tune.run import _outside_probes
+
+    assert not _outside_probes(1.15, 1.0, 0.2) and _outside_probes(1.25, 1.0, 0.2) and _outside_probes(0.7, 1.0, 0.2)
+    assert not _outside_probes((1.1, 0.35), (1.0, 0.3), (0.2, 0.1))
+    assert _outside_probes((1.1, 0.45), (1.0, 0.3), (0.2, 0.1)) and _outside_probes((1.3, 0.3), (1.0, 0.3), (0.2, 0.1))
