@@ -706,13 +706,3 @@ def test_refit_falls_back_to_a_probe_resolved_better_than_the_vertex(fam, monkey
     assert res["chosen"]["w"] == pytest.approx(c + 0.2) and fit["chosen"]["w"] == res["chosen"]["w"]
     assert res["confirmation"]["blocks"] == 1  # exact metric: expected regret 0 after one block
 
-
-def test_stage2_recentres_only_on_a_vertex_beyond_the_probes():
-    """Re-centring on every block's noisy vertex let the centre wander along an elongated valley and
-    leave its data behind (benchmarks/tune_regret.py, digits H3); the probes move only when the fit
-    points beyond them (more than one width from the centre on an axis)."""
-    from neon_cli.tune.run import _outside_probes
-
-    assert not _outside_probes(1.15, 1.0, 0.2) and _outside_probes(1.25, 1.0, 0.2) and _outside_probes(0.7, 1.0, 0.2)
-    assert not _outside_probes((1.1, 0.35), (1.0, 0.3), (0.2, 0.1))
-    assert _outside_probes((1.1, 0.45), (1.0, 0.3), (0.2, 0.1)) and _outside_probes((1.3, 0.3), (1.0, 0.3), (0.2, 0.1))

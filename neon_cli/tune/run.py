@@ -643,8 +643,8 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     ``--refit-gamma V`` and a gamma box, the six probes of :data:`neon_cli.tune.refit.STAR6` in
     (w, s), s = ln gamma (or gamma with ``--gamma-scale linear``). It also scores the search's other
     kept candidates and the bases. After each block every probe so far is fitted with one offset per
-    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`); a
-    vertex (clipped at the centre +- 2 widths) beyond the probes becomes the next block's centre. Blocks are
+    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`); the
+    vertex (clipped at the centre +- 2 widths) is the next block's centre. Blocks are
     added until the vertex is inside that reach with an expected regret (``tr(H cov) / (2 |f|)``,
     cov the vertex's jackknife covariance: :func:`~neon_cli.tune.refit.expected_regret`) <=
     ``--target-regret`` (after two blocks at least, unless the metric is exact), or the next block and the vertex's own evaluations would pass
@@ -688,8 +688,8 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         # nan (no SE): never; an SE from one block's jackknife is itself noisy (10 groups), so a metric
         # with replicates needs two blocks before it may stop (an exact metric, SE 0, stops at once)
         tight = fit.expected_regret <= plan.target_regret and (blocks >= 2 or fit.expected_regret == 0)
-        if _outside_probes(fit.vertex, center, width):  # the fit points beyond the probes: follow it (a vertex
-            center = fit.vertex                           # inside them: the probes stay, pooling at the same places)
+        center = fit.vertex  # the next block's probes bracket the latest vertex (in an asymmetric valley, probes
+        # left on one side bend the parabola toward it; every probe so far stays in the fit)
         nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
@@ -722,13 +722,6 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
            "chosen": {"w": vw, "gamma": vg}, "candidate": 0,
            "points": [{"block": p[0], "w": p[1], **({"gamma": from_s(p[2])} if two else {}), "value": p[-2]} for p in points]}
     return out, all_rows, comparisons, images, blocks, doc
-
-
-def _outside_probes(vertex: Any, center: Any, width: Any) -> bool:
-    """Whether the refit's vertex lies beyond the probes (more than one width from their centre on
-    an axis): stage 2 then centres the next block's probes on it."""
-    v, c, wd = (vertex, center, width) if isinstance(vertex, tuple) else ((vertex,), (center,), (width,))
-    return any(abs(a - b) > d * (1 + 1e-9) for a, b, d in zip(v, c, wd))
 
 
 def _vs_best_probe(ctx: Context, who: Any, probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]],
