@@ -643,8 +643,12 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     ``--refit-gamma V`` and a gamma box, the six probes of :data:`neon_cli.tune.refit.STAR6` in
     (w, s), s = ln gamma (or gamma with ``--gamma-scale linear``). It also scores the search's other
     kept candidates and the bases. After each block every probe so far is fitted with one offset per
-    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`); the
-    vertex (clipped at the centre +- 2 widths) is the next block's centre. Blocks are
+    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`). Over
+    w the vertex (clipped at the centre +- 2 widths) is the next block's centre: probes left on one
+    side of an asymmetric valley bend the parabola toward that side (``benchmarks/tune_regret.py``,
+    gaussian-ddpm G5: 9.4 % regret when only a clipped vertex moved them, 2.4 % following it). Over
+    (w, s) only a clipped vertex moves them: in an elongated valley the vertex is poorly determined
+    along it, and probes that follow it wander (digits H3: 9.4 % following it, 0.75 % staying). Blocks are
     added until the vertex is inside that reach with an expected regret (``tr(H cov) / (2 |f|)``,
     cov the vertex's jackknife covariance: :func:`~neon_cli.tune.refit.expected_regret`) <=
     ``--target-regret`` (after two blocks at least, unless the metric is exact), or the next block and the vertex's own evaluations would pass
@@ -688,8 +692,8 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         # nan (no SE): never; an SE from one block's jackknife is itself noisy (10 groups), so a metric
         # with replicates needs two blocks before it may stop (an exact metric, SE 0, stops at once)
         tight = fit.expected_regret <= plan.target_regret and (blocks >= 2 or fit.expected_regret == 0)
-        center = fit.vertex  # the next block's probes bracket the latest vertex (in an asymmetric valley, probes
-        # left on one side bend the parabola toward it; every probe so far stays in the fit)
+        if fit.clipped or not two:  # see the docstring: over w every block follows the vertex; over (w, s) only
+            center = fit.vertex    # a clipped one moves the probes
         nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
