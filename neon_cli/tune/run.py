@@ -697,35 +697,42 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
-    vw, vg = (fit.vertex[0], from_s(fit.vertex[1])) if two else (fit.vertex, g)
-
-    def on_every_block(w: float, gg: Any) -> tuple[list[dict[str, Any]], int]:
-        have = probe_rows.get((w, gg), {})  # a probe's blocks: from memory
-        got = [have[j] if j in have else scorer.measure(who, w, gg, ctx.evaluator_for(B, cseed + j * B), "confirm")
-               for j in range(blocks)]
-        return got, B * sum(j not in have for j in range(blocks))
-
-    vrows, n = on_every_block(vw, vg)
+    vw, vg, vrows, n, fallback = _score_vertex(ctx, scorer, who, (fit.vertex[0], from_s(fit.vertex[1])) if two else
+                                               (fit.vertex, g), probe_rows, B, cseed, blocks)
     images += n
-    fallback = _vs_best_probe(ctx, who, probe_rows, vrows)
-    if fallback is not None and fallback["resolved"] and ctx.sign * fallback["diff"] < 0:
-        # a probe measured resolved better than the fitted vertex (paired): the quadratic misled (a valley
-        # far from quadratic, an extrapolated vertex); the probe is chosen and scored on every block
-        vw, vg = fallback["w"], fallback["gamma"]
-        vrows, n = on_every_block(vw, vg)
-        images += n
-    else:
-        fallback = None
     out = [(who, vw, vg)] + list(rest)
     all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
     comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
                        "against": _label(ctx, out[i])} for i in range(1, len(out))}
     doc = {**fit.as_json(), "vs_best_probe": _vs_best_probe(ctx, who, probe_rows, vrows),
-           "fallback": None if fallback is None else {k: fallback[k] for k in ("w", "gamma", "diff", "se", "ci")}, "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
+           "fallback": None if fallback is None else {k: fallback[k] for k in ("w", "gamma", "diff", "se", "ci")},
+           "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
            "space": ["w", "ln_gamma" if plan.gamma_scale == "log" else "gamma"] if two else ["w"],
            "chosen": {"w": vw, "gamma": vg}, "candidate": 0,
            "points": [{"block": p[0], "w": p[1], **({"gamma": from_s(p[2])} if two else {}), "value": p[-2]} for p in points]}
     return out, all_rows, comparisons, images, blocks, doc
+
+
+def _score_vertex(ctx: Context, scorer: Scorer, who: Any, vertex: tuple[float, Any],
+                  probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]], B: int, cseed: int, blocks: int
+                  ) -> tuple[float, Any, list[dict[str, Any]], int, dict[str, Any] | None]:
+    """The refit's vertex ``(w, gamma)`` scored on every block (a probe's blocks from memory); when a
+    probe is resolved better than it (paired, 95 %: the quadratic misled, e.g. a valley far from a
+    parabola or an extrapolated vertex), that probe instead. Returns ``(w, gamma, rows per block,
+    images sampled, the probe's comparison or None)``."""
+    def on_every_block(w: float, gg: Any) -> tuple[list[dict[str, Any]], int]:
+        have = probe_rows.get((w, gg), {})
+        got = [have[j] if j in have else scorer.measure(who, w, gg, ctx.evaluator_for(B, cseed + j * B), "confirm")
+               for j in range(blocks)]
+        return got, B * sum(j not in have for j in range(blocks))
+
+    vw, vg = vertex
+    vrows, images = on_every_block(vw, vg)
+    fallback = _vs_best_probe(ctx, who, probe_rows, vrows)
+    if fallback is None or not (fallback["resolved"] and ctx.sign * fallback["diff"] < 0):
+        return vw, vg, vrows, images, None
+    vrows, n = on_every_block(fallback["w"], fallback["gamma"])
+    return fallback["w"], fallback["gamma"], vrows, images + n, fallback
 
 
 def _vs_best_probe(ctx: Context, who: Any, probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]],
