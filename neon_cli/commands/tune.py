@@ -46,7 +46,7 @@ KeepOpt = typer.Option(1, "--keep", help="Candidates of the search re-scored in 
 RefitOpt = typer.Option(
     0.2, "--refit-width",
     help="Stage 2: score w-W, w, w+W (w units) at the chosen gamma on each block of fresh seeds and choose the vertex of "
-         "the parabola fitted to them (one offset per block; re-centred when it falls beyond 2W), until its expected regret "
+         "the parabola fitted to them (one offset per block; the next block's probes centred on it), until its expected regret "
          "<= --target-regret or --max-images is spent (0: no refit, re-score the --keep best instead).")
 TargetRegretOpt = typer.Option(
     0.005, "--target-regret",

@@ -7,7 +7,7 @@ search's best few points on fresh seeds cannot move the choice off the tilted bl
 stage 2 measures three probes ``w1 - width, w1, w1 + width`` on blocks of fresh seeds and takes
 the vertex of the parabola through their pooled means (paper App. C: the metric is locally
 quadratic in w; with a gamma box, six probes and a quadratic surface in (w, ln gamma)). The caller
-centres each block's probes on the latest vertex. The vertex's covariance is a delete-a-group jackknife over
+centres each block's probes on the latest vertex (over (w, s): on a clipped one). The vertex's covariance is a delete-a-group jackknife over
 every (block, group) of the probes' class-balanced jackknife replicates (the formula of
 :func:`neon_cli.metrics.jackknife`), and its expected regret ``tr(H cov) / (2 |f|)``
 (:func:`expected_regret`) is what stage 2 stops on.

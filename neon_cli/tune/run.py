@@ -697,14 +697,14 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
         nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
-    vw, vg, vrows, n, fallback = _score_vertex(ctx, scorer, who, (fit.vertex[0], from_s(fit.vertex[1])) if two else
-                                               (fit.vertex, g), probe_rows, B, cseed, blocks)
+    vw, vg, vrows, n, fallback, runner = _score_vertex(ctx, scorer, who, (fit.vertex[0], from_s(fit.vertex[1])) if two
+                                                       else (fit.vertex, g), probe_rows, B, cseed, blocks)
     images += n
     out = [(who, vw, vg)] + list(rest)
     all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
     comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
                        "against": _label(ctx, out[i])} for i in range(1, len(out))}
-    doc = {**fit.as_json(), "vs_best_probe": _vs_best_probe(ctx, who, probe_rows, vrows),
+    doc = {**fit.as_json(), "vs_best_probe": runner,
            "fallback": None if fallback is None else {k: fallback[k] for k in ("w", "gamma", "diff", "se", "ci")},
            "width": plan.refit_width, "gamma_width": plan.refit_gamma if two else None,
            "space": ["w", "ln_gamma" if plan.gamma_scale == "log" else "gamma"] if two else ["w"],
@@ -715,11 +715,12 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
 
 def _score_vertex(ctx: Context, scorer: Scorer, who: Any, vertex: tuple[float, Any],
                   probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]], B: int, cseed: int, blocks: int
-                  ) -> tuple[float, Any, list[dict[str, Any]], int, dict[str, Any] | None]:
+                  ) -> tuple[float, Any, list[dict[str, Any]], int, dict[str, Any] | None, dict[str, Any] | None]:
     """The refit's vertex ``(w, gamma)`` scored on every block (a probe's blocks from memory); when a
     probe is resolved better than it (paired, 95 %: the quadratic misled, e.g. a valley far from a
     parabola or an extrapolated vertex), that probe instead. Returns ``(w, gamma, rows per block,
-    images sampled, the probe's comparison or None)``."""
+    images sampled, the fallback probe's comparison or None, the best probe's comparison with the
+    choice (its runner-up))``."""
     def on_every_block(w: float, gg: Any) -> tuple[list[dict[str, Any]], int]:
         have = probe_rows.get((w, gg), {})
         got = [have[j] if j in have else scorer.measure(who, w, gg, ctx.evaluator_for(B, cseed + j * B), "confirm")
@@ -730,9 +731,10 @@ def _score_vertex(ctx: Context, scorer: Scorer, who: Any, vertex: tuple[float, A
     vrows, images = on_every_block(vw, vg)
     fallback = _vs_best_probe(ctx, who, probe_rows, vrows)
     if fallback is None or not (fallback["resolved"] and ctx.sign * fallback["diff"] < 0):
-        return vw, vg, vrows, images, None
+        return vw, vg, vrows, images, None, fallback
     vrows, n = on_every_block(fallback["w"], fallback["gamma"])
-    return fallback["w"], fallback["gamma"], vrows, images + n, fallback
+    return (fallback["w"], fallback["gamma"], vrows, images + n, fallback,
+            _vs_best_probe(ctx, who, probe_rows, vrows))
 
 
 def _vs_best_probe(ctx: Context, who: Any, probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]],
