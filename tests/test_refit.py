@@ -171,9 +171,9 @@ def _surface_block(rng, probes_, n=200, groups=10):
 
 
 def test_surface_expected_regret_and_covariance_against_independent_draws():
-    """Over (w, ln gamma): the jackknife covariance's diagonal is the per-coordinate jackknife SE
-    (neon_cli.metrics.jackknife's formula), and tr(H cov) / (2 value) matches the mean regret the
-    vertex has on the true surface over 300 draws of two blocks."""
+    """Over (w, ln gamma): the reported SEs are the covariance's diagonal roots, the SEs are within 30 %
+    of the vertex's spread, and tr(H cov) / (2 value) matches the mean regret the vertex has on the
+    true surface over 300 draws of two blocks."""
     from neon_cli.tune.refit import probes2, refit_surface
 
     rng = np.random.default_rng(2)
@@ -194,3 +194,34 @@ def test_surface_expected_regret_and_covariance_against_independent_draws():
     assert np.mean(real) > 1e-4
     assert np.mean(pred) == pytest.approx(np.mean(real), rel=0.35)
 
+
+def test_deletion_covariance_uses_the_jackknife_formula_per_block_and_group():
+    """_deletion_cov against neon_cli.metrics.jackknife: deleting group g of block j replaces that
+    block's points by their replicate g; the diagonal's roots are jackknife's SEs of each coordinate
+    over the sum_j G deletions, and the off-diagonal is the same formula's cross term."""
+    from neon_cli.metrics import jackknife
+    from neon_cli.tune.refit import _deletion_cov
+
+    rng = np.random.default_rng(3)
+    blocks = [0, 0, 0, 1, 1, 1]
+    y = rng.normal(size=6)
+    reps = [list(rng.normal(size=4)) for _ in range(6)]
+
+    def vertex_of(yy):
+        return (yy[0] + yy[3], yy[1] * yy[4] - yy[2])
+
+    cov = _deletion_cov(y, blocks, reps, 1.0, vertex_of)
+    outs = []
+    for blk in (0, 1):
+        for g in range(4):
+            yy = y.copy()
+            for i in range(6):
+                if blocks[i] == blk:
+                    yy[i] = reps[i][g]
+            outs.append(vertex_of(yy))
+    for k in range(2):
+        assert math.sqrt(cov[k, k]) == pytest.approx(jackknife(0.0, [o[k] for o in outs])["se"], rel=1e-12)
+    o = np.array(outs)
+    assert cov[0, 1] == pytest.approx(7 / 8 * float(((o[:, 0] - o[:, 0].mean()) * (o[:, 1] - o[:, 1].mean())).sum()))
+    assert np.all(_deletion_cov(y, blocks, [[] for _ in range(6)], 1.0, vertex_of) == 0)  # an exact metric
+    assert np.all(np.isnan(_deletion_cov(y, blocks, [None] * 6, 1.0, vertex_of)))  # no replicates
