@@ -212,9 +212,14 @@ def test_refit_adds_blocks_until_the_expected_regret_meets_the_target(fam, monke
         blocks[target] = conf["blocks"]
         if target > 1:
             assert fit["expected_regret"] < target
-        else:  # never met: blocks until the next (3 probes + the base, 128 images) and the vertex's would pass 1000
-            assert conf["images"] + 4 * 32 + (conf["blocks"] + 1) * 32 > 1000
-    assert blocks[10.0] == 2 and blocks[1e-12] > 3
+        else:  # never met: blocks until the next (a half-block: 2 probes, 64 images) and the vertex's
+            # (on the two full blocks, 64) would pass 1000; the full blocks also score the base
+            per = [sum(p["block"] == b for p in fit["points"]) for b in range(conf["blocks"])]
+            assert per == [3, 3] + [2] * (conf["blocks"] - 2)
+            assert sum(e["phase"] == "confirm-base" for e in res["evaluations"]) == 2
+            assert conf["images"] == (2 * 4 + 2 * (conf["blocks"] - 2) + 2) * 32  # the vertex: not a probe
+            assert conf["images"] <= 1000 < conf["images"] + 2 * 32
+    assert blocks[10.0] == 2 and blocks[1e-12] == 12
 
 
 def test_image_families_replicates_equal_the_generic_jackknife(tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ the *tilt* its seed block gives the whole curve (every candidate shares the seed
 offset cancels but the slope error does not; ``benchmarks/tune_regret.py``). Re-scoring only the
 search's best few points on fresh seeds cannot move the choice off the tilted block's region, so
 stage 2 measures three probes ``w1 - width, w1, w1 + width`` on blocks of fresh seeds and takes
-the vertex of the parabola through their pooled means (paper App. C: the metric is locally
-quadratic in w; with a gamma box, six probes and a quadratic surface in (w, ln gamma)). The caller
+the vertex of the parabola fitted to every block (paper App. C: the metric is locally quadratic in
+w; with a gamma box, six probes and a quadratic surface in (w, ln gamma)). Each block keeps its own
+offset and gradient, so its tilt cancels into a mean over blocks; after :data:`REFIT_FULL_BLOCKS`
+blocks of every probe, a block scores half of them (:func:`block_probes`). The caller
 centres each block's probes on the latest vertex (over (w, s): on a clipped one). The vertex's covariance is a delete-a-group jackknife over
 every (block, group) of the probes' class-balanced jackknife replicates (the formula of
 :func:`neon_cli.metrics.jackknife`), and its expected regret ``tr(H cov) / (2 |f|)``
@@ -36,6 +38,13 @@ TARGET_REGRET_DEFAULT = 0.005
 
 #: how far from the centre probe the vertex may go, in probe widths (beyond it the parabola is extrapolated)
 REFIT_REACH = 2.0
+
+#: stage-2 blocks that score every probe (and the bases, the kept candidates and the vertex); later
+#: blocks score half the probes (:func:`block_probes`). A block's error is a *tilt* shared by its
+#: probes: on digits (39 runs, 117 blocks of six probes) two disjoint 3-probe gradients of one block
+#: differ by 0.03 % in regret units while one block's gradient varies by 2.2 % between blocks, so a
+#: block's second half adds almost nothing, and half-blocks give twice the blocks per image.
+REFIT_FULL_BLOCKS = 2
 
 
 @dataclass(frozen=True)
@@ -126,6 +135,48 @@ def _deletion_cov(y: np.ndarray, blocks: Sequence[int], replicates: Sequence[Seq
     return (n - 1) / n * (d.T @ d)
 
 
+class _BlockDesign:
+    """The least-squares design of a refit with one offset *and one gradient* per block and a shared
+    curvature: ``y = a_j + b_j.d + q(d)`` (``d`` = probe - centre [n, k]; ``q`` the k(k+1)/2 shared
+    quadratic terms). A block's error is a tilt shared by its probes (:data:`REFIT_FULL_BLOCKS`), so each
+    block's own gradient ``b_j`` absorbs it exactly and the fitted gradient is their plain mean: every
+    block counts once, whatever its design. (One gradient shared by all blocks would weigh a block by its
+    design's spread, and let the tilts leak into the curvature.) A block with fewer than ``k + 1``
+    distinct probes keeps its offset only and has no gradient of its own.
+
+    Raises:
+        ValueError: the blocks cannot fix the curvature (no block, or too few, with more probes than
+            its offset and gradient).
+    """
+
+    def __init__(self, block_of: Sequence[int], d: np.ndarray):
+        d = np.asarray(d, dtype=np.float64).reshape(len(block_of), -1)
+        n, k = d.shape
+        quad = [d[:, i] * d[:, j] for i in range(k) for j in range(i, k)]
+        blk = np.asarray(block_of)
+        cols, self.grad_cols = [], []
+        for b in sorted(set(block_of)):
+            on = (blk == b).astype(np.float64)
+            cols.append(on)
+            if len({tuple(r) for r in d[blk == b]}) >= k + 1:
+                self.grad_cols.append(list(range(len(cols), len(cols) + k)))
+                cols += [on * d[:, i] for i in range(k)]
+        self.n_offsets = len(sorted(set(block_of)))
+        self.offset_cols = [i for i in range(len(cols)) if all(i not in g for g in self.grad_cols)]
+        self.X = np.stack(cols + quad, 1)
+        self.k = k
+        if not self.grad_cols or np.linalg.matrix_rank(self.X) < self.X.shape[1]:
+            raise ValueError("the refit's blocks cannot fix the curvature: a block needs more distinct probes "
+                             "than its offset and gradient")
+
+    def solve(self, y: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+        """``(mean offset, mean gradient [k], shared quadratic coefficients)`` for values ``y`` [n]."""
+        coef = np.linalg.lstsq(self.X, y, rcond=None)[0]
+        grad = np.mean([coef[g] for g in self.grad_cols], axis=0)
+        nq = self.k * (self.k + 1) // 2
+        return float(np.mean(coef[self.offset_cols])), grad, coef[-nq:]
+
+
 def expected_regret(hessian: np.ndarray, cov: np.ndarray, value: float) -> float:
     """The relative regret a vertex with covariance ``cov`` is expected to have on a quadratic with
     Hessian ``hessian`` (both in the refit's coordinates; ``sign``-adjusted, positive definite) and
@@ -140,12 +191,14 @@ def expected_regret(hessian: np.ndarray, cov: np.ndarray, value: float) -> float
 
 def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | None]], *, center: float, width: float,
                  sign: float = 1.0, bounds: tuple[float, float] = (-math.inf, math.inf)) -> Refit:
-    """The vertex of ``y = a_j + b w + c w^2`` fitted to probes measured on several blocks ``j``.
+    """The vertex of ``y = a_j + b_j w + c w^2`` fitted to probes measured on several blocks ``j``.
 
-    Each block has its own offset ``a_j`` (every probe of a block shares its seeds: the offset is
-    common to them and cancels, as in a paired comparison), so probes may move between blocks
-    (stage 2 re-centres them on a clipped vertex) and still pool into one slope ``b`` and curvature
-    ``c`` (ordinary least squares, ``numpy.linalg.lstsq``).
+    Each block has its own offset ``a_j`` and slope ``b_j`` (every probe of a block shares its seeds:
+    the block's error is an offset and a tilt common to its probes, which cancel as in a paired
+    comparison), so probes may move between blocks (stage 2 re-centres them) and still pool into one
+    curvature ``c``; the vertex uses the mean slope ``b = mean_j b_j``, every block counting once
+    (:class:`_BlockDesign`; least squares by ``numpy.linalg.lstsq``). A block with one probe keeps
+    only its offset.
 
     Args:
         points: ``(block, w, value, replicates)``: a probe's metric on a block and its G
@@ -161,36 +214,29 @@ def refit_points(points: Sequence[tuple[int, float, float, Sequence[float] | Non
     offsets averaged).
 
     Raises:
-        ValueError: fewer than three distinct w.
+        ValueError: fewer than three distinct w, or no block with three (nothing fixes the curvature).
     """
     if len({float(p[1]) for p in points}) < 3:
         raise ValueError(f"the refit needs three distinct probes, got {sorted({float(p[1]) for p in points})!r}")
-    blocks = sorted({int(p[0]) for p in points})
     ws = np.array([float(p[1]) for p in points])
     y = sign * np.array([float(p[2]) for p in points])
-    col = {b: k for k, b in enumerate(blocks)}
-    X = np.zeros((len(points), len(blocks) + 2))
-    for r, p in enumerate(points):
-        X[r, col[int(p[0])]] = 1.0
-    X[:, -2], X[:, -1] = ws - center, (ws - center) ** 2  # centred: a well-conditioned fit
-
+    design = _BlockDesign([int(p[0]) for p in points], ws - center)  # centred: a well-conditioned fit
     lo = max(bounds[0], center - REFIT_REACH * width)
     hi = min(bounds[1], center + REFIT_REACH * width)
 
-    def vertex(yv: np.ndarray) -> tuple[float, float, float, bool, bool, np.ndarray]:
-        coef = np.linalg.lstsq(X, yv, rcond=None)[0]
-        b, c = float(coef[-2]), float(coef[-1])
+    def vertex(yv: np.ndarray) -> tuple[float, float, float, bool, bool, float]:
+        off, grad, quad = design.solve(yv)
+        b, c = float(grad[0]), float(quad[0])
         if not (np.isfinite(c) and c > 0):  # not convex: the best fitted probe
             fitted = b * (ws - center) + c * (ws - center) ** 2
-            return float(ws[int(np.argmin(fitted))]), b, c, False, False, coef
+            return float(ws[int(np.argmin(fitted))]), b, c, False, False, off
         v = center - b / (2 * c)
-        return float(min(max(v, lo), hi)), b, c, not (lo <= v <= hi), True, coef
+        return float(min(max(v, lo), hi)), b, c, not (lo <= v <= hi), True, off
 
-    v, b, c, clipped, convex, coef = vertex(y)
+    v, b, c, clipped, convex, off = vertex(y)
     cov = _deletion_cov(y, [int(p[0]) for p in points], [p[3] for p in points], sign, lambda yy: (vertex(yy)[0],))
     se = math.sqrt(cov[0, 0]) if cov[0, 0] >= 0 else math.nan
     latest = probes(center, width, bounds) if math.isfinite(width) and width > 0 else tuple(sorted(set(ws.tolist()))[:3])
-    off = float(np.mean(coef[:-2]))
 
     def fitted(x: float) -> float:
         return sign * (off + b * (x - center) + c * (x - center) ** 2)
@@ -224,6 +270,32 @@ def refit(ws: Sequence[float], blocks: Sequence[Sequence[float]], replicates: Se
 
 #: the 2-D refit's probe design in units of (W, V): the centre, +-1 on each axis and (+1, +1) for the cross term
 STAR6 = ((0.0, 0.0), (-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0), (1.0, 1.0))
+
+#: the halves of the designs that blocks after :data:`REFIT_FULL_BLOCKS` score, alternately: indices
+#: into ``probes(...)`` (w) and :data:`STAR6` (w, s). Each fixes the block's offset and gradient: over
+#: w the outer pair ``c -+ W`` (its slope at ``c`` is free of the curvature); over (w, s) that pair and
+#: ``s +- V`` in turn, so an error in the fitted curvature biases the s-gradients of successive halves
+#: in opposite directions
+HALVES_1D = ((0, 2),)
+HALVES_2D = ((1, 2, 4), (1, 2, 3))
+
+
+def block_probes(block: int, center, width, *, bounds: tuple[float, float] = (-math.inf, math.inf),
+                 box: tuple[tuple[float, float], tuple[float, float]] | None = None) -> tuple:
+    """The probes stage-2 block ``block`` (0-based) scores: every probe of :func:`probes` (w;
+    ``center``, ``width`` floats) or :func:`probes2` ((w, s); ``center``, ``width`` pairs and ``box``
+    given) for the first :data:`REFIT_FULL_BLOCKS` blocks, then alternately the halves
+    :data:`HALVES_1D` / :data:`HALVES_2D` (see :data:`REFIT_FULL_BLOCKS` for why).
+
+    Raises:
+        ValueError: as :func:`probes`.
+    """
+    full = probes2(center, width, box) if box is not None else probes(center, width, bounds)
+    if block < REFIT_FULL_BLOCKS:
+        return tuple(full)
+    halves = HALVES_2D if box is not None else HALVES_1D
+    half = halves[(block - REFIT_FULL_BLOCKS) % len(halves)]
+    return tuple(full[i] for i in half)
 
 
 @dataclass(frozen=True)
@@ -274,45 +346,41 @@ def probes2(center: tuple[float, float], width: tuple[float, float], box: tuple[
 def refit_surface(points: Sequence[tuple[int, float, float, float, Sequence[float] | None]], *, center: tuple[float, float],
                   width: tuple[float, float], sign: float = 1.0,
                   box: tuple[tuple[float, float], tuple[float, float]] = ((-math.inf, math.inf), (-math.inf, math.inf))) -> Refit2:
-    """The minimum of ``y = a_j + b.x + x'Cx`` (x = (w, s) - centre; one offset per block ``j``)
-    fitted by least squares to probes ``(block, w, s, value, replicates)`` from several blocks, as
-    :func:`refit_points` in two dimensions (paper App. C: the metric is locally quadratic in
-    (w, gamma)); jackknife SEs of both coordinates over every (block, group) deletion.
+    """The minimum of ``y = a_j + b_j.x + x'Cx`` (x = (w, s) - centre; one offset and one gradient
+    per block ``j``, their mean ``b`` in the vertex ``-H^-1 b``) fitted by least squares to probes
+    ``(block, w, s, value, replicates)`` from several blocks, as :func:`refit_points` in two
+    dimensions (paper App. C: the metric is locally quadratic in (w, gamma)); jackknife SEs of both
+    coordinates over every (block, group) deletion.
 
     Raises:
-        ValueError: fewer than six distinct probes.
+        ValueError: fewer than six distinct probes, or blocks that cannot fix the curvature (a block
+            needs four or more probes, not on one line, beyond its offset and gradient's three).
     """
     if len({(float(p[1]), float(p[2])) for p in points}) < 6:
         raise ValueError("the surface refit needs six distinct probes")
     pts = np.array([[float(p[1]), float(p[2])] for p in points])
-    blocks = sorted({int(p[0]) for p in points})
-    col = {b: k for k, b in enumerate(blocks)}
     d = pts - np.asarray(center)
-    X = np.zeros((len(points), len(blocks) + 5))
-    for r, p in enumerate(points):
-        X[r, col[int(p[0])]] = 1.0
-    X[:, -5:] = np.stack([d[:, 0], d[:, 1], d[:, 0] ** 2, d[:, 1] ** 2, d[:, 0] * d[:, 1]], 1)
+    design = _BlockDesign([int(p[0]) for p in points], d)
     lo = [max(box[i][0], center[i] - REFIT_REACH * width[i]) for i in range(2)]
     hi = [min(box[i][1], center[i] + REFIT_REACH * width[i]) for i in range(2)]
 
     def vertex(yv):
-        coef = np.linalg.lstsq(X, yv, rcond=None)[0]
-        b1, b2, c11, c22, c12 = (float(x) for x in coef[-5:])
+        off, grad, (c11, c12, c22) = design.solve(yv)
         H = np.array([[2 * c11, c12], [c12, 2 * c22]])
         if not (np.all(np.isfinite(H)) and np.all(np.linalg.eigvalsh(H) > 0)):
-            fitted = X[:, -5:] @ coef[-5:]
+            fitted = d @ grad + c11 * d[:, 0] ** 2 + c22 * d[:, 1] ** 2 + c12 * d[:, 0] * d[:, 1]
             k = int(np.argmin(fitted))
-            return (float(pts[k, 0]), float(pts[k, 1])), H, False, False, coef
-        x = -np.linalg.solve(H, np.array([b1, b2])) + np.asarray(center)
+            return (float(pts[k, 0]), float(pts[k, 1])), H, False, False, (off, grad)
+        x = -np.linalg.solve(H, grad) + np.asarray(center)
         v = tuple(float(min(max(x[i], lo[i]), hi[i])) for i in range(2))
-        return v, H, any(not (lo[i] <= x[i] <= hi[i]) for i in range(2)), True, coef
+        return v, H, any(not (lo[i] <= x[i] <= hi[i]) for i in range(2)), True, (off, grad)
 
     y = sign * np.array([float(p[3]) for p in points])
-    v, H, clipped, convex, coef = vertex(y)
+    v, H, clipped, convex, (off, grad) = vertex(y)
     cov = _deletion_cov(y, [int(p[0]) for p in points], [p[4] for p in points], sign, lambda yy: vertex(yy)[0])
     se = tuple(math.sqrt(cov[i, i]) if cov[i, i] >= 0 else math.nan for i in range(2))
     dv = np.asarray(v) - np.asarray(center)
-    value = sign * float(np.mean(coef[:-5]) + coef[-5:] @ np.array([dv[0], dv[1], dv[0] ** 2, dv[1] ** 2, dv[0] * dv[1]]))
+    value = sign * float(off + grad @ dv + 0.5 * dv @ H @ dv)
     er = expected_regret(H, cov, value) if convex and not clipped else math.nan
     return Refit2(probes=probes2(center, width, box), vertex=v, vertex_se=se,
                   hessian=((float(H[0, 0]), float(H[0, 1])), (float(H[1, 0]), float(H[1, 1]))), clipped=clipped,

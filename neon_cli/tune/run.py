@@ -638,27 +638,28 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
                              int, int, dict[str, Any]]:
     """Stage 2 with the refit (:mod:`neon_cli.tune.refit`).
 
-    Block j (seeds ``cseed + j*B ..``) scores the probes around the centre (at first the search's
-    choice): over w, ``c - W, c, c + W`` at the chosen gamma (W = ``--refit-width``); with
-    ``--refit-gamma V`` and a gamma box, the six probes of :data:`neon_cli.tune.refit.STAR6` in
-    (w, s), s = ln gamma (or gamma with ``--gamma-scale linear``). It also scores the search's other
-    kept candidates and the bases. After each block every probe so far is fitted with one offset per
-    block (:func:`~neon_cli.tune.refit.refit_points`, :func:`~neon_cli.tune.refit.refit_surface`). Over
-    w the vertex (clipped at the centre +- 2 widths) is the next block's centre: probes left on one
-    side of an asymmetric valley bend the parabola toward that side (``benchmarks/tune_regret.py``,
-    gaussian-ddpm G5: 9.4 % regret when only a clipped vertex moved them, 2.4 % following it). Over
-    (w, s) only a clipped vertex moves them: in an elongated valley the vertex is poorly determined
-    along it, and probes that follow it wander (digits H3: 9.4 % following it, 0.75 % staying). Blocks are
-    added until the vertex is inside that reach with an expected regret (``tr(H cov) / (2 |f|)``,
-    cov the vertex's jackknife covariance: :func:`~neon_cli.tune.refit.expected_regret`) <=
-    ``--target-regret`` (after two blocks at least, unless the metric is exact), or the next block and the vertex's own evaluations would pass
-    ``--max-images`` (None: one block). The vertex is then scored on every block and becomes the first
-    candidate, unless a probe is resolved better than it (paired): then that probe (``fallback``). Returns
-    ``(cands, rows, comparisons, images, blocks, refit JSON)``: the candidates (vertex, kept,
-    bases), each one's rows per block, each compared paired with the vertex.
+    Block j (seeds ``cseed + j*B ..``) scores probes around the centre (at first the search's choice):
+    over w, ``c - W, c, c + W`` (W = ``--refit-width``); with ``--refit-gamma V`` and a gamma box, the
+    six of :data:`~neon_cli.tune.refit.STAR6` in (w, s), s = ln gamma (or gamma). The first
+    :data:`~neon_cli.tune.refit.REFIT_FULL_BLOCKS` blocks score every probe, the other kept candidates
+    and the bases; later blocks half the probes (:func:`~neon_cli.tune.refit.block_probes`: a block's
+    error is a tilt its probes share). After each block every probe so far is fitted with one offset
+    and gradient per block and a shared curvature (:func:`~neon_cli.tune.refit.refit_points`,
+    :func:`~neon_cli.tune.refit.refit_surface`). Over w the vertex (clipped at the centre +- 2 widths)
+    is the next block's centre: probes left on one side of an asymmetric valley bend the parabola
+    toward it (``benchmarks/tune_regret.py``, gaussian-ddpm G5: 9.4 % regret when only a clipped
+    vertex moved them, 2.4 % following it). Over (w, s) only a clipped vertex moves them: along an
+    elongated valley the vertex is poorly determined and probes that follow it wander (digits H3:
+    9.4 % following, 0.75 % staying). Blocks are added until the vertex is inside that reach with an
+    expected regret (:func:`~neon_cli.tune.refit.expected_regret`) <= ``--target-regret`` (after two
+    blocks, unless the metric is exact), or the next block and the vertex's evaluations would pass
+    ``--max-images`` (None: one block). The vertex, scored on the full blocks, is the first candidate
+    unless a probe is resolved better than it (paired): then that probe (``fallback``). Returns
+    ``(cands, rows, comparisons, images, blocks, refit JSON)``: the candidates (vertex, kept, bases),
+    each one's rows per full block, each compared paired with the vertex.
     """
     from neon_cli.metrics import combine_differences
-    from neon_cli.tune.refit import probes, probes2, refit_points, refit_surface
+    from neon_cli.tune.refit import REFIT_FULL_BLOCKS, refit_points, refit_surface
 
     plan, m = ctx.plan, ctx.metric
     who, w1, g = cands[0]
@@ -674,35 +675,36 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     images, blocks, fit = 0, 0, None
     while True:
         ev = ctx.evaluator_for(B, cseed + blocks * B)
-        grid = probes2(center, width, box) if two else [(w, None) for w in probes(center, width, plan.bounds)]
+        full = blocks < REFIT_FULL_BLOCKS  # the bases and kept candidates too; later blocks: half the probes
+        grid = _stage2_grid(blocks, center, width, box, plan.bounds)
         for w, sv in grid:
             gp = from_s(sv) if two else g
             row = scorer.measure(who, w, gp, ev, "confirm")
             probe_rows.setdefault((w, gp), {})[blocks] = row
             points.append((blocks, w, sv, float(row["metrics"][m]), row["jackknife"]) if two else
                           (blocks, w, float(row["metrics"][m]), row["jackknife"]))
-        for i, (cw, ww, gg) in enumerate(rest):
+        for i, (cw, ww, gg) in enumerate(rest if full else []):
             rows[i].append(scorer.measure(cw, ww, gg, ev, "confirm" if cw != "base" else "confirm-base"))
-        images += (len(grid) + len(rest)) * B
+        images += (len(grid) + (len(rest) if full else 0)) * B
         blocks += 1
-        if two:
-            fit = refit_surface(points, center=center, width=width, sign=ctx.sign, box=box)
-        else:
-            fit = refit_points(points, center=center, width=width, sign=ctx.sign, bounds=plan.bounds)
+        fit = (refit_surface(points, center=center, width=width, sign=ctx.sign, box=box) if two else
+               refit_points(points, center=center, width=width, sign=ctx.sign, bounds=plan.bounds))
         # nan (no SE): never; an SE from one block's jackknife is itself noisy (10 groups), so a metric
         # with replicates needs two blocks before it may stop (an exact metric, SE 0, stops at once)
         tight = fit.expected_regret <= plan.target_regret and (blocks >= 2 or fit.expected_regret == 0)
         if fit.clipped or not two:  # see the docstring: over w every block follows the vertex; over (w, s) only
             center = fit.vertex    # a clipped one moves the probes
-        nxt = (len(grid) + len(rest)) * B + (blocks + 1) * B  # the next block, then the vertex on every block
+        nxt = (len(_stage2_grid(blocks, center, width, box, plan.bounds)) + (len(rest) if blocks < REFIT_FULL_BLOCKS else 0)
+               + min(blocks + 1, REFIT_FULL_BLOCKS)) * B  # the next block, then the vertex on the full blocks
         if (fit.convex and not fit.clipped and tight) or plan.max_images is None or images + nxt > plan.max_images:
             break
     vw, vg, vrows, n, fallback, runner = _score_vertex(ctx, scorer, who, (fit.vertex[0], from_s(fit.vertex[1])) if two
-                                                       else (fit.vertex, g), probe_rows, B, cseed, blocks)
+                                                       else (fit.vertex, g), probe_rows, B, cseed,
+                                                       min(blocks, REFIT_FULL_BLOCKS))
     images += n
     out = [(who, vw, vg)] + list(rest)
     all_rows = {0: vrows, **{i + 1: r for i, r in rows.items()}}
-    comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(blocks)]),
+    comparisons = {i: {**combine_differences([_pair(all_rows[i][j], vrows[j], m) for j in range(len(vrows))]),
                        "against": _label(ctx, out[i])} for i in range(1, len(out))}
     doc = {**fit.as_json(), "vs_best_probe": runner,
            "fallback": None if fallback is None else {k: fallback[k] for k in ("w", "gamma", "diff", "se", "ci")},
@@ -713,10 +715,21 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     return out, all_rows, comparisons, images, blocks, doc
 
 
+def _stage2_grid(j: int, center: Any, width: Any, box: Any, bounds: tuple[float, float]) -> list[tuple[float, Any]]:
+    """Stage-2 block ``j``'s probes as ``(w, s)`` (s None over w alone, ``box`` None):
+    :func:`neon_cli.tune.refit.block_probes`."""
+    from neon_cli.tune.refit import block_probes
+
+    if box is not None:
+        return list(block_probes(j, center, width, box=box))
+    return [(w, None) for w in block_probes(j, center, width, bounds=bounds)]
+
+
 def _score_vertex(ctx: Context, scorer: Scorer, who: Any, vertex: tuple[float, Any],
                   probe_rows: Mapping[tuple[float, Any], Mapping[int, dict[str, Any]]], B: int, cseed: int, blocks: int
                   ) -> tuple[float, Any, list[dict[str, Any]], int, dict[str, Any] | None, dict[str, Any] | None]:
-    """The refit's vertex ``(w, gamma)`` scored on every block (a probe's blocks from memory); when a
+    """The refit's vertex ``(w, gamma)`` scored on the first ``blocks`` stage-2 blocks (the full ones,
+    where the bases were scored; a probe's blocks from memory); when a
     probe is resolved better than it (paired, 95 %: the quadratic misled, e.g. a valley far from a
     parabola or an extrapolated vertex), that probe instead. Returns ``(w, gamma, rows per block,
     images sampled, the fallback probe's comparison or None, the best probe's comparison with the
@@ -747,9 +760,12 @@ def _vs_best_probe(ctx: Context, who: Any, probe_rows: Mapping[tuple[float, Any]
     for (w, g), by_block in probe_rows.items():
         if _rkey(w) == _rkey(float(vrows[0]["w"])) and _rkey(g) == _rkey(vrows[0]["gamma"]):
             continue
-        d = combine_differences([_pair(by_block[j], vrows[j], ctx.metric) for j in sorted(by_block)])
+        common = [j for j in sorted(by_block) if j < len(vrows)]  # the vertex: on the full blocks only
+        if not common:
+            continue
+        d = combine_differences([_pair(by_block[j], vrows[j], ctx.metric) for j in common])
         if best is None or ctx.sign * d["diff"] < ctx.sign * best["diff"]:
-            best = {**d, "against": _label(ctx, (who, w, g)), "blocks": len(by_block), "w": w, "gamma": g}
+            best = {**d, "against": _label(ctx, (who, w, g)), "blocks": len(common), "w": w, "gamma": g}
     return best
 
 
