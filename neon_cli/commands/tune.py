@@ -45,9 +45,10 @@ ConfirmOpt = typer.Option(
 KeepOpt = typer.Option(1, "--keep", help="Candidates of the search re-scored in stage 2 (best first; the base is added; with the refit, the ones after the first).")
 RefitOpt = typer.Option(
     0.2, "--refit-width",
-    help="Stage 2: score w-W, w, w+W (w units) at the chosen gamma on each block of fresh seeds and choose the vertex of "
-         "the parabola fitted to them (one offset per block; the next block's probes centred on it), until its expected regret "
-         "<= --target-regret or --max-images is spent (0: no refit, re-score the --keep best instead).")
+    help="Stage 2: score w-W, w, w+W (w units) at the chosen gamma on blocks of fresh seeds (after the first two blocks "
+         "w-W and w+W only) and choose the vertex of the parabola fitted to them (one offset and slope per block, one "
+         "curvature; the next block's probes centred on it), until its expected regret <= --target-regret or --max-images "
+         "is spent (0: no refit, re-score the --keep best instead).")
 TargetRegretOpt = typer.Option(
     0.005, "--target-regret",
     help="Stage 2 stops adding blocks once the refit's expected regret, tr(H cov)/(2 f) from the fitted curvature H and "
