@@ -80,7 +80,7 @@ def _close(got, ref, what):
 
 def test_tune_w_by_adapter_scale_equals_merging(work, tmp_path, monkeypatch):
     """Adapter at scale −w (loaded once, re-scaled per candidate) vs θ_r − w·s·B·A merged per w:
-    the same metrics at the same w on the same seeds (float32 rounding apart), the same choice,
+    the same metrics at the same w on the same seeds (float32 rounding apart), the same choice (to 1e-2),
     and -o (written from the merged state dict either way) equals the dense formula."""
     from neon_diffusers.scoring import write_pixel_stats
     from neon_t2i import T2IFamily
@@ -110,20 +110,29 @@ def test_tune_w_by_adapter_scale_equals_merging(work, tmp_path, monkeypatch):
         invoke(*args, "--report", tmp_path / f"{name}.json", "-o", tmp_path / name, code=(0, 5))
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())["results"]
     ev = {k: [e for e in r["evaluations"] if e["model"] == "neon"] for k, r in runs.items()}
-    assert len(ev["adapter"]) >= 3 and len(ev["adapter"]) == len(ev["merge"])
-    for a, m in zip(ev["adapter"], ev["merge"]):
+    # the same candidates in the same order (every Brent step; stage 2's probes until the refit's vertex,
+    # which the rounding below moves by ~1e-3, then the probes that follow it and its own rows)
+    assert len(ev["adapter"]) == len(ev["merge"])
+    same = [(a, m) for a, m in zip(ev["adapter"], ev["merge"]) if a["phase"] == "brent" or abs(a["w"] - m["w"]) <= 1e-6]
+    assert sum(a["phase"] == "brent" for a, _ in same) == sum(a["phase"] == "brent" for a in ev["adapter"]) >= 3
+    assert sum(a["phase"] == "confirm" for a, _ in same) >= 3
+    for a, m in same:
         assert a["w"] == pytest.approx(m["w"], abs=1e-6) and a["seed"] == m["seed"]
         assert set(a["metrics"]) == set(m["metrics"])
         for k in a["metrics"]:
-            assert a["metrics"][k] == pytest.approx(m["metrics"][k], rel=1e-5), k
+            # the FID of 4 images (the square root of a rank-3 covariance) amplifies the float32 rounding
+            # of the weights: measured up to 6.4e-5 (values) and 2.1e-3 (their jackknife SEs, from
+            # 3-image replicates) at w = 1.375, a stage-2 probe; a wrong scale or sign moves them by O(1)
+            tol = 1e-2 if k.endswith("_se") else 1e-4
+            assert a["metrics"][k] == pytest.approx(m["metrics"][k], rel=tol), (k, a["w"], a["phase"])
     base_rows = [e["value"] for e in runs["adapter"]["evaluations"] if e["model"] == "base"]
     assert any(abs(e["value"] - base_rows[0]) > 1e-4 for e in ev["adapter"])  # the LoRA changes the images
     assert calls["load_with_lora"] == 1 and calls["set_lora_scale"] == len(ev["adapter"]) - 1
-    w = runs["adapter"]["chosen"]["w"]
-    assert w == pytest.approx(runs["merge"]["chosen"]["w"], abs=1e-6)
-    ref = _dense(work, w)
+    # the same choice up to that rounding, which stage 2's refit (a fit over 4-image probes) carries into
+    # the vertex (measured: 1e-3 in w); each -o is the dense formula at its own chosen w
+    assert runs["adapter"]["chosen"]["w"] == pytest.approx(runs["merge"]["chosen"]["w"], abs=1e-2)
     for name in runs:
-        _close(_pipe(tmp_path / name).unet.state_dict(), ref, name)
+        _close(_pipe(tmp_path / name).unet.state_dict(), _dense(work, runs[name]["chosen"]["w"]), name)
 
 
 def test_merge_lora_snapshot_fused_and_as_lora(work, tmp_path):
