@@ -151,18 +151,19 @@ class _BlockDesign:
 
     def __init__(self, block_of: Sequence[int], d: np.ndarray):
         d = np.asarray(d, dtype=np.float64).reshape(len(block_of), -1)
-        n, k = d.shape
+        k = d.shape[1]
         quad = [d[:, i] * d[:, j] for i in range(k) for j in range(i, k)]
         blk = np.asarray(block_of)
-        cols, self.grad_cols = [], []
+        cols: list[np.ndarray] = []
+        self.offset_cols: list[int] = []
+        self.grad_cols: list[list[int]] = []
         for b in sorted(set(block_of)):
             on = (blk == b).astype(np.float64)
+            self.offset_cols.append(len(cols))
             cols.append(on)
             if len({tuple(r) for r in d[blk == b]}) >= k + 1:
                 self.grad_cols.append(list(range(len(cols), len(cols) + k)))
                 cols += [on * d[:, i] for i in range(k)]
-        self.n_offsets = len(sorted(set(block_of)))
-        self.offset_cols = [i for i in range(len(cols)) if all(i not in g for g in self.grad_cols)]
         self.X = np.stack(cols + quad, 1)
         self.k = k
         if not self.grad_cols or np.linalg.matrix_rank(self.X) < self.X.shape[1]:

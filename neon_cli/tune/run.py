@@ -675,17 +675,17 @@ def _refit_blocks(ctx: Context, scorer: Scorer, cands: list[tuple[Any, float, fl
     images, blocks, fit = 0, 0, None
     while True:
         ev = ctx.evaluator_for(B, cseed + blocks * B)
-        full = blocks < REFIT_FULL_BLOCKS  # the bases and kept candidates too; later blocks: half the probes
-        grid = _stage2_grid(blocks, center, width, box, plan.bounds)
+        extra = rest if blocks < REFIT_FULL_BLOCKS else []  # the bases and kept candidates: full blocks only
+        grid = _stage2_grid(blocks, center, width, box, plan.bounds)  # later blocks: half the probes
         for w, sv in grid:
             gp = from_s(sv) if two else g
             row = scorer.measure(who, w, gp, ev, "confirm")
             probe_rows.setdefault((w, gp), {})[blocks] = row
             points.append((blocks, w, sv, float(row["metrics"][m]), row["jackknife"]) if two else
                           (blocks, w, float(row["metrics"][m]), row["jackknife"]))
-        for i, (cw, ww, gg) in enumerate(rest if full else []):
+        for i, (cw, ww, gg) in enumerate(extra):
             rows[i].append(scorer.measure(cw, ww, gg, ev, "confirm" if cw != "base" else "confirm-base"))
-        images += (len(grid) + (len(rest) if full else 0)) * B
+        images += (len(grid) + len(extra)) * B
         blocks += 1
         fit = (refit_surface(points, center=center, width=width, sign=ctx.sign, box=box) if two else
                refit_points(points, center=center, width=width, sign=ctx.sign, bounds=plan.bounds))
