@@ -181,8 +181,8 @@ def test_stage2_extends_until_budget_and_noise_is_exit_5(fam, monkeypatch):
 
 def test_refit_adds_blocks_until_the_expected_regret_meets_the_target(fam, monkeypatch):
     """Stage 2's stopping rule: the fake metric is exact on stage 2's blocks but its jackknife
-    replicates are noisy, so the vertex has an SE and an expected regret (curvature * SE^2 / value,
-    as reported). A target below it adds blocks until --max-images; a target above it stops after
+    replicates are noisy, so the vertex has an SE and an expected regret (curvature * SE^2 /
+    bias-corrected value, as reported). A target below it adds blocks until --max-images; a target above it stops after
     the second (one block's jackknife SE is too noisy to stop on)."""
     import itertools
 
@@ -207,7 +207,10 @@ def test_refit_adds_blocks_until_the_expected_regret_meets_the_target(fam, monke
                          max_images=1000, target_regret=target, require_improvement=False, report=rep)
         fit, conf = res["confirmation"]["refit"], res["confirmation"]
         assert fit["convex"] and not fit["clipped"] and fit["vertex_se"] > 0
-        assert fit["expected_regret"] == pytest.approx(fit["curvature"] * fit["vertex_se"] ** 2 / abs(fit["value"]))
+        # relative to the bias-corrected value: the noisy replicates shift the jackknife's correction
+        assert fit["value_bias_corrected"] != fit["value"]
+        assert fit["expected_regret"] == pytest.approx(fit["curvature"] * fit["vertex_se"] ** 2
+                                                       / abs(fit["value_bias_corrected"]))
         assert conf["images"] <= 1000
         blocks[target] = conf["blocks"]
         if target > 1:

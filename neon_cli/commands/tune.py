@@ -51,9 +51,9 @@ RefitOpt = typer.Option(
          "is spent (0: no refit, re-score the --keep best instead).")
 TargetRegretOpt = typer.Option(
     0.005, "--target-regret",
-    help="Stage 2 stops adding blocks once the refit's expected regret, tr(H cov)/(2 f) from the fitted curvature H and "
-         "the vertex's jackknife covariance (a fraction: 0.005 = 0.5 % worse than the true optimum, on average), is this "
-         "small (or --max-images is spent).")
+    help="Stage 2 stops adding blocks once the refit's expected regret, tr(H cov)/(2 f) from the fitted curvature H, "
+         "the vertex's jackknife covariance and f the fitted minimum with the jackknife's bias correction (a fraction: "
+         "0.005 = 0.5 % worse than the true optimum, on average), is this small (or --max-images is spent).")
 RefitGammaOpt = typer.Option(
     0.1, "--refit-gamma",
     help="With --gamma: the refit also moves gamma: six probes around (w, s) with s = ln gamma (or gamma with --gamma-scale "
