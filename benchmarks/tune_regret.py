@@ -18,7 +18,7 @@ Methods (``NAME@N``: N samples per evaluation):
 * ``joint@N``: the (w, gamma) search (``neon tune-w --gamma``; no stage 2, no base gamma search);
 * ``default``: ``neon tune-w``'s defaults (the base's own gamma search, the joint search at
   ``--num-samples`` 2,000, stage 2's refit over w, and over (w, ln gamma) with a gamma box, on
-  blocks of 2,000 fresh seeds until the expected regret is 0.5 % or ``--max-images`` 60,000) through :func:`neon_cli.tune.run_tune_w` itself;
+  blocks of 2,000 fresh seeds until the expected regret is 0.5 % or ``--max-images`` 120,000) through :func:`neon_cli.tune.run_tune_w` itself;
 * ``staged@N1:B:MAX[:W[:V[:T]]]``: the same with stage 1 at N1, stage-2 blocks of B up to MAX images,
   refit widths W in w and V in ln gamma (``--refit-gamma``; 0 or absent: w only), ``--target-regret`` T;
 * ``rescore@N``: the first stage 2 (``--refit-width 0 --keep 3``, blocks of N up to 10 N).

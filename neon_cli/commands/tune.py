@@ -59,7 +59,7 @@ RefitGammaOpt = typer.Option(
     help="With --gamma: the refit also moves gamma: six probes around (w, s) with s = ln gamma (or gamma with --gamma-scale "
          "linear) this far apart in s, and the minimum of the fitted quadratic surface (0: w only; --refit-width 0: no refit).")
 MaxImagesOpt = typer.Option(
-    None, "--max-images", show_default="30 x --num-samples",
+    None, "--max-images", show_default="60 x --num-samples",
     help="Most images stage 2 samples (whole blocks, the refit's vertex included; at least one block is scored).")
 AbandonOpt = typer.Option(
     0.02, "--abandon-margin",
