@@ -18,7 +18,8 @@ Methods (``NAME@N``: N samples per evaluation):
 * ``joint@N``: the (w, gamma) search (``neon tune-w --gamma``; no stage 2, no base gamma search);
 * ``default``: ``neon tune-w``'s defaults (the base's own gamma search, the joint search at
   ``--num-samples`` 2,000, stage 2's refit over w, and over (w, ln gamma) with a gamma box, on
-  blocks of 2,000 fresh seeds until the expected regret is 0.5 % or ``--max-images`` 120,000) through :func:`neon_cli.tune.run_tune_w` itself;
+  blocks of 2,000 fresh seeds until the expected regret is 0.5 % or ``--max-images`` 60,000 (w) or
+  120,000 (w, gamma)) through :func:`neon_cli.tune.run_tune_w` itself;
 * ``staged@N1:B:MAX[:W[:V[:T]]]``: the same with stage 1 at N1, stage-2 blocks of B up to MAX images,
   refit widths W in w and V in ln gamma (``--refit-gamma``; 0 or absent: w only), ``--target-regret`` T;
 * ``rescore@N``: the first stage 2 (``--refit-width 0 --keep 3``, blocks of N up to 10 N).
@@ -45,7 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from neon_cli.tune.refit import REFIT_GAMMA_DEFAULT, REFIT_WIDTH_DEFAULT, TARGET_REGRET_DEFAULT  # noqa: E402
-from neon_cli.tune.run import STAGE2_IMAGES_FACTOR  # noqa: E402
+from neon_cli.tune.run import default_max_images  # noqa: E402
 
 DIGITS_CONFIGS = ["T1:4000:0.03:0", "T2:4000:0.10:0", "H1:1000:0.03:1", "H2:16000:0.05:2", "H3:2000:0.01:3",
                   "R1:500:0.02:4", "R2:8000:0.03:5", "R3:2000:0.05:6@2.5", "R4:1000:0.10:7@1.5"]
@@ -161,7 +162,7 @@ class Regret:
         if name == "default":  # what `neon tune-w --gamma LO HI` does with no other flag
             n = DEFAULT_SAMPLES
             return self.run_tune(snap, seed, gamma=box, num_samples=n, confirm_samples=n, keep=1,
-                                 max_images=STAGE2_IMAGES_FACTOR * n, refit_width=REFIT_WIDTH_DEFAULT,
+                                 max_images=default_max_images(n, surface=box is not None), refit_width=REFIT_WIDTH_DEFAULT,
                                  refit_gamma=REFIT_GAMMA_DEFAULT if box else 0.0)
         if name.startswith("staged@"):  # staged@N1:B:MAX[:W[:V[:T]]]: stage 1 at N1, stage 2 blocks of B up to MAX
             n1, b, mx, *wd = name.split("@")[1].split(":")  # images, refit widths W (w) and V (ln gamma; 0: w only),

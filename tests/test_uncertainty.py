@@ -245,3 +245,30 @@ def test_image_families_replicates_equal_the_generic_jackknife(tmp_path, monkeyp
     slow_full, slow = score_with_jackknife(scorer, images, None, groups)
     assert fast_full["pixel_fid"] == pytest.approx(slow_full["pixel_fid"], rel=1e-12)
     assert np.allclose(fast["pixel_fid"], slow["pixel_fid"], rtol=1e-8)
+
+
+@pytest.mark.parametrize("extra, factor", [((), 30), (("--gamma", "1", "4"), 60), (("--gamma", "1", "4", "--refit-gamma", "0"), 30),
+                                           (("--gamma", "1", "4", "--max-images", "777"), None)])
+def test_max_images_default_is_60x_for_the_surface_refit_and_30x_over_w(tmp_path, monkeypatch, extra, factor):
+    """``--max-images``'s default is STAGE2_IMAGES_FACTOR (30) x --num-samples for the refit over w and
+    STAGE2_IMAGES_FACTOR_SURFACE (60) x for the surface over (w, ln gamma), the factors measured by
+    benchmarks/tune_regret.py (README); a typed value is kept. The library call is replaced by a stand-in
+    that records the request the CLI built."""
+    import neon_cli.tune.run as run
+    from cli_helpers import invoke
+
+    assert (run.STAGE2_IMAGES_FACTOR, run.STAGE2_IMAGES_FACTOR_SURFACE) == (30, 60)
+    from neon_cli.errors import DataError
+
+    seen = []
+
+    def stand_in(req, report=None, progress=None):
+        seen.append(req)
+        raise DataError("stand-in: recorded the request")
+
+    monkeypatch.setattr(run, "tune_w", stand_in)
+    snap = tmp_path / "theta_s.safetensors"
+    snap.write_bytes(b"")  # never opened: the stand-in replaces the run
+    res = invoke("tune-w", "digits", "-s", snap, "-n", 100, *extra, code=tuple(range(1, 256)))
+    assert "stand-in" in res.output
+    assert seen[0].max_images == (777 if factor is None else factor * 100)

@@ -59,7 +59,7 @@ RefitGammaOpt = typer.Option(
     help="With --gamma: the refit also moves gamma: six probes around (w, s) with s = ln gamma (or gamma with --gamma-scale "
          "linear) this far apart in s, and the minimum of the fitted quadratic surface (0: w only; --refit-width 0: no refit).")
 MaxImagesOpt = typer.Option(
-    None, "--max-images", show_default="60 x --num-samples",
+    None, "--max-images", show_default="30 x --num-samples; 60 x with --gamma's surface refit",
     help="Most images stage 2 samples (whole blocks, the refit's vertex included; at least one block is scored).")
 AbandonOpt = typer.Option(
     0.02, "--abandon-margin",
@@ -152,11 +152,11 @@ def register(app: typer.Typer) -> None:
             neon tune-w digits --selftrained runs/ft/theta_s-000031457.safetensors --gamma 1 4 --control real --plot tune.png
         """
         items = list(selftrained or []) + list(extra or [])
-        from neon_cli.tune.run import STAGE2_IMAGES_FACTOR, tune_w as tune_fn
+        from neon_cli.tune.run import default_max_images, tune_w as tune_fn
 
         confirm_samples = num_samples if confirm_samples is None else confirm_samples
         if max_images is None and isinstance(num_samples, int):
-            max_images = STAGE2_IMAGES_FACTOR * num_samples
+            max_images = default_max_images(num_samples, surface=bool(gamma) and refit_gamma > 0 and refit_width > 0)
 
         opts = dict(bounds=tuple(bounds), gamma=tuple(gamma) if gamma else None, base_gamma=tuple(base_gamma) if base_gamma else None,
                     tune_base=tune_base, joint=joint, xtol=xtol, max_evals=max_evals, rounds=rounds, refine=refine,

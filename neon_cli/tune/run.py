@@ -28,14 +28,25 @@ from neon_cli.tune.scorer import Context, Scorer
 from neon_cli.tune.snapshots import SnapshotSearch, SnapshotSearchOptions, search_snapshots
 
 
-#: ``neon tune-w``'s default stage-2 budget (``--max-images``), in units of ``--num-samples``: the
-#: refit's blocks, the vertex's evaluations included; the expected-regret rule (``--target-regret``)
-#: usually ends stage 2 earlier where the noise allows. Set from ``benchmarks/tune_regret.py`` on 8
-#: digits theta_s x 5 blocks against a 60,000-seed truth: 60 (up to 16 blocks of the (w, gamma) refit)
-#: gave mean / 90th-percentile regret 0.72 % / 1.40 %, the target on 8 of 8 theta_s, at 0.13 of the
-#: paper protocol's images; 30 gave 1.12 % / 2.48 %, 4 of 8, at 0.098 (README). On gaussian-ddpm
-#: (w only) the rule ends most runs before either cap.
-STAGE2_IMAGES_FACTOR = 60
+#: ``neon tune-w``'s default stage-2 budget (``--max-images``), in units of ``--num-samples``, for the
+#: refit over w alone: the refit's blocks, the vertex's evaluations included; the expected-regret rule
+#: (``--target-regret``) ends stage 2 earlier where the noise allows. Set from
+#: ``benchmarks/tune_regret.py`` on gaussian-ddpm (5 theta_s x 5 draws, a 50,000-seed truth): 30 gave
+#: mean / 90th-percentile regret 0.38 % / 1.11 % (5 of 5 theta_s meet issue 23's target) at 0.57 of the
+#: paper protocol's images, 60 gave 0.35 % / 0.95 % at 0.73 (README).
+STAGE2_IMAGES_FACTOR = 30
+
+#: the same for the surface refit over (w, ln gamma) (``--gamma`` with ``--refit-gamma`` > 0), whose
+#: vertex has two coordinates' noise. Set from ``benchmarks/tune_regret.py`` on 8 digits theta_s x 5
+#: draws against a 60,000-seed truth: 60 (up to 16 blocks) gave 0.72 % / 1.40 %, the target on 8 of 8
+#: theta_s, at 0.13 of the paper protocol's images; 30 gave 1.12 % / 2.48 %, 4 of 8, at 0.098 (README).
+STAGE2_IMAGES_FACTOR_SURFACE = 60
+
+
+def default_max_images(num_samples: int, *, surface: bool) -> int:
+    """``--max-images``'s default (images): :data:`STAGE2_IMAGES_FACTOR_SURFACE` x ``num_samples`` when
+    stage 2 refits a surface over (w, gamma) (``surface``), else :data:`STAGE2_IMAGES_FACTOR` x it."""
+    return (STAGE2_IMAGES_FACTOR_SURFACE if surface else STAGE2_IMAGES_FACTOR) * int(num_samples)
 
 
 def _natural_key(p: Path) -> list[Any]:
