@@ -256,10 +256,9 @@ def test_max_images_default_is_60x_for_the_surface_refit_and_30x_over_w(tmp_path
     that records the request the CLI built."""
     import neon_cli.tune.run as run
     from cli_helpers import invoke
-
-    assert (run.STAGE2_IMAGES_FACTOR, run.STAGE2_IMAGES_FACTOR_SURFACE) == (30, 60)
     from neon_cli.errors import DataError
 
+    assert (run.STAGE2_IMAGES_FACTOR, run.STAGE2_IMAGES_FACTOR_SURFACE) == (30, 60)
     seen = []
 
     def stand_in(req, report=None, progress=None):

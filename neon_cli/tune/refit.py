@@ -197,16 +197,18 @@ def expected_regret(hessian: np.ndarray, cov: np.ndarray, value: float) -> float
 
 
 def bias_shift(replicates: Sequence[Sequence[float] | None], values: Sequence[float]) -> float:
-    """The mean jackknife bias correction of the probes, in metric units: ``mean_i (G - 1) (v_i -
-    mean_g r_ig)``, i.e. ``bias_corrected - value`` of :func:`neon_cli.metrics.jackknife` averaged over
-    the points (a Fréchet distance at N samples exceeds its N -> inf limit by about c / N, nearly the same
-    over a refit's probe box: issue 23). 0.0 for an exact metric (every list ``[]``); nan when a point
-    has no replicates (None) or fewer than two."""
+    """The mean jackknife bias correction of the probes, in metric units: ``bias_corrected - value`` of
+    :func:`neon_cli.metrics.jackknife` (``(G - 1) (v_i - mean_g r_ig)``) averaged over the points (a
+    Fréchet distance at N samples exceeds its N -> inf limit by about c / N, nearly the same over a
+    refit's probe box: issue 23). 0.0 for an exact metric (every list ``[]``); nan when a point has no
+    replicates (None), fewer than two, or a non-finite one."""
+    from neon_cli.metrics import jackknife
+
     if all(r is not None and len(r) == 0 for r in replicates):
         return 0.0
-    if any(r is None or len(r) < 2 for r in replicates):
+    if any(r is None for r in replicates):
         return math.nan
-    return float(np.mean([(len(r) - 1) * (float(v) - float(np.mean(r))) for r, v in zip(replicates, values)]))
+    return float(np.mean([jackknife(float(v), r)["bias_corrected"] - float(v) for r, v in zip(replicates, values)]))
 
 
 def _regret_scale(value: float, shift: float) -> float:
